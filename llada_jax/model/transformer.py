@@ -1,0 +1,156 @@
+"""The LLaDA mask predictor: embed -> scanned bidirectional blocks -> RMSNorm -> untied LM head.
+
+`Transformer.apply(variables, tokens)` maps (noisy) token ids, or embeddings (LLaDA-V), to
+logits. It knows nothing about time, masking or sampling (that is `llada_jax.diffusion`).
+
+Windows and KV caches (fast sampling): pass `kv_cache` (keys/values of the whole sequence for
+every layer) and `cache_index` (where the window starts), and only the window's tokens are
+computed; they attend over every cached position. With `return_kv=True` the call also returns the
+window's fresh keys/values, stacked over layers, so callers build or refresh caches:
+
+    logits, kv = model.apply(v, tokens, return_kv=True)            # full pass, kv of everything
+    logits_w, kv_w = model.apply(v, window_tokens, kv_cache=kv,
+                                 cache_index=start, return_kv=True)  # window only
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llada_jax.config import ModelConfig
+from llada_jax.model.attention import Attention, build_attention_mask
+from llada_jax.model.layers import Projection, RMSNorm, dtype_of
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: each [n_layers, batch, length, n_kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        dtype = dtype or dtype_of(config.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def update(self, window: "KVCache", index) -> "KVCache":
+        """Writes a window's keys/values (along the length axis) at `index`."""
+        return KVCache(
+            jax.lax.dynamic_update_slice_in_dim(self.k, window.k.astype(self.k.dtype), index, 2),
+            jax.lax.dynamic_update_slice_in_dim(self.v, window.v.astype(self.v.dtype), index, 2))
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+class Block(nn.Module):
+    """One pre-norm block: h + attention(norm(h)), then h + SwiGLU(norm(h))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, positions, mask, cache, cache_index, return_kv):
+        c = self.config
+        dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        proj = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.init_std)
+        layer_cache = None if cache is None else (cache.k, cache.v)
+
+        a = RMSNorm(name="attn_norm", **norm)(h)
+        a, (k, v) = Attention(c, name="attn")(a, positions, mask, layer_cache, cache_index)
+        a = checkpoint_name(a, "attention_out")
+        h = h + a
+
+        f = RMSNorm(name="ff_norm", **norm)(h)
+        gate = Projection((c.mlp_hidden_size,), ("embed",), ("mlp",), name="ff_proj", **proj)(f)
+        up = Projection((c.mlp_hidden_size,), ("embed",), ("mlp",), name="up_proj", **proj)(f)
+        f = nn.with_logical_constraint(nn.silu(gate) * up,
+                                       ("activation_batch", "activation_length", "activation_mlp"))
+        h = h + Projection((c.d_model,), ("mlp",), ("embed",), name="ff_out", **proj)(f)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
+                                           "activation_embed"))
+        return h, (KVCache(k, v) if return_kv else None)
+
+
+class Transformer(nn.Module):
+    """LLaDA mask predictor (REFERENCE.md section 1), layers scanned with `nn.scan`."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.wte = self.param(
+            "wte", nn.with_logical_partitioning(nn.initializers.normal(c.init_std),
+                                                ("vocab", "embed")),
+            (c.vocab_size, c.d_model), dtype_of(c.param_dtype))
+        self.ln_f = RMSNorm(eps=c.rms_norm_eps, dtype=dtype_of(c.dtype),
+                            param_dtype=dtype_of(c.param_dtype))
+        self.lm_head = Projection((c.vocab_size,), ("embed",), ("vocab",), dtype=dtype_of(c.dtype),
+                                  param_dtype=dtype_of(c.param_dtype), init_std=c.init_std)
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False,
+                             static_argnums=(6,))
+        self.blocks = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+            length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings [B, L, d] in the compute dtype (no scaling, as in LLaDA)."""
+        return jnp.take(self.wte, tokens, axis=0).astype(dtype_of(self.config.dtype))
+
+    def __call__(self, tokens: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
+                 kv_cache: KVCache | None = None,
+                 cache_index: jax.Array | int | None = None,
+                 return_kv: bool = False):
+        """Logits [B, Lw, vocab] of a window (the whole sequence without a cache).
+
+        tokens [B, Lw] int, or inputs_embeds [B, Lw, d]; positions [B, Lw] (default: window
+        offsets from `cache_index`, i.e. 0..L-1 without a cache); attention_mask [B, Lk] bool key
+        mask over the whole sequence (Lk = cache length with a cache, else Lw); segment_ids
+        [B, Lw] keep packed documents apart (no cache). Returns logits, or (logits, KVCache of
+        the window) with `return_kv`.
+        """
+        c = self.config
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("Transformer: pass exactly one of tokens or inputs_embeds")
+        h = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(dtype_of(c.dtype))
+        if h.ndim != 3 or h.shape[-1] != c.d_model:
+            raise ValueError(f"Transformer: inputs must be [batch, length, d_model={c.d_model}], "
+                             f"found {h.shape}")
+        batch, length = h.shape[:2]
+        key_length = length if kv_cache is None else kv_cache.k.shape[2]
+        if kv_cache is not None and segment_ids is not None:
+            raise ValueError("Transformer: segment_ids are not supported together with kv_cache")
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32),
+                                         (batch, length))
+        if attention_mask is not None and attention_mask.shape != (batch, key_length):
+            raise ValueError(f"Transformer: attention_mask must be [batch={batch}, "
+                             f"keys={key_length}], found {attention_mask.shape}")
+        mask = build_attention_mask(attention_mask, segment_ids, segment_ids, batch, length, key_length)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
+                                           "activation_embed"))
+        h, window_kv = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
+        logits = self.lm_head(self.ln_f(h))
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                                     "activation_vocab"))
+        return (logits, window_kv) if return_kv else logits

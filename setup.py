@@ -1,0 +1,36 @@
+"""llada_jax: masked-diffusion language models (LLaDA, LLaDA-V) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "sentencepiece==0.2.3",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "pillow",
+]
+
+setup(
+    name="llada_jax",
+    version="0.1.0",
+    description="JAX/Flax framework for masked-diffusion language models (LLaDA, LLaDA-V)",
+    packages=find_packages(include=["llada_jax", "llada_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={
+        # The CPU wheel of torch is pinned: an unpinned torch pulls several GB of CUDA packages.
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "nbclient", "nbformat", "ipykernel"],
+        "torch": ["torch==2.13.0", "transformers==5.23.0"],
+        "notebooks": ["matplotlib", "nbclient", "nbformat", "ipykernel"],
+    },
+)
