@@ -229,3 +229,26 @@ def test_unknown_model_field_is_an_error():
     config.model.n_experts = 4
     with pytest.raises(ValueError, match="n_experts"):
         model_config(config)
+
+
+def test_splash_backend_matches_xla_with_padding_segments_and_gqa():
+    """The TPU splash kernel (Pallas interpret mode on CPU) gives the xla backend's logits."""
+    c = tiny(n_kv_heads=2, max_sequence_length=128)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, c.vocab_size, size=(2, 128)))
+    key_mask = jnp.ones((2, 128), bool).at[0, :17].set(False)
+    segments = jnp.asarray(np.repeat([[1, 2], [1, 1]], 64, axis=1))
+    params = Transformer(c).init(jax.random.key(0), tokens)
+    splash = dataclasses.replace(c, attention_backend="splash")
+    for kwargs in ({"attention_mask": key_mask}, {"segment_ids": segments}):
+        expected = Transformer(c).apply(params, tokens, **kwargs)
+        got = Transformer(splash).apply(params, tokens, **kwargs)
+        valid = np.asarray(key_mask) if "attention_mask" in kwargs else np.ones((2, 128), bool)
+        np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid],
+                                   atol=2e-5)
+
+
+def test_splash_backend_rejects_unaligned_lengths():
+    c = tiny(attention_backend="splash")
+    tokens = jnp.zeros((1, 20), jnp.int32)
+    with pytest.raises(ValueError, match="multiples of 128, found 20"):
+        Transformer(c).init(jax.random.key(0), tokens)

@@ -11,12 +11,14 @@ Backends (`ModelConfig.attention_backend`):
   * `cudnn`  - `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
                NVIDIA GPUs (bf16/fp16 only).
   * `splash` - the Pallas splash-attention kernel on TPU.
-All take the same boolean mask semantics: `mask[b, q, k]` True means query q may see key k.
+All take a `MaskInfo` (key-padding mask and/or segment ids); a query sees a key when the key is
+not padding and both are in the same segment.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,64 +30,102 @@ from llada_jax.model.layers import Projection, dtype_of, rotary_embedding
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def build_attention_mask(key_mask: jax.Array | None, query_segments: jax.Array | None,
-                   key_segments: jax.Array | None, batch: int, q_len: int,
-                   k_len: int) -> jax.Array | None:
-    """Boolean [batch, q_len, k_len] mask from a key-padding mask and/or segment ids (or None)."""
-    mask = None
-    if key_mask is not None:
-        mask = jnp.broadcast_to(key_mask[:, None, :].astype(bool), (batch, q_len, k_len))
-    if query_segments is not None and key_segments is not None:
-        same = query_segments[:, :, None] == key_segments[:, None, :]
-        mask = same if mask is None else mask & same
-    return mask
+class MaskInfo(NamedTuple):
+    """Who may attend to whom, in the compact form every backend can use.
+
+    key_mask: [B, Lk] bool, False for padded keys (or None); query_segments [B, Lq] and
+    key_segments [B, Lk] int: a query sees only keys of its own segment (or None). Keeping the
+    pieces instead of a dense [B, Lq, Lk] mask lets the splash kernel use segment ids and keeps
+    XLA from materialising a quadratic mask.
+    """
+
+    key_mask: jax.Array | None = None
+    query_segments: jax.Array | None = None
+    key_segments: jax.Array | None = None
+
+    def dense(self, q_len: int, k_len: int) -> jax.Array | None:
+        """[B, Lq, Lk] bool mask (True = may attend), or None when everything is visible."""
+        mask = None
+        if self.key_mask is not None:
+            mask = self.key_mask[:, None, :].astype(bool)
+        if self.query_segments is not None:
+            same = self.query_segments[:, :, None] == self.key_segments[:, None, :]
+            mask = same if mask is None else mask & same
+        if mask is None:
+            return None
+        return jnp.broadcast_to(mask, (mask.shape[0], q_len, k_len))
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D]; mask: [B, Lq, Lk] bool or None -> [B, Lq, H, D]."""
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:
+    """q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D] -> [B, Lq, H, D]. Softmax in float32."""
     b, lq, h, d = q.shape
     kvh = k.shape[2]
-    groups = h // kvh
-    q = q.reshape(b, lq, kvh, groups, d)
+    q = q.reshape(b, lq, kvh, h // kvh, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(d)
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    dense = mask.dense(lq, k.shape[1])
+    if dense is not None:
+        scores = jnp.where(dense[:, None, None, :, :], scores, _MASK_VALUE)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(b, lq, h, d)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    mask: jax.Array | None) -> jax.Array:
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:
+    """The fused cuDNN flash-attention kernel of `jax.nn.dot_product_attention` (NVIDIA GPUs)."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_backend='cudnn' needs model.dtype bfloat16 or float16, "
                          f"found {q.dtype}")
-    m = None if mask is None else mask[:, None, :, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+    dense = mask.dense(q.shape[1], k.shape[1])
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if dense is None else dense[:, None], implementation="cudnn")
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     mask: jax.Array | None) -> jax.Array:
-    """TPU Pallas splash attention (full bidirectional; segment masks only, no arbitrary mask)."""
-    if jax.default_backend() != "tpu":
-        raise ValueError(f"attention_backend='splash' runs on TPU only; this is "
-                         f"{jax.default_backend()!r}: use 'xla' (or 'cudnn' on GPU)")
-    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+def _splash_block(length: int) -> int:
+    for block in (512, 256, 128):
+        if length % block == 0:
+            return block
+    raise ValueError(f"attention_backend='splash' needs sequence lengths that are multiples of "
+                     f"128, found {length}; pad the batch or use attention_backend='xla'")
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:
+    """The Pallas splash-attention kernel (TPU), full bidirectional mask plus segment ids.
+
+    Padding is expressed as segment ids (padded keys get segment 0, which no query has). On CPU
+    the kernel runs in Pallas interpret mode (slow; for tests and debugging); GPUs should use
+    'cudnn'.
+    """
+    backend = jax.default_backend()
+    if backend not in ("tpu", "cpu"):
+        raise ValueError(f"attention_backend='splash' runs on TPU (or interpreted on CPU), not "
+                         f"on {backend!r}: use 'cudnn' or 'xla'")
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
         splash_attention_kernel as sk, splash_attention_mask as sm)
 
-    if mask is not None:
-        raise ValueError("attention_backend='splash' supports neither padding masks nor "
-                         "segment masks in this version; use 'xla' for padded batches")
     b, lq, h, d = q.shape
     lk, kvh = k.shape[1], k.shape[2]
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((lq, lk))] * h),
-                                head_shards=1, q_seq_shards=1)
     groups = h // kvh
-    qt = jnp.swapaxes(q, 1, 2) / math.sqrt(d)          # [B, H, Lq, D]
-    kt = jnp.repeat(jnp.swapaxes(k, 1, 2), groups, 1)  # [B, H, Lk, D]
-    vt = jnp.repeat(jnp.swapaxes(v, 1, 2), groups, 1)
-    return jnp.swapaxes(jax.vmap(kernel)(qt, kt, vt), 1, 2)
+    bq, bk = _splash_block(lq), _splash_block(lk)
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                          block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    # One MQA kernel per key/value head over its group of query heads (GQA without repeating K/V).
+    kernel = sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([sm.FullMask((lq, lk))] * groups), block_sizes=sizes,
+        interpret=backend != "tpu")
+    q_seg = jnp.ones((b, lq), jnp.int32) if mask.query_segments is None else mask.query_segments
+    k_seg = jnp.ones((b, lk), jnp.int32) if mask.key_segments is None else mask.key_segments
+    if mask.key_mask is not None:
+        k_seg = jnp.where(mask.key_mask, k_seg, 0)
+    qt = (q / math.sqrt(d)).reshape(b, lq, kvh, groups, d).transpose(0, 2, 3, 1, 4)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, KVH, Lk, D]
+
+    def one_row(qr, kr, vr, qs, ks):
+        segments = sk.SegmentIds(q=qs, kv=ks)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=segments))(qr, kr, vr)
+
+    out = jax.vmap(one_row)(qt, kt, vt, q_seg, k_seg)                 # [B, KVH, G, Lq, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
 
 
 BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
@@ -94,8 +134,7 @@ BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_att
 class Attention(nn.Module):
     """Self-attention of one block over a window of positions.
 
-    Inputs: x [B, Lw, d] for the window; positions [B, Lw] RoPE positions; mask [B, Lw, Lk] or
-    None; `cache` = (k, v) each [B, L, KVH, hd] of the whole sequence, or None (then the window is
+    Inputs: x [B, Lw, d] for the window; positions [B, Lw] RoPE positions; mask a MaskInfo; `cache` = (k, v) each [B, L, KVH, hd] of the whole sequence, or None (then the window is
     the whole sequence); `cache_index` the (possibly traced) start of the window in the cache.
     Returns (out [B, Lw, d], (k, v) of the window [B, Lw, KVH, hd]).
     """

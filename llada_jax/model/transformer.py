@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.config import ModelConfig
-from llada_jax.model.attention import Attention, build_attention_mask
+from llada_jax.model.attention import Attention, MaskInfo
 from llada_jax.model.layers import Projection, RMSNorm, dtype_of
 
 
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.shape != (batch, key_length):
             raise ValueError(f"Transformer: attention_mask must be [batch={batch}, "
                              f"keys={key_length}], found {attention_mask.shape}")
-        mask = build_attention_mask(attention_mask, segment_ids, segment_ids, batch, length, key_length)
+        mask = MaskInfo(attention_mask, segment_ids, segment_ids)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
                                            "activation_embed"))
         h, window_kv = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
