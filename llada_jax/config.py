@@ -128,6 +128,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True
     c.data.synthetic_size = 20000    # examples in the built-in corpora
     c.data.text_field = "text"
+    # Sources (llada_jax/data/sources.py): tfds:NAME[@SPLIT] | files:GLOB | synthetic_chat[@SPLIT]
+    # | mix:SPEC=W,SPEC=W (weighted mixture).
+    c.data.tfds_data_dir = ""        # where prepared tfds datasets live; "": the tfds default
+    c.data.eval_source = ""          # a source spec for evaluation batches; "": none
+    c.data.num_epochs = 0            # 0: repeat the data forever
+    c.data.add_bos = False           # pre-training: start every document with BOS
+    c.data.pack_bins = 8             # packing='pack': rows filled at once by first-fit packing
+    c.data.read_threads = 2          # grain ReadOptions (per worker process)
+    c.data.prefetch_buffer_size = 64
+    c.data.worker_buffer_size = 2    # batches each worker process keeps ready
+    c.data.bad_records = "error"     # error | skip (logged and counted)
+    # SFT (objective 'sft'; llada_jax/data/chat.py): conversations in `messages` JSONL.
+    c.data.messages_field = "messages"
+    c.data.sft_multiturn = "sample_turn"  # sample_turn (reference) | all_responses (LLaDA-V)
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.gen_length = 32
@@ -136,8 +150,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampler.temperature = 0.0
     c.sampler.cfg_scale = 0.0
     c.sampler.remasking = "low_confidence"
-    c.sampler.logits_eos_inf = False
-    c.sampler.confidence_eos_eot_inf = False
+    c.sampler.logits_eos_inf = False         # EOS logit -inf: EOS is never generated
+    c.sampler.confidence_eos_eot_inf = False  # EOS/EoT committed only when nothing else is left
+    c.sampler.eot_token_id = -1      # <|eot_id|> for confidence_eos_eot_inf; -1: the tokenizer's
+    c.sampler.seed = 0
+    # Fast sampling (REFERENCE.md section 6): KV caches, parallel decoding, early exit.
+    c.sampler.cache = "none"         # none | prefix (cache before the block) | dual (and after it)
+    c.sampler.refresh_every = 0      # with a cache: full pass every n steps of a block (0: at its start)
+    c.sampler.threshold = 0.0        # > 0: commit every candidate of the block with confidence >= it
+    c.sampler.factor = 0.0           # > 0: commit the largest n with c_k >= 1 - factor / (k + 1)
+    c.sampler.early_exit = False     # stop once every row has an EOS with nothing masked before it
 
     return c
 
@@ -207,6 +229,91 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+def validate_sampler(s: Any, prefix: str = "sampler") -> None:
+    """Checks the sampler settings (the `sampler` section or a `SamplerConfig`).
+
+    Raises ValueError naming the field, including for contradictory fast-sampling settings.
+    """
+    if s.remasking not in REMASKING:
+        _fail(f"{prefix}.remasking", f"one of {REMASKING}", s.remasking)
+    if not isinstance(s.gen_length, int) or s.gen_length <= 0:
+        _fail(f"{prefix}.gen_length", "a positive integer", s.gen_length)
+    if not isinstance(s.block_length, int) or s.block_length <= 0 or s.gen_length % s.block_length:
+        _fail(f"{prefix}.block_length", f"a positive divisor of {prefix}.gen_length="
+              f"{s.gen_length}", s.block_length)
+    num_blocks = s.gen_length // s.block_length
+    parallel = s.threshold > 0 or s.factor > 0
+    if not parallel:  # threshold / factor decoding choose their own number of steps
+        if not isinstance(s.steps, int) or s.steps <= 0 or s.steps % num_blocks:
+            _fail(f"{prefix}.steps", f"a positive multiple of the number of blocks "
+                  f"({num_blocks} = gen_length {s.gen_length} / block_length {s.block_length})",
+                  s.steps)
+        if s.steps > s.gen_length:
+            _fail(f"{prefix}.steps", f"at most {prefix}.gen_length={s.gen_length} (a step "
+                  f"commits at least one token)", s.steps)
+    if s.temperature < 0:
+        _fail(f"{prefix}.temperature", "a number >= 0", s.temperature)
+    if s.cfg_scale < 0:
+        _fail(f"{prefix}.cfg_scale", "a number >= 0", s.cfg_scale)
+    if s.cache not in CACHE_MODES:
+        _fail(f"{prefix}.cache", f"one of {CACHE_MODES}", s.cache)
+    if not isinstance(s.refresh_every, int) or s.refresh_every < 0:
+        _fail(f"{prefix}.refresh_every", "an integer >= 0", s.refresh_every)
+    if s.refresh_every > 0 and s.cache == "none":
+        _fail(f"{prefix}.refresh_every", f"0 when {prefix}.cache='none' (there is no cache to "
+              f"refresh)", s.refresh_every)
+    if not 0 <= s.threshold <= 1:
+        _fail(f"{prefix}.threshold", "a confidence in (0, 1], or 0 to turn it off", s.threshold)
+    if s.factor < 0:
+        _fail(f"{prefix}.factor", "a number > 0, or 0 to turn it off", s.factor)
+    if s.threshold > 0 and s.factor > 0:
+        _fail(f"{prefix}.factor", f"0 when {prefix}.threshold={s.threshold} is set (choose one "
+              f"parallel decoding rule)", s.factor)
+    if parallel and s.remasking != "low_confidence":
+        _fail(f"{prefix}.remasking", "'low_confidence' with threshold/factor decoding (they "
+              "compare model probabilities)", s.remasking)
+    if s.early_exit and s.logits_eos_inf:
+        _fail(f"{prefix}.early_exit", f"False when {prefix}.logits_eos_inf=True (EOS can never "
+              f"be generated, so there is nothing to exit on)", s.early_exit)
+
+
+PACKINGS = ("concat", "pack")
+SFT_MULTITURN = ("sample_turn", "all_responses")
+BAD_RECORDS = ("error", "skip")
+
+
+def validate_data(config: ml_collections.ConfigDict) -> None:
+    """Checks the `data` section (spec syntax only; files are opened when the pipeline is built)."""
+    d = config.data
+    if d.packing not in PACKINGS:
+        _fail("data.packing", f"one of {PACKINGS}", d.packing)
+    if d.sft_multiturn not in SFT_MULTITURN:
+        _fail("data.sft_multiturn", f"one of {SFT_MULTITURN}", d.sft_multiturn)
+    if d.bad_records not in BAD_RECORDS:
+        _fail("data.bad_records", f"one of {BAD_RECORDS}", d.bad_records)
+    for name in ("num_workers", "num_epochs"):
+        if not isinstance(d[name], int) or d[name] < 0:
+            _fail(f"data.{name}", "an integer >= 0", d[name])
+    for name in ("pack_bins", "read_threads", "prefetch_buffer_size", "worker_buffer_size",
+                 "synthetic_size"):
+        if not isinstance(d[name], int) or d[name] <= 0:
+            _fail(f"data.{name}", "a positive integer", d[name])
+    if d.source != "synthetic":  # the built-in pre-training corpus is not a pipeline spec
+        from llada_jax.data.sources import parse_source_spec
+
+        parse_source_spec(d.source)
+    if d.eval_source and d.eval_source != "synthetic":
+        from llada_jax.data.sources import parse_source_spec
+
+        parse_source_spec(d.eval_source)
+    if config.train.objective == "sft" and d.source == "synthetic":
+        _fail("data.source", "a source of conversations for train.objective='sft' (e.g. "
+              "'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Validates the whole config early; raises ValueError naming the field."""
     m = model_config(config)
@@ -235,16 +342,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _fail("train.learning_rate", "a positive number", t.learning_rate)
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         _fail("train.warmup_steps", f"an integer in [0, train.steps={t.steps}]", t.warmup_steps)
-    s = config.sampler
-    if s.remasking not in REMASKING:
-        _fail("sampler.remasking", f"one of {REMASKING}", s.remasking)
-    if s.block_length <= 0 or s.gen_length % s.block_length:
-        _fail("sampler.block_length", f"a positive divisor of sampler.gen_length={s.gen_length}",
-              s.block_length)
-    num_blocks = s.gen_length // s.block_length
-    if s.steps <= 0 or s.steps % num_blocks:
-        _fail("sampler.steps", f"a positive multiple of the number of blocks ({num_blocks})",
-              s.steps)
+    for name in ("log_every", "keep_checkpoints", "eval_batches"):
+        if not isinstance(t[name], int) or t[name] <= 0:
+            _fail(f"train.{name}", "a positive integer", t[name])
+    for name in ("checkpoint_every", "eval_every"):
+        if not isinstance(t[name], int) or t[name] < 0:
+            _fail(f"train.{name}", "an integer >= 0 (0: never)", t[name])
+    if t.eval_every > 0 and not config.data.eval_source:
+        _fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="
+              f"{t.eval_every} > 0", config.data.eval_source)
+    for name in ("b1", "b2"):
+        if not 0 <= t[name] < 1:
+            _fail(f"train.{name}", "a number in [0, 1)", t[name])
+    for name in ("weight_decay", "grad_clip"):
+        if t[name] < 0:
+            _fail(f"train.{name}", "a number >= 0 (grad_clip 0: no clipping)", t[name])
+    if t.adam_eps <= 0:
+        _fail("train.adam_eps", "a positive number", t.adam_eps)
+    if not 0 <= t.min_lr_ratio <= 1:
+        _fail("train.min_lr_ratio", "a fraction of the peak learning rate in [0, 1]",
+              t.min_lr_ratio)
+    if not isinstance(t.init_from, str):
+        _fail("train.init_from", "a checkpoint directory or ''", t.init_from)
+    validate_sampler(config.sampler)
+    validate_data(config)
     if num_devices is not None:
         data, fsdp, tensor = mesh_shape(config, num_devices)
         if t.batch_size % (data * fsdp * t.grad_accum_steps):

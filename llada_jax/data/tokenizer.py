@@ -110,13 +110,21 @@ class CharTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model whose special tokens were reserved as user-defined symbols."""
+    """A SentencePiece model whose special tokens were reserved as user-defined symbols.
+
+    Models made by `SentencePieceTokenizer.train` (and `launch/train_tokenizer.py`) hold `<unk>`
+    at id 0 and `SPECIAL_TOKENS` at ids 1..8 in that order; text is kept byte-exact (identity
+    normalisation, no dummy prefix, byte fallback), so `decode(encode(text)) == text` and the
+    chat markup (`"\\n\\n"`, role names) encodes the same wherever it appears. As in LLaDA, EOS
+    is also the padding id (`<|pad|>` stays reserved but unused).
+    """
 
     def __init__(self, model_path: str) -> None:
         import sentencepiece as spm
 
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
+        self.model_path = model_path
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = self._sp.get_piece_size()
 
@@ -129,20 +137,58 @@ class SentencePieceTokenizer(Tokenizer):
                 return None
             return i
 
-        self.pad_id = piece("<|pad|>")
         self.bos_id = piece("<|startoftext|>")
         self.eos_id = piece("<|endoftext|>")
+        self.pad_id = self.eos_id  # as in LLaDA: EOS pads, and padding is trained on
         self.mask_id = piece("<|mdm_mask|>")
         self.start_header_id = piece("<|start_header_id|>")
         self.end_header_id = piece("<|end_header_id|>")
         self.eot_id = piece("<|eot_id|>")
         self.image_id = piece("<image>", required=False)
 
+    @classmethod
+    def train(cls, texts: Iterable[str], model_path: str, vocab_size: int,
+              model_type: str = "bpe", character_coverage: float = 1.0,
+              input_sentence_size: int = 0, max_sentence_length: int = 1 << 16,
+              num_threads: int = 1) -> "SentencePieceTokenizer":
+        """Trains a model on `texts`, writes it to `model_path` and returns its tokenizer.
+
+        `SPECIAL_TOKENS` are reserved as user-defined symbols (ids 1..8 after `<unk>`), so they
+        are never split and never produced from other text. `vocab_size` counts them, the 256
+        byte-fallback pieces and `<unk>`. `input_sentence_size` > 0 samples that many texts.
+        """
+        import sentencepiece as spm
+
+        reserved = 1 + len(SPECIAL_TOKENS) + 256
+        if vocab_size <= reserved:
+            raise ValueError(f"vocab_size must exceed the {reserved} reserved pieces (<unk>, "
+                             f"{len(SPECIAL_TOKENS)} special tokens, 256 bytes), found "
+                             f"{vocab_size}")
+        if model_type not in ("bpe", "unigram"):
+            raise ValueError(f"model_type must be 'bpe' or 'unigram', found {model_type!r}")
+        directory = os.path.dirname(os.path.abspath(model_path))
+        os.makedirs(directory, exist_ok=True)
+        with open(model_path, "wb") as model_file:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=model_file, vocab_size=vocab_size,
+                model_type=model_type, character_coverage=character_coverage,
+                user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1,
+                pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                add_dummy_prefix=False, byte_fallback=True, split_digits=True,
+                allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=input_sentence_size > 0, num_threads=num_threads,
+                minloglevel=2)
+        return cls(model_path)
+
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         return self._sp.decode(ids)
@@ -151,12 +197,18 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` plus `tokenizer_config.json` (the released LLaDA format).
 
-    Special ids are read from the files (e.g. mask 126336, EOS 126081, eot 126348 for LLaDA).
+    Special ids are read from the files (mask 126336, BOS 126080, EOS 126081, header 126346/7
+    and eot 126348 for LLaDA); BOS/EOS/pad are the tokens `tokenizer_config.json` names, if any.
+    Chat turns are rendered as the released chat template renders them (content stripped, as
+    its `| trim` does) and tokenized as whole strings, as `apply_chat_template` tokenizes the
+    rendered text; the special tokens split the text, so turns concatenate to the same ids.
     """
 
     NAMES = {"bos_id": "<|startoftext|>", "eos_id": "<|endoftext|>", "mask_id": "<|mdm_mask|>",
              "start_header_id": "<|start_header_id|>", "end_header_id": "<|end_header_id|>",
              "eot_id": "<|eot_id|>"}
+    # tokenizer_config.json fields that name a special token.
+    CONFIG_NAMES = {"bos_id": "bos_token", "eos_id": "eos_token", "pad_id": "pad_token"}
 
     def __init__(self, directory: str) -> None:
         from tokenizers import Tokenizer as _HFTok
@@ -167,16 +219,23 @@ class HFTokenizer(Tokenizer):
         self._tok = _HFTok.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = os.path.join(directory, "tokenizer_config.json")
-        self.chat_template = None
+        tokenizer_config = {}
         if os.path.isfile(config_path):
             with open(config_path) as f:
-                self.chat_template = json.load(f).get("chat_template")
-        for attr, name in self.NAMES.items():
+                tokenizer_config = json.load(f)
+        self.chat_template = tokenizer_config.get("chat_template")
+        names = dict(self.NAMES, pad_id=self.NAMES["eos_id"])
+        for attr, field in self.CONFIG_NAMES.items():
+            value = tokenizer_config.get(field)
+            if isinstance(value, dict):   # {"content": "<|endoftext|>", "lstrip": ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                names[attr] = value
+        for attr, name in names.items():
             i = self._tok.token_to_id(name)
             if i is None:
                 raise ValueError(f"tokenizer {path} has no special token {name!r} ({attr})")
             setattr(self, attr, i)
-        self.pad_id = self.eos_id
         self.image_id = self._tok.token_to_id("<image>")
 
     def encode(self, text: str) -> list[int]:
@@ -187,6 +246,20 @@ class HFTokenizer(Tokenizer):
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
+    def header(self, role: str) -> list[int]:
+        return self.encode(f"{self._token(self.start_header_id)}{role}"
+                           f"{self._token(self.end_header_id)}\n\n")
+
+    def render_turn(self, role: str, content: str) -> list[int]:
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"chat role must be system, user or assistant, found {role!r}")
+        return self.encode(f"{self._token(self.start_header_id)}{role}"
+                           f"{self._token(self.end_header_id)}\n\n{content.strip()}"
+                           f"{self._token(self.eot_id)}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

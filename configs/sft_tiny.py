@@ -1,0 +1,46 @@
+"""Tiny SFT preset: the default CPU-sized model fine-tuned on the built-in synthetic chat set.
+
+    python launch/train.py --config=configs/sft_tiny.py --workdir=/tmp/sft_tiny
+
+Conversations such as "Uppercase kfb" -> "KFB" or "Last letter of kfb" -> "b"
+(`llada_jax.data.synthetic_chat`), rendered in the LLaDA chat format with the built-in
+character tokenizer; the SFT loss trains the answer, its <|eot_id|> and the EOS padding, never
+the prompt. Evaluation uses the held-out `synthetic_chat@test` questions. No downloads.
+Add `--config.train.init_from=/tmp/tiny/checkpoints` to start from a `configs/tiny.py` run.
+`get_config("quick")` is a short run for smoke tests.
+"""
+
+from llada_jax.config import default_config
+
+
+def get_config(arg: str | None = None):
+    c = default_config()  # model: d_model 64, 2 layers, 4 heads, char vocabulary (128)
+    c.train.objective = "sft"
+    c.train.steps = 600
+    c.train.batch_size = 32
+    c.train.seq_len = 48            # the longest synthetic conversation is 45 tokens
+    c.train.learning_rate = 3e-3
+    c.train.schedule = "wsd"
+    c.train.warmup_steps = 30
+    c.train.decay_fraction = 0.2
+    c.train.log_every = 50
+    c.train.checkpoint_every = 300
+    c.train.eval_every = 200
+    c.train.eval_batches = 4
+    c.data.source = "synthetic_chat"
+    c.data.eval_source = "synthetic_chat@test"
+    c.data.tokenizer = "char"
+    c.data.sft_multiturn = "sample_turn"
+    # Answers are at most 4 characters + <|eot_id|>; one block, one token per step.
+    c.sampler.gen_length = 8
+    c.sampler.block_length = 8
+    c.sampler.steps = 8
+    if arg == "quick":
+        c.train.steps = 60
+        c.train.warmup_steps = 10
+        c.train.log_every = 10
+        c.train.checkpoint_every = 30
+        c.train.eval_every = 30
+    elif arg:
+        raise ValueError(f"configs/sft_tiny.py: expected no argument or 'quick', found {arg!r}")
+    return c

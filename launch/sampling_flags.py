@@ -1,0 +1,142 @@
+"""Flags and helpers shared by launch/generate.py and launch/chat.py.
+
+Every sampler option is a flag whose default (None) means "the checkpoint config's
+`sampler.<field>`", so a checkpoint carries its settings and a command line overrides them.
+Params are loaded sharded on a mesh of every device (`--mesh_*`, a deployment choice independent
+of how the model was trained), and prompt batches are padded to a multiple of the batch axes so
+the one sampler runs sharded unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from llada_jax import parallel
+from llada_jax.config import default_config
+from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
+from llada_jax.diffusion.sampler import SamplerConfig, generate, pad_prompts
+from llada_jax.train import checkpoint, state
+
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
+                                 required=True)
+STEP = flags.DEFINE_integer("step", None, "trainer step to load (default: the latest)")
+TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                "tokenizer spec (default: the checkpoint's config.data.tokenizer)")
+SEED = flags.DEFINE_integer("seed", None, "sampling seed (default: config.sampler.seed)")
+PROMPT_BUCKET = flags.DEFINE_integer(
+    "prompt_bucket", 32, "left-pad prompts to a multiple of this many tokens, so prompts of "
+    "similar lengths share one compiled sampler")
+MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "data-parallel mesh axis (-1: fill)")
+MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", -1, "fsdp mesh axis (-1: fill)")
+MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "tensor-parallel mesh axis (-1: fill)")
+
+# SamplerConfig field -> its flag (None: keep the checkpoint config's value).
+SAMPLER_FLAGS = {
+    "gen_length": flags.DEFINE_integer("gen_length", None, "tokens to generate"),
+    "block_length": flags.DEFINE_integer("block_length", None, "semi-autoregressive block length"),
+    "steps": flags.DEFINE_integer("steps", None, "sampling steps (fixed schedule)"),
+    "temperature": flags.DEFINE_float("temperature", None, "Gumbel-max temperature (0: greedy)"),
+    "cfg_scale": flags.DEFINE_float("cfg_scale", None, "classifier-free guidance scale"),
+    "remasking": flags.DEFINE_enum("remasking", None, ["low_confidence", "random"],
+                                   "confidence used to pick the tokens to commit"),
+    "logits_eos_inf": flags.DEFINE_bool("logits_eos_inf", None, "never generate EOS"),
+    "confidence_eos_eot_inf": flags.DEFINE_bool(
+        "confidence_eos_eot_inf", None, "commit EOS/EoT only when nothing else is left"),
+    "cache": flags.DEFINE_enum("cache", None, ["none", "prefix", "dual"],
+                               "KV cache: none, prefix (before the block) or dual (both sides)"),
+    "refresh_every": flags.DEFINE_integer("refresh_every", None,
+                                          "with a cache: full pass every n steps of a block"),
+    "threshold": flags.DEFINE_float("threshold", None, "parallel decoding: commit every "
+                                    "candidate with confidence >= threshold (0: off)"),
+    "factor": flags.DEFINE_float("factor", None, "parallel decoding: factor rule (0: off)"),
+    "early_exit": flags.DEFINE_bool("early_exit", None,
+                                    "stop once every row has an EOS with nothing masked before it"),
+}
+
+
+def load() -> tuple[ml_collections.ConfigDict, nn.Module, Any, Tokenizer, Any]:
+    """(config, model, params, tokenizer, mesh) of --checkpoint, params sharded on the mesh."""
+    mesh_config = default_config()
+    mesh_config.mesh.data, mesh_config.mesh.fsdp = MESH_DATA.value, MESH_FSDP.value
+    mesh_config.mesh.tensor = MESH_TENSOR.value
+    mesh = parallel.make_mesh(mesh_config)
+    config, params = checkpoint.load_params(CHECKPOINT.value, STEP.value, mesh=mesh)
+    tokenizer = load_tokenizer(TOKENIZER.value or config.data.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                         f"vocab_size is {config.model.vocab_size}")
+    return config, state.make_model(config), params, tokenizer, mesh
+
+
+def sampler_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> SamplerConfig:
+    """config.sampler with the flags that were given, and the tokenizer's EoT id."""
+    overrides = {name: flag.value for name, flag in SAMPLER_FLAGS.items()
+                 if flag.value is not None}
+    return SamplerConfig.from_config(config, eot_id=tokenizer.eot_id, **overrides)
+
+
+def seed(config: ml_collections.ConfigDict) -> int:
+    return config.sampler.seed if SEED.value is None else SEED.value
+
+
+def batch_rows(mesh) -> int:
+    """Rows a prompt batch must be a multiple of: the size of the batch axes of the mesh."""
+    return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+
+
+def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any, mesh,
+        prompts: Sequence[Sequence[int]], sampler: SamplerConfig, pad_id: int,
+        rng: jax.Array) -> tuple[np.ndarray, dict]:
+    """Generates for a list of prompt id lists; returns (generated ids [N, gen_length], stats).
+
+    Prompts are left-padded to a multiple of --prompt_bucket (at most what the model's length
+    allows) and the batch is filled up to a multiple of the batch axes by repeating the last
+    prompt; the extra rows are dropped.
+    """
+    tokens, mask = pad_prompts(prompts, pad_id)
+    limit = config.model.max_sequence_length - sampler.gen_length
+    bucket = max(1, PROMPT_BUCKET.value)
+    width = max(tokens.shape[1], min(limit, -(-tokens.shape[1] // bucket) * bucket))
+    rows = -(-len(prompts) // batch_rows(mesh)) * batch_rows(mesh)
+    padded_tokens = np.full((rows, width), pad_id, np.int32)
+    padded_mask = np.zeros((rows, width), bool)
+    padded_tokens[:len(prompts), width - tokens.shape[1]:] = tokens
+    padded_mask[:len(prompts), width - tokens.shape[1]:] = mask
+    padded_tokens[len(prompts):] = padded_tokens[len(prompts) - 1]
+    padded_mask[len(prompts):] = padded_mask[len(prompts) - 1]
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(config)):
+        batch = parallel.global_batch({"tokens": padded_tokens, "mask": padded_mask}, mesh)
+        out = generate(params, model, batch["tokens"], batch["mask"], sampler, rng,
+                       return_stats=True)
+        generated = to_host(out.tokens)[:len(prompts), width:]
+    seconds = time.perf_counter() - start
+    stats = {"seconds": seconds, "forward_passes": int(out.num_forward_passes),
+             "generated_tokens": len(prompts) * sampler.gen_length}
+    return generated, stats
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process (gathered when it spans several hosts)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
+    """Generated ids up to (without) the first EOS or EoT."""
+    out = []
+    for i in generated:
+        if int(i) in (tokenizer.eos_id, tokenizer.eot_id):
+            break
+        out.append(int(i))
+    return out

@@ -1,0 +1,232 @@
+"""The grain input pipeline: records -> token rows -> host-local batches, checkpointable.
+
+    records (sources.record_dataset: host shard -> shuffle -> repeat -> mix)
+      -> pre-training: tokenize each document (+ EOS), then
+           concat: concatenate documents and cut fixed windows of seq_len (LLaDA pre-training;
+                   documents attend across the EOS separators; a final partial window is dropped)
+           pack:   pack whole documents into rows (first-fit), with `segment_ids` 1, 2, ... per
+                   document and 0 on padding; a document longer than seq_len is cut into
+                   seq_len pieces first, so no token is lost
+      -> SFT: one chat row per conversation (`llada_jax.data.chat`), `tokens` + `maskable`
+      -> batch of config.train.batch_size / process_count rows (this host's share)
+      -> optional worker processes (config.data.num_workers, grain `mp_prefetch`)
+
+Batches are dicts of host-local numpy arrays following the project's batch convention:
+`tokens` int32 [B, L]; `segment_ids` int32 [B, L] (pack); `maskable` bool [B, L] (SFT: answer +
+EOS padding; pack: every non-padding token). Positions are not emitted: RoPE depends only on
+position differences, so a packed document gives the same logits wherever it sits in its row.
+
+`iter(dataset)` is a grain `DatasetIterator`: `get_state()` (a small JSON-able dict) and
+`set_state(state)` resume on exactly the next batch, given the same config and process layout.
+
+Bad records (malformed JSON, missing roles, empty documents, conversations that cannot fit):
+`config.data.bad_records = 'error'` raises `BadRecordError` naming the record (`path:line`);
+`'skip'` logs a warning with the same message and counts it (`skipped_records()`, per process:
+with worker processes every worker logs and counts its own skips).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from llada_jax.config import BAD_RECORDS, PACKINGS
+from llada_jax.data import chat, sources
+from llada_jax.data.tokenizer import Tokenizer
+
+_SKIPPED: collections.Counter = collections.Counter()
+
+
+def skipped_records() -> dict[str, int]:
+    """Bad records skipped in this process so far, by reason."""
+    return dict(_SKIPPED)
+
+
+def reset_skipped_records() -> None:
+    _SKIPPED.clear()
+
+
+def _handle_bad_record(error: chat.BadRecordError, policy: str) -> None:
+    if policy == "error":
+        raise error
+    _SKIPPED[error.kind] += 1
+    logging.warning("skipping bad record (config.data.bad_records='skip'): %s", error)
+
+
+class DocumentTokens:
+    """record -> {"tokens": int32 [n]}: [BOS] + encode(text) + [EOS], or None for a skipped record."""
+
+    def __init__(self, tokenizer: Tokenizer, text_field: str, add_bos: bool,
+                 bad_records: str) -> None:
+        self.tokenizer, self.text_field = tokenizer, text_field
+        self.add_bos, self.bad_records = add_bos, bad_records
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        origin = str(record.get(sources.ORIGIN, ""))
+        try:
+            if sources.ERROR in record:
+                raise chat.BadRecordError(origin, str(record[sources.ERROR]), "unreadable")
+            text = record.get(self.text_field)
+            if not isinstance(text, str):
+                raise chat.BadRecordError(origin, f"expected a string in field "
+                                          f"{self.text_field!r} (config.data.text_field), found "
+                                          f"{type(text).__name__ if text is not None else 'none'}")
+            if not text.strip():
+                raise chat.BadRecordError(origin, "empty document", "empty")
+        except chat.BadRecordError as error:
+            _handle_bad_record(error, self.bad_records)
+            return None
+        ids = self.tokenizer.encode(text)
+        prefix = [self.tokenizer.bos_id] if self.add_bos else []
+        return {"tokens": np.array([*prefix, *ids, self.tokenizer.eos_id], np.int32)}
+
+
+class ChatRows:
+    """(record, rng) -> one SFT row {"tokens", "maskable"}, or None for a skipped record."""
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, multiturn: str, messages_field: str,
+                 bad_records: str) -> None:
+        self.tokenizer, self.seq_len, self.multiturn = tokenizer, seq_len, multiturn
+        self.messages_field, self.bad_records = messages_field, bad_records
+
+    def __call__(self, record: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        try:
+            messages = chat.parse_messages(record, self.messages_field)
+            return chat.build_sft_example(messages, self.tokenizer, self.seq_len,
+                                          self.multiturn, rng,
+                                          origin=str(record.get(sources.ORIGIN, "")))
+        except chat.BadRecordError as error:
+            _handle_bad_record(error, self.bad_records)
+            return None
+
+
+class SplitLongDocuments(grain.experimental.FlatMapTransform):
+    """A document longer than `seq_len` -> consecutive pieces of at most `seq_len` tokens."""
+
+    max_fan_out = 1 << 20
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+
+    def flat_map(self, document: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        tokens = document["tokens"]
+        return [{"tokens": tokens[i:i + self.seq_len]}
+                for i in range(0, len(tokens), self.seq_len)]
+
+
+def _full_window(window: dict[str, np.ndarray]) -> bool:
+    # ConcatThenSplit pads the last window of a finite stream with segment id 0.
+    return bool(np.all(window["tokens_segment_ids"] > 0))
+
+
+def _window_tokens(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"tokens": window["tokens"].astype(np.int32)}
+
+
+def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = row["tokens_segment_ids"].astype(np.int32)
+    return {"tokens": row["tokens"].astype(np.int32), "segment_ids": segment_ids,
+            "maskable": segment_ids > 0}
+
+
+def _to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    # Copies batches out of grain's shared memory, so they outlive the worker's buffer.
+    return {k: np.array(v) for k, v in batch.items()}
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # grain's worker processes read absl flags; a library caller may not have parsed any.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  source: str | None = None, shuffle: bool | None = None,
+                  num_epochs: int | None = None, batch_size: int | None = None,
+                  seed: int | None = None) -> grain.IterDataset:
+    """This host's batches as a grain IterDataset (iterate it; its iterator is checkpointable).
+
+    Defaults come from the config: `data.source`, `data.shuffle`, `data.num_epochs` (0: forever),
+    `train.batch_size` (global; this host gets batch_size / process_count rows), `train.seed`.
+    `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
+    """
+    data, train = config.data, config.train
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    spec = data.source if source is None else source
+    shuffle = data.shuffle if shuffle is None else shuffle
+    num_epochs = data.num_epochs if num_epochs is None else num_epochs
+    batch_size = train.batch_size if batch_size is None else batch_size
+    seed = train.seed if seed is None else seed
+    seq_len = train.seq_len
+    if batch_size % process_count:
+        raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the number "
+                         f"of processes ({process_count})")
+    if data.bad_records not in BAD_RECORDS:
+        raise ValueError(f"config.data.bad_records: expected one of {BAD_RECORDS}, "
+                         f"found {data.bad_records!r}")
+    if spec.startswith("synthetic") and not spec.startswith("synthetic_chat"):
+        raise ValueError(f"config.data.source={spec!r} is the built-in pre-training corpus, "
+                         f"served by llada_jax.train.input, not by the file/tfds pipeline")
+
+    records = sources.record_dataset(
+        sources.parse_source_spec(spec), tfds_data_dir=data.tfds_data_dir,
+        synthetic_size=data.synthetic_size, process_index=process_index,
+        process_count=process_count, shuffle=shuffle, seed=seed, num_epochs=num_epochs or None)
+    read_options = grain.ReadOptions(num_threads=data.read_threads,
+                                     prefetch_buffer_size=data.prefetch_buffer_size)
+
+    if train.objective == "sft":
+        rows = records.random_map(
+            ChatRows(tokenizer, seq_len, data.sft_multiturn, data.messages_field,
+                     data.bad_records), seed=seed)
+        dataset = rows.to_iter_dataset(read_options)
+    else:
+        documents = records.map(DocumentTokens(tokenizer, data.text_field, data.add_bos,
+                                               data.bad_records)).to_iter_dataset(read_options)
+        if data.packing == "concat":
+            windows = grain.experimental.ConcatThenSplitIterDataset(
+                documents, length_struct={"tokens": seq_len})
+            dataset = windows.filter(_full_window).map(_window_tokens)
+        elif data.packing == "pack":
+            pieces = grain.experimental.FlatMapIterDataset(documents, SplitLongDocuments(seq_len))
+            packed = grain.experimental.FirstFitPackIterDataset(
+                pieces, length_struct={"tokens": seq_len}, num_packing_bins=data.pack_bins,
+                seed=seed, shuffle_bins=shuffle, padding_struct={"tokens": tokenizer.pad_id})
+            dataset = packed.map(_packed_row)
+        else:
+            raise ValueError(f"config.data.packing: expected one of {PACKINGS}, "
+                             f"found {data.packing!r}")
+
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
+    if data.num_workers > 0:
+        _ensure_absl_flags_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+        dataset = dataset.map(_to_numpy)
+    return dataset
+
+
+def build_eval_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
+    """Batches of `config.data.eval_source`, unshuffled and repeated: a fresh iterator always
+    starts with the same batches, and any number of them is available."""
+    if not config.data.eval_source:
+        raise ValueError("config.data.eval_source is empty; set it to a source spec such as "
+                         "'synthetic_chat@test' or 'files:/data/eval/*.jsonl'")
+    return build_dataset(config, tokenizer, process_index=process_index,
+                         process_count=process_count, source=config.data.eval_source,
+                         shuffle=False, num_epochs=0)

@@ -1,0 +1,89 @@
+"""The built-in synthetic chat set: short question/answer tasks a tiny model learns on a CPU.
+
+Each conversation is one user question and one assistant answer about a short lowercase word:
+
+    Repeat kfb          -> kfb        Uppercase kfb      -> KFB       Reverse kfb -> bfk
+    First letter of kfb -> k          Last letter of kfb -> b
+
+Every task is a rule that holds for any word, so a model that learned it answers *held-out*
+questions too. The `test` split holds questions that never occur in `train`: a question belongs to
+`test` exactly when the CRC32 of its text is divisible by `TEST_MODULUS`. Record `i` of a split is
+a pure function of (split, i), so every process and every run sees the same conversations.
+
+Everything is ASCII, so the built-in `CharTokenizer` (vocabulary 109) covers it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+
+from llada_jax.data.sources import ORIGIN
+
+TASKS = ("repeat", "uppercase", "reverse", "first", "last")
+MIN_WORD_LENGTH = 2
+MAX_WORD_LENGTH = 4
+TEST_MODULUS = 10
+_SEED = 20240917
+
+
+def _question_answer(task: str, word: str) -> tuple[str, str]:
+    if task == "repeat":
+        return f"Repeat {word}", word
+    if task == "uppercase":
+        return f"Uppercase {word}", word.upper()
+    if task == "reverse":
+        return f"Reverse {word}", word[::-1]
+    if task == "first":
+        return f"First letter of {word}", word[0]
+    if task == "last":
+        return f"Last letter of {word}", word[-1]
+    raise ValueError(f"unknown synthetic chat task {task!r}")
+
+
+def split_of(question: str) -> str:
+    """`test` or `train`: which split a question belongs to (a fixed function of its text)."""
+    return "test" if zlib.crc32(question.encode("utf-8")) % TEST_MODULUS == 0 else "train"
+
+
+def question_answer(split: str, index: int) -> tuple[str, str]:
+    """The (question, answer) of record `index` of `split` (deterministic)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"synthetic_chat split must be 'train' or 'test', found {split!r}")
+    rng = np.random.default_rng((_SEED, 0 if split == "train" else 1, int(index)))
+    while True:  # rejection: draw until the question falls in the requested split
+        task = TASKS[int(rng.integers(len(TASKS)))]
+        length = int(rng.integers(MIN_WORD_LENGTH, MAX_WORD_LENGTH + 1))
+        word = "".join(chr(ord("a") + int(c)) for c in rng.integers(26, size=length))
+        question, answer = _question_answer(task, word)
+        if split_of(question) == split:
+            return question, answer
+
+
+class SyntheticChatSource:
+    """Random-access source of `{"messages": [user, assistant]}` records of one split.
+
+    `size` is the number of training conversations; the test split holds `size // TEST_MODULUS`
+    (at least one).
+    """
+
+    def __init__(self, split: str = "train", size: int = 20000) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"synthetic_chat split must be 'train' or 'test', found {split!r}")
+        if size <= 0:
+            raise ValueError(f"config.data.synthetic_size: expected a positive integer, "
+                             f"found {size}")
+        self.split = split
+        self._length = size if split == "train" else max(size // TEST_MODULUS, 1)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index) % self._length
+        question, answer = question_answer(self.split, index)
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}],
+                ORIGIN: f"synthetic_chat@{self.split}[{index}]"}

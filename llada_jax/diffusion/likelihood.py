@@ -1,0 +1,217 @@
+"""Likelihood evaluation of masked diffusion: the Monte Carlo ELBO and multiple-choice scoring.
+
+For a prompt `p` and an answer `a` of length `L` (REFERENCE.md section 4), one Monte Carlo batch of
+`b` rows draws `k ~ U{1..L}` and gives row `j` the stratified mask count
+`n_j = round(k + j L / b)` wrapped into `1..L` (as `((n - 1) mod L) + 1`, the public reference's
+wrapping); row `j` masks exactly `n_j` answer tokens chosen uniformly at random (the prompt is never
+masked) and scores `sum over masked of CE * L / n_j`; the batch loss is the mean over its rows.
+The log-likelihood estimate is minus the mean of `mc_num / b` batch losses: a lower bound on
+`log p(a | p)` in expectation. Optional CFG replaces the prompt by masks in an unconditional twin
+of every row and uses `un + (cfg + 1) (cond - un)`.
+
+Several (prompt, answer) pairs are estimated at once: prompts left-padded, answers right-padded,
+a key-padding mask, and positions `cumsum(mask) - 1`, so a pair's estimate does not depend on the
+padding. The whole estimate is one jitted program (a `lax.scan` over Monte Carlo batches).
+
+Multiple choice: each option is an answer to the same context; the highest estimate wins.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# forward(tokens [R, L], *, attention_mask [R, L], positions [R, L]) -> logits [R, L, V]
+Forward = Callable[..., jax.Array]
+
+
+def stratified_counts(k: jax.Array, answer_lengths: jax.Array, batch_size: int) -> jax.Array:
+    """Mask counts [P, b] of one Monte Carlo batch: n_j = round(k + j L / b) wrapped into 1..L.
+
+    k int [P] in 1..L (one draw per pair), answer_lengths L int [P].
+    """
+    lengths = jnp.asarray(answer_lengths, jnp.int32)
+    j = jnp.arange(batch_size, dtype=jnp.float32)
+    # float32 as in the reference; jnp.round rounds half to even like torch.round.
+    n = jnp.round(jnp.asarray(k, jnp.float32)[:, None]
+                  + j[None, :] * (lengths[:, None].astype(jnp.float32) / batch_size))
+    return (n.astype(jnp.int32) - 1) % lengths[:, None] + 1
+
+
+def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array,
+                  positions: jax.Array, answer_mask: jax.Array, rng: jax.Array, *,
+                  mc_num: int, batch_size: int, cfg_scale: float, mask_id: int) -> jax.Array:
+    """Monte Carlo log-likelihood estimates [P] of the answers (traceable; call inside jit).
+
+    tokens int32 [P, L]: prompt then answer; attention_mask bool [P, L] real tokens;
+    positions int32 [P, L]; answer_mask bool [P, L] True on answer tokens (at least one per row).
+    """
+    pairs, length = tokens.shape
+    b = batch_size
+    answer_lengths = jnp.sum(answer_mask, axis=1).astype(jnp.int32)
+    prompt_positions = attention_mask & ~answer_mask
+    use_cfg = cfg_scale > 0
+    copies = 2 * b if use_cfg else b
+
+    def rows(a):  # [P, ...] -> [P * copies, ...]
+        return jnp.repeat(a, copies, axis=0)
+
+    model_mask, model_positions = rows(attention_mask), rows(positions)
+
+    def batch_loss(key):
+        count_key, subset_key = jax.random.split(key)
+        k = jax.random.randint(count_key, (pairs,), 1, answer_lengths + 1)          # U{1..L}
+        counts = stratified_counts(k, answer_lengths, b)                            # [P, b]
+        # A uniform random subset of exactly n answer positions: the n smallest of iid uniforms.
+        u = jax.random.uniform(subset_key, (pairs, b, length))
+        u = jnp.where(answer_mask[:, None, :], u, 2.0)
+        rank = jnp.argsort(jnp.argsort(u, axis=-1), axis=-1)
+        masked = answer_mask[:, None, :] & (rank < counts[..., None])               # [P, b, L]
+        noisy = jnp.where(masked, mask_id, tokens[:, None, :])
+        if use_cfg:
+            uncond = jnp.where(prompt_positions[:, None, :], mask_id, noisy)
+            noisy = jnp.stack([noisy, uncond], axis=2)                              # [P, b, 2, L]
+        logits = forward(nn.with_logical_constraint(
+            noisy.reshape(pairs * copies, length), ("activation_batch", "activation_length")),
+            attention_mask=model_mask, positions=model_positions).astype(jnp.float32)
+        logits = logits.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)
+        if use_cfg:
+            cond, uncond = logits[:, :, 0], logits[:, :, 1]
+            logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
+        target = jnp.take_along_axis(logits, tokens[:, None, :, None], axis=-1)[..., 0]
+        cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target                  # [P, b, L]
+        weight = answer_lengths[:, None].astype(jnp.float32) / counts.astype(jnp.float32)
+        row_loss = jnp.sum(jnp.where(masked, cross_entropy, 0.0), axis=-1) * weight
+        return jnp.mean(row_loss, axis=1)                                          # [P]
+
+    keys = jax.random.split(rng, mc_num // b)
+    _, losses = jax.lax.scan(lambda carry, key: (carry, batch_loss(key)), None, keys)
+    return -jnp.mean(losses, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mc_num", "batch_size", "cfg_scale",
+                                             "mask_id"))
+def _estimate_jit(params, tokens, attention_mask, positions, answer_mask, rng, *, model, mc_num,
+                  batch_size, cfg_scale, mask_id):
+    forward = functools.partial(model.apply, {"params": params})
+    return elbo_estimate(forward, tokens, attention_mask, positions, answer_mask, rng,
+                         mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
+                         mask_id=mask_id)
+
+
+def pack_pairs(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
+               multiple: int = 1) -> dict[str, np.ndarray]:
+    """(prompt, answer) id lists -> tokens / attention_mask / positions / answer_mask [P, L].
+
+    Prompts are left-padded and answers right-padded, each width rounded up to `multiple` (fewer
+    distinct shapes, fewer compilations). Prompts may be empty; answers may not.
+    """
+    if len(prompts) != len(answers) or not prompts:
+        raise ValueError(f"pack_pairs: expected as many prompts as answers (at least one), found "
+                         f"{len(prompts)} prompts and {len(answers)} answers")
+    for i, a in enumerate(answers):
+        if len(a) == 0:
+            raise ValueError(f"pack_pairs: answer {i} is empty; a likelihood needs answer tokens")
+
+    def round_up(n):
+        return max(multiple, -(-n // multiple) * multiple)
+
+    width_p = round_up(max(len(p) for p in prompts))
+    width_a = round_up(max(len(a) for a in answers))
+    n = len(prompts)
+    tokens = np.full((n, width_p + width_a), pad_id, np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    answer_mask = np.zeros(tokens.shape, bool)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        tokens[i, width_p - len(p):width_p] = np.asarray(p, np.int32).reshape(-1)
+        tokens[i, width_p:width_p + len(a)] = np.asarray(a, np.int32)
+        mask[i, width_p - len(p):width_p + len(a)] = True
+        answer_mask[i, width_p:width_p + len(a)] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return dict(tokens=tokens, attention_mask=mask, positions=positions, answer_mask=answer_mask)
+
+
+def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int]],
+                   answers: Sequence[Sequence[int]], rng: jax.Array, *, mc_num: int = 128,
+                   batch_size: int = 16, cfg_scale: float = 0.0, mask_id: int | None = None,
+                   pad_id: int | None = None, pairs_per_call: int = 8,
+                   pad_multiple: int = 16) -> np.ndarray:
+    """Monte Carlo log-likelihood estimates, float32 [N], of N (prompt, answer) id lists.
+
+    Pairs are estimated `pairs_per_call` at a time (the last call padded by repeating a pair), so
+    one compiled program serves a whole evaluation set of similar lengths.
+    """
+    config = getattr(model, "config", None)
+    mask_id = config.mask_token_id if mask_id is None else mask_id
+    pad_id = config.pad_token_id if pad_id is None else pad_id
+    if mc_num <= 0 or batch_size <= 0 or mc_num % batch_size:
+        raise ValueError(f"log_likelihood: mc_num={mc_num} must be a positive multiple of "
+                         f"batch_size={batch_size}")
+    if cfg_scale < 0:
+        raise ValueError(f"log_likelihood: cfg_scale must be >= 0, found {cfg_scale}")
+    if pad_id == mask_id:
+        raise ValueError(f"log_likelihood: pad_id={pad_id} must differ from mask_id={mask_id}")
+    if len(prompts) != len(answers):
+        raise ValueError(f"log_likelihood: {len(prompts)} prompts but {len(answers)} answers")
+    max_len = getattr(config, "max_sequence_length", None)
+    estimates = []
+    for call, start in enumerate(range(0, len(prompts), pairs_per_call)):
+        chunk_p = list(prompts[start:start + pairs_per_call])
+        chunk_a = list(answers[start:start + pairs_per_call])
+        real = len(chunk_p)
+        chunk_p += [chunk_p[-1]] * (pairs_per_call - real)
+        chunk_a += [chunk_a[-1]] * (pairs_per_call - real)
+        batch = pack_pairs(chunk_p, chunk_a, pad_id, multiple=pad_multiple)
+        if max_len is not None and batch["tokens"].shape[1] > max_len:
+            longest = max(len(p) + len(a) for p, a in zip(chunk_p, chunk_a))
+            raise ValueError(f"log_likelihood: a prompt + answer of {longest} tokens (padded to "
+                             f"{batch['tokens'].shape[1]}) exceeds the model's "
+                             f"max_sequence_length={max_len}")
+        out = _estimate_jit(params, batch["tokens"], batch["attention_mask"], batch["positions"],
+                            batch["answer_mask"], jax.random.fold_in(rng, call), model=model,
+                            mc_num=mc_num, batch_size=batch_size, cfg_scale=float(cfg_scale),
+                            mask_id=mask_id)
+        estimates.append(np.asarray(out)[:real])
+    return np.concatenate(estimates) if estimates else np.zeros((0,), np.float32)
+
+
+def multiple_choice(params: Any, model: nn.Module, contexts: Sequence[Sequence[int]],
+                    choices: Sequence[Sequence[Sequence[int]]], rng: jax.Array,
+                    labels: Sequence[int] | None = None, **kwargs) -> dict[str, Any]:
+    """Scores every option of every question; the highest estimate is the prediction.
+
+    Returns {"scores": list of float arrays (one per question), "predictions": int [Q]} and, with
+    `labels`, "accuracy" (fraction of questions predicted right). kwargs go to `log_likelihood`.
+    """
+    if len(contexts) != len(choices):
+        raise ValueError(f"multiple_choice: {len(contexts)} contexts but {len(choices)} choice "
+                         f"lists")
+    flat_p, flat_a, owner = [], [], []
+    for q, (context, options) in enumerate(zip(contexts, choices)):
+        if len(options) == 0:
+            raise ValueError(f"multiple_choice: question {q} has no choices")
+        for option in options:
+            flat_p.append(list(context))
+            flat_a.append(list(option))
+            owner.append(q)
+    flat = log_likelihood(params, model, flat_p, flat_a, rng, **kwargs)
+    owner = np.asarray(owner)
+    scores = [flat[owner == q] for q in range(len(contexts))]
+    predictions = np.asarray([int(np.argmax(s)) for s in scores], np.int64)
+    out: dict[str, Any] = {"scores": scores, "predictions": predictions}
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != predictions.shape:
+            raise ValueError(f"multiple_choice: expected {len(predictions)} labels, found "
+                             f"{labels.shape[0] if labels.ndim else labels}")
+        for q, (label, options) in enumerate(zip(labels, choices)):
+            if not 0 <= label < len(options):
+                raise ValueError(f"multiple_choice: label {label} of question {q} is outside "
+                                 f"[0, {len(options)})")
+        out["accuracy"] = float(np.mean(predictions == labels))
+    return out

@@ -1,0 +1,308 @@
+"""SigLIP / SigLIP2 vision encoder (the LLaDA-V vision tower), in Flax Linen.
+
+What it is: the fixed-resolution SigLIP ViT (so400m/14 at 384 px for LLaDA-V): patch embedding,
+learned position embedding, pre-norm encoder blocks (LayerNorm, multi-head attention with biases,
+tanh-GELU MLP), layers stacked with `nn.scan`, and an optional final LayerNorm. It maps pixels
+`[batch, H, W, 3]` (already normalised to [-1, 1], see `llada_jax/data/images.py`) to patch
+features `[batch, (H/patch)*(W/patch), width]`.
+
+What it is not: it has no attention-pooling head (LLaDA-V replaces it by an identity), no
+position-embedding interpolation (the NaFlex variant of SigLIP2) and no text tower. Projecting the
+features into the language model and splicing them into the text is `multimodal.py`.
+
+Which layer's output: `VisionConfig.feature_layer` follows the indexing of Hugging Face's
+`hidden_states` tuple (index 0 is the embedding output, index k the output of block k), so
+`-1` is the last block and `-2` the penultimate one. Only the blocks that are needed are built:
+LLaDA-V deletes the last of the 27 blocks and reads the output of block 26 without the
+post-layernorm (`feature_layer=-2, use_post_layernorm=False`, the default here), while
+`feature_layer=-1, use_post_layernorm=True` is what transformers' `last_hidden_state` is.
+
+The fixed-resolution SigLIP2 checkpoints (e.g. `google/siglip2-so400m-patch14-384`) have the same
+architecture and weight names as SigLIP (their `config.json` says `model_type: siglip`), so
+transformers' `SiglipVisionModel` is the reference this module is tested against;
+`Siglip2VisionModel` is the NaFlex variant (linear patch embedding on flattened patches, resized
+position embeddings) and is not what LLaDA-V uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llada_jax.config import DTYPES, REMAT_POLICIES
+
+# Logical axis names of the activations between blocks.
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Architecture of the SigLIP vision encoder (defaults: so400m/14 at 384 px, as LLaDA-V)."""
+
+    image_size: int = 384
+    patch_size: int = 14
+    width: int = 1152
+    n_layers: int = 27           # blocks of the pretrained model (before any is dropped)
+    n_heads: int = 16
+    mlp_dim: int = 4304
+    layer_norm_eps: float = 1e-6
+    # Index into Hugging Face's `hidden_states` (0 = embeddings, k = output of block k, negative
+    # counts from the end): -2 is LLaDA-V's choice (drop the last block), -1 the full depth.
+    feature_layer: int = -2
+    use_post_layernorm: bool = False
+    num_channels: int = 3
+    dtype: str = "float32"         # compute dtype of activations
+    param_dtype: str = "float32"   # storage dtype of parameters
+    remat_policy: str = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per image (27 * 27 = 729 for so400m/14 at 384 px)."""
+        return self.patches_per_side ** 2
+
+    @property
+    def num_layers_used(self) -> int:
+        """Blocks that are built and run: the ones up to `feature_layer`."""
+        if self.feature_layer < 0:
+            return self.n_layers + 1 + self.feature_layer
+        return self.feature_layer
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the blocks that are built (see the test for the derivation)."""
+        w, m, p, c = self.width, self.mlp_dim, self.patch_size, self.num_channels
+        embeddings = p * p * c * w + w + self.num_patches * w
+        per_layer = 4 * (w * w + w) + (w * m + m) + (m * w + w) + 2 * 2 * w
+        post = 2 * w if self.use_post_layernorm else 0
+        return embeddings + self.num_layers_used * per_layer + post
+
+
+def so400m_patch14_384(**overrides: Any) -> VisionConfig:
+    """SigLIP2 so400m/14 at 384 px as LLaDA-V uses it (27 blocks, features of block 26)."""
+    return dataclasses.replace(VisionConfig(), **overrides)
+
+
+def _fail(field: str, expected: str, found: Any) -> None:
+    raise ValueError(f"vision config field {field}: expected {expected}, found {found!r}")
+
+
+def validate_vision(cfg: VisionConfig) -> None:
+    """Checks a VisionConfig; raises ValueError naming the offending field."""
+    for name in ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim",
+                 "num_channels"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            _fail(name, "a positive integer", value)
+    if cfg.patch_size > cfg.image_size:
+        _fail("patch_size", f"at most image_size={cfg.image_size}", cfg.patch_size)
+    if cfg.width % cfg.n_heads:
+        _fail("n_heads", f"a divisor of width={cfg.width}", cfg.n_heads)
+    if not isinstance(cfg.feature_layer, int) or not (
+            -cfg.n_layers <= cfg.feature_layer <= -1 or 1 <= cfg.feature_layer <= cfg.n_layers):
+        _fail("feature_layer", f"an index of a block output in [1, {cfg.n_layers}] or "
+              f"[-{cfg.n_layers}, -1] (0, the embedding output, is not a feature layer)",
+              cfg.feature_layer)
+    if not cfg.layer_norm_eps > 0:
+        _fail("layer_norm_eps", "a positive number", cfg.layer_norm_eps)
+    if cfg.dtype not in DTYPES:
+        _fail("dtype", f"one of {DTYPES}", cfg.dtype)
+    if cfg.param_dtype not in DTYPES:
+        _fail("param_dtype", f"one of {DTYPES}", cfg.param_dtype)
+    if cfg.remat_policy not in REMAT_POLICIES:
+        _fail("remat_policy", f"one of {REMAT_POLICIES}", cfg.remat_policy)
+
+
+def remat_policy(name: str) -> Callable[..., Any] | None:
+    """The `jax.checkpoint` policy of a remat policy name from `config.REMAT_POLICIES`."""
+    policies = jax.checkpoint_policies
+    table = {
+        "full": policies.nothing_saveable,
+        "save_dots": policies.checkpoint_dots,
+        "save_dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+        "save_attention_out": policies.save_only_these_names("attention_out"),
+    }
+    if name not in table:
+        raise ValueError(f"remat policy: expected one of {sorted(table)}, found {name!r}")
+    return table[name]
+
+
+def _param_init(init: Callable[..., Any], axes: tuple[str, ...]) -> Callable[..., Any]:
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: mean((x - mean)^2), as torch computes it; E[x^2] - E[x]^2 loses
+    # digits on the large-mean activations of deep ViTs.
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        use_fast_variance=False,
+        scale_init=_param_init(nn.initializers.ones, ("norm",)),
+        bias_init=_param_init(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class PatchEmbedding(nn.Module):
+    """Non-overlapping p x p patches -> width, plus the learned position embedding.
+
+    The stride-p convolution of the reference is written as a reshape to patches and one einsum:
+    the same arithmetic, and it lowers to a plain matmul on every backend. Like the reference's
+    "valid" convolution it ignores the pixels past the last whole patch: 384 = 27 * 14 + 6, so
+    the so400m/14 tower never sees the last 6 rows and columns.
+    """
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        cfg = self.config
+        p, g = cfg.patch_size, cfg.patches_per_side
+        kernel = self.param(
+            "kernel", _param_init(nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                                  ("patch_h", "patch_w", "channels", "embed")),
+            (p, p, cfg.num_channels, cfg.width), cfg.param_dtype)
+        bias = self.param("bias", _param_init(nn.initializers.zeros, ("embed",)),
+                          (cfg.width,), cfg.param_dtype)
+        positions = self.param(
+            "position_embedding", _param_init(nn.initializers.normal(stddev=cfg.width ** -0.5),
+                                              ("vision_positions", "embed")),
+            (cfg.num_patches, cfg.width), cfg.param_dtype)
+        batch = pixels.shape[0]
+        x = pixels[:, :g * p, :g * p].astype(cfg.dtype).reshape(batch, g, p, g, p,
+                                                                 cfg.num_channels)
+        # Row-major patch order (row of patches, then column), as the reference's
+        # conv(...).flatten(2).transpose(1, 2).
+        x = jnp.einsum("bhpwqc,pqce->bhwe", x, kernel.astype(cfg.dtype))
+        x = x.reshape(batch, g * g, cfg.width) + bias.astype(cfg.dtype)
+        return x + positions.astype(cfg.dtype)[None]
+
+
+class Linear(nn.Module):
+    """Affine map from the last `len(in_axes)` dims to `features`, with logical axis names.
+
+    Kernel `in_shape + features` named `in_axes + out_axes`, bias `features` named `out_axes`.
+    The kernel is created at its real rank (not flattened as `nn.DenseGeneral` does), so its
+    sharding annotation is valid at creation under an active mesh.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        in_shape = tuple(x.shape[-n_in:])
+        ndim = n_in + len(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, ndim)))
+        kernel = self.param("kernel", _param_init(init, self.in_axes + self.out_axes),
+                            in_shape + tuple(self.features), self.param_dtype)
+        bias = self.param("bias", _param_init(nn.initializers.zeros, self.out_axes),
+                          tuple(self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        return y + bias.astype(self.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with biases on q, k, v and the output."""
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        heads, head_dim = cfg.n_heads, cfg.head_dim
+        dtypes = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+
+        def proj(name: str) -> Linear:
+            return Linear((heads, head_dim), ("embed",), ("heads", "head_dim"), name=name,
+                          **dtypes)
+
+        q, k, v = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)  # [b, n, heads, hd]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim ** -0.5)
+        # Softmax in float32 whatever the compute dtype (the reference upcasts too).
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = checkpoint_name(out, "attention_out")
+        return Linear((cfg.width,), ("heads", "head_dim"), ("embed",), name="out_proj",
+                      **dtypes)(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation, `gelu_pytorch_tanh`) -> fc2, with biases."""
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtypes = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+        h = Linear((cfg.mlp_dim,), ("embed",), ("mlp",), name="fc1", **dtypes)(x)
+        h = nn.gelu(h, approximate=True)
+        return Linear((cfg.width,), ("mlp",), ("embed",), name="fc2", **dtypes)(h)
+
+
+class EncoderBlock(nn.Module):
+    """One pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). Scan-shaped: (x, _) -> (x, None)."""
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        cfg = self.config
+        x = x + SelfAttention(cfg, name="self_attn")(_layer_norm(cfg, "layer_norm1")(x))
+        x = x + Mlp(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x))
+        return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+
+
+class VisionEncoder(nn.Module):
+    """SigLIP vision encoder: pixels [b, H, W, C] in [-1, 1] -> features [b, patches, width].
+
+    Params: `embeddings` (patch kernel/bias, position embedding), `layers` (the scanned blocks,
+    leading axis `layers` of length `config.num_layers_used`) and, only when
+    `config.use_post_layernorm`, `post_layernorm`.
+    """
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        cfg = self.config
+        validate_vision(cfg)
+        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(f"VisionEncoder: expected pixels of shape [batch, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}] (channels last), found "
+                             f"{tuple(pixels.shape)}")
+        x = PatchEmbedding(cfg, name="embeddings")(pixels)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+        block: Any = EncoderBlock
+        if cfg.remat_policy != "none":
+            # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
+            block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=nn.broadcast, length=cfg.num_layers_used,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(cfg, name="layers")(x, None)
+
+        if cfg.use_post_layernorm:
+            x = _layer_norm(cfg, "post_layernorm")(x)
+        return x

@@ -1,0 +1,276 @@
+"""Checkpoints: the trainer's full state, and params-only checkpoints for the other programs.
+
+Trainer checkpoints (`Checkpointer`, an orbax `CheckpointManager` under `WORKDIR/checkpoints`):
+every step directory holds three items,
+  * `state`  - the TrainState (step, params, optimizer state, rng), restored straight onto its
+               shards from an abstract target;
+  * `data`   - the grain iterator position (grain's own orbax handler: one JSON file per
+               process, since every host reads its own slice of the data);
+  * `config` - the run's config as JSON, so a checkpoint says what it is.
+Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp-<n>/`, then renames it (or, on
+object stores, writes `commit_success.txt` last). A save interrupted half-way therefore leaves
+a directory that `latest_step`/`restore` never consider (tests/test_checkpoint.py).
+
+Params-only checkpoints (`save_params` / `load_params`): `DIR/params/` (orbax PyTree) and
+`DIR/config.json`, written by checkpoint conversion; `load_params` reads those *and* trainer
+workdirs (the params item of the latest or a given step), so sampling and evaluation programs
+take either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from llada_jax import config as config_lib
+from llada_jax import parallel
+from llada_jax.train import state as state_lib
+
+STATE, DATA, CONFIG = "state", "data", "config"
+CHECKPOINT_SUBDIR = "checkpoints"
+PARAMS_SUBDIR = "params"
+CONFIG_FILE = "config.json"
+# Orbax writes this file into a step directory as the last act of a save, in both of its atomicity
+# modes (before the rename of the temporary directory, or as the commit on object stores).
+COMMIT_MARKER = "commit_success.txt"
+
+
+def _path(directory: str) -> epath.Path:
+    """An absolute local path, or a cloud path (gs://...) as given."""
+    return epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+
+
+def _complete_steps(manager: ocp.CheckpointManager, directory: epath.Path) -> list[int]:
+    """Steps orbax lists whose directory also holds the commit marker.
+
+    Orbax already skips `<step>.orbax-checkpoint-tmp-*` directories; requiring the marker as well
+    also rejects a step directory whose save stopped before committing (e.g. on a filesystem
+    without atomic rename, or one copied by hand).
+    """
+    return [s for s in manager.all_steps() if (directory / str(s) / COMMIT_MARKER).exists()]
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
+    """A config as a plain JSON-able dict (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def config_from_json(data: dict) -> ml_collections.ConfigDict:
+    """The inverse of `config_to_json`, on top of the current defaults.
+
+    Starting from `default_config()` keeps checkpoints written before a field existed loadable.
+    """
+    config = config_lib.default_config()
+    for section, values in data.items():
+        if isinstance(values, dict) and section in config:
+            for key, value in values.items():
+                config[section][key] = value
+        else:
+            config[section] = values
+    return config
+
+
+def _grain_state_from_json(state: Any) -> Any:
+    """Undoes the one JSON round-trip loss that grain 0.2.18 trips over.
+
+    `ConcatThenSplitIterDataset` stores its remainder slices as tuples and compares them with
+    the tuple sentinel `(-1, -1)`; JSON gives lists back, `[-1, -1] != (-1, -1)`, and the
+    restored iterator would replay a phantom remainder (a different next batch).
+    """
+    if isinstance(state, dict):
+        return {key: ({k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                      if key == "remainder_slices" and isinstance(value, dict)
+                      else _grain_state_from_json(value))
+                for key, value in state.items()}
+    if isinstance(state, list):
+        return [_grain_state_from_json(v) for v in state]
+    return state
+
+
+class _JsonSafeIterator(grain.DatasetIterator):
+    """Wraps a grain iterator for grain's orbax handler, repairing the state it reads back."""
+
+    def __init__(self, iterator: grain.DatasetIterator) -> None:
+        super().__init__(iterator)
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_grain_state_from_json(state))
+
+    def close(self) -> None:
+        # The adapter is dropped after each save/restore; grain closes an iterator's parents when
+        # it is closed or garbage collected, and the wrapped iterator must live on.
+        pass
+
+
+def _item_handlers() -> dict[str, Any]:
+    return {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler()}
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, data-iterator position, config) under `directory`."""
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True) -> None:
+        self.directory = _path(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=_item_handlers())
+
+    def latest_step(self) -> int | None:
+        """The newest *complete* checkpoint's step (unfinished saves are ignored), or None."""
+        steps = self.all_steps()
+        return max(steps) if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        return sorted(_complete_steps(self._manager, self.directory))
+
+    def save(self, step: int, state: state_lib.TrainState, config: ml_collections.ConfigDict,
+             data_iterator: grain.DatasetIterator | None = None) -> None:
+        """Starts an (asynchronous) save of everything needed to resume at `step`."""
+        items = {STATE: ocp.args.StandardSave(state),
+                 CONFIG: ocp.args.JsonSave(config_to_json(config))}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(_JsonSafeIterator(data_iterator))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state: state_lib.TrainState,
+                data_iterator: grain.DatasetIterator | None = None,
+                step: int | None = None) -> tuple[state_lib.TrainState, ml_collections.ConfigDict]:
+        """(state, config) of `step` (default: latest); moves `data_iterator` to its position.
+
+        `abstract_state` holds ShapeDtypeStructs with shardings (state.abstract_train_state):
+        arrays are read directly onto their shards.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
+                                    f"found steps {self.all_steps()}")
+        items = {STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            if not (self.directory / str(step) / DATA).exists():
+                raise FileNotFoundError(f"checkpoint {self.directory}/{step} has no data-iterator "
+                                        f"state to resume the input pipeline from")
+            items[DATA] = grain.checkpoint.CheckpointRestore(_JsonSafeIterator(data_iterator))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[STATE], config_from_json(restored[CONFIG])
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def save_params(directory: str, config: ml_collections.ConfigDict, params: Any) -> None:
+    """Writes a params-only checkpoint: `directory/params/` and `directory/config.json`.
+
+    Refuses to overwrite an existing one (delete it first), so a conversion cannot silently
+    mix two models' files.
+    """
+    directory = _path(directory)
+    target = directory / PARAMS_SUBDIR
+    if target.exists():
+        raise FileExistsError(f"params checkpoint already exists: {target}")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, params)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if jax.process_index() == 0:
+        # The config is written after the params (which orbax commits atomically): a directory
+        # with config.json always has complete params.
+        (directory / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2))
+
+
+def _param_targets(config: ml_collections.ConfigDict, mesh: Mesh | None, rules) -> Any:
+    """Abstract params of the config's model, sharded on `mesh` (or on the first device)."""
+    model = state_lib.make_model(config)
+    boxed = state_lib.abstract_boxed_params(model, mesh)
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
+                                 nn.meta.unbox(boxed))
+    else:
+        rules = parallel.logical_rules(config) if rules is None else rules
+        shardings = parallel.logical_to_sharding(boxed, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.meta.unbox(boxed), shardings)
+
+
+def _trainer_checkpoint_dir(directory: epath.Path) -> epath.Path | None:
+    """The orbax manager directory inside a workdir (or the directory itself), if any."""
+    for candidate in (directory / CHECKPOINT_SUBDIR, directory):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            return candidate
+    return None
+
+
+def load_params(directory: str, step: int | None = None, mesh: Mesh | None = None,
+                rules=None) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) from a params-only checkpoint or a trainer workdir.
+
+    directory: a params-only checkpoint (`params/` + `config.json`), a trainer workdir (its
+    `checkpoints/`), or an orbax checkpoint-manager directory. step: which trainer step (default
+    the latest complete one; must be None for params-only checkpoints). mesh: shard the params
+    on it by the config's rule table (or `rules`); default: everything on the first device.
+    Only the params are read from a trainer checkpoint, never the optimizer state.
+    """
+    directory = _path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    params_dir = directory / PARAMS_SUBDIR
+    if params_dir.is_dir():
+        config_path = directory / CONFIG_FILE
+        if not config_path.exists():
+            raise FileNotFoundError(f"params checkpoint {directory} has no {CONFIG_FILE} "
+                                    f"(an interrupted save_params?)")
+        if step is not None:
+            raise ValueError(f"step={step} was given, but {directory} is a params-only "
+                             f"checkpoint without steps")
+        config = config_from_json(json.loads(config_path.read_text()))
+        checkpointer = ocp.StandardCheckpointer()
+        params = checkpointer.restore(params_dir, _param_targets(config, mesh, rules))
+        checkpointer.close()
+        return config, params
+
+    manager_dir = _trainer_checkpoint_dir(directory)
+    if manager_dir is None:
+        raise FileNotFoundError(
+            f"{directory} holds neither a params checkpoint ({PARAMS_SUBDIR}/ + {CONFIG_FILE}) "
+            f"nor trainer checkpoints ({CHECKPOINT_SUBDIR}/<step>/)")
+    manager = ocp.CheckpointManager(
+        manager_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                    CONFIG: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False))
+    steps = sorted(_complete_steps(manager, manager_dir))
+    step = (steps[-1] if steps else None) if step is None else step
+    if step is None or step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {manager_dir}; "
+                                f"found steps {steps}")
+    config = config_from_json(manager.restore(step, args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
+    targets = _param_targets(config, mesh, rules)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item={"params": targets}, restore_args={"params": restore_args},
+        partial_restore=True)}))
+    manager.close()
+    return config, restored[STATE]["params"]

@@ -1,0 +1,178 @@
+"""The jitted train and eval steps: noise -> model.apply -> loss -> grads -> optimizer.
+
+`make_train_step` returns ONE jitted function `(state, batch) -> (state, metrics)` with explicit
+in/out shardings and the state donated (its buffers are reused for the new state, so a step
+needs one copy of params and optimizer state, not two). It is traced and run under
+`jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, which give the model's logical activation
+constraints their meaning.
+
+Inside a step:
+  * the step key is `fold_in(state.rng, state.step)` (as md4 does): a resumed run draws exactly
+    the noise the uninterrupted run would have drawn;
+  * the noise (t, masks, the random-length cut) is drawn for the whole global batch before the
+    micro-batch loop, so grad accumulation changes how the batch is computed, not what it is;
+  * pre-training batches are cut to a random length with probability `train.random_length_prob`
+    (noise.random_length_cut; no recompilation), SFT batches never are;
+  * the gradient is the mean over `train.grad_accum_steps` micro-batches (optimizer.py).
+
+Batches follow the project convention: `tokens` int32 [B, L]; optional `segment_ids` int32 [B, L]
+(0 = padding: never attended to, never noised, never scored); optional `maskable` bool [B, L].
+
+Metrics: `loss`, `accuracy` (argmax = clean token, over noised positions), `grad_norm` (before
+clipping), `learning_rate` (of this update), `noised_tokens`, `cut_length`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from llada_jax import parallel
+from llada_jax.diffusion import losses, noise
+from llada_jax.model.transformer import Transformer
+from llada_jax.train.optimizer import accumulate_gradients, make_schedule, split_micro_batches
+from llada_jax.train.state import TrainState
+
+
+class MeshFunction:
+    """A jitted function that is always traced, lowered and run under a mesh and rule table."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        """AOT lowering (args may be ShapeDtypeStructs carrying shardings)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted.lower(*args)
+
+
+def _prepare(batch: dict[str, jax.Array], train: ml_collections.ConfigDict, mask_id: int,
+             rng: jax.Array, allow_cut: bool) -> dict[str, jax.Array]:
+    """Draws the noise for the whole batch; returns the per-row arrays the loss needs."""
+    tokens = batch["tokens"]
+    rows, length = tokens.shape
+    segment_ids = batch.get("segment_ids")
+    real = (jnp.ones((rows, length), bool) if segment_ids is None else segment_ids != 0)
+    maskable = batch.get("maskable")
+    maskable = real if maskable is None else maskable.astype(bool) & real
+    noise_rng, cut_rng = jax.random.split(rng)
+
+    use_cut = allow_cut and train.objective == "pretrain" and train.random_length_prob > 0
+    if use_cut:
+        cut_length, valid = noise.random_length_cut(cut_rng, length, train.random_length_prob)
+    else:
+        cut_length, valid = jnp.int32(length), jnp.ones((length,), bool)
+    noised = noise.forward_process(noise_rng, tokens, mask_id, train.mask_eps,
+                                   maskable & valid[None, :])
+    prepared = {
+        "noisy_tokens": noised.noisy_tokens, "tokens": tokens, "noised": noised.noised,
+        "mask_prob": noised.mask_prob, "maskable": maskable,
+        "cut_length": jnp.broadcast_to(cut_length, (rows,)),
+    }
+    # A key mask is only built when some key must be hidden: attention backends without mask
+    # support (splash) then still run plain pre-training batches.
+    if use_cut or segment_ids is not None:
+        prepared["key_mask"] = real & valid[None, :]
+    if segment_ids is not None:
+        prepared["segment_ids"] = segment_ids
+    return prepared
+
+
+def _loss_fn(model: Transformer, objective: str):
+    def loss_fn(params, micro: dict[str, jax.Array]):
+        logits = model.apply({"params": params}, micro["noisy_tokens"],
+                             attention_mask=micro.get("key_mask"),
+                             segment_ids=micro.get("segment_ids"))
+        if objective == "sft":
+            loss = losses.sft_loss(logits, micro["tokens"], micro["noised"], micro["mask_prob"],
+                                   micro["maskable"])
+        else:
+            loss = losses.pretrain_loss(logits, micro["tokens"], micro["noised"],
+                                        micro["mask_prob"], micro["cut_length"][0])
+        correct, noised = losses.masked_accuracy_counts(logits, micro["tokens"], micro["noised"])
+        return loss, {"correct": correct, "noised": noised}
+    return loss_fn
+
+
+def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
+                  tx: optax.GradientTransformation,
+                  grad_shardings: Any = None) -> Callable[[TrainState, dict], tuple]:
+    """The un-jitted step (state, batch) -> (state, metrics)."""
+    train = config.train
+    mask_id = int(config.model.mask_token_id)
+    schedule = make_schedule(train)
+    loss_fn = _loss_fn(model, train.objective)
+    num_micro = int(train.grad_accum_steps)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        prepared = _prepare(batch, train, mask_id, rng, allow_cut=True)
+        micro_batches = split_micro_batches(prepared, num_micro)
+        loss, grads, counts = accumulate_gradients(loss_fn, state.params, micro_batches,
+                                                   num_micro, grad_shardings)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": counts["correct"] / jnp.maximum(counts["noised"], 1),
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "noised_tokens": counts["noised"],
+            "cut_length": prepared["cut_length"][0],
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
+                    tx: optax.GradientTransformation, mesh: Mesh,
+                    shardings: TrainState) -> MeshFunction:
+    """The jitted, sharded, state-donating train step."""
+    step = train_step_fn(config, model, tx, grad_shardings=shardings.params)
+    jitted = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh, 2)),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    return MeshFunction(jitted, mesh, parallel.logical_rules(config))
+
+
+def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Callable:
+    """(params, batch, rng_data) -> {loss, correct, noised}: the loss without random lengths.
+
+    `rng_data` is uint32 key data (`jax.random.key_data`).
+
+    The trainer passes the same key at every evaluation, so successive evals see the same
+    noise on the same batches and their losses are directly comparable.
+    """
+    train = config.train
+    mask_id = int(config.model.mask_token_id)
+    loss_fn = _loss_fn(model, train.objective)
+
+    def eval_step(params, batch, rng_data):
+        rng = jax.random.wrap_key_data(rng_data)
+        prepared = _prepare(batch, train, mask_id, rng, allow_cut=False)
+        loss, counts = loss_fn(params, prepared)
+        return {"loss": loss, **counts}
+
+    return eval_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh,
+                   param_shardings: Any) -> MeshFunction:
+    """The jitted, sharded eval step."""
+    replicated = parallel.replicated(mesh)
+    jitted = jax.jit(eval_step_fn(config, model),
+                     in_shardings=(param_shardings, parallel.batch_sharding(mesh, 2), replicated),
+                     out_shardings=replicated)
+    return MeshFunction(jitted, mesh, parallel.logical_rules(config))

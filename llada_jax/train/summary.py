@@ -1,0 +1,107 @@
+"""TensorBoard scalar summaries written without TensorFlow (or any other dependency).
+
+A TensorBoard event file is a TFRecord file of `Event` protocol buffers. For scalars only three
+small messages are needed, so they are encoded here by hand:
+
+    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+    Summary { repeated Value value = 1; }
+    Value   { string tag = 1; float simple_value = 2; }
+
+and every record is framed as TFRecord does: length (uint64), masked CRC-32C of the length,
+payload, masked CRC-32C of the payload (all little-endian). `tensorboard --logdir WORKDIR`
+reads the files.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of `data`, the checksum TFRecord uses."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: rotate right by 15 bits and add a constant (mod 2^32)."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(payload: bytes) -> bytes:
+    """One TFRecord frame around `payload`."""
+    length = struct.pack("<Q", len(payload))
+    return (length + struct.pack("<I", masked_crc32c(length)) + payload
+            + struct.pack("<I", masked_crc32c(payload)))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def scalar_event(step: int, scalars: dict[str, float], wall_time: float | None = None) -> bytes:
+    """The serialized `Event` holding one `simple_value` per tag."""
+    values = b"".join(
+        _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
+                     + struct.pack("<f", float(value)))
+        for tag, value in scalars.items())
+    wall_time = time.time() if wall_time is None else wall_time
+    return (_varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0)
+            + _varint(int(step)) + _field_bytes(5, values))
+
+
+def version_event(wall_time: float | None = None) -> bytes:
+    wall_time = time.time() if wall_time is None else wall_time
+    return _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _field_bytes(3, b"brain.Event:2")
+
+
+class SummaryWriter:
+    """Appends scalar summaries to a fresh `events.out.tfevents.*` file in `logdir`."""
+
+    def __init__(self, logdir: str) -> None:
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.path = os.path.join(logdir, name)
+        self._file = open(self.path, "ab")
+        self._file.write(tfrecord(version_event()))
+        self._file.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._file.write(tfrecord(scalar_event(step, values)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,323 @@
+"""The jitted reverse process against a step-by-step NumPy reference written here from REFERENCE.md.
+
+The model is a tiny random Transformer with a large init scale, so logits are spread out and
+confidence ties (and argmax ties) are improbable; both implementations break remaining ties
+toward the lower position.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax import parallel
+from llada_jax.config import ModelConfig, default_config, validate
+from llada_jax.diffusion.sampler import (
+    SamplerConfig, build_canvas, generate, num_transfer_tokens, pad_prompts, sample)
+from llada_jax.model.transformer import Transformer
+
+MASK, EOS, BOS, PAD, EOT = 3, 2, 1, 0, 6
+MODEL_CONFIG = ModelConfig(
+    vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+    mlp_hidden_size=64, rope_theta=10000.0, max_sequence_length=64, mask_token_id=MASK,
+    eos_token_id=EOS, bos_token_id=BOS, pad_token_id=PAD, init_std=0.3)
+# Lowest finite float32: the confidence of EOS/EoT under confidence_eos_eot_inf (below any real
+# confidence, above positions that cannot be committed).
+EOS_LEVEL = float(np.finfo(np.float32).min)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(n_layers: int = 2):
+    config = dataclasses.replace(MODEL_CONFIG, n_layers=n_layers)
+    model = Transformer(config)
+    params = nn.meta.unbox(model.init(jax.random.key(7), jnp.zeros((1, 4), jnp.int32))["params"])
+    return model, params
+
+
+@functools.lru_cache(maxsize=None)
+def model_logits_fn(n_layers: int = 2):
+    """The model alone (jitted), for the reference: tokens [B, L] -> float64 logits."""
+    model, params = tiny(n_layers)
+    fn = jax.jit(lambda x: model.apply({"params": params}, x))
+    return lambda x: np.asarray(fn(jnp.asarray(x, jnp.int32)), np.float64)
+
+
+def sampler_config(**kw) -> SamplerConfig:
+    base = dict(gen_length=16, block_length=16, steps=16, mask_id=MASK, eos_id=EOS, eot_id=EOT)
+    base.update(kw)
+    return SamplerConfig(**base)
+
+
+def reference_generate(logits_fn, prompt, gen_length, block_length, steps, cfg_scale=0.0,
+                       logits_eos_inf=False, confidence_eos_eot_inf=False):
+    """REFERENCE.md section 3 at temperature 0, one step at a time, for unpadded prompts."""
+    batch, prompt_len = prompt.shape
+    x = np.concatenate([prompt, np.full((batch, gen_length), MASK)], axis=1)
+    conditioning = x != MASK
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for block in range(num_blocks):
+        start = prompt_len + block * block_length
+        end = start + block_length
+        masks_in_block = (x[:, start:end] == MASK).sum(axis=1)
+        for step in range(steps_per_block):
+            mask_index = x == MASK
+            if cfg_scale > 0:
+                unconditional = x.copy()
+                unconditional[conditioning] = MASK
+                both = logits_fn(np.concatenate([x, unconditional]))
+                cond, uncond = both[:batch], both[batch:]
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = logits_fn(x)
+            logits[:, :, MASK] = -np.inf   # the project's rule: MASK is never a candidate
+            if logits_eos_inf:
+                logits[:, :, EOS] = -np.inf
+            x0 = logits.argmax(-1)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            confidence = np.take_along_axis(probs, x0[..., None], -1)[..., 0]
+            if confidence_eos_eot_inf:
+                confidence[(x0 == EOS) | (x0 == EOT)] = EOS_LEVEL
+            confidence[:, end:] = -np.inf
+            confidence[~mask_index] = -np.inf
+            for row in range(batch):
+                m = masks_in_block[row]
+                k = m // steps_per_block + (1 if step < m % steps_per_block else 0)
+                order = np.argsort(-confidence[row], kind="stable")
+                for position in order[:k]:
+                    x[row, position] = x0[row, position]
+    return x
+
+
+GRID = [  # (block_length, steps, cfg_scale): 1, 2 and 4 blocks of a 16-token generation
+    (16, 16, 0.0), (16, 6, 1.5), (8, 8, 0.0), (8, 4, 1.5), (4, 16, 1.5), (4, 8, 0.0)]
+
+
+@pytest.mark.parametrize("block_length,steps,cfg_scale", GRID)
+def test_matches_numpy_reference(block_length, steps, cfg_scale):
+    model, params = tiny()
+    prompt = np.random.default_rng(block_length + steps).integers(7, 48, size=(2, 5))
+    config = sampler_config(block_length=block_length, steps=steps, cfg_scale=cfg_scale)
+    out = generate(params, model, prompt, np.ones_like(prompt, bool), config, jax.random.key(0))
+    expected = reference_generate(model_logits_fn(), prompt, 16, block_length, steps, cfg_scale)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    assert not np.any(np.asarray(out) == MASK)
+
+
+@pytest.mark.parametrize("masks,steps", [(10, 4), (3, 5), (7, 7), (0, 3), (16, 1), (9, 2),
+                                         (1, 1), (31, 8), (5, 16)])
+def test_num_transfer_tokens_formula(masks, steps):
+    counts = np.asarray(num_transfer_tokens(jnp.asarray([masks]), steps))[0]
+    # REFERENCE.md step 2: masks // steps each, one more in the first masks % steps steps.
+    expected = [masks // steps + (1 if i < masks % steps else 0) for i in range(steps)]
+    np.testing.assert_array_equal(counts, expected)
+    assert counts.sum() == masks
+
+
+def test_num_transfer_tokens_hand_cases():
+    np.testing.assert_array_equal(num_transfer_tokens(jnp.asarray([10, 3]), 4),
+                                  [[3, 3, 2, 2], [1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_schedule_in_the_sampler(remasking):
+    """Rows with different mask counts per block commit exactly the scheduled count per step."""
+    model, params = tiny()
+    gen, block, steps = 16, 8, 6
+    spb = steps // (gen // block)
+    config = sampler_config(block_length=block, steps=steps, remasking=remasking,
+                            temperature=1.0 if remasking == "random" else 0.0)
+    prompt = np.random.default_rng(3).integers(7, 48, size=(3, 4))
+    tokens, attention_mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), gen,
+                                                     MASK)
+    tokens = np.asarray(tokens).copy()
+    # Pre-filled generation tokens (infilling) leave 8, 5, 3 masks in block 0 and 6, 6, 4 in block 1.
+    prefilled = {0: [12, 13], 1: [4, 5, 6, 9, 10], 2: [0, 2, 4, 6, 7, 12, 13, 14, 15]}
+    for row, columns in prefilled.items():
+        tokens[row, 4 + np.asarray(columns)] = 40
+    run = jax.jit(lambda t, key: sample(
+        lambda x, **kw: model.apply({"params": params}, x, **kw), t, attention_mask, positions,
+        4, config, key))
+    out = run(jnp.asarray(tokens), jax.random.key(1))
+    final, commit_pass = np.asarray(out.tokens), np.asarray(out.commit_pass)
+    assert not np.any(final == MASK)
+    for row, columns in prefilled.items():
+        np.testing.assert_array_equal(final[row, 4 + np.asarray(columns)], 40)
+        assert np.all(commit_pass[row, columns] == -1)
+    for row in range(3):
+        for b in range(2):
+            cols = slice(b * block, (b + 1) * block)
+            masks = int((tokens[row, 4:][cols] == MASK).sum())
+            expected = [masks // spb + (1 if i < masks % spb else 0) for i in range(spb)]
+            passes = commit_pass[row, cols]
+            found = [int((passes == b * spb + i).sum()) for i in range(spb)]
+            assert found == expected, (row, b)
+            # Nothing of a block is committed before its turn or after it.
+            committed = passes[passes >= 0]
+            assert committed.min() >= b * spb and committed.max() < (b + 1) * spb
+    assert int(out.num_forward_passes) == steps
+
+
+def test_batch_invariance_left_padding():
+    """Each row of a left-padded mixed-length batch equals that prompt sampled alone."""
+    model, params = tiny()
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(7, 48, size=n)) for n in (3, 7, 5)]
+    config = sampler_config(block_length=8, steps=8, cfg_scale=1.0)
+    tokens, mask = pad_prompts(prompts, PAD)
+    batched = np.asarray(generate(params, model, tokens, mask, config, jax.random.key(0)))
+    width = tokens.shape[1]
+    for row, prompt in enumerate(prompts):
+        alone = np.asarray(generate(params, model, np.asarray([prompt]),
+                                    np.ones((1, len(prompt)), bool), config, jax.random.key(0)))
+        np.testing.assert_array_equal(batched[row, width:], alone[0, len(prompt):])
+        np.testing.assert_array_equal(batched[row, width - len(prompt):width], prompt)
+
+
+def test_temperature_reproducible_and_key_dependent():
+    model, params = tiny()
+    prompt = np.random.default_rng(2).integers(7, 48, size=(2, 5))
+    mask = np.ones_like(prompt, bool)
+    config = sampler_config(block_length=8, steps=8, temperature=1.0)
+    a = np.asarray(generate(params, model, prompt, mask, config, jax.random.key(11)))
+    b = np.asarray(generate(params, model, prompt, mask, config, jax.random.key(11)))
+    c = np.asarray(generate(params, model, prompt, mask, config, jax.random.key(12)))
+    np.testing.assert_array_equal(a, b)
+    assert np.mean(a[:, 5:] != c[:, 5:]) > 0.3
+    assert not np.any(a == MASK)
+    # Greedy decoding from the same model differs from the samples (the noise matters).
+    greedy = np.asarray(generate(params, model, prompt, mask,
+                                 dataclasses.replace(config, temperature=0.0),
+                                 jax.random.key(11)))
+    assert np.mean(a[:, 5:] != greedy[:, 5:]) > 0.3
+
+
+# A crafted "model": at even generated positions EOS (or EoT) is the confident favourite, at odd
+# positions token 20 is a less confident favourite and EOS/EoT are impossible.
+GEN_START, GEN = 4, 8
+
+
+def crafted_forward(tokens, *, attention_mask, positions, **unused):
+    del tokens, attention_mask, unused
+    vocab = MODEL_CONFIG.vocab_size
+    table = np.zeros((GEN_START + GEN, vocab), np.float32)
+    for q in range(GEN):
+        row = table[GEN_START + q]
+        if q % 2 == 0:
+            row[EOS if q % 4 == 0 else EOT] = 12.0
+        else:
+            row[20] = 4.0
+            row[EOS] = row[EOT] = -30.0
+    return jnp.asarray(table)[positions]
+
+
+@functools.lru_cache(maxsize=None)
+def crafted_run(config: SamplerConfig):
+    prompt = np.full((2, GEN_START), 9)
+    tokens, attention_mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), GEN,
+                                                     MASK)
+    return jax.jit(lambda key: sample(crafted_forward, tokens, attention_mask, positions,
+                                      GEN_START, config, key))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_eos_inf_forbids_eos(temperature):
+    base = sampler_config(gen_length=GEN, block_length=GEN, steps=GEN, temperature=temperature)
+    without = np.asarray(crafted_run(base)(jax.random.key(0)).tokens)[:, GEN_START:]
+    assert np.sum(without == EOS) >= 2 * (GEN // 4)   # the bias works
+    banned = crafted_run(dataclasses.replace(base, logits_eos_inf=True))
+    out = np.asarray(banned(jax.random.key(0)).tokens)[:, GEN_START:]
+    assert not np.any(out == EOS) and not np.any(out == MASK)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_confidence_eos_eot_inf_commits_them_last(temperature):
+    base = sampler_config(gen_length=GEN, block_length=GEN, steps=GEN, temperature=temperature)
+    plain = crafted_run(base)(jax.random.key(3))
+    late = crafted_run(dataclasses.replace(base, confidence_eos_eot_inf=True))(jax.random.key(3))
+    for out, eos_first in ((plain, True), (late, False)):
+        tokens = np.asarray(out.tokens)[:, GEN_START:]
+        passes = np.asarray(out.commit_pass)
+        special = (tokens == EOS) | (tokens == EOT)
+        assert special.sum() >= 2 * (GEN // 2) - 1   # the confident favourites were drawn
+        for row in range(2):
+            first_special = passes[row][special[row]].min()
+            last_special = passes[row][special[row]].max()
+            first_other = passes[row][~special[row]].min()
+            last_other = passes[row][~special[row]].max()
+            if eos_first:   # without the option EOS/EoT (more confident) come first
+                assert last_special < first_other
+            else:           # with it, every other token is committed before any EOS/EoT
+                assert last_other < first_special
+
+
+def test_sharded_batch_matches_single_device():
+    model, params = tiny()
+    config = default_config()
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    mesh = parallel.make_mesh(config)
+    rules = parallel.logical_rules(config)
+    prompt = np.random.default_rng(9).integers(7, 48, size=(8, 5))
+    mask = np.ones_like(prompt, bool)
+    sconfig = sampler_config(block_length=8, steps=8, cfg_scale=1.0)
+    expected = np.asarray(generate(params, model, prompt, mask, sconfig, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((8, 4), jnp.int32)))
+    shardings = parallel.logical_to_sharding(boxed["params"], mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharded_params = jax.device_put(params, shardings)
+        batch = parallel.global_batch({"tokens": prompt, "mask": mask}, mesh)
+        out = generate(sharded_params, model, batch["tokens"], batch["mask"], sconfig,
+                       jax.random.key(0))
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_config_section_builds_sampler_config():
+    config = default_config()
+    config.sampler.gen_length, config.sampler.block_length, config.sampler.steps = 64, 16, 32
+    config.sampler.cfg_scale = 0.5
+    validate(config)
+    s = SamplerConfig.from_config(config, eot_id=6)
+    assert (s.gen_length, s.block_length, s.steps, s.cfg_scale) == (64, 16, 32, 0.5)
+    assert (s.mask_id, s.eos_id, s.eot_id) == (config.model.mask_token_id,
+                                                config.model.eos_token_id, 6)
+    assert s.num_blocks == 4 and s.max_steps_per_block == 8
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(gen_length=16, block_length=5), "sampler.block_length"),
+    (dict(gen_length=16, block_length=4, steps=6), "sampler.steps"),
+    (dict(gen_length=16, block_length=16, steps=32), "at most sampler.gen_length=16"),
+    (dict(remasking="best"), "sampler.remasking"),
+    (dict(temperature=-1.0), "sampler.temperature"),
+])
+def test_config_errors(fields, message):
+    with pytest.raises(ValueError, match=message):
+        sampler_config(**fields)
+    config = default_config()
+    config.sampler.update(fields)
+    with pytest.raises(ValueError, match=message):
+        validate(config)
+
+
+def test_prompt_errors():
+    model, params = tiny()
+    config = sampler_config()
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="exceeds the model's max_sequence_length=64"):
+        generate(params, model, np.ones((1, 60), np.int32), np.ones((1, 60), bool), config, key)
+    with pytest.raises(ValueError, match="pad id must differ from the mask id"):
+        tokens, mask = pad_prompts([[5, 6, 7], [8]], MASK)
+        generate(params, model, tokens, mask, config, key)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] are empty"):
+        generate(params, model, np.full((2, 3), 9), np.asarray([[1, 1, 1], [0, 0, 0]], bool),
+                 config, key)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pad_prompts([[5], []], PAD)
+    with pytest.raises(ValueError, match="not left-padded"):
+        generate(params, model, np.full((1, 3), 9), np.asarray([[1, 1, 0]], bool), config, key)
