@@ -17,7 +17,7 @@ RUNTIME = [
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
     "numpy==2.4.6",
-    "pillow",
+    "pillow==13.0.0",
 ]
 
 setup(
@@ -29,8 +29,11 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # The CPU wheel of torch is pinned: an unpinned torch pulls several GB of CUDA packages.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "jinja2==3.1.6",
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+                 "matplotlib==3.11.2"],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],
-        "notebooks": ["matplotlib", "nbclient", "nbformat", "ipykernel"],
+        "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "nbformat==5.11.1",
+                      "ipykernel==7.4.0"],
     },
 )

@@ -16,12 +16,11 @@ touching the loop.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
-from absl import app, flags
-
 import sampling_flags as sf
+from absl import app, flags
 
 _SYSTEM = flags.DEFINE_string("system", None, "optional system message")
 

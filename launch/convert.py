@@ -52,6 +52,10 @@ _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
                                      "checkpoint's data.tokenizer when it is hf:DIR)")
 _CODE_DIR = flags.DEFINE_string("code_dir", None, "export: copy *.py remote code from here "
                                 "(configuration_llada.py, modeling_llada.py)")
+_SKIP_PREFIXES = flags.DEFINE_list("skip_prefixes", [],
+                                   "import: ignore tensors whose key starts with one of these "
+                                   "(e.g. model.vision_tower.,model.mm_projector. of a full "
+                                   "LLaDA-V checkpoint)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: replace an existing --out directory")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "import: base config preset")
 
@@ -85,10 +89,11 @@ def run_import() -> None:
     config = base_config()
     mesh = parallel.make_mesh(config)
     start = time.perf_counter()
-    checkpoint = hf.inspect_hf_checkpoint(_HF_DIR.value)
     overrides = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
+    checkpoint = hf.inspect_hf_checkpoint(_HF_DIR.value, overrides, _SKIP_PREFIXES.value)
     model, params = hf.import_hf(_HF_DIR.value, mesh=mesh, rules=parallel.logical_rules(config),
-                                 param_dtype=_PARAM_DTYPE.value, overrides=overrides)
+                                 param_dtype=_PARAM_DTYPE.value, overrides=overrides,
+                                 skip_prefixes=_SKIP_PREFIXES.value)
     for name, value in dataclasses.asdict(model).items():
         config.model[name] = value
     if os.path.isfile(os.path.join(_HF_DIR.value, "tokenizer.json")):

@@ -87,10 +87,10 @@ def main(argv: list[str]) -> None:
             return tokenizer.render_chat([{"role": "user", "content": text}])
         return ([tokenizer.bos_id] if _ADD_BOS.value else []) + tokenizer.encode(text)
 
-    options = dict(mc_num=_MC_NUM.value, batch_size=_MC_BATCH_SIZE.value,
-                   cfg_scale=_CFG_SCALE.value, mask_id=config.model.mask_token_id,
-                   pad_id=tokenizer.pad_id, pairs_per_call=_PAIRS_PER_CALL.value,
-                   pad_multiple=_PAD_MULTIPLE.value)
+    options = {"mc_num": _MC_NUM.value, "batch_size": _MC_BATCH_SIZE.value,
+                   "cfg_scale": _CFG_SCALE.value, "mask_id": config.model.mask_token_id,
+                   "pad_id": tokenizer.pad_id, "pairs_per_call": _PAIRS_PER_CALL.value,
+                   "pad_multiple": _PAD_MULTIPLE.value}
     rng = jax.random.key(_SEED.value)
     likelihood_records = [r for r in records if "answer" in r]
     choice_records = [r for r in records if "choices" in r]

@@ -18,9 +18,8 @@ import json
 import os
 
 import jax
-from absl import app, flags
-
 import sampling_flags as sf
+from absl import app, flags
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "file with one prompt per line")
@@ -91,8 +90,7 @@ def main(argv: list[str]) -> None:
     print(json.dumps(summary), flush=True)
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ the one sampler runs sharded unchanged.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -79,7 +80,8 @@ def sampler_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> S
     """config.sampler with the flags that were given, and the tokenizer's EoT id."""
     overrides = {name: flag.value for name, flag in SAMPLER_FLAGS.items()
                  if flag.value is not None}
-    return SamplerConfig.from_config(config, eot_id=tokenizer.eot_id, **overrides)
+    return SamplerConfig.from_config(config, eot_id=tokenizer.eot_id,
+                                     vocab_limit=tokenizer.vocab_size, **overrides)
 
 
 def seed(config: ml_collections.ConfigDict) -> int:

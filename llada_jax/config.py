@@ -215,7 +215,7 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
         if v != -1 and (not isinstance(v, int) or v <= 0):
             _fail(f"mesh.{k}", "a positive integer or -1", v)
     known = 1
-    for k, v in sizes.items():
+    for v in sizes.values():
         if v != -1:
             known *= v
     if fill:

@@ -238,8 +238,11 @@ def test_import_of_export_is_bit_identical(tmp_path, naming):
                          n_kv_heads=2, head_dim=D // HEADS, mlp_hidden_size=MLP,
                          mask_token_id=MASK, bos_token_id=BOS, eos_token_id=EOS,
                          pad_token_id=EOS)
-    params = Transformer(config).init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = nn.unbox(params)
+    # Random values of every shape the module creates (eval_shape: no slow eager init).
+    shapes = nn.unbox(jax.eval_shape(Transformer(config).init, jax.random.key(0),
+                                     jnp.zeros((1, 4), jnp.int32))["params"])
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
     hf.export_hf(params, config, str(tmp_path / "fp32"), naming=naming, dtype="float32")
     config_back, back = hf.import_hf(str(tmp_path / "fp32"))
     assert config_back == config
@@ -309,6 +312,13 @@ def test_import_on_mesh_is_sharded_and_equal(tmp_path):
     fresh.load_state_dict(load_exported_state(tmp_path / "out"), strict=True)
     np.testing.assert_allclose(reference_logits(fresh, TOKENS), reference_logits(ref, TOKENS),
                                rtol=0, atol=0)
+
+    # 2 kv heads cannot be split over tensor=4: refused by name before any tensor is read.
+    save_checkpoint(tmp_path / "gqa", reference(2).state_dict(), olmo_config(2))
+    with pytest.raises(ValueError, match=re.escape(
+            "cannot shard blocks/attn/k_proj/kernel: its 'kv_heads' dim (n_kv_heads=2) is split "
+            "over mesh axes ['tensor'] of 4 devices")):
+        hf.import_hf(str(tmp_path / "gqa"), mesh=mesh)
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,6 +454,9 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     save_checkpoint(tmp_path / "extra", extra, olmo_config(2))
     with pytest.raises(ValueError, match=r"unexpected tensor.*2-layer.*'model\.transformer\.blocks\.2\.q_proj\.weight'"):
         hf.import_hf(str(tmp_path / "extra"))
+    # Tensors of other towers (e.g. LLaDA-V's vision tower) can be skipped by prefix.
+    config, _ = hf.import_hf(str(tmp_path / "extra"), skip_prefixes=["model.transformer.blocks.2."])
+    assert config.n_layers == LAYERS
 
 
 def test_index_pointing_at_wrong_shard_is_named(saved):

@@ -1,4 +1,4 @@
-"""The Monte Carlo ELBO against exact expectations computed here by enumerating every mask subset."""
+"""The Monte Carlo ELBO against exact expectations computed here by enumerating mask subsets."""
 
 import functools
 import itertools
@@ -12,7 +12,11 @@ import pytest
 
 from llada_jax.config import ModelConfig
 from llada_jax.diffusion.likelihood import (
-    log_likelihood, multiple_choice, pack_pairs, stratified_counts)
+    log_likelihood,
+    multiple_choice,
+    pack_pairs,
+    stratified_counts,
+)
 from llada_jax.model.transformer import Transformer
 
 MASK, EOS, PAD = 3, 2, 0
@@ -22,14 +26,14 @@ MODEL_CONFIG = ModelConfig(
     eos_token_id=EOS, bos_token_id=1, pad_token_id=PAD, init_std=0.3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny():
     model = Transformer(MODEL_CONFIG)
     params = nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"])
     return model, params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_model():
     model, params = tiny()
     return jax.jit(lambda x: model.apply({"params": params}, x))

@@ -17,7 +17,13 @@ import pytest
 from llada_jax import parallel
 from llada_jax.config import ModelConfig, default_config, validate
 from llada_jax.diffusion.sampler import (
-    SamplerConfig, build_canvas, generate, num_transfer_tokens, pad_prompts, sample)
+    SamplerConfig,
+    build_canvas,
+    generate,
+    num_transfer_tokens,
+    pad_prompts,
+    sample,
+)
 from llada_jax.model.transformer import Transformer
 
 MASK, EOS, BOS, PAD, EOT = 3, 2, 1, 0, 6
@@ -30,7 +36,7 @@ MODEL_CONFIG = ModelConfig(
 EOS_LEVEL = float(np.finfo(np.float32).min)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(n_layers: int = 2):
     config = dataclasses.replace(MODEL_CONFIG, n_layers=n_layers)
     model = Transformer(config)
@@ -38,7 +44,7 @@ def tiny(n_layers: int = 2):
     return model, params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_logits_fn(n_layers: int = 2):
     """The model alone (jitted), for the reference: tokens [B, L] -> float64 logits."""
     model, params = tiny(n_layers)
@@ -47,7 +53,8 @@ def model_logits_fn(n_layers: int = 2):
 
 
 def sampler_config(**kw) -> SamplerConfig:
-    base = dict(gen_length=16, block_length=16, steps=16, mask_id=MASK, eos_id=EOS, eot_id=EOT)
+    base = {"gen_length": 16, "block_length": 16, "steps": 16, "mask_id": MASK, "eos_id": EOS,
+            "eot_id": EOT}
     base.update(kw)
     return SamplerConfig(**base)
 
@@ -109,14 +116,15 @@ def test_matches_numpy_reference(block_length, steps, cfg_scale):
     assert not np.any(np.asarray(out) == MASK)
 
 
-@pytest.mark.parametrize("masks,steps", [(10, 4), (3, 5), (7, 7), (0, 3), (16, 1), (9, 2),
-                                         (1, 1), (31, 8), (5, 16)])
-def test_num_transfer_tokens_formula(masks, steps):
-    counts = np.asarray(num_transfer_tokens(jnp.asarray([masks]), steps))[0]
-    # REFERENCE.md step 2: masks // steps each, one more in the first masks % steps steps.
-    expected = [masks // steps + (1 if i < masks % steps else 0) for i in range(steps)]
-    np.testing.assert_array_equal(counts, expected)
-    assert counts.sum() == masks
+def test_num_transfer_tokens_formula():
+    for steps in (1, 2, 3, 5, 8, 16):
+        masks = np.arange(0, 40)
+        counts = np.asarray(num_transfer_tokens(jnp.asarray(masks), steps))
+        for m, row in zip(masks, counts):
+            # REFERENCE.md step 2: m // steps each, one more in the first m % steps steps.
+            expected = [m // steps + (1 if i < m % steps else 0) for i in range(steps)]
+            np.testing.assert_array_equal(row, expected)
+            assert row.sum() == m
 
 
 def test_num_transfer_tokens_hand_cases():
@@ -136,7 +144,7 @@ def test_schedule_in_the_sampler(remasking):
     tokens, attention_mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), gen,
                                                      MASK)
     tokens = np.asarray(tokens).copy()
-    # Pre-filled generation tokens (infilling) leave 8, 5, 3 masks in block 0 and 6, 6, 4 in block 1.
+    # Pre-filled generation tokens (infilling): 8, 5, 3 masks in block 0 and 6, 6, 4 in block 1.
     prefilled = {0: [12, 13], 1: [4, 5, 6, 9, 10], 2: [0, 2, 4, 6, 7, 12, 13, 14, 15]}
     for row, columns in prefilled.items():
         tokens[row, 4 + np.asarray(columns)] = 40
@@ -216,7 +224,7 @@ def crafted_forward(tokens, *, attention_mask, positions, **unused):
     return jnp.asarray(table)[positions]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crafted_run(config: SamplerConfig):
     prompt = np.full((2, GEN_START), 9)
     tokens, attention_mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), GEN,
@@ -233,6 +241,13 @@ def test_logits_eos_inf_forbids_eos(temperature):
     banned = crafted_run(dataclasses.replace(base, logits_eos_inf=True))
     out = np.asarray(banned(jax.random.key(0)).tokens)[:, GEN_START:]
     assert not np.any(out == EOS) and not np.any(out == MASK)
+
+
+def test_vocab_limit_keeps_candidates_in_the_tokenizer():
+    base = sampler_config(gen_length=GEN, block_length=GEN, steps=GEN, temperature=1.0)
+    assert np.any(np.asarray(crafted_run(base)(jax.random.key(0)).tokens) == 20)
+    limited = crafted_run(dataclasses.replace(base, vocab_limit=16))(jax.random.key(0))
+    assert np.all(np.asarray(limited.tokens)[:, GEN_START:] < 16)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -290,11 +305,11 @@ def test_config_section_builds_sampler_config():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(gen_length=16, block_length=5), "sampler.block_length"),
-    (dict(gen_length=16, block_length=4, steps=6), "sampler.steps"),
-    (dict(gen_length=16, block_length=16, steps=32), "at most sampler.gen_length=16"),
-    (dict(remasking="best"), "sampler.remasking"),
-    (dict(temperature=-1.0), "sampler.temperature"),
+    ({"gen_length": 16, "block_length": 5}, "sampler.block_length"),
+    ({"gen_length": 16, "block_length": 4, "steps": 6}, "sampler.steps"),
+    ({"gen_length": 16, "block_length": 16, "steps": 32}, "at most sampler.gen_length=16"),
+    ({"remasking": "best"}, "sampler.remasking"),
+    ({"temperature": -1.0}, "sampler.temperature"),
 ])
 def test_config_errors(fields, message):
     with pytest.raises(ValueError, match=message):

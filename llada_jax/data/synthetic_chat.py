@@ -23,8 +23,8 @@ import numpy as np
 from llada_jax.data.sources import ORIGIN
 
 TASKS = ("repeat", "uppercase", "reverse", "first", "last")
-MIN_WORD_LENGTH = 2
-MAX_WORD_LENGTH = 4
+MIN_WORD_LENGTH = 3
+MAX_WORD_LENGTH = 3
 TEST_MODULUS = 10
 _SEED = 20240917
 

@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface: the built-in character tokenizer, SentencePiece and Hugging Face.
+"""Tokenizers behind one interface: the built-in characters, SentencePiece and Hugging Face.
 
 Every tokenizer exposes `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size` and the
 special ids the diffusion code needs (`mask_id`, `bos_id`, `eos_id`, `pad_id`, and for chat
@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import string
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 SPECIAL_TOKENS = ("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>",
                   "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>")
@@ -72,7 +73,8 @@ class Tokenizer:
     def render_turn(self, role: str, content: str) -> list[int]:
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"chat role must be system, user or assistant, found {role!r}")
-        return [*self.header(role), *self.encode(content), self.eot_id]
+        # The released chat template trims each message (`| trim`).
+        return [*self.header(role), *self.encode(content.strip()), self.eot_id]
 
 
 class CharTokenizer(Tokenizer):
@@ -85,7 +87,7 @@ class CharTokenizer(Tokenizer):
     ALPHABET = string.printable  # 100 characters, includes "\n"
 
     def __init__(self) -> None:
-        specials = SPECIAL_TOKENS + ("<|unk|>",)
+        specials = (*SPECIAL_TOKENS, "<|unk|>")
         self._itos = list(specials) + list(self.ALPHABET)
         self._stoi = {s: i for i, s in enumerate(self._itos)}
         (self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.start_header_id,
@@ -150,7 +152,7 @@ class SentencePieceTokenizer(Tokenizer):
     def train(cls, texts: Iterable[str], model_path: str, vocab_size: int,
               model_type: str = "bpe", character_coverage: float = 1.0,
               input_sentence_size: int = 0, max_sentence_length: int = 1 << 16,
-              num_threads: int = 1) -> "SentencePieceTokenizer":
+              num_threads: int = 1) -> SentencePieceTokenizer:
         """Trains a model on `texts`, writes it to `model_path` and returns its tokenizer.
 
         `SPECIAL_TOKENS` are reserved as user-defined symbols (ids 1..8 after `<unk>`), so they
@@ -204,11 +206,13 @@ class HFTokenizer(Tokenizer):
     rendered text; the special tokens split the text, so turns concatenate to the same ids.
     """
 
-    NAMES = {"bos_id": "<|startoftext|>", "eos_id": "<|endoftext|>", "mask_id": "<|mdm_mask|>",
-             "start_header_id": "<|start_header_id|>", "end_header_id": "<|end_header_id|>",
-             "eot_id": "<|eot_id|>"}
+    NAMES: ClassVar[dict[str, str]] = {
+        "bos_id": "<|startoftext|>", "eos_id": "<|endoftext|>", "mask_id": "<|mdm_mask|>",
+        "start_header_id": "<|start_header_id|>", "end_header_id": "<|end_header_id|>",
+        "eot_id": "<|eot_id|>"}
     # tokenizer_config.json fields that name a special token.
-    CONFIG_NAMES = {"bos_id": "bos_token", "eos_id": "eos_token", "pad_id": "pad_token"}
+    CONFIG_NAMES: ClassVar[dict[str, str]] = {
+        "bos_id": "bos_token", "eos_id": "eos_token", "pad_id": "pad_token"}
 
     def __init__(self, directory: str) -> None:
         from tokenizers import Tokenizer as _HFTok

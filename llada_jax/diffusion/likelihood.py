@@ -19,7 +19,8 @@ Multiple choice: each option is an answer to the same context; the highest estim
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -133,7 +134,8 @@ def pack_pairs(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
         mask[i, width_p - len(p):width_p + len(a)] = True
         answer_mask[i, width_p:width_p + len(a)] = True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    return dict(tokens=tokens, attention_mask=mask, positions=positions, answer_mask=answer_mask)
+    return {"tokens": tokens, "attention_mask": mask, "positions": positions,
+            "answer_mask": answer_mask}
 
 
 def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int]],

@@ -44,7 +44,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -73,7 +74,8 @@ class SamplerConfig:
     """Settings of the reverse process (the `sampler` config section plus the token ids).
 
     `threshold` / `factor` > 0 switch from the fixed step schedule to parallel decoding (then
-    `steps` is not used). `eot_id < 0` means there is no end-of-turn token.
+    `steps` is not used). `eot_id < 0` means there is no end-of-turn token. `vocab_limit > 0`
+    restricts candidates to ids below it (the tokenizer's size, when the embedding is padded).
     """
 
     gen_length: int = 128
@@ -92,13 +94,14 @@ class SamplerConfig:
     mask_id: int = 126336
     eos_id: int = 126081
     eot_id: int = 126348
+    vocab_limit: int = 0
 
     def __post_init__(self):
         validate_sampler(self, prefix="sampler")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict,
-                    eot_id: int | None = None, **overrides) -> "SamplerConfig":
+                    eot_id: int | None = None, **overrides) -> SamplerConfig:
         """From `config.sampler` and the mask / EOS ids of `config.model`.
 
         The EoT id is `config.sampler.eot_token_id` when >= 0, else `eot_id` (pass the
@@ -106,14 +109,15 @@ class SamplerConfig:
         """
         s = config.sampler
         eot = s.eot_token_id if s.eot_token_id >= 0 else (-1 if eot_id is None else eot_id)
-        fields = dict(
-            gen_length=s.gen_length, block_length=s.block_length, steps=s.steps,
-            temperature=float(s.temperature), cfg_scale=float(s.cfg_scale),
-            remasking=s.remasking, logits_eos_inf=bool(s.logits_eos_inf),
-            confidence_eos_eot_inf=bool(s.confidence_eos_eot_inf), cache=s.cache,
-            refresh_every=s.refresh_every, threshold=float(s.threshold),
-            factor=float(s.factor), early_exit=bool(s.early_exit),
-            mask_id=config.model.mask_token_id, eos_id=config.model.eos_token_id, eot_id=eot)
+        fields = {
+            "gen_length": s.gen_length, "block_length": s.block_length, "steps": s.steps,
+            "temperature": float(s.temperature), "cfg_scale": float(s.cfg_scale),
+            "remasking": s.remasking, "logits_eos_inf": bool(s.logits_eos_inf),
+            "confidence_eos_eot_inf": bool(s.confidence_eos_eot_inf), "cache": s.cache,
+            "refresh_every": s.refresh_every, "threshold": float(s.threshold),
+            "factor": float(s.factor), "early_exit": bool(s.early_exit),
+            "mask_id": config.model.mask_token_id, "eos_id": config.model.eos_token_id,
+            "eot_id": eot}
         fields.update(overrides)
         return cls(**fields)
 
@@ -139,11 +143,15 @@ class SampleOutput(NamedTuple):
     commit_pass: int32 [B, gen_length], the forward pass (counted from 0 over the whole run)
       whose logits committed each generated position; -1 where early exit filled it with EOS.
     num_forward_passes: int32 scalar, model calls made (a CFG pair of rows counts once).
+    computed_positions: int32 scalar, positions each row sent through the model over the run
+      (the canvas length per full pass, the window length per cached pass): times 2 x params x
+      rows (x 2 with CFG) it is the matmul work done.
     """
 
     tokens: jax.Array
     commit_pass: jax.Array
     num_forward_passes: jax.Array
+    computed_positions: jax.Array
 
 
 def num_transfer_tokens(mask_counts: jax.Array, steps: int) -> jax.Array:
@@ -241,6 +249,7 @@ class _LoopState(NamedTuple):
     schedule: jax.Array        # [B, steps per block] fixed-schedule commit counts
     commit_pass: jax.Array     # [B, G]
     passes: jax.Array          # forward passes so far
+    positions: jax.Array       # positions per row computed so far
     done: jax.Array            # early exit: every row finished
 
 
@@ -296,10 +305,11 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         return guided(logits)
 
     def block_logits(x, cache, step, block_start, window):
-        """Logits [B, block_length, V] of the current block, and the (maybe refreshed) cache."""
+        """Logits [B, block_length, V] of the current block, the (maybe refreshed) cache, and
+        the number of positions the pass computed."""
         if c.cache == "none":
             logits, _ = full_pass(x, return_kv=False)
-            return jax.lax.dynamic_slice_in_dim(logits, block_start, bl, 1), cache
+            return jax.lax.dynamic_slice_in_dim(logits, block_start, bl, 1), cache, length
         start = block_start if c.cache == "dual" else length - window
         refresh = step == 0 if c.refresh_every == 0 else step % c.refresh_every == 0
 
@@ -311,7 +321,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             logits = window_pass(x, cache, start, window)
             return jax.lax.dynamic_slice_in_dim(logits, block_start - start, bl, 1), cache
 
-        return jax.lax.cond(refresh, refreshed, cached, x, cache)
+        logits, cache = jax.lax.cond(refresh, refreshed, cached, x, cache)
+        return logits, cache, jnp.where(refresh, length, window)
 
     def commit(x, logits, state, block_start, key):
         """One step's decisions for the current block; returns (tokens, commit mask [B, bl])."""
@@ -320,6 +331,9 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         # The mask token is never a candidate: committing it would leave the position masked (a
         # trained model gives it ~0 probability anyway; an untrained one may not).
         logits = logits.at[..., c.mask_id].set(-jnp.inf)
+        if c.vocab_limit > 0:
+            in_vocab = jnp.arange(logits.shape[-1]) < c.vocab_limit
+            logits = jnp.where(in_vocab, logits, -jnp.inf)
         if c.logits_eos_inf:
             logits = logits.at[..., c.eos_id].set(-jnp.inf)
         noise_key, remask_key = jax.random.split(key)
@@ -374,7 +388,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
 
         def step(s: _LoopState) -> _LoopState:
             key = jax.random.fold_in(jax.random.fold_in(rng, s.block), s.step)
-            logits, cache = block_logits(s.tokens, s.cache, s.step, block_start, window)
+            logits, cache, computed = block_logits(s.tokens, s.cache, s.step, block_start,
+                                                   window)
             x, committed = commit(s.tokens, logits, s, block_start, key)
             x = _constrain(x)
             old = jax.lax.dynamic_slice_in_dim(s.commit_pass, s.block * bl, bl, 1)
@@ -383,7 +398,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             done = (_all_rows_finished(x, gen_start, c.eos_id, c.mask_id) if c.early_exit
                     else s.done)
             return s._replace(tokens=x, cache=cache, step=s.step + 1, commit_pass=commit_pass,
-                              passes=s.passes + 1, done=done)
+                              passes=s.passes + 1, positions=s.positions + computed, done=done)
 
         state = jax.lax.while_loop(keep_going, step, state)
         return state._replace(block=state.block + 1)
@@ -397,6 +412,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         tokens=_constrain(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
         schedule=jnp.zeros((batch, spb), jnp.int32),
         commit_pass=jnp.full((batch, c.gen_length), -1, jnp.int32), passes=jnp.int32(0),
+        positions=jnp.int32(0),
         done=jnp.bool_(False))
 
     if c.cache == "prefix":
@@ -413,7 +429,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     out = state.tokens
     if c.early_exit:
         out = eos_fill(out, gen_start, c.eos_id, c.mask_id)
-    return SampleOutput(out, state.commit_pass, state.passes)
+    return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "gen_start"))

@@ -63,6 +63,8 @@ LLADA_MASK_ID, LLADA_BOS_ID, LLADA_EOS_ID = 126336, 126080, 126081
 # bools, float8 variants) cannot become model weights.
 _SAFETENSORS_FLOATS = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
                        "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
+                         "BF16": 2, "I16": 2, "U16": 2}   # everything else: 1 byte
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
            "float16": np.dtype(np.float16)}
 _SAFETENSORS_NAME = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -71,7 +73,7 @@ _SAFETENSORS_NAME = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): 
 # Logical axis name of our params -> the config field that sizes it (for error messages).
 _AXIS_FIELDS = {"embed": "d_model", "norm": "d_model", "heads": "n_heads",
                 "kv_heads": "n_kv_heads", "head_dim": "head_dim", "mlp": "mlp_hidden_size",
-                "vocab": "vocab_size"}
+                "vocab": "vocab_size", "layers": "n_layers"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,9 +427,7 @@ class StoredTensor:
 
     @property
     def num_bytes(self) -> int:
-        itemsize = _SAFETENSORS_FLOATS[self.dtype].itemsize if self.dtype in \
-            _SAFETENSORS_FLOATS else 1
-        return math.prod(self.shape) * itemsize
+        return math.prod(self.shape) * _SAFETENSORS_ITEMSIZE.get(self.dtype, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,6 +572,24 @@ def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh | None = None,
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, tuple(rules))
 
 
+def _check_divisible(abstract: Mapping, shardings: Mapping) -> None:
+    """Refuses, before anything is read, a mesh that cannot split a parameter evenly."""
+    for rule in PARAM_RULES:
+        sharding = _get(shardings, rule.path)
+        if not isinstance(sharding, NamedSharding):
+            continue
+        box = _get(abstract, rule.path)
+        spec = tuple(sharding.spec) + (None,) * (len(box.value.shape) - len(sharding.spec))
+        for size, name, axes in zip(box.value.shape, box.names, spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            parts = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % parts:
+                raise ValueError(
+                    f"cannot shard {'/'.join(rule.path)}: its '{name}' dim "
+                    f"({_AXIS_FIELDS.get(name, name)}={size}) is split over mesh axes "
+                    f"{list(axes)} of {parts} devices, which does not divide it")
+
+
 def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array onto `sharding`; every device (of every process) gets just its slice."""
     array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -630,6 +648,7 @@ def load_params_from_checkpoint(checkpoint: HFCheckpoint, config: ModelConfig,
     dtype = _DTYPES[config.param_dtype]
     shardings = param_shardings(config, mesh, rules)
     abstract = abstract_params(config)
+    _check_divisible(abstract, shardings)
     reader = _ShardReader(checkpoint.directory)
     params: dict = {}
     try:

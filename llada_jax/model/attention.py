@@ -100,8 +100,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -
     if backend not in ("tpu", "cpu"):
         raise ValueError(f"attention_backend='splash' runs on TPU (or interpreted on CPU), not "
                          f"on {backend!r}: use 'cudnn' or 'xla'")
-    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
-        splash_attention_kernel as sk, splash_attention_mask as sm)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, lq, h, d = q.shape
     lk, kvh = k.shape[1], k.shape[2]
@@ -134,7 +134,8 @@ BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_att
 class Attention(nn.Module):
     """Self-attention of one block over a window of positions.
 
-    Inputs: x [B, Lw, d] for the window; positions [B, Lw] RoPE positions; mask a MaskInfo; `cache` = (k, v) each [B, L, KVH, hd] of the whole sequence, or None (then the window is
+    Inputs: x [B, Lw, d] for the window; positions [B, Lw] RoPE positions; mask a MaskInfo;
+    `cache` = (k, v) each [B, L, KVH, hd] of the whole sequence, or None (then the window is
     the whole sequence); `cache_index` the (possibly traced) start of the window in the cache.
     Returns (out [B, Lw, d], (k, v) of the window [B, Lw, KVH, hd]).
     """

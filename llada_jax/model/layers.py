@@ -7,7 +7,7 @@ table of the config. These modules know nothing about diffusion.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -34,12 +34,12 @@ class KVCache(NamedTuple):
     v: jax.Array
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
         shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
         dtype = dtype or dtype_of(config.dtype)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def update(self, window: "KVCache", index) -> "KVCache":
+    def update(self, window: KVCache, index) -> KVCache:
         """Writes a window's keys/values (along the length axis) at `index`."""
         return KVCache(
             jax.lax.dynamic_update_slice_in_dim(self.k, window.k.astype(self.k.dtype), index, 2),

@@ -56,9 +56,14 @@ class MeshFunction:
             return self.jitted.lower(*args)
 
 
-def _prepare(batch: dict[str, jax.Array], train: ml_collections.ConfigDict, mask_id: int,
+def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict, mask_id: int,
              rng: jax.Array, allow_cut: bool) -> dict[str, jax.Array]:
-    """Draws the noise for the whole batch; returns the per-row arrays the loss needs."""
+    """Draws the noise for the whole batch; returns the per-row arrays the loss needs.
+
+    Returns `noisy_tokens`, `tokens`, `noised`, `mask_prob`, `maskable` (after removing
+    segment-0 padding), `cut_length` [B] (the same value in every row), and, when some key must
+    be hidden (a random-length cut is possible, or segment ids are given), `key_mask` [B, L].
+    """
     tokens = batch["tokens"]
     rows, length = tokens.shape
     segment_ids = batch.get("segment_ids")
@@ -116,7 +121,7 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        prepared = _prepare(batch, train, mask_id, rng, allow_cut=True)
+        prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=True)
         micro_batches = split_micro_batches(prepared, num_micro)
         loss, grads, counts = accumulate_gradients(loss_fn, state.params, micro_batches,
                                                    num_micro, grad_shardings)
@@ -161,7 +166,7 @@ def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Calla
 
     def eval_step(params, batch, rng_data):
         rng = jax.random.wrap_key_data(rng_data)
-        prepared = _prepare(batch, train, mask_id, rng, allow_cut=False)
+        prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=False)
         loss, counts = loss_fn(params, prepared)
         return {"loss": loss, **counts}
 

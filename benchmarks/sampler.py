@@ -1,0 +1,149 @@
+"""Sampler throughput: tokens/s, seconds per forward pass, MFU, and the speed-up of fast modes.
+
+    python benchmarks/sampler.py --config=tiny --batch=4 --prompt_len=32 --gen_length=64 \\
+        --steps=64 --block_length=16
+    python benchmarks/sampler.py --config=llada_8b --batch=1 --prompt_len=128 --gen_length=256 \\
+        --steps=256 --block_length=32 --modes=vanilla,prefix,dual,dual+threshold
+
+Random weights (nothing is downloaded): the numbers measure the program, not the model. Every mode
+is one compiled sampler; it is run once to compile, then timed over --repeats runs. Prints one JSON
+object: per mode the forward passes, generated tokens per pass, tokens/s, seconds per pass, the
+achieved model FLOP/s and MFU against the compute bound (2 x params FLOPs per computed position,
+the canvas length per full pass and the window length per cached pass; attention's quadratic term
+is left out), and the speed-up in tokens/s over `vanilla`.
+
+Modes: `vanilla`, or `+`-joined options among `prefix`, `dual` (KV caches), `threshold`,
+`factor` (parallel decoding, values from --threshold / --factor) and `early_exit`.
+With random weights parallel decoding commits about one token per pass (confidences are low);
+pass --threshold lower to see its effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from llada_jax.config import ModelConfig, default_config, model_config
+from llada_jax.diffusion.sampler import SamplerConfig, generate
+from llada_jax.model.transformer import Transformer
+
+_CONFIG = flags.DEFINE_enum("config", "tiny", ["tiny", "llada_8b"], "model size")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "compute and parameter dtype (default: float32 tiny, bfloat16 8B)")
+_BATCH = flags.DEFINE_integer("batch", 1, "prompts per call")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "prompt tokens")
+_GEN_LENGTH = flags.DEFINE_integer("gen_length", 64, "generated tokens")
+_STEPS = flags.DEFINE_integer("steps", 64, "sampling steps (fixed schedule)")
+_BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "block length")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", 0.0, "classifier-free guidance scale")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "temperature")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.9, "confidence threshold of `threshold` modes")
+_FACTOR = flags.DEFINE_float("factor", 1.0, "factor of `factor` modes")
+_MODES = flags.DEFINE_list("modes", ["vanilla", "prefix", "dual", "threshold", "dual+threshold"],
+                           "modes to compare (see the module docstring)")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per mode")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak dense TFLOP/s of one device "
+                                  "(default: looked up from the device kind; none on CPU)")
+
+# Dense bf16 peaks (TFLOP/s per device) by device-kind prefix.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0,
+               "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0}
+
+
+def model_settings() -> ModelConfig:
+    if _CONFIG.value == "tiny":
+        config = model_config(default_config())
+        dtype = _DTYPE.value or "float32"
+    else:
+        config = ModelConfig()       # the LLaDA-8B architecture (REFERENCE.md section 1)
+        dtype = _DTYPE.value or "bfloat16"
+    return dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+
+
+def sampler_settings(mode: str, config: ModelConfig) -> SamplerConfig:
+    parts = set(mode.split("+"))
+    unknown = parts - {"vanilla", "prefix", "dual", "threshold", "factor", "early_exit"}
+    if unknown:
+        raise ValueError(f"--modes: unknown option(s) {sorted(unknown)} in {mode!r}")
+    return SamplerConfig(
+        gen_length=_GEN_LENGTH.value, block_length=_BLOCK_LENGTH.value, steps=_STEPS.value,
+        temperature=_TEMPERATURE.value, cfg_scale=_CFG_SCALE.value,
+        cache="dual" if "dual" in parts else "prefix" if "prefix" in parts else "none",
+        threshold=_THRESHOLD.value if "threshold" in parts else 0.0,
+        factor=_FACTOR.value if "factor" in parts else 0.0,
+        early_exit="early_exit" in parts, mask_id=config.mask_token_id,
+        eos_id=config.eos_token_id, eot_id=-1)
+
+
+def peak_flops() -> float | None:
+    if _PEAK_TFLOPS.value:
+        return _PEAK_TFLOPS.value * 1e12
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in PEAK_TFLOPS.items():
+        if kind.startswith(prefix):
+            return tflops * 1e12
+    return None
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = model_settings()
+    model = Transformer(config)
+    params = jax.jit(lambda key: nn.meta.unbox(
+        model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    low = max(config.mask_token_id, config.eos_token_id) + 1
+    prompt = rng.integers(low, config.vocab_size, size=(_BATCH.value, _PROMPT_LEN.value))
+    prompt = jnp.asarray(prompt, jnp.int32)
+    mask = jnp.ones(prompt.shape, bool)
+    peak = peak_flops()
+    rows = _BATCH.value * (2 if _CFG_SCALE.value > 0 else 1)
+    results = {}
+    for mode in _MODES.value:
+        sampler = sampler_settings(mode, config)
+        start = time.perf_counter()
+        out = generate(params, model, prompt, mask, sampler, jax.random.key(1), return_stats=True)
+        jax.block_until_ready(out)
+        compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for repeat in range(_REPEATS.value):
+            out = generate(params, model, prompt, mask, sampler, jax.random.key(2 + repeat),
+                           return_stats=True)
+            jax.block_until_ready(out)
+        seconds = (time.perf_counter() - start) / _REPEATS.value
+        passes = int(out.num_forward_passes)
+        tokens = _BATCH.value * sampler.gen_length
+        flops = 2.0 * config.num_params * rows * int(out.computed_positions)
+        results[mode] = {
+            "forward_passes": passes,
+            "tokens_per_pass": round(tokens / max(passes, 1), 3),
+            "tokens_per_second": round(tokens / seconds, 2),
+            "seconds": round(seconds, 4),
+            "seconds_per_pass": round(seconds / max(passes, 1), 6),
+            "model_tflops_per_second": round(flops / seconds / 1e12, 4),
+            "mfu": None if peak is None else round(flops / seconds / peak, 4),
+            "first_call_seconds": round(compile_seconds, 2),
+        }
+    if "vanilla" in results:
+        for result in results.values():
+            result["speedup_vs_vanilla"] = round(
+                result["tokens_per_second"] / results["vanilla"]["tokens_per_second"], 3)
+    print(json.dumps({
+        "config": _CONFIG.value, "params": config.num_params, "dtype": config.dtype,
+        "device": jax.devices()[0].device_kind, "devices": 1, "batch": _BATCH.value,
+        "prompt_len": _PROMPT_LEN.value, "gen_length": _GEN_LENGTH.value,
+        "steps": _STEPS.value, "block_length": _BLOCK_LENGTH.value,
+        "cfg_scale": _CFG_SCALE.value, "peak_flops_per_device": peak, "modes": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

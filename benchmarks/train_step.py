@@ -1,0 +1,170 @@
+"""Train-step benchmark: step time, tokens/s, MFU and per-device memory, printed as JSON.
+
+    python benchmarks/train_step.py --config=configs/tiny.py
+    python benchmarks/train_step.py --config=configs/llada_1b.py            # one accelerator
+    python benchmarks/train_step.py --config=configs/llada_8b.py --abstract \\
+        --config.train.batch_size=8 [--n_layers=4]
+
+Measured mode builds the sharded state on the real devices, runs `--warmup` steps, then times
+`--steps` steps (on device, synchronised at the end). `--abstract` allocates nothing: it
+AOT-compiles the step (`jax.jit(...).lower(ShapeDtypeStructs with shardings).compile()`) for a
+mesh of `--devices` fake CPU devices and reports XLA's memory analysis per device, which is how
+the 8B configuration is sized on a laptop.
+
+Model FLOPs per step (what MFU counts; rematerialisation's recomputation is not counted):
+  * matmuls: 6 * N * tokens, N = parameters that enter a matmul (all but the embedding table,
+    which is a lookup; the untied LM head counts); 2 FLOPs per multiply-add, forward once and
+    backward twice (gradients of inputs and of weights);
+  * attention: per layer and sequence, QK^T and AV are each L * L * (n_heads * head_dim)
+    multiply-adds, so 4 L^2 H FLOPs forward and 12 L^2 H forward+backward (bidirectional: the
+    full L x L square, no causal halving), i.e. 12 * n_layers * L^2 * n_heads * head_dim per
+    sequence (= 12 * n_layers * L^2 * d_model for LLaDA).
+MFU = model FLOPs per second / (devices * peak bf16 FLOP/s of one device), with the peak from
+`--peak_tflops` or a table of known accelerators (null on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config preset")
+_ABSTRACT = flags.DEFINE_bool("abstract", False, "AOT-compile on fake CPU devices; no allocation")
+_DEVICES = flags.DEFINE_integer("devices", 8, "--abstract: number of fake CPU devices")
+_N_LAYERS = flags.DEFINE_integer("n_layers", None, "override model.n_layers (faster compiles)")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps first")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak bf16 TFLOP/s of one device")
+
+# Dense bf16 peak TFLOP/s per device, by `device_kind` prefix.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H200": 989.0, "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+def model_flops_per_step(model_config, batch_size: int, seq_len: int) -> float:
+    """6 N tokens + 12 n_layers L^2 (n_heads head_dim) per sequence (see the module docstring)."""
+    matmul_params = model_config.num_params - model_config.vocab_size * model_config.d_model
+    tokens = batch_size * seq_len
+    attention = (12 * model_config.n_layers * seq_len ** 2
+                 * model_config.n_heads * model_config.head_dim * batch_size)
+    return 6.0 * matmul_params * tokens + float(attention)
+
+
+def _peak_flops(device_kind: str) -> float | None:
+    if _PEAK_TFLOPS.value:
+        return _PEAK_TFLOPS.value * 1e12
+    for prefix, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if device_kind.startswith(prefix):
+            return tflops * 1e12
+    return None
+
+
+def _memory(compiled) -> dict[str, int] | None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes", "generated_code_size_in_bytes")
+    memory = {name: int(getattr(analysis, name, 0)) for name in fields}
+    # Donated state aliases inputs to outputs: live bytes = arguments + outputs - aliased + temp.
+    memory["peak_estimate_bytes"] = (memory["argument_size_in_bytes"]
+                                     + memory["output_size_in_bytes"]
+                                     - memory["alias_size_in_bytes"]
+                                     + memory["temp_size_in_bytes"])
+    memory["peak_estimate_gib"] = round(memory["peak_estimate_bytes"] / 2 ** 30, 3)
+    return memory
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    if _ABSTRACT.value:
+        # Must happen before jax is imported: the fake devices are made at backend start.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={_DEVICES.value}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llada_jax import config as config_lib
+    from llada_jax import parallel
+    from llada_jax.train import state as state_lib
+    from llada_jax.train import step as step_lib
+    from llada_jax.train.optimizer import make_optimizer
+
+    config = _CONFIG.value
+    if _N_LAYERS.value:
+        config.model.n_layers = _N_LAYERS.value
+    try:
+        config_lib.validate(config, jax.device_count())
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    model_config = config_lib.model_config(config)
+    train = config.train
+    mesh = parallel.make_mesh(config)
+    rules = parallel.logical_rules(config)
+    model = state_lib.make_model(config)
+    tx = make_optimizer(train)
+    shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    train_step = step_lib.make_train_step(config, model, tx, mesh, shardings)
+    batch_sharding = parallel.batch_sharding(mesh, 2)
+    devices = jax.devices()
+    flops = model_flops_per_step(model_config, train.batch_size, train.seq_len)
+    report = {
+        "config": {"n_layers": model_config.n_layers, "d_model": model_config.d_model,
+                   "params": model_config.num_params, "dtype": model_config.dtype,
+                   "param_dtype": model_config.param_dtype, "remat": model_config.remat_policy,
+                   "batch_size": train.batch_size, "seq_len": train.seq_len,
+                   "grad_accum_steps": train.grad_accum_steps},
+        "mesh": dict(mesh.shape), "devices": len(devices), "device_kind": devices[0].device_kind,
+        "model_flops_per_step": flops,
+    }
+
+    abstract_state = state_lib.abstract_train_state(model, tx, shardings)
+    abstract_batch = {"tokens": jax.ShapeDtypeStruct((train.batch_size, train.seq_len),
+                                                     jnp.int32, sharding=batch_sharding)}
+    start = time.time()
+    compiled = train_step.lower(abstract_state, abstract_batch).compile()
+    report["compile_s"] = round(time.time() - start, 2)
+    report["memory_per_device"] = _memory(compiled)
+    if _ABSTRACT.value:
+        report["mode"] = "abstract"
+        print(json.dumps(report, indent=2))
+        return
+
+    report["mode"] = "measured"
+    state = state_lib.create_train_state(model, tx, mesh, rules, train.seed, shardings)
+    rng = np.random.default_rng(0)
+    host_tokens = rng.integers(4, model_config.vocab_size, (train.batch_size, train.seq_len))
+    batch = parallel.global_batch({"tokens": host_tokens.astype(np.int32)}, mesh)
+    # The AOT-compiled executable runs the step directly (no second compilation).
+    for _ in range(_WARMUP.value):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.time()
+    for _ in range(_STEPS.value):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_time = (time.time() - start) / _STEPS.value
+    peak = _peak_flops(devices[0].device_kind)
+    report.update({
+        "step_time_s": round(step_time, 5),
+        "tokens_per_s": round(train.batch_size * train.seq_len / step_time, 1),
+        "model_tflops_per_s": round(flops / step_time / 1e12, 4),
+        "mfu": None if peak is None else round(flops / step_time / (peak * len(devices)), 4),
+        "loss": float(metrics["loss"]),
+    })
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,221 @@
+"""Fast sampling: KV caches, threshold / factor parallel decoding and early exit.
+
+Expected values come from the vanilla sampler (itself checked against the NumPy reference in
+test_sampler.py), from exactness arguments stated in each test, or from hand-computed schedules.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax import parallel
+from llada_jax.config import default_config, validate
+from llada_jax.diffusion.sampler import SamplerConfig, build_canvas, generate, pad_prompts, sample
+from tests.test_sampler import EOS, MASK, MODEL_CONFIG, PAD, sampler_config, tiny
+
+PROMPT = np.random.default_rng(21).integers(7, 48, size=(2, 5))
+
+
+def run(config: SamplerConfig, n_layers: int = 2, prompt=PROMPT, key=0):
+    model, params = tiny(n_layers)
+    return generate(params, model, prompt, np.ones_like(prompt, bool), config,
+                    jax.random.key(key), return_stats=True)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refreshed_every_step_equals_vanilla(cache):
+    vanilla = sampler_config(block_length=4, steps=8)
+    out = run(dataclasses.replace(vanilla, cache=cache, refresh_every=1))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(vanilla).tokens))
+    assert int(out.computed_positions) == 8 * (5 + 16)   # every pass was a full pass
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_first_step_of_every_block_equals_vanilla(cache):
+    """One step per block: every step is a block's first, whose logits come from a full pass."""
+    vanilla = sampler_config(block_length=4, steps=4)
+    out = run(dataclasses.replace(vanilla, cache=cache))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(vanilla).tokens))
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_one_layer_caches_are_exact(cache):
+    """With one layer, cached keys/values depend only on each position's own token, and the
+    positions a window does not recompute keep their tokens within a block (the prefix, and for
+    dual also the masked suffix): the cached passes are exact, so every step matches vanilla."""
+    vanilla = sampler_config(block_length=4, steps=16, cfg_scale=1.0)
+    out = run(dataclasses.replace(vanilla, cache=cache), n_layers=1)
+    np.testing.assert_array_equal(np.asarray(out.tokens),
+                                  np.asarray(run(vanilla, n_layers=1).tokens))
+    # Fewer positions went through the model than in vanilla (16 passes x 21 positions).
+    prompt_len, gen, block = 5, 16, 4
+    windows = [gen - j * block for j in range(4)] if cache == "prefix" else [block] * 4
+    full = prompt_len + gen
+    assert int(out.computed_positions) == sum(full + 3 * w for w in windows)
+
+
+def test_threshold_above_every_confidence_is_one_token_per_step():
+    for cache in ("none", "dual"):
+        vanilla = sampler_config(block_length=8, steps=16, cache=cache)
+        out = run(dataclasses.replace(vanilla, threshold=1.0))
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(vanilla).tokens))
+        assert int(out.num_forward_passes) == 16
+        np.testing.assert_array_equal(np.sort(np.asarray(out.commit_pass), axis=1),
+                                      np.tile(np.arange(16), (2, 1)))
+
+
+@pytest.mark.parametrize("rule", [dict(threshold=0.1), dict(factor=4.0)])
+def test_low_threshold_uses_fewer_passes(rule):
+    out = run(sampler_config(block_length=8, steps=16, **rule))
+    tokens = np.asarray(out.tokens)
+    assert not np.any(tokens == MASK)
+    assert int(out.num_forward_passes) < 16
+    # Several tokens were committed by one pass.
+    passes = np.asarray(out.commit_pass)
+    assert max(np.bincount(row).max() for row in passes) > 1
+
+
+# A crafted model whose confidences are fixed per position (they ignore the tokens), so the
+# commits of every step can be derived by hand from the rules.
+CONFIDENCES = [0.95, 0.3, 0.92, 0.5, 0.99, 0.2, 0.4, 0.1]
+GEN_START = 3
+
+
+def crafted_forward(tokens, *, attention_mask, positions, return_kv=False, **unused):
+    del tokens, attention_mask, unused
+    vocab = MODEL_CONFIG.vocab_size
+    table = np.zeros((GEN_START + 16, vocab), np.float32)
+    for q in range(16):
+        p = CONFIDENCES[q % 8]
+        row = np.full(vocab, np.log((1 - p) / (vocab - 2)))
+        row[MASK] = -np.inf          # the sampler excludes MASK; keep the probabilities exact
+        row[10 + q] = np.log(p)
+        table[GEN_START + q] = row
+    logits = jnp.asarray(table)[positions]
+    return (logits, None) if return_kv else logits
+
+
+@pytest.mark.parametrize("rule,expected", [
+    # threshold 0.9: {0.95, 0.92, 0.99} together, then one at a time by confidence.
+    (dict(threshold=0.9), [0, 3, 0, 1, 0, 4, 2, 5]),
+    # factor 2: k-th best must be >= 1 - 2/(k+1) = 0, 1/3, 1/2, 3/5, ...:
+    # [.99 .95 .92 | .5] -> 3; [.5 .4 | .3] -> 2; [.3 | .2] -> 1; [.2 | .1] -> 1; [.1] -> 1.
+    (dict(factor=2.0), [0, 2, 0, 1, 0, 3, 1, 4]),
+])
+def test_parallel_rules_hand_schedule(rule, expected):
+    prompt = np.full((1, GEN_START), 9)
+    tokens, mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), 16, MASK)
+    config = sampler_config(block_length=8, **rule)
+    out = jax.jit(lambda key: sample(crafted_forward, tokens, mask, positions, GEN_START,
+                                     config, key))(jax.random.key(0))
+    per_block = max(expected) + 1
+    np.testing.assert_array_equal(np.asarray(out.commit_pass)[0],
+                                  expected + [per_block + e for e in expected])
+    assert int(out.num_forward_passes) == 2 * per_block
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0, GEN_START:], 10 + np.arange(16))
+
+
+MODES = [dict(cache="prefix"), dict(cache="dual", threshold=0.2),
+         dict(cache="prefix", factor=3.0, early_exit=True)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_row_alone_equals_row_in_batch(mode):
+    model, params = tiny()
+    rng = np.random.default_rng(8)
+    prompts = [list(rng.integers(7, 48, size=n)) for n in (3, 6)]
+    config = sampler_config(block_length=4, steps=8, **mode)
+    tokens, mask = pad_prompts(prompts, PAD)
+    batched = np.asarray(generate(params, model, tokens, mask, config, jax.random.key(0)))
+    width = tokens.shape[1]
+    for row, prompt in enumerate(prompts):
+        alone = np.asarray(generate(params, model, np.asarray([prompt]),
+                                    np.ones((1, len(prompt)), bool), config, jax.random.key(0)))
+        np.testing.assert_array_equal(batched[row, width:], alone[0, len(prompt):])
+
+
+def eos_filled(tokens, gen_start):
+    """Independent numpy version: everything after a row's first EOS becomes EOS."""
+    out = np.asarray(tokens).copy()
+    for row in out:
+        hits = np.flatnonzero(row[gen_start:] == EOS)
+        if hits.size:
+            row[gen_start + hits[0]:] = EOS
+    return out
+
+
+@functools.cache
+def eos_biased_run(config: SamplerConfig):
+    """The tiny model with +2.5 on the EOS logit: rows finish within the first blocks."""
+    model, params = tiny()
+    tokens, mask, positions = build_canvas(PROMPT, np.ones_like(PROMPT, bool), 16, MASK)
+    bias = jnp.zeros(MODEL_CONFIG.vocab_size).at[EOS].set(2.5)
+
+    def forward(x, **kw):
+        out = model.apply({"params": params}, x, **kw)
+        return (out[0] + bias, out[1]) if kw.get("return_kv") else out + bias
+
+    return jax.jit(lambda key: sample(forward, tokens, mask, positions, 5, config, key))
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(cache="dual", threshold=0.3),
+                                  dict(temperature=1.0)])
+def test_early_exit_changes_only_the_pass_count(mode):
+    config = sampler_config(block_length=4, steps=16, **mode)
+    full = eos_biased_run(config)(jax.random.key(4))
+    early = eos_biased_run(dataclasses.replace(config, early_exit=True))(jax.random.key(4))
+    full_tokens = np.asarray(full.tokens)
+    assert np.all(np.any(full_tokens[:, 5:] == EOS, axis=1))      # every row finishes
+    np.testing.assert_array_equal(np.asarray(early.tokens), eos_filled(full_tokens, 5))
+    assert int(early.num_forward_passes) < int(full.num_forward_passes)
+
+
+def test_sharded_fast_modes_match_single_device():
+    model, params = tiny()
+    config = default_config()
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    mesh = parallel.make_mesh(config)
+    rules = parallel.logical_rules(config)
+    prompt = np.random.default_rng(9).integers(7, 48, size=(8, 5))
+    mask = np.ones_like(prompt, bool)
+    sconfig = sampler_config(block_length=8, cfg_scale=1.0, cache="dual", threshold=0.2,
+                             early_exit=True)
+    expected = generate(params, model, prompt, mask, sconfig, jax.random.key(0),
+                        return_stats=True)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((8, 4), jnp.int32)))
+    shardings = parallel.logical_to_sharding(boxed["params"], mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch = parallel.global_batch({"tokens": prompt, "mask": mask}, mesh)
+        out = generate(jax.device_put(params, shardings), model, batch["tokens"], batch["mask"],
+                       sconfig, jax.random.key(0), return_stats=True)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+    assert int(out.num_forward_passes) == int(expected.num_forward_passes)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(threshold=0.9, factor=1.0), "sampler.factor"),
+    (dict(threshold=0.9, remasking="random"), "sampler.remasking"),
+    (dict(refresh_every=2), "sampler.refresh_every"),
+    (dict(early_exit=True, logits_eos_inf=True), "sampler.early_exit"),
+    (dict(threshold=1.5), "sampler.threshold"),
+    (dict(factor=-1.0), "sampler.factor"),
+    (dict(cache="full"), "sampler.cache"),
+])
+def test_contradictory_settings(fields, message):
+    with pytest.raises(ValueError, match=message):
+        sampler_config(**fields)
+    config = default_config()
+    config.sampler.update(fields)
+    with pytest.raises(ValueError, match=message):
+        validate(config)
+
+
+def test_parallel_decoding_ignores_steps():
+    # steps=3 does not divide into 4 blocks, but threshold decoding does not use it.
+    config = sampler_config(block_length=4, steps=3, threshold=0.5)
+    assert config.max_steps_per_block == 4
