@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
                 "nll_per_token": nll_per_token,
                 "perplexity_bound": math.exp(min(nll_per_token, 700.0)),
             }
-            for record, estimate in zip(likelihood_records, estimates):
+            for record, estimate in zip(likelihood_records, estimates, strict=True):
                 record["log_likelihood"] = float(estimate)
         if choice_records:
             result = multiple_choice(
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
             summary["multiple_choice"] = {"records": len(choice_records),
                                           "accuracy": result["accuracy"]}
             for record, scores, prediction in zip(choice_records, result["scores"],
-                                                  result["predictions"]):
+                                                  result["predictions"], strict=True):
                 record["scores"] = [float(s) for s in scores]
                 record["prediction"] = int(prediction)
     print(json.dumps(summary), flush=True)

@@ -156,10 +156,41 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampler.seed = 0
     # Fast sampling (REFERENCE.md section 6): KV caches, parallel decoding, early exit.
     c.sampler.cache = "none"         # none | prefix (cache before the block) | dual (and after it)
-    c.sampler.refresh_every = 0      # with a cache: full pass every n steps of a block (0: at its start)
-    c.sampler.threshold = 0.0        # > 0: commit every candidate of the block with confidence >= it
+    c.sampler.refresh_every = 0      # with a cache: full pass every n steps of a block (0: first)
+    c.sampler.threshold = 0.0        # > 0: commit every block candidate with confidence >= it
     c.sampler.factor = 0.0           # > 0: commit the largest n with c_k >= 1 - factor / (k + 1)
     c.sampler.early_exit = False     # stop once every row has an EOS with nothing masked before it
+
+    # LLaDA-V (REFERENCE.md section 5): a SigLIP vision tower and an mlp2x_gelu projector in front
+    # of the language model. `vision.enabled = False` (the default) is plain LLaDA and ignores the
+    # rest of this section. Defaults: SigLIP2 so400m/14 at 384 px, features of block 26.
+    c.vision = ml_collections.ConfigDict()
+    c.vision.enabled = False
+    c.vision.image_size = 384
+    c.vision.patch_size = 14
+    c.vision.width = 1152
+    c.vision.n_layers = 27           # blocks of the pretrained tower (before any is dropped)
+    c.vision.n_heads = 16
+    c.vision.mlp_dim = 4304
+    c.vision.layer_norm_eps = 1e-6
+    c.vision.feature_layer = -2      # -2: drop the last block, as LLaDA-V does
+    c.vision.use_post_layernorm = False
+    c.vision.dtype = "float32"
+    c.vision.param_dtype = "float32"
+    c.vision.remat_policy = "none"
+    # How an image becomes views and tokens: 'square' (one image_size view: tokens + a newline)
+    # or 'anyres_max_N' (base view + tiles of a grid up to max_grid x max_grid, downsampled to
+    # about N tiles' worth of tokens; llada_jax/data/images.py).
+    c.vision.image_aspect_ratio = "anyres_max_4"
+    c.vision.max_grid = 6
+    c.vision.max_views = 37          # pixel views per example (a static shape): 1 + 6 * 6
+    c.data.image_folder = ""         # LLaVA JSON: image paths are relative to it ('': the JSON's dir)
+    # Which parameter groups (vision_tower, projector, language_model) train, and their peak
+    # learning rates (0: train.learning_rate); every group follows train.schedule's shape.
+    # LLaDA-V stage 1: trainable='projector'; stage 2: 'all' with vision_tower 2e-6.
+    c.train.trainable = "all"        # 'all' or a comma-separated list of groups
+    c.train.group_learning_rates = ml_collections.ConfigDict(
+        {"vision_tower": 0.0, "projector": 0.0, "language_model": 0.0})
 
     return c
 
@@ -301,6 +332,13 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
                  "synthetic_size"):
         if not isinstance(d[name], int) or d[name] <= 0:
             _fail(f"data.{name}", "a positive integer", d[name])
+    if config.vision.enabled:  # image-text sources have their own specs (multimodal_data.py)
+        from llada_jax.data.multimodal_data import parse_multimodal_source
+
+        for name in ("source", "eval_source"):
+            if name == "source" or d[name]:
+                parse_multimodal_source(d[name], field=f"data.{name}")
+        return
     if d.source != "synthetic":  # the built-in pre-training corpus is not a pipeline spec
         from llada_jax.data.sources import parse_source_spec
 
@@ -314,10 +352,87 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
               "'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)
 
 
+PARAM_GROUPS = ("vision_tower", "projector", "language_model")
+
+
+def vision_config(config: ml_collections.ConfigDict):
+    """The frozen `VisionConfig` of the `vision` section (None when vision is disabled)."""
+    from llada_jax.model.vision import VisionConfig
+
+    if not config.vision.enabled:
+        return None
+    fields = {f.name for f in dataclasses.fields(VisionConfig)}
+    return VisionConfig(**{k: v for k, v in config.vision.items() if k in fields})
+
+
+def anyres_max_tiles(image_aspect_ratio: str) -> int | None:
+    """N of 'anyres_max_N'; None for 'square'. Raises ValueError for anything else."""
+    prefix = "anyres_max_"
+    if image_aspect_ratio == "square":
+        return None
+    if (isinstance(image_aspect_ratio, str) and image_aspect_ratio.startswith(prefix)
+            and image_aspect_ratio[len(prefix):].isdigit()
+            and int(image_aspect_ratio[len(prefix):]) > 0):
+        return int(image_aspect_ratio[len(prefix):])
+    _fail("vision.image_aspect_ratio", "'square' or 'anyres_max_N' with N a positive integer "
+          "(e.g. 'anyres_max_4')", image_aspect_ratio)
+
+
+def trainable_groups(train: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The parameter groups `train.trainable` names ('all': every group)."""
+    spec = train.trainable
+    if not isinstance(spec, str) or not spec.strip():
+        _fail("train.trainable", f"'all' or a comma-separated list of {PARAM_GROUPS}", spec)
+    if spec.strip() == "all":
+        return PARAM_GROUPS
+    groups = tuple(g.strip() for g in spec.split(","))
+    unknown = [g for g in groups if g not in PARAM_GROUPS]
+    if unknown or len(set(groups)) != len(groups):
+        _fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
+    return groups
+
+
+def validate_vision(config: ml_collections.ConfigDict) -> None:
+    """Checks the `vision` section and the multimodal training fields; raises ValueError."""
+    t = config.train
+    groups = trainable_groups(t)
+    for group in PARAM_GROUPS:
+        value = t.group_learning_rates.get(group)
+        if not isinstance(value, (int, float)) or value < 0:
+            _fail(f"train.group_learning_rates.{group}", "a learning rate >= 0 (0: "
+                  "train.learning_rate)", value)
+    unknown = sorted(set(t.group_learning_rates) - set(PARAM_GROUPS))
+    if unknown:
+        _fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
+    v = config.vision
+    if not v.enabled:
+        if groups != PARAM_GROUPS and groups != ("language_model",):
+            _fail("train.trainable", "'all' or 'language_model' without a vision tower "
+                  "(vision.enabled=False)", t.trainable)
+        return
+    from llada_jax.model.vision import validate_vision as validate_tower
+
+    try:
+        validate_tower(vision_config(config))
+    except ValueError as e:  # re-worded with the config path of the field
+        raise ValueError(f"config.vision: {e}") from None
+    anyres_max_tiles(v.image_aspect_ratio)
+    if not isinstance(v.max_grid, int) or v.max_grid <= 0:
+        _fail("vision.max_grid", "a positive integer", v.max_grid)
+    if not isinstance(v.max_views, int) or v.max_views <= 0:
+        _fail("vision.max_views", "a positive integer (pixel views per example)", v.max_views)
+    if t.objective != "sft":
+        _fail("train.objective", "'sft' with vision.enabled=True (LLaDA-V trains the masked-"
+              "response loss: responses are noised, images and prompts never)", t.objective)
+    if not isinstance(config.data.image_folder, str):
+        _fail("data.image_folder", "a directory or ''", config.data.image_folder)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Validates the whole config early; raises ValueError naming the field."""
     m = model_config(config)
     validate_model(m)
+    validate_vision(config)
     t = config.train
     if t.objective not in OBJECTIVES:
         _fail("train.objective", f"one of {OBJECTIVES}", t.objective)
@@ -340,8 +455,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _fail("train.decay_fraction", "a fraction in [0, 1]", t.decay_fraction)
     if t.learning_rate <= 0:
         _fail("train.learning_rate", "a positive number", t.learning_rate)
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        _fail("train.warmup_steps", f"an integer in [0, train.steps={t.steps}]", t.warmup_steps)
+    # warmup_steps > steps is allowed: a short run (--config.train.steps=10) is all warmup.
+    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
+        _fail("train.warmup_steps", "an integer >= 0", t.warmup_steps)
     for name in ("log_every", "keep_checkpoints", "eval_batches"):
         if not isinstance(t[name], int) or t[name] <= 0:
             _fail(f"train.{name}", "a positive integer", t[name])

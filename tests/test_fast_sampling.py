@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from llada_jax import parallel
-from llada_jax.config import default_config, validate
+from llada_jax.config import ModelConfig, default_config, validate
 from llada_jax.diffusion.sampler import SamplerConfig, build_canvas, generate, pad_prompts, sample
+from llada_jax.model.transformer import Transformer
 from tests.test_sampler import EOS, MASK, MODEL_CONFIG, PAD, sampler_config, tiny
 
 PROMPT = np.random.default_rng(21).integers(7, 48, size=(2, 5))
@@ -29,7 +30,7 @@ def run(config: SamplerConfig, n_layers: int = 2, prompt=PROMPT, key=0):
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cache_refreshed_every_step_equals_vanilla(cache):
-    vanilla = sampler_config(block_length=4, steps=8)
+    vanilla = sampler_config(block_length=8, steps=8)
     out = run(dataclasses.replace(vanilla, cache=cache, refresh_every=1))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(vanilla).tokens))
     assert int(out.computed_positions) == 8 * (5 + 16)   # every pass was a full pass
@@ -38,7 +39,7 @@ def test_cache_refreshed_every_step_equals_vanilla(cache):
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_first_step_of_every_block_equals_vanilla(cache):
     """One step per block: every step is a block's first, whose logits come from a full pass."""
-    vanilla = sampler_config(block_length=4, steps=4)
+    vanilla = sampler_config(block_length=8, steps=2)
     out = run(dataclasses.replace(vanilla, cache=cache))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(vanilla).tokens))
 
@@ -48,15 +49,14 @@ def test_one_layer_caches_are_exact(cache):
     """With one layer, cached keys/values depend only on each position's own token, and the
     positions a window does not recompute keep their tokens within a block (the prefix, and for
     dual also the masked suffix): the cached passes are exact, so every step matches vanilla."""
-    vanilla = sampler_config(block_length=4, steps=16, cfg_scale=1.0)
+    vanilla = sampler_config(block_length=8, steps=16, cfg_scale=1.0)
     out = run(dataclasses.replace(vanilla, cache=cache), n_layers=1)
     np.testing.assert_array_equal(np.asarray(out.tokens),
                                   np.asarray(run(vanilla, n_layers=1).tokens))
-    # Fewer positions went through the model than in vanilla (16 passes x 21 positions).
-    prompt_len, gen, block = 5, 16, 4
-    windows = [gen - j * block for j in range(4)] if cache == "prefix" else [block] * 4
-    full = prompt_len + gen
-    assert int(out.computed_positions) == sum(full + 3 * w for w in windows)
+    # Per block one full pass (21 positions), then 7 passes over the window only: from the block
+    # to the end (prefix: 16, then 8), or the block alone (dual: 8).
+    windows = [16, 8] if cache == "prefix" else [8, 8]
+    assert int(out.computed_positions) == sum(21 + 7 * w for w in windows)
 
 
 def test_threshold_above_every_confidence_is_one_token_per_step():
@@ -120,8 +120,7 @@ def test_parallel_rules_hand_schedule(rule, expected):
     np.testing.assert_array_equal(np.asarray(out.tokens)[0, GEN_START:], 10 + np.arange(16))
 
 
-MODES = [dict(cache="prefix"), dict(cache="dual", threshold=0.2),
-         dict(cache="prefix", factor=3.0, early_exit=True)]
+MODES = [dict(cache="prefix", factor=3.0), dict(cache="dual", threshold=0.2, early_exit=True)]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -129,7 +128,7 @@ def test_row_alone_equals_row_in_batch(mode):
     model, params = tiny()
     rng = np.random.default_rng(8)
     prompts = [list(rng.integers(7, 48, size=n)) for n in (3, 6)]
-    config = sampler_config(block_length=4, steps=8, **mode)
+    config = sampler_config(block_length=8, **mode)
     tokens, mask = pad_prompts(prompts, PAD)
     batched = np.asarray(generate(params, model, tokens, mask, config, jax.random.key(0)))
     width = tokens.shape[1]
@@ -151,13 +150,15 @@ def eos_filled(tokens, gen_start):
 
 @functools.cache
 def eos_biased_run(config: SamplerConfig):
-    """The tiny model with +2.5 on the EOS logit: rows finish within the first blocks."""
+    """The tiny model with +6 on the EOS logit from the 7th generated position on: rows finish
+    in the second or third of four blocks."""
     model, params = tiny()
     tokens, mask, positions = build_canvas(PROMPT, np.ones_like(PROMPT, bool), 16, MASK)
-    bias = jnp.zeros(MODEL_CONFIG.vocab_size).at[EOS].set(2.5)
+    onehot = jnp.zeros(MODEL_CONFIG.vocab_size).at[EOS].set(1.0)
 
     def forward(x, **kw):
         out = model.apply({"params": params}, x, **kw)
+        bias = 6.0 * (kw["positions"] >= 5 + 6)[..., None] * onehot
         return (out[0] + bias, out[1]) if kw.get("return_kv") else out + bias
 
     return jax.jit(lambda key: sample(forward, tokens, mask, positions, 5, config, key))
@@ -219,3 +220,19 @@ def test_parallel_decoding_ignores_steps():
     # steps=3 does not divide into 4 blocks, but threshold decoding does not use it.
     config = sampler_config(block_length=4, steps=3, threshold=0.5)
     assert config.max_steps_per_block == 4
+
+
+def test_llada_8b_shapes_trace():
+    """Shape-only: every mode traces with the real 8B architecture (nothing is allocated)."""
+    config = dataclasses.replace(ModelConfig(), dtype="bfloat16", param_dtype="bfloat16")
+    model = Transformer(config)
+    params = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    prompt = np.full((2, 64), 500, np.int32)
+    tokens, mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), 128, 126336)
+    for mode in (dict(), dict(cache="prefix", cfg_scale=1.0), dict(cache="dual", threshold=0.9)):
+        sconfig = SamplerConfig(gen_length=128, block_length=32, steps=128, **mode)
+        out = jax.eval_shape(lambda p, s=sconfig: sample(
+            functools.partial(model.apply, {"params": p}), tokens, mask, positions, 64, s,
+            jax.random.key(0)), params)
+        assert out.tokens.shape == (2, 192) and out.commit_pass.shape == (2, 128)

@@ -74,7 +74,7 @@ def test_generate_program(tiny_checkpoint, tmp_path):
                                               "with\na newline"]
     tokenizer = CharTokenizer()
     first = expected_completion(config, model, params,
-                                [tokenizer.bos_id] + tokenizer.encode("Hello"),
+                                [tokenizer.bos_id, *tokenizer.encode("Hello")],
                                 jax.random.fold_in(jax.random.key(5), 0))
     assert records[0]["completion"] == first
 
@@ -113,8 +113,8 @@ def test_evaluate_program(tiny_checkpoint, tmp_path):
     apply = jax.jit(lambda x: model.apply({"params": params}, x))
 
     def exact_log_prob(context, option):
-        ids = [tokenizer.bos_id] + tokenizer.encode(context)
-        logits = np.asarray(apply(jnp.asarray([ids + [config.model.mask_token_id]])),
+        ids = [tokenizer.bos_id, *tokenizer.encode(context)]
+        logits = np.asarray(apply(jnp.asarray([[*ids, config.model.mask_token_id]])),
                             np.float64)[0, -1]
         logits -= logits.max()
         return logits[tokenizer.encode(option)[0]] - np.log(np.exp(logits).sum())
@@ -125,7 +125,7 @@ def test_evaluate_program(tiny_checkpoint, tmp_path):
     data = tmp_path / "eval.jsonl"
     lines = [{"prompt": "Hello", "answer": "x"}, {"prompt": "Hi", "answer": " there"}]
     lines += [{"question": q, "choices": o, "label": label}
-              for (q, o), label in zip(questions, labels)]
+              for (q, o), label in zip(questions, labels, strict=True)]
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     output = tmp_path / "scores.jsonl"
     stdout = run_program("evaluate.py", f"--checkpoint={directory}", f"--data={data}",

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.config import ModelConfig
+from llada_jax import parallel
+from llada_jax.config import ModelConfig, default_config
 from llada_jax.diffusion.likelihood import (
     log_likelihood,
     multiple_choice,
@@ -78,7 +79,8 @@ def test_stratified_counts_hand_cases():
         ks = np.asarray([k for length in lengths for k in range(1, length + 1)])
         ls = np.asarray([length for length in lengths for _ in range(length)])
         out = np.asarray(counts(jnp.asarray(ks), jnp.asarray(ls), b))
-        np.testing.assert_array_equal(out, [hand_counts(k, n, b) for k, n in zip(ks, ls)])
+        expected = [hand_counts(k, n, b) for k, n in zip(ks, ls, strict=True)]
+        np.testing.assert_array_equal(out, expected)
 
 
 def exact_moments(prompt, answer, b):
@@ -119,7 +121,7 @@ def test_monte_carlo_converges_to_exact_expectation():
     estimates = log_likelihood(params, model, prompts, answers, jax.random.key(0), mc_num=mc_num,
                                batch_size=b, mask_id=MASK, pad_id=PAD, pairs_per_call=2,
                                pad_multiple=4)
-    for estimate, prompt, answer in zip(estimates, prompts, answers):
+    for estimate, prompt, answer in zip(estimates, prompts, answers, strict=True):
         mean, var = exact_moments(prompt, answer, b)
         sigma = math.sqrt(var / (mc_num // b))
         exact_log_likelihood = -mean
@@ -138,8 +140,8 @@ def test_single_token_answer_is_exact_log_prob(cfg_scale):
     estimates = log_likelihood(params, model, prompts, answers, jax.random.key(1), mc_num=1,
                                batch_size=1, cfg_scale=cfg_scale, mask_id=MASK, pad_id=PAD,
                                pairs_per_call=2, pad_multiple=1)
-    for estimate, prompt, answer in zip(estimates, prompts, answers):
-        logp = model_log_probs([prompt + [MASK]], cfg_scale, prompt_len=len(prompt))
+    for estimate, prompt, answer in zip(estimates, prompts, answers, strict=True):
+        logp = model_log_probs([[*prompt, MASK]], cfg_scale, prompt_len=len(prompt))
         np.testing.assert_allclose(estimate, logp[0, len(prompt), answer[0]], rtol=1e-5,
                                    atol=1e-5)
 
@@ -151,11 +153,11 @@ def test_multiple_choice_accuracy():
     contexts = [list(rng.integers(4, 16, size=n)) for n in (3, 5, 4, 2)]
     choices = [[[5], [9], [12]], [[4], [7]], [[6], [10], [11], [15]], [[8], [14]]]
     best = []
-    for context, options in zip(contexts, choices):
-        logp = model_log_probs([context + [MASK]])[0, len(context)]
+    for context, options in zip(contexts, choices, strict=True):
+        logp = model_log_probs([[*context, MASK]])[0, len(context)]
         best.append(int(np.argmax([logp[o[0]] for o in options])))
     # Right on the first two questions, wrong on the last two: accuracy exactly 0.5.
-    labels = best[:2] + [(best[2] + 1) % 4, (best[3] + 1) % 2]
+    labels = [*best[:2], (best[2] + 1) % 4, (best[3] + 1) % 2]
     out = multiple_choice(params, model, contexts, choices, jax.random.key(2), labels=labels,
                           mc_num=1, batch_size=1, mask_id=MASK, pad_id=PAD, pairs_per_call=4)
     np.testing.assert_array_equal(out["predictions"], best)
@@ -186,3 +188,21 @@ def test_errors():
     with pytest.raises(ValueError, match="label 3 of question 0"):
         multiple_choice(params, model, [[5]], [[[6], [7]]], key, labels=[3], mc_num=1,
                         batch_size=1)
+
+
+def test_sharded_estimate_matches_single_device():
+    model, params = tiny()
+    prompts, answers = [[5, 9, 4], [7, 12]], [[8, 13], [10, 4, 15]]
+    kwargs = {"mc_num": 8, "batch_size": 4, "cfg_scale": 0.5, "mask_id": MASK, "pad_id": PAD,
+              "pairs_per_call": 2, "pad_multiple": 4}
+    expected = log_likelihood(params, model, prompts, answers, jax.random.key(5), **kwargs)
+    config = default_config()
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    mesh = parallel.make_mesh(config)
+    rules = parallel.logical_rules(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((8, 4), jnp.int32)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharded = jax.device_put(params, parallel.logical_to_sharding(boxed["params"], mesh,
+                                                                      rules))
+        out = log_likelihood(sharded, model, prompts, answers, jax.random.key(5), **kwargs)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -115,8 +115,8 @@ def _tiny_config():
 def test_random_length_batch_excludes_positions_past_the_cut():
     config = _tiny_config()
     model = state_lib.make_model(config)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
-    loss_fn = jax.jit(step_lib._loss_fn(model, "pretrain"))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    loss_fn = jax.jit(step_lib.make_loss_fn(model, "pretrain"))
     rng = jax.random.key(5)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 4, 100)
     prepared = step_lib.prepare_batch({"tokens": tokens}, config.train, 3, rng, allow_cut=True)

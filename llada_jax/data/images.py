@@ -95,8 +95,8 @@ def _as_rgb(image: Image.Image | str | os.PathLike[str]) -> Image.Image:
 
 
 # --- pixels -------------------------------------------------------------------------------------
-def normalize(image: Image.Image) -> np.ndarray:
-    """RGB image -> float32 [H, W, 3] in [-1, 1]: (x / 255 - mean) / std with mean = std = 0.5.
+def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
+    """RGB image (or uint8 array) -> float32 in [-1, 1]: (x / 255 - mean) / std, mean = std = 0.5.
 
     Rescaling in float64 then normalising in float32, as transformers' `rescale`/`normalize`.
     """
@@ -104,15 +104,27 @@ def normalize(image: Image.Image) -> np.ndarray:
     return (x - np.float32(0.5)) / np.float32(0.5)
 
 
+def normalization_table() -> np.ndarray:
+    """float32 [256]: `normalize` of every uint8 value. Pixels travel to the devices as uint8
+    (4x less than float32) and become `table[pixels]` there, bit-identical to `normalize`."""
+    return normalize(np.arange(256, dtype=np.uint8))
+
+
 def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Bicubic resize to (width, height); PIL returns a copy when the size already matches."""
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
+def square_pixels(image: Image.Image | str | os.PathLike[str], size: int = TILE_SIZE) -> np.ndarray:
+    """One view: the whole image resized (aspect ratio not kept) to size x size -> uint8
+    [size, size, 3]."""
+    return np.asarray(resize(_as_rgb(image), (size, size)), dtype=np.uint8)
+
+
 def preprocess_square(image: Image.Image | str | os.PathLike[str],
                       size: int = TILE_SIZE) -> np.ndarray:
     """One view: the whole image resized (aspect ratio not kept) to size x size -> [size, size, 3]."""
-    return normalize(resize(_as_rgb(image), (size, size)))
+    return normalize(square_pixels(image, size))
 
 
 # --- AnyRes geometry (pure Python) --------------------------------------------------------------
@@ -251,9 +263,9 @@ def resize_and_pad(image: Image.Image, canvas: tuple[int, int]) -> Image.Image:
     return padded
 
 
-def anyres_views(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
-                 max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
-    """An image -> (views [1 + cols * rows, tile, tile, 3] float32 in [-1, 1], its (width, height)).
+def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
+                  max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image -> (views uint8 [1 + cols * rows, tile, tile, 3], its (width, height)).
 
     View 0 is the whole image resized to tile x tile; then the tiles of the padded canvas, row by
     row, left to right. Keep the returned size: the feature side needs it to unpad.
@@ -264,7 +276,15 @@ def anyres_views(image: Image.Image | str | os.PathLike[str], tile_size: int = T
     tiles = [padded.crop((x, y, x + tile_size, y + tile_size))
              for y in range(0, canvas[1], tile_size) for x in range(0, canvas[0], tile_size)]
     views = [resize(rgb, (tile_size, tile_size))] + tiles
-    return np.stack([normalize(v) for v in views]), rgb.size
+    return np.stack([np.asarray(v, dtype=np.uint8) for v in views]), rgb.size
+
+
+def anyres_views(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
+                 max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
+    """`anyres_pixels` normalised: (views [1 + cols * rows, tile, tile, 3] float32 in [-1, 1],
+    the image's (width, height))."""
+    views, size = anyres_pixels(image, tile_size, max_grid)
+    return normalize(views), size
 
 
 # --- gather plans (static shapes for jit) -------------------------------------------------------

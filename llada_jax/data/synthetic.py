@@ -19,7 +19,7 @@ A document (`{"text": str}`) is one to three lines, each one task example.
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

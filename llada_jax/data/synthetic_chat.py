@@ -26,6 +26,7 @@ TASKS = ("repeat", "uppercase", "reverse", "first", "last")
 MIN_WORD_LENGTH = 3
 MAX_WORD_LENGTH = 3
 TEST_MODULUS = 10
+MAX_EXCHANGES = 3
 _SEED = 20240917
 
 
@@ -48,11 +49,7 @@ def split_of(question: str) -> str:
     return "test" if zlib.crc32(question.encode("utf-8")) % TEST_MODULUS == 0 else "train"
 
 
-def question_answer(split: str, index: int) -> tuple[str, str]:
-    """The (question, answer) of record `index` of `split` (deterministic)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"synthetic_chat split must be 'train' or 'test', found {split!r}")
-    rng = np.random.default_rng((_SEED, 0 if split == "train" else 1, int(index)))
+def _draw_exchange(rng: np.random.Generator, split: str) -> tuple[str, str]:
     while True:  # rejection: draw until the question falls in the requested split
         task = TASKS[int(rng.integers(len(TASKS)))]
         length = int(rng.integers(MIN_WORD_LENGTH, MAX_WORD_LENGTH + 1))
@@ -60,6 +57,20 @@ def question_answer(split: str, index: int) -> tuple[str, str]:
         question, answer = _question_answer(task, word)
         if split_of(question) == split:
             return question, answer
+
+
+def conversation(split: str, index: int) -> list[tuple[str, str]]:
+    """The (question, answer) exchanges of record `index` of `split` (1 to MAX_EXCHANGES)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"synthetic_chat split must be 'train' or 'test', found {split!r}")
+    rng = np.random.default_rng((_SEED, 0 if split == "train" else 1, int(index)))
+    num_exchanges = 1 + int(rng.integers(MAX_EXCHANGES))
+    return [_draw_exchange(rng, split) for _ in range(num_exchanges)]
+
+
+def question_answer(split: str, index: int) -> tuple[str, str]:
+    """The first (question, answer) of record `index` of `split`: a single-turn eval item."""
+    return conversation(split, index)[0]
 
 
 class SyntheticChatSource:
@@ -83,7 +94,8 @@ class SyntheticChatSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % self._length
-        question, answer = question_answer(self.split, index)
-        return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": answer}],
-                ORIGIN: f"synthetic_chat@{self.split}[{index}]"}
+        messages = []
+        for question, answer in conversation(self.split, index):
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]
+        return {"messages": messages, ORIGIN: f"synthetic_chat@{self.split}[{index}]"}

@@ -1,9 +1,9 @@
 """A built-in image-conditioned task for LLaDA-V: coloured shapes and their descriptions.
 
 Each example is an RGB image (uint8 [size, size, 3]) of one filled shape of one colour on a grey
-background, and a LLaVA-style conversation asking about it ("What colour is the shape?" ->
-"red"). The answer can only be read from the image, so accuracy above chance proves the vision
-path works. Everything is generated from the example index: deterministic, no downloads.
+background, and a LLaVA-style conversation asking about it ("Colour?" -> "red", "Shape?" ->
+"circle"). The answer can only be read from the image, so accuracy above chance proves the
+vision path works. Everything is generated from the example index: deterministic, no downloads.
 """
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ import numpy as np
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230),
            "yellow": (230, 220, 30)}
 SHAPES = ("square", "circle", "triangle")
-QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?"}
+# Short questions: every character is a token of the tiny CPU models that train on this set.
+QUESTIONS = {"colour": "Colour?", "shape": "Shape?"}
 BACKGROUND = (128, 128, 128)
 
 
 def draw_shape(shape: str, colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [size, size, 3]: one filled `shape` of `colour`, random position and extent."""
+    """uint8 [size, size, 3]: one filled `shape` of `colour`, random extent, near the centre."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, found {shape!r}")
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {sorted(COLOURS)}, found {colour!r}")
     image = np.empty((size, size, 3), np.uint8)
     image[...] = BACKGROUND
-    extent = int(rng.integers(size // 3, size // 2 + 1))
-    top, left = (int(v) for v in rng.integers(0, size - extent + 1, size=2))
+    # Large and near the centre (a few pixels of jitter): in a 32 px picture of 8 px patches the
+    # outline then falls on the same few patches, so a tiny tower learns shapes in minutes.
+    extent = int(rng.integers(size // 2, 3 * size // 4 + 1))
+    jitter = max(size // 16, 1)
+    top, left = (int(np.clip((size - extent) // 2 + v, 0, size - extent))
+                 for v in rng.integers(-jitter, jitter + 1, size=2))
     ys, xs = np.mgrid[0:size, 0:size]
     ys, xs = ys - top, xs - left
     inside = (ys >= 0) & (ys < extent) & (xs >= 0) & (xs < extent)

@@ -128,7 +128,7 @@ def pack_pairs(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
     tokens = np.full((n, width_p + width_a), pad_id, np.int32)
     mask = np.zeros(tokens.shape, bool)
     answer_mask = np.zeros(tokens.shape, bool)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         tokens[i, width_p - len(p):width_p] = np.asarray(p, np.int32).reshape(-1)
         tokens[i, width_p:width_p + len(a)] = np.asarray(a, np.int32)
         mask[i, width_p - len(p):width_p + len(a)] = True
@@ -170,7 +170,7 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
         chunk_a += [chunk_a[-1]] * (pairs_per_call - real)
         batch = pack_pairs(chunk_p, chunk_a, pad_id, multiple=pad_multiple)
         if max_len is not None and batch["tokens"].shape[1] > max_len:
-            longest = max(len(p) + len(a) for p, a in zip(chunk_p, chunk_a))
+            longest = max(len(p) + len(a) for p, a in zip(chunk_p, chunk_a, strict=True))
             raise ValueError(f"log_likelihood: a prompt + answer of {longest} tokens (padded to "
                              f"{batch['tokens'].shape[1]}) exceeds the model's "
                              f"max_sequence_length={max_len}")
@@ -194,7 +194,7 @@ def multiple_choice(params: Any, model: nn.Module, contexts: Sequence[Sequence[i
         raise ValueError(f"multiple_choice: {len(contexts)} contexts but {len(choices)} choice "
                          f"lists")
     flat_p, flat_a, owner = [], [], []
-    for q, (context, options) in enumerate(zip(contexts, choices)):
+    for q, (context, options) in enumerate(zip(contexts, choices, strict=True)):
         if len(options) == 0:
             raise ValueError(f"multiple_choice: question {q} has no choices")
         for option in options:
@@ -211,7 +211,7 @@ def multiple_choice(params: Any, model: nn.Module, contexts: Sequence[Sequence[i
         if labels.shape != predictions.shape:
             raise ValueError(f"multiple_choice: expected {len(predictions)} labels, found "
                              f"{labels.shape[0] if labels.ndim else labels}")
-        for q, (label, options) in enumerate(zip(labels, choices)):
+        for q, (label, options) in enumerate(zip(labels, choices, strict=True)):
             if not 0 <= label < len(options):
                 raise ValueError(f"multiple_choice: label {label} of question {q} is outside "
                                  f"[0, {len(options)})")

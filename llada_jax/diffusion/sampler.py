@@ -131,6 +131,11 @@ class SamplerConfig:
         return self.threshold > 0 or self.factor > 0
 
     @property
+    def schedule_steps(self) -> int:
+        """Columns of the fixed schedule: steps per block (1, unused, for parallel decoding)."""
+        return 1 if self.parallel else self.steps // self.num_blocks
+
+    @property
     def max_steps_per_block(self) -> int:
         """Fixed schedule: steps / num_blocks; parallel decoding: one token per step at worst."""
         return self.block_length if self.parallel else self.steps // self.num_blocks
@@ -141,7 +146,8 @@ class SampleOutput(NamedTuple):
 
     tokens: int32 [B, L], the prompt (as given, padding included) followed by the generation.
     commit_pass: int32 [B, gen_length], the forward pass (counted from 0 over the whole run)
-      whose logits committed each generated position; -1 where early exit filled it with EOS.
+      whose logits committed each generated position; -1 where none did (pre-filled positions,
+      and positions that early exit filled with EOS).
     num_forward_passes: int32 scalar, model calls made (a CFG pair of rows counts once).
     computed_positions: int32 scalar, positions each row sent through the model over the run
       (the canvas length per full pass, the window length per cached pass): times 2 x params x
@@ -220,8 +226,7 @@ def _constrain(x: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length"))
 
 
-def _prefix_window_groups(config: SamplerConfig, length: int,
-                          gen_start: int) -> list[tuple[int, int, int]]:
+def _prefix_window_groups(config: SamplerConfig, length: int) -> list[tuple[int, int, int]]:
     """Prefix cache: (first block, end block, window length) with windows ending at `length`.
 
     Block j needs the window [gen_start + j * block_length, length); the window lengths are
@@ -285,7 +290,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             x = jnp.where(cond & unconditional, c.mask_id, x)
         return x
 
-    def guided(logits):  # [R, W, V] -> [B, W, V] float32
+    def guided(logits):  # [R, W, V] -> [B, W, V] float32 (W: the current block)
         logits = logits.astype(jnp.float32)
         if not use_cfg:
             return logits
@@ -294,32 +299,36 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         return uncond + (c.cfg_scale + 1.0) * (cond - uncond)
 
     def full_pass(x, return_kv):
+        """Raw logits [R, L, V] of the whole canvas (and the keys/values of every position)."""
         out = forward(_constrain(model_tokens(x, 0, length)), attention_mask=model_mask,
                       positions=model_positions, return_kv=return_kv)
-        return (guided(out[0]), out[1]) if return_kv else (guided(out), None)
+        return out if return_kv else (out, None)
 
     def window_pass(x, cache, start, width):
-        logits = forward(_constrain(model_tokens(x, start, width)), attention_mask=model_mask,
-                         positions=jax.lax.dynamic_slice_in_dim(model_positions, start, width, 1),
-                         kv_cache=cache, cache_index=start)
-        return guided(logits)
+        """Raw logits [R, width, V] of the window [start, start + width) over the cache."""
+        return forward(_constrain(model_tokens(x, start, width)), attention_mask=model_mask,
+                       positions=jax.lax.dynamic_slice_in_dim(model_positions, start, width, 1),
+                       kv_cache=cache, cache_index=start)
+
+    def block_of(logits, offset):
+        """The current block's guided float32 logits [B, bl, V], sliced before the cast."""
+        return guided(jax.lax.dynamic_slice_in_dim(logits, offset, bl, 1))
 
     def block_logits(x, cache, step, block_start, window):
         """Logits [B, block_length, V] of the current block, the (maybe refreshed) cache, and
         the number of positions the pass computed."""
         if c.cache == "none":
             logits, _ = full_pass(x, return_kv=False)
-            return jax.lax.dynamic_slice_in_dim(logits, block_start, bl, 1), cache, length
+            return block_of(logits, block_start), cache, length
         start = block_start if c.cache == "dual" else length - window
         refresh = step == 0 if c.refresh_every == 0 else step % c.refresh_every == 0
 
         def refreshed(x, cache):
             logits, kv = full_pass(x, return_kv=True)
-            return jax.lax.dynamic_slice_in_dim(logits, block_start, bl, 1), kv
+            return block_of(logits, block_start), kv
 
         def cached(x, cache):
-            logits = window_pass(x, cache, start, window)
-            return jax.lax.dynamic_slice_in_dim(logits, block_start - start, bl, 1), cache
+            return block_of(window_pass(x, cache, start, window), block_start - start), cache
 
         logits, cache = jax.lax.cond(refresh, refreshed, cached, x, cache)
         return logits, cache, jnp.where(refresh, length, window)
@@ -378,9 +387,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     def run_block(state: _LoopState, window: int) -> _LoopState:
         block_start = gen_start + state.block * bl
         block_tokens = jax.lax.dynamic_slice_in_dim(state.tokens, block_start, bl, 1)
-        spb = c.steps // nb if not c.parallel else 1
         state = state._replace(step=jnp.int32(0), schedule=num_transfer_tokens(
-            jnp.sum(block_tokens == c.mask_id, axis=1), spb))
+            jnp.sum(block_tokens == c.mask_id, axis=1), c.schedule_steps))
 
         def keep_going(s: _LoopState):
             left = jax.lax.dynamic_slice_in_dim(s.tokens, block_start, bl, 1) == c.mask_id
@@ -407,16 +415,15 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     if c.cache != "none":
         _, kv_shape = jax.eval_shape(lambda x: full_pass(x, return_kv=True), tokens)
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), kv_shape)
-    spb = c.steps // nb if not c.parallel else 1
     state = _LoopState(
         tokens=_constrain(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
-        schedule=jnp.zeros((batch, spb), jnp.int32),
+        schedule=jnp.zeros((batch, c.schedule_steps), jnp.int32),
         commit_pass=jnp.full((batch, c.gen_length), -1, jnp.int32), passes=jnp.int32(0),
         positions=jnp.int32(0),
         done=jnp.bool_(False))
 
     if c.cache == "prefix":
-        groups = _prefix_window_groups(c, length, gen_start)
+        groups = _prefix_window_groups(c, length)
     else:
         groups = [(0, nb, bl if c.cache == "dual" else length)]
     for first, end, window in groups:

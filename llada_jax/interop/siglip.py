@@ -435,3 +435,178 @@ def import_vision_from_safetensors(directory: str | os.PathLike[str], cfg: Visio
         names = [n for path in _safetensors_files(directory) for n in _read_header(path)[0]]
         prefix = detect_vision_prefix(names)
     return import_vision(load_safetensors_dir(directory, (prefix,)), cfg, prefix, dtype)
+
+
+# --- whole LLaDA-V checkpoints ------------------------------------------------------------------
+# Tensors of a LLaDA-V checkpoint that are not the language tower.
+LLADA_V_MULTIMODAL_PREFIXES = (LLADA_V_VISION_PREFIX, LLADA_V_PREFIX + "mm_projector.",
+                               LLADA_V_PREFIX + "image_newline")
+VISION_SHARD = "model-vision.safetensors"
+# config.json field where our exports record the tower's architecture (LLaDA-V's own config only
+# names the tower, `mm_vision_tower`; without this field the so400m/14 defaults are assumed).
+VISION_CONFIG_FIELD = "llada_jax_vision_config"
+
+
+def llada_v_config_fields(vision: VisionConfig, image_aspect_ratio: str = "anyres_max_4",
+                          max_grid: int = 6) -> dict[str, Any]:
+    """The LLaVA / LLaDA-V fields of config.json that describe the vision side."""
+    import dataclasses
+
+    tile = vision.image_size
+    return {
+        "architectures": ["LlavaLLaDAModelLM"],
+        "mm_vision_tower": "google/siglip2-so400m-patch14-384",
+        "mm_hidden_size": vision.width,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": vision.feature_layer,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_aspect_ratio": image_aspect_ratio,
+        "image_grid_pinpoints": [[i * tile, j * tile] for i in range(1, max_grid + 1)
+                                 for j in range(1, max_grid + 1)],
+        VISION_CONFIG_FIELD: {k: v for k, v in dataclasses.asdict(vision).items()
+                              if k not in ("dtype", "param_dtype", "remat_policy")},
+    }
+
+
+def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> VisionConfig:
+    """The VisionConfig of a LLaDA-V config.json: our recorded architecture if present, else
+    SigLIP2 so400m/14 at 384 px with the checkpoint's `mm_vision_select_layer`."""
+    import dataclasses
+
+    fields = dict(hf_config.get(VISION_CONFIG_FIELD) or {})
+    if not fields and "mm_vision_select_layer" in hf_config:
+        fields["feature_layer"] = int(hf_config["mm_vision_select_layer"])
+    known = {f.name for f in dataclasses.fields(VisionConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"config.json {VISION_CONFIG_FIELD}: unknown field(s) {unknown}")
+    fields.update(overrides)
+    cfg = VisionConfig(**fields)
+    validate_vision(cfg)
+    return cfg
+
+
+def export_llada_v(params: Mapping[str, Any], model_cfg: Any, vision: VisionConfig,
+                   out_dir: str | os.PathLike[str], *, dtype: str = "bfloat16",
+                   image_aspect_ratio: str = "anyres_max_4", max_grid: int = 6,
+                   tokenizer_dir: str | None = None, overwrite: bool = False) -> Any:
+    """Writes `LLaDAV` params as one LLaDA-V Hugging Face checkpoint directory.
+
+    The language tower goes through `interop.hf.export_hf` with Llama names (`model.layers.*`,
+    `lm_head`), the vision tower and projector (`model.vision_tower.vision_tower.vision_model.*`,
+    `model.mm_projector.*`, `model.image_newline`) into one more shard, `model-vision.safetensors`,
+    listed in the same index; config.json gets the LLaVA fields (`llada_v_config_fields`).
+    Everything is written under a temporary name and renamed to `out_dir` when complete.
+    Returns hf.export_hf's summary, counting the vision shard too.
+    """
+    import dataclasses
+    import shutil
+    import tempfile
+
+    import jax
+
+    from llada_jax.interop import hf
+
+    params = dict(params)
+    missing = [k for k in ("vision_tower", "projector", "language_model") if k not in params]
+    if missing:
+        raise ValueError(f"params: expected LLaDAV params with vision_tower, projector and "
+                         f"language_model, missing {missing}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    parent = os.path.dirname(out_dir)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
+    os.rmdir(staging)   # export_hf creates it (and refuses an existing directory)
+    try:
+        summary = hf.export_hf(params["language_model"], model_cfg, staging, naming="llama",
+                               dtype=dtype, tokenizer_dir=tokenizer_dir)
+        host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)),
+                            {"vision_tower": params["vision_tower"],
+                             "projector": params["projector"]})
+        tensors = export_llada_v_multimodal(host, vision, dtype)
+        if jax.process_index() == 0:
+            hf.write_safetensors(
+                os.path.join(staging, VISION_SHARD),
+                [(name, t.dtype, t.shape, lambda t=t: t) for name, t in tensors.items()],
+                {"format": "pt"})
+            index_path = os.path.join(staging, hf.INDEX_FILE)
+            with open(index_path) as f:
+                index = json.load(f)
+            index["weight_map"].update({name: VISION_SHARD for name in tensors})
+            vision_bytes = sum(t.nbytes for t in tensors.values())
+            index["metadata"]["total_size"] += vision_bytes
+            with open(index_path, "w") as f:
+                json.dump(index, f, indent=2)
+            config_path = os.path.join(staging, "config.json")
+            with open(config_path) as f:
+                config = json.load(f)
+            config.update(llada_v_config_fields(vision, image_aspect_ratio, max_grid))
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2)
+            if os.path.exists(out_dir):
+                shutil.rmtree(out_dir)
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataclasses.replace(summary, directory=out_dir,
+                               num_tensors=summary.num_tensors + len(tensors),
+                               num_bytes=summary.num_bytes + vision_bytes,
+                               num_shards=summary.num_shards + 1)
+
+
+def import_llada_v(hf_dir: str | os.PathLike[str], *, mesh: Any = None, rules: Any = None,
+                   param_dtype: str | None = None, vision: VisionConfig | None = None
+                   ) -> tuple[Any, VisionConfig, dict[str, Any]]:
+    """A LLaDA-V Hugging Face checkpoint -> (ModelConfig, VisionConfig, `LLaDAV` params).
+
+    The language tower streams in through `interop.hf.import_hf` (its Llama names; the vision
+    tensors are skipped there), the vision tower and projector through `import_llada_v_multimodal`
+    (only their tensors are read). `vision`: the tower's architecture (default: from config.json,
+    see `vision_config_from_hf`). Params are placed on `mesh` by the logical rules (default: the
+    project's table), or on the first device without a mesh; `param_dtype` as in `import_hf`.
+    """
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+    from llada_jax.interop import hf
+    from llada_jax.model.multimodal import LLaDAV
+
+    hf_dir = os.fspath(hf_dir)
+    model_cfg, language = hf.import_hf(hf_dir, mesh=mesh, rules=rules, param_dtype=param_dtype,
+                                       skip_prefixes=LLADA_V_MULTIMODAL_PREFIXES)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_config = json.load(f)
+    vision = vision_config_from_hf(hf_config) if vision is None else vision
+    vision = dataclasses.replace(vision, param_dtype=model_cfg.param_dtype)
+    tensors = load_safetensors_dir(hf_dir, LLADA_V_MULTIMODAL_PREFIXES)
+    host = import_llada_v_multimodal(tensors, vision, model_cfg.d_model, model_cfg.param_dtype)
+
+    # The same shardings LLaDAV's own init gives these params.
+    model = LLaDAV(model_cfg, vision)
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"],
+                           jax.random.key(0))
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
+    else:
+        rules = tuple(DEFAULT_LOGICAL_AXIS_RULES if rules is None else rules)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    params = {"language_model": language}
+    for group in ("vision_tower", "projector"):
+        expected = jax.tree.map(lambda a: a.shape, nn.unbox(boxed[group]))
+        found = jax.tree.map(lambda a: a.shape, host[group])
+        if expected != found:
+            raise ValueError(f"{hf_dir}: the {group} tensors do not fit the vision config "
+                             f"{vision}: expected shapes {expected}, found {found}")
+        params[group] = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i, a=a: a[i]),
+            host[group], shardings[group])
+    return model_cfg, vision, params

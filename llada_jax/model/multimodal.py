@@ -18,10 +18,12 @@ Two equivalent paths from view features to embeddings: eager/per image, `assembl
 then `splice_image_features`; jitted/batched, `gather_image_tokens` with a plan laid out at the
 placeholder positions (the test checks they agree).
 
-Placeholder convention: the data side expands each `<image>` into exactly N copies of a
-placeholder id, N being that image's token count; images fill the placeholders in order (row by
-row for a batch). LLaVA uses -200 (`IMAGE_TOKEN_INDEX`), an id outside any vocabulary, so a text
-lookup can never collide with it.
+Placeholder convention (the one used everywhere: data, training, sampling): the text's literal
+`<image>` marks are expanded into exactly N copies of `IMAGE_PLACEHOLDER_ID` = -200, N being that
+image's token count (`llada_jax/data/multimodal_data.py`); images fill the placeholders in order
+(row by row for a batch). -200 is LLaVA's `IMAGE_TOKEN_INDEX`: an id outside any vocabulary, so it
+can never collide with text, and it needs no `<image>` token in the tokenizer (the released
+LLaDA tokenizer has none; `Tokenizer.image_id` is not used for this).
 """
 
 from __future__ import annotations
@@ -244,15 +246,39 @@ def gather_image_tokens(view_tokens: jax.Array, index: jax.Array, weight: jax.Ar
     return jnp.where(is_newline[..., None], newline.astype(view_tokens.dtype), out)
 
 
+def normalize_pixels(pixels: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [-1, 1] exactly as `images.normalize` computes them (a lookup
+    in its 256-entry table); floating-point pixels are taken as already normalised."""
+    if jnp.issubdtype(pixels.dtype, jnp.integer):
+        return jnp.asarray(image_geometry.normalization_table())[pixels.astype(jnp.int32)]
+    return pixels
+
+
+# The batch fields a LLaDA-V batch adds to `tokens` / `maskable` (llada_jax/data/multimodal_data.py):
+#   pixel_values         uint8 [B, V, H, W, 3]  each row's views (base view, tiles; zero padding)
+#   image_source_index   int32 [B, L, 4]        the gather plan of `images.anyres_token_sources`,
+#   image_source_weight  float32 [B, L, 4]      indices into the row's own views flattened to
+#   image_is_newline     bool [B, L]            [V * tokens_per_view] (row-local: shards with B)
+IMAGE_FIELDS = ("pixel_values", "image_source_index", "image_source_weight", "image_is_newline")
+
+
 class LLaDAV(nn.Module):
     """The LLaDA-V mask predictor: images and (noisy) text in, logits out.
 
-    `pixel_views` [V, H, W, 3] are all views of the batch's images in reading order (padding views
-    allowed: nothing references them); `image_sources` is the (index, weight, is_newline) plan of
-    `images.place_token_sources` for `input_ids`, whose placeholder positions (id
-    `image_placeholder_id`) receive the image tokens. Params: `vision_tower`, `projector`
-    (with `image_newline`), `language_model`. Like `Transformer`, it knows nothing about masking
-    or time: the losses must skip the returned `image_positions`.
+    `input_ids` [B, L] hold `image_placeholder_id` at every image-token position. The image
+    tokens come from `pixel_values` and the gather plan `image_sources = (index, weight,
+    is_newline)`, in one of two layouts:
+      * per row (what training batches use): pixel_values [B, V, H, W, 3], plan indices into the
+        row's own V views (`images.place_token_sources` of one row); padding views are allowed;
+      * flat: pixel_values [V, H, W, 3], all views of the batch in reading order, plan indices
+        into all of them (`images.place_token_sources` of the whole batch).
+    Pixels are uint8 (normalised on device by `normalize_pixels`) or already-normalised floats.
+    Or pass `image_embeddings` [B, L, d_model] computed once by `image_embeddings(...)` (the
+    sampler does: the tower runs once, not at every step).
+
+    Params: `vision_tower`, `projector` (with `image_newline`), `language_model`; `init` creates
+    all three even when called with text only. Like `Transformer`, it knows nothing about masking
+    or time: the losses must skip the image positions (`maskable` is False there).
     """
 
     config: ModelConfig
@@ -265,31 +291,63 @@ class LLaDAV(nn.Module):
                                    param_dtype=self.config.param_dtype)
         self.language_model = Transformer(self.config)
 
-    def encode_images(self, pixel_views: jax.Array) -> jax.Array:
-        """[V, H, W, 3] -> projected view features [V, tokens_per_view, d_model]."""
-        return self.projector(self.vision_tower(pixel_views))
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """Views [..., H, W, 3] -> projected view features [..., tokens_per_view, d_model]."""
+        lead = pixel_values.shape[:-3]
+        flat = pixel_values.reshape((-1,) + pixel_values.shape[-3:])
+        features = self.projector(self.vision_tower(normalize_pixels(flat)))
+        return features.reshape(lead + features.shape[-2:])
 
-    def embed(self, input_ids: jax.Array, pixel_views: jax.Array | None = None,
-              image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None
-              ) -> tuple[jax.Array, jax.Array]:
+    def image_embeddings(self, pixel_values: jax.Array,
+                         image_sources: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """The image token at every position [B, L, d_model] (zeros where the plan is empty)."""
+        index, weight, is_newline = image_sources
+        views = self.encode_images(pixel_values)
+        newline = self.projector.newline()
+        if pixel_values.ndim == 5:              # per row: [B, V, T, d], row-local indices
+            batch, num_views, tokens, dim = views.shape
+            if index.shape[0] != batch:
+                raise ValueError(f"image_sources: expected {batch} rows like pixel_values, "
+                                 f"found {index.shape[0]}")
+            return jax.vmap(gather_image_tokens, in_axes=(0, 0, 0, 0, None))(
+                views.reshape(batch, num_views * tokens, dim), index, weight, is_newline, newline)
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values: expected [B, V, H, W, C] or [V, H, W, C], found "
+                             f"shape {pixel_values.shape}")
+        return gather_image_tokens(views.reshape(-1, views.shape[-1]), index, weight, is_newline,
+                                   newline)
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+              image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+              image_embeddings: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """(embeddings [B, L, d_model], image_positions [B, L] bool)."""
         image_positions = input_ids == self.image_placeholder_id
         text = self.language_model.embed(
             text_ids_for_embedding(input_ids, self.image_placeholder_id, self.config.pad_token_id))
-        if pixel_views is None:
+        if image_embeddings is None and pixel_values is not None:
+            if image_sources is None:
+                raise ValueError("LLaDAV: pixel_values need image_sources "
+                                 "(images.place_token_sources)")
+            image_embeddings = self.image_embeddings(pixel_values, image_sources)
+        if image_embeddings is None:
+            if self.is_initializing():
+                # A text-only init still creates the tower and projector params (one dummy view
+                # per row keeps the batch-sharding constraints divisible).
+                dummy = (input_ids.shape[0], self.vision.image_size, self.vision.image_size,
+                         self.vision.num_channels)
+                self.encode_images(jnp.zeros(dummy, jnp.uint8))
             return text, image_positions
-        if image_sources is None:
-            raise ValueError("LLaDAV: pixel_views need image_sources (images.place_token_sources)")
-        views = self.encode_images(pixel_views)
-        index, weight, is_newline = image_sources
-        tokens = gather_image_tokens(views.reshape(-1, views.shape[-1]), index, weight,
-                                     is_newline, self.projector.newline())
-        return jnp.where(image_positions[..., None], tokens.astype(text.dtype), text), \
-            image_positions
+        if image_embeddings.shape != text.shape:
+            raise ValueError(f"image_embeddings: expected shape {text.shape} (the tokens' "
+                             f"[batch, length, d_model]), found {image_embeddings.shape}")
+        return jnp.where(image_positions[..., None], image_embeddings.astype(text.dtype),
+                         text), image_positions
 
-    def __call__(self, input_ids: jax.Array, pixel_views: jax.Array | None = None,
-                 image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                 **language_model_kwargs: Any) -> jax.Array:
-        """Logits [B, L, vocab]; keyword arguments go to `Transformer` (attention_mask, ...)."""
-        embeddings, _ = self.embed(input_ids, pixel_views, image_sources)
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                 image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None, *,
+                 image_embeddings: jax.Array | None = None,
+                 **language_model_kwargs: Any) -> Any:
+        """Logits [B, L, vocab]; keyword arguments go to `Transformer` (attention_mask,
+        positions, kv_cache, cache_index, return_kv, ...)."""
+        embeddings, _ = self.embed(input_ids, pixel_values, image_sources, image_embeddings)
         return self.language_model(inputs_embeds=embeddings, **language_model_kwargs)

@@ -11,7 +11,9 @@ batches (dicts of numpy arrays, this process's `batch_size / process_count` rows
         -> batches of `tokens` int32 [rows, seq_len].
     Concatenation rather than per-document EOS padding: it is how LLaDA pre-trains (documents
     separated by EOS, attending across it), and no compute goes to padding. Only
-    `data.packing = 'concat'` is offered for this corpus.
+    `data.packing = 'concat'` is offered for this corpus. With `data.num_workers > 0` grain's
+    worker processes each build their share of the batches, so the batch order depends on
+    the number of workers: resume with the same setting.
   * every other source (files, tfds, synthetic_chat, mixtures; SFT conversations) goes through
     `llada_jax.data.pipeline`, the project's data pipeline.
 
@@ -41,10 +43,14 @@ class _EncodeDocument:
         self.tokenizer, self.add_bos = tokenizer, add_bos
 
     def __call__(self, document: dict[str, str]) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(document["text"]) + [self.tokenizer.eos_id]
+        ids = [*self.tokenizer.encode(document["text"]), self.tokenizer.eos_id]
         if self.add_bos:
-            ids = [self.tokenizer.bos_id] + ids
+            ids = [self.tokenizer.bos_id, *ids]
         return {"tokens": np.asarray(ids, np.int32)}
+
+
+def _is_full_window(window: dict[str, np.ndarray]) -> bool:
+    return int(window["tokens_segment_ids"][-1]) != 0
 
 
 def _window_to_batch_row(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -74,8 +80,17 @@ def _synthetic_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, 
     windows = grain.experimental.ConcatThenSplitIterDataset(
         stream, length_struct={"tokens": train.seq_len})
     # Only full windows (the last one of a finite stream may be short).
-    windows = windows.filter(lambda w: int(w["tokens_segment_ids"][-1]) != 0)
-    return windows.map(_window_to_batch_row).batch(rows, drop_remainder=True)
+    windows = windows.filter(_is_full_window)
+    batches = windows.map(_window_to_batch_row).batch(rows, drop_remainder=True)
+    if data.num_workers > 0:
+        # grain's worker processes read absl flags; a library caller may not have parsed any.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+    return batches
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,

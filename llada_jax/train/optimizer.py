@@ -23,7 +23,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
         if kind == "constant":
             after = jnp.full_like(s, peak)
         elif kind == "wsd":
-            decay_steps = int(round(float(train.decay_fraction) * total))
+            decay_steps = round(float(train.decay_fraction) * total)
             decay_start = total - decay_steps
             if decay_steps > 0:
                 frac = jnp.clip((s - decay_start) / decay_steps, 0.0, 1.0)
@@ -93,7 +94,7 @@ def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
         if rows % num_micro_batches:
             raise ValueError(f"batch of {rows} rows does not split into {num_micro_batches} "
                              f"micro-batches (config.train.grad_accum_steps)")
-        x = x.reshape((rows // num_micro_batches, num_micro_batches) + x.shape[1:])
+        x = x.reshape((rows // num_micro_batches, num_micro_batches, *x.shape[1:]))
         return jnp.swapaxes(x, 0, 1)
     return jax.tree.map(split, batch)
 

@@ -24,7 +24,8 @@ clipping), `learning_rate` (of this update), `noised_tokens`, `cut_length`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -57,7 +58,7 @@ class MeshFunction:
 
 
 def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict, mask_id: int,
-             rng: jax.Array, allow_cut: bool) -> dict[str, jax.Array]:
+                  rng: jax.Array, allow_cut: bool) -> dict[str, jax.Array]:
     """Draws the noise for the whole batch; returns the per-row arrays the loss needs.
 
     Returns `noisy_tokens`, `tokens`, `noised`, `mask_prob`, `maskable` (after removing
@@ -93,7 +94,9 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     return prepared
 
 
-def _loss_fn(model: Transformer, objective: str):
+def make_loss_fn(model: Transformer, objective: str) -> Callable:
+    """(params, prepared batch) -> (loss, {correct, noised}) for `train.objective`."""
+
     def loss_fn(params, micro: dict[str, jax.Array]):
         logits = model.apply({"params": params}, micro["noisy_tokens"],
                              attention_mask=micro.get("key_mask"),
@@ -116,16 +119,21 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     train = config.train
     mask_id = int(config.model.mask_token_id)
     schedule = make_schedule(train)
-    loss_fn = _loss_fn(model, train.objective)
+    loss_fn = make_loss_fn(model, train.objective)
     num_micro = int(train.grad_accum_steps)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=True)
         micro_batches = split_micro_batches(prepared, num_micro)
+        # Every micro-batch stays spread over the batch axes (a local reshape, see
+        # split_micro_batches); say so, rather than leave the scan's layout to propagation.
+        micro_batches = jax.tree.map(
+            lambda x: nn.with_logical_constraint(
+                x, (None, "activation_batch") + (None,) * (x.ndim - 2)), micro_batches)
         loss, grads, counts = accumulate_gradients(loss_fn, state.params, micro_batches,
                                                    num_micro, grad_shardings)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -162,7 +170,7 @@ def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Calla
     """
     train = config.train
     mask_id = int(config.model.mask_token_id)
-    loss_fn = _loss_fn(model, train.objective)
+    loss_fn = make_loss_fn(model, train.objective)
 
     def eval_step(params, batch, rng_data):
         rng = jax.random.wrap_key_data(rng_data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -95,20 +96,23 @@ def _evaluate(config, eval_step, params, tokenizer, mesh, eval_keys) -> dict[str
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None,
+          devices: Sequence[jax.Device] | None = None) -> TrainResult:
     """Trains (or resumes training) until `train.steps` updates, or `stop_after` more of them.
 
     `stop_after` ends this call early, with a checkpoint, as a preempted job would; calling
     `train` again with the same workdir continues on exactly the same batches and noise.
+    `devices` (default: all) are the devices of the mesh.
     """
     parallel.maybe_initialize_distributed()
-    config_lib.validate(config, jax.device_count())
+    devices = list(jax.devices() if devices is None else devices)
+    config_lib.validate(config, len(devices))
     train_cfg = config.train
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer(config, tokenizer)
     is_chief = jax.process_index() == 0
 
-    mesh = parallel.make_mesh(config)
+    mesh = parallel.make_mesh(config, devices)
     rules = parallel.logical_rules(config)
     model = state_lib.make_model(config)
     tx = make_optimizer(train_cfg)
@@ -163,14 +167,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             fetched = jax.device_get([m for _, m in pending])
             elapsed = time.time() - window_start
             steps_per_second = window_steps / max(elapsed, 1e-9)
-            for (s, _), values in zip(pending, fetched):
+            for (s, _), values in zip(pending, fetched, strict=True):
                 record = {"step": s, **{k: float(v) for k, v in values.items()}}
                 history.append(record)
                 if writer:
                     writer.scalars(s, {f"train/{k}": v for k, v in record.items() if k != "step"})
             last = history[-1]
             if writer:
-                writer.scalars(step, {"train/tokens_per_second": steps_per_second * tokens_per_step})
+                writer.scalars(step, {"train/tokens_per_second":
+                                      steps_per_second * tokens_per_step})
                 writer.flush()
             if is_chief:
                 logging.info(
@@ -199,6 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         checkpointer.save(end, state, config, iterator)
     checkpointer.wait()
     checkpointer.close()
+    iterator.close()  # stops prefetch threads / worker processes now, not at interpreter exit
     if writer:
         writer.close()
     return TrainResult(state, history, eval_history)

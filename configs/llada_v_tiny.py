@@ -1,0 +1,59 @@
+"""Tiny LLaDA-V preset: a tiny SigLIP tower + projector + the default tiny LLaDA on coloured shapes.
+
+    python launch/train.py --config=configs/llada_v_tiny.py --workdir=/tmp/llada_v_tiny
+    python launch/chat.py --checkpoint=/tmp/llada_v_tiny --image=shape.png
+
+Images are 32 x 32 pictures of one coloured shape (`llada_jax.data.synthetic_images`) with a
+question about its colour (4 colours) or its shape (3 shapes); the answer can only be read from
+the image. One square view per image (no AnyRes tiling): 32 px in 8 px patches gives 16 tokens
+plus the newline. The whole model trains (stage-2 style, everything at one learning rate) with
+the masked-response loss on the built-in character tokenizer; no downloads.
+`get_config("quick")` is a short run for smoke tests, `get_config("stage1")` trains the
+projector only.
+"""
+
+from llada_jax.config import default_config
+
+
+def get_config(arg: str | None = None):
+    c = default_config()  # model: d_model 64, 2 layers, 4 heads, char vocabulary (128)
+    c.vision.enabled = True
+    c.vision.image_size = 32
+    c.vision.patch_size = 8
+    c.vision.width = 64
+    c.vision.n_layers = 3            # LLaDA-V's layout in small: the last block is dropped
+    c.vision.feature_layer = -2
+    c.vision.n_heads = 4
+    c.vision.mlp_dim = 128
+    c.vision.image_aspect_ratio = "square"
+    c.vision.max_views = 1
+
+    c.train.objective = "sft"        # the masked-response loss (maskable = answers + padding)
+    c.train.steps = 300
+    c.train.batch_size = 32
+    c.train.seq_len = 64             # the longest conversation is 56 tokens (17 of them image)
+    c.train.learning_rate = 3e-3
+    c.train.schedule = "cosine"
+    c.train.warmup_steps = 20
+    c.train.log_every = 50
+    c.train.checkpoint_every = 300
+    c.train.eval_every = 0
+    c.data.source = "shapes"
+    c.data.eval_source = "shapes@test"
+    c.data.tokenizer = "char"
+    c.data.synthetic_size = 20000
+    # Answers are at most 8 characters ("triangle") + <|eot_id|>.
+    c.sampler.gen_length = 12
+    c.sampler.block_length = 12
+    c.sampler.steps = 12
+    if arg == "quick":
+        c.train.steps = 20
+        c.train.warmup_steps = 5
+        c.train.log_every = 10
+        c.train.checkpoint_every = 20
+    elif arg == "stage1":
+        c.train.trainable = "projector"
+    elif arg:
+        raise ValueError(f"configs/llada_v_tiny.py: expected no argument, 'quick' or 'stage1', "
+                         f"found {arg!r}")
+    return c

@@ -1,0 +1,105 @@
+"""launch/train.py and launch/tpu_pod.py as a user runs them (subprocesses)."""
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from llada_jax.train import summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(program, *args, timeout=240):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""          # one CPU device: quicker than the tests' 8 fake ones
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch", program), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _read_tfrecords(path):
+    """Payloads of a TFRecord file, checking both CRCs of every record."""
+    data = open(path, "rb").read()
+    records, offset = [], 0
+    while offset < len(data):
+        header = data[offset:offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (length_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+        payload = data[offset + 12:offset + 12 + length]
+        (payload_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+        assert length_crc == summary.masked_crc32c(header)
+        assert payload_crc == summary.masked_crc32c(payload)
+        records.append(payload)
+        offset += 16 + length
+    return records
+
+
+def test_crc32c_standard_check_value():
+    # The CRC-32C (Castagnoli) check value of "123456789" is 0xE3069283 (RFC 3720, B.4).
+    assert summary.crc32c(b"123456789") == 0xE3069283
+
+
+def test_train_end_to_end_then_resume(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["--config=configs/tiny.py:quick", f"--workdir={workdir}", "--config.train.steps=4",
+            "--config.train.log_every=2", "--config.train.eval_every=2",
+            "--config.train.eval_batches=1", "--config.train.checkpoint_every=0"]
+    result = _run("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/4 | loss" in result.stderr and "step 4/4 | loss" in result.stderr
+    assert "eval at step 4" in result.stderr
+    assert "orbax" not in result.stderr  # library INFO chatter is filtered
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents.")
+    payloads = _read_tfrecords(os.path.join(workdir, "tensorboard", events[0]))
+    assert b"brain.Event:2" in payloads[0]
+    assert sum(b"train/loss" in p for p in payloads) == 4  # one per step
+    assert any(b"eval/loss" in p for p in payloads)
+
+    # Same workdir, more steps: resumes at step 4.
+    result = _run("train.py", *args[:2], "--config.train.steps=6", "--config.train.log_every=2",
+                  "--config.train.eval_every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "at step 4" in result.stderr
+    assert "step 6/6 | loss" in result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.train.steps=-3", "error: config.train.steps: expected a positive integer, "
+                                "found -3"),
+    ("--config.train.schedule=linear", "error: config.train.schedule: expected one of"),
+    ("--config.train.steps=many", "error: flag --config.train.steps=many:"),
+    ("--config.train.no_such_field=1", "error: unknown config field 'no_such_field'"),
+    ("--config.model.mask_token_id=5", "error: config.model.mask_token_id: expected 3"),
+    ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
+])
+def test_bad_flags_give_one_line_errors(tmp_path, flag, message):
+    result = _run("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", flag,
+                  timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(message), lines[0]
+    assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_tpu_pod_dry_run_prints_the_gcloud_commands():
+    result = _run("tpu_pod.py", "--tpu=pod-1", "--zone=us-east5-a", "--project=proj",
+                  "--config=configs/llada_8b.py:/data/tok", "--workdir=gs://bucket/run",
+                  "--copy", "--dry_run", "--", "--config.train.steps=10", timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("gcloud compute tpus tpu-vm scp --recurse ")
+    assert "pod-1:llada_jax" in lines[0] and "--worker=all" in lines[0]
+    assert lines[1].startswith("gcloud compute tpus tpu-vm ssh pod-1 --zone=us-east5-a "
+                               "--project=proj --worker=all '--command=cd llada_jax && python3 "
+                               "launch/train.py --config=configs/llada_8b.py:/data/tok "
+                               "--workdir=gs://bucket/run --config.train.steps=10'")
+    missing = _run("tpu_pod.py", "--zone=z", "--workdir=gs://b", "--dry_run", timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: --tpu is required"
