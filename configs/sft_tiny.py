@@ -5,7 +5,9 @@
 Conversations such as "Uppercase kfb" -> "KFB" or "Last letter of kfb" -> "b"
 (`llada_jax.data.synthetic_chat`), rendered in the LLaDA chat format with the built-in
 character tokenizer; the SFT loss trains the answer, its <|eot_id|> and the EOS padding, never
-the prompt. Evaluation uses the held-out `synthetic_chat@test` questions. No downloads.
+the prompt. Evaluation uses the held-out `synthetic_chat@test` questions. No downloads. In about
+a minute and a half on two CPU cores the model goes from no correct answer to about 75% exact
+answers on held-out questions (tests/test_chat_sft.py measures it with the sampler).
 Add `--config.train.init_from=/tmp/tiny/checkpoints` to start from a `configs/tiny.py` run.
 `get_config("quick")` is a short run for smoke tests.
 """
@@ -16,22 +18,24 @@ from llada_jax.config import default_config
 def get_config(arg: str | None = None):
     c = default_config()  # model: d_model 64, 2 layers, 4 heads, char vocabulary (128)
     c.train.objective = "sft"
-    c.train.steps = 600
-    c.train.batch_size = 32
+    # Learning the tasks takes about 60k conversations; small batches are the fastest way there
+    # on a CPU (the step time hardly grows with the batch at this size, the updates do).
+    c.train.steps = 4000
+    c.train.batch_size = 16
     c.train.seq_len = 48            # the longest synthetic conversation is 45 tokens
     c.train.learning_rate = 3e-3
     c.train.schedule = "wsd"
-    c.train.warmup_steps = 30
-    c.train.decay_fraction = 0.2
-    c.train.log_every = 50
-    c.train.checkpoint_every = 300
-    c.train.eval_every = 200
+    c.train.warmup_steps = 200
+    c.train.decay_fraction = 0.2    # most of the held-out accuracy comes in the decay phase
+    c.train.log_every = 200
+    c.train.checkpoint_every = 2000
+    c.train.eval_every = 1000
     c.train.eval_batches = 4
     c.data.source = "synthetic_chat"
     c.data.eval_source = "synthetic_chat@test"
     c.data.tokenizer = "char"
     c.data.sft_multiturn = "sample_turn"
-    # Answers are at most 4 characters + <|eot_id|>; one block, one token per step.
+    # Answers are at most 3 characters + <|eot_id|>; one block, one token per step.
     c.sampler.gen_length = 8
     c.sampler.block_length = 8
     c.sampler.steps = 8

@@ -230,9 +230,62 @@ def test_synthetic_chat_set():
             verb, word = q.rsplit(" ", 1)
             rule = {"Repeat": word, "Uppercase": word.upper(), "Reverse": word[::-1],
                     "First letter of": word[0], "Last letter of": word[-1]}[verb]
-            assert a == rule and word.isalpha() and word.islower() and 2 <= len(word) <= 4
+            assert a == rule and word.isalpha() and word.islower() and len(word) == 3
             assert all(0 <= t < TOK.vocab_size and t != TOK.unk_id for t in TOK.encode(q + a))
             questions.setdefault(source.split, set()).add(q)
     assert not questions["train"] & questions["test"]  # held-out questions are unseen
     assert train[17] == synthetic_chat.SyntheticChatSource("train", 2000)[17]  # deterministic
     assert len(questions["train"]) > 1000  # not a handful of repeated questions
+
+
+def _held_out_accuracy(params, model, config, count=100):
+    """Exact answers (text before <|eot_id|>) of the sampler on held-out questions."""
+    from llada_jax.diffusion import sampler
+
+    items = [synthetic_chat.question_answer("test", i) for i in range(count)]
+    prompts = [TOK.render_chat([{"role": "user", "content": q}]) for q, _ in items]
+    prompt_tokens, prompt_mask = sampler.pad_prompts(prompts, TOK.pad_id)
+    settings = sampler.SamplerConfig.from_config(config, eot_id=TOK.eot_id)
+    out = np.asarray(sampler.generate(params, model, prompt_tokens, prompt_mask, settings,
+                                      jax.random.key(0)))
+    correct = 0
+    for (_, answer), generated in zip(items, out[:, prompt_tokens.shape[1]:].tolist()):
+        end = generated.index(TOK.eot_id) if TOK.eot_id in generated else len(generated)
+        correct += TOK.decode(generated[:end]) == answer
+    return correct / count
+
+
+def test_tiny_sft_end_to_end_answers_held_out_questions(tmp_path):
+    """configs/sft_tiny.py through launch/train.py, then the sampler on held-out questions."""
+    import os
+    import subprocess
+    import sys
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from configs.sft_tiny import get_config
+    from llada_jax.train import checkpoint as checkpoint_lib
+    from llada_jax.train import state as state_lib
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, "launch", "train.py"),
+         "--config=" + os.path.join(repo, "configs", "sft_tiny.py"),
+         f"--workdir={tmp_path}", "--config.train.eval_every=0",
+         "--config.train.checkpoint_every=0"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    config = get_config()
+    model = state_lib.make_model(config)
+    _, trained = checkpoint_lib.load_params(str(tmp_path))
+    untrained = nn.meta.unbox(jax.jit(model.init)(jax.random.key(config.train.seed),
+                                                  jnp.zeros((1, 8), jnp.int32)))
+    before = _held_out_accuracy(untrained, model, config)
+    after = _held_out_accuracy(trained, model, config)
+    # Measured: 0.00 before, 0.78 after (4000 steps of 16 conversations).
+    assert before <= 0.05
+    assert after >= 0.5 and after >= before + 0.45, (before, after)

@@ -28,7 +28,7 @@ def draw_shape(shape: str, colour: str, size: int, rng: np.random.Generator) -> 
     image[...] = BACKGROUND
     # Large and near the centre (a few pixels of jitter): in a 32 px picture of 8 px patches the
     # outline then falls on the same few patches, so a tiny tower learns shapes in minutes.
-    extent = int(rng.integers(size // 2, 3 * size // 4 + 1))
+    extent = int(rng.integers(5 * size // 8, 3 * size // 4 + 1))
     jitter = max(size // 16, 1)
     top, left = (int(np.clip((size - extent) // 2 + v, 0, size - extent))
                  for v in rng.integers(-jitter, jitter + 1, size=2))

@@ -39,8 +39,10 @@ class TrainResult(NamedTuple):
     """What a call of `train` leaves behind (besides its files)."""
 
     state: state_lib.TrainState
-    history: list[dict[str, float]]       # one entry per step run by this call
-    eval_history: list[dict[str, float]]  # one entry per evaluation
+    # One entry per update run by this call: its metrics and `step`, the update's 0-based index
+    # (the state's step before it).
+    history: list[dict[str, float]]
+    eval_history: list[dict[str, float]]  # one entry per evaluation, `step` as above
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
