@@ -283,7 +283,7 @@ def test_tiny_sft_end_to_end_answers_held_out_questions(tmp_path):
     model = state_lib.make_model(config)
     _, trained = checkpoint_lib.load_params(str(tmp_path))
     untrained = nn.meta.unbox(jax.jit(model.init)(jax.random.key(config.train.seed),
-                                                  jnp.zeros((1, 8), jnp.int32)))
+                                                  jnp.zeros((1, 8), jnp.int32)))["params"]
     before = _held_out_accuracy(untrained, model, config)
     after = _held_out_accuracy(trained, model, config)
     # Measured: 0.00 before, 0.78 after (4000 steps of 16 conversations).
