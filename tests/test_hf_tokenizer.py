@@ -17,7 +17,9 @@ from tokenizers import Tokenizer as RawTokenizer
 
 from llada_jax.data.tokenizer import HFTokenizer, load_tokenizer
 
-REAL = os.path.join(os.path.dirname(__file__), "data", "hf_reference", "llada_v_language_tower")
+# The real metadata from shared/hf_reference, copied into tests/data.
+REAL = os.path.join(os.path.dirname(__file__), "data", "hf_reference",
+                    "llada_v_language_tower")
 REAL_CONFIG = os.path.join(REAL, "tokenizer_config.json")
 
 # Llama-3 / cl100k-style pre-tokenizer pattern (newlines split off from the words after them).

@@ -31,7 +31,9 @@ from llada_jax.model.transformer import Transformer
 from llada_jax.parallel import make_mesh
 from tests.torch_reference import RefConfig, RefLLaDA, random_reference
 
-REAL = os.path.join(os.path.dirname(__file__), "data", "hf_reference", "llada_v_language_tower")
+# The real metadata from shared/hf_reference, copied into tests/data.
+REAL = os.path.join(os.path.dirname(__file__), "data", "hf_reference",
+                    "llada_v_language_tower")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOCAB, D, LAYERS, HEADS, MLP = 64, 32, 2, 4, 48
