@@ -18,6 +18,7 @@ RUNTIME = [
     "absl-py==2.5.1",
     "numpy==2.4.6",
     "pillow==13.0.0",
+    "importlib_resources==7.1.0",  # tfds looks it up for builders defined in packages
 ]
 
 setup(

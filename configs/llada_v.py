@@ -66,10 +66,15 @@ def get_config(arg: str | None = None):
     c.data.source = "files:llava_data/*.json"
     c.data.image_folder = ""
     c.data.num_workers = 8        # image decoding and resizing are CPU-heavy
-    # LLaDA-V sampling: one block, EOS never generated before the answer ends.
+    # LLaDA-V sampling (REFERENCE.md section 5): EOS, BOS and the header tokens are never
+    # generated at masked positions, and a row is done at its <|eot_id|> (early exit).
     c.sampler.gen_length = 128
-    c.sampler.block_length = 128
+    c.sampler.block_length = 32
     c.sampler.steps = 128
+    c.sampler.banned_ids = [126081, 126080, 126346, 126347]
+    c.sampler.stop_at_eot = True
+    c.sampler.early_exit = True
+    c.sampler.eot_token_id = 126348
     if stage == "stage1":
         c.train.trainable = "projector"
         c.train.learning_rate = 1e-3

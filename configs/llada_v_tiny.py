@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
     c.vision.max_views = 1
 
     c.train.objective = "sft"        # the masked-response loss (maskable = answers + padding)
-    c.train.steps = 300
+    c.train.steps = 500
     c.train.batch_size = 32
     c.train.seq_len = 64             # the longest conversation is 56 tokens (17 of them image)
     c.train.learning_rate = 3e-3
@@ -42,10 +42,15 @@ def get_config(arg: str | None = None):
     c.data.eval_source = "shapes@test"
     c.data.tokenizer = "char"
     c.data.synthetic_size = 20000
-    # Answers are at most 8 characters ("triangle") + <|eot_id|>.
+    # Answers are at most 8 characters ("triangle") + <|eot_id|>: 3 semi-autoregressive blocks
+    # of 4, one token per step. As LLaDA-V samples: EOS, BOS and the header tokens are never
+    # generated, and a row is done at its <|eot_id|>.
     c.sampler.gen_length = 12
-    c.sampler.block_length = 12
+    c.sampler.block_length = 4
     c.sampler.steps = 12
+    c.sampler.banned_ids = [2, 1, 4, 5]   # CharTokenizer: EOS, BOS, start/end header
+    c.sampler.stop_at_eot = True
+    c.sampler.early_exit = True
     if arg == "quick":
         c.train.steps = 20
         c.train.warmup_steps = 5

@@ -95,12 +95,13 @@ def batch_rows(mesh) -> int:
 
 def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any, mesh,
         prompts: Sequence[Sequence[int]], sampler: SamplerConfig, pad_id: int,
-        rng: jax.Array) -> tuple[np.ndarray, dict]:
+        rng: jax.Array, images: Sequence[Any] | None = None) -> tuple[np.ndarray, dict]:
     """Generates for a list of prompt id lists; returns (generated ids [N, gen_length], stats).
 
     Prompts are left-padded to a multiple of --prompt_bucket (at most what the model's length
     allows) and the batch is filled up to a multiple of the batch axes by repeating the last
-    prompt; the extra rows are dropped.
+    prompt; the extra rows are dropped. images (LLaDA-V): one
+    `multimodal_data.EncodedConversation` per prompt, whose placeholders the prompt ids hold.
     """
     tokens, mask = pad_prompts(prompts, pad_id)
     limit = config.model.max_sequence_length - sampler.gen_length
@@ -114,9 +115,21 @@ def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any, mesh,
     padded_tokens[len(prompts):] = padded_tokens[len(prompts) - 1]
     padded_mask[len(prompts):] = padded_mask[len(prompts) - 1]
     start = time.perf_counter()
+    host_batch = {"tokens": padded_tokens, "mask": padded_mask}
+    if images is not None:
+        from llada_jax.data import multimodal_data
+        from llada_jax.model.multimodal import IMAGE_FIELDS
+
+        canvas = np.concatenate(
+            [padded_tokens, np.full((rows, sampler.gen_length), sampler.mask_id, np.int32)], 1)
+        vision = config.vision
+        host_batch.update(multimodal_data.image_inputs(
+            canvas, list(images) + [images[-1]] * (rows - len(prompts)), vision.max_views,
+            vision.image_size, (vision.image_size // vision.patch_size) ** 2))
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(config)):
-        batch = parallel.global_batch({"tokens": padded_tokens, "mask": padded_mask}, mesh)
+        batch = parallel.global_batch(host_batch, mesh)
         out = generate(params, model, batch["tokens"], batch["mask"], sampler, rng,
+                       images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
                        return_stats=True)
         generated = to_host(out.tokens)[:len(prompts), width:]
     seconds = time.perf_counter() - start

@@ -121,15 +121,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""           # a checkpoint directory to take params from (fine-tuning)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"      # synthetic | synthetic_chat | tfds:NAME | files:GLOB
+    # synthetic (built-in pre-training corpus) | synthetic_chat[@test] | tfds:NAME[@SPLIT] |
+    # files:GLOB (.jsonl records or text lines) | mix:SPEC=W,SPEC=W (see llada_jax/data/sources.py)
+    c.data.source = "synthetic"
     c.data.tokenizer = "char"        # char | sentencepiece:PATH | hf:DIR
     c.data.packing = "concat"        # concat | pack (segment ids)
     c.data.num_workers = 0
     c.data.shuffle = True
     c.data.synthetic_size = 20000    # examples in the built-in corpora
     c.data.text_field = "text"
-    # Sources (llada_jax/data/sources.py): tfds:NAME[@SPLIT] | files:GLOB | synthetic_chat[@SPLIT]
-    # | mix:SPEC=W,SPEC=W (weighted mixture).
     c.data.tfds_data_dir = ""        # where prepared tfds datasets live; "": the tfds default
     c.data.eval_source = ""          # a source spec for evaluation batches; "": none
     c.data.num_epochs = 0            # 0: repeat the data forever
@@ -160,6 +160,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampler.threshold = 0.0        # > 0: commit every block candidate with confidence >= it
     c.sampler.factor = 0.0           # > 0: commit the largest n with c_k >= 1 - factor / (k + 1)
     c.sampler.early_exit = False     # stop once every row has an EOS with nothing masked before it
+    # LLaDA-V sampling (REFERENCE.md section 5): ids never generated (their logits are -inf at
+    # every masked position; LLaDA-V bans EOS, BOS and the header ids) and `<|eot_id|>` as a
+    # finishing token for early_exit as well as EOS.
+    c.sampler.banned_ids = []
+    c.sampler.stop_at_eot = False
 
     # LLaDA-V (REFERENCE.md section 5): a SigLIP vision tower and an mlp2x_gelu projector in front
     # of the language model. `vision.enabled = False` (the default) is plain LLaDA and ignores the
@@ -306,9 +311,14 @@ def validate_sampler(s: Any, prefix: str = "sampler") -> None:
     if parallel and s.remasking != "low_confidence":
         _fail(f"{prefix}.remasking", "'low_confidence' with threshold/factor decoding (they "
               "compare model probabilities)", s.remasking)
-    if s.early_exit and s.logits_eos_inf:
-        _fail(f"{prefix}.early_exit", f"False when {prefix}.logits_eos_inf=True (EOS can never "
-              f"be generated, so there is nothing to exit on)", s.early_exit)
+    banned = list(s.banned_ids)
+    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in banned):
+        _fail(f"{prefix}.banned_ids", "a list of token ids >= 0", s.banned_ids)
+    eos_banned = s.logits_eos_inf or getattr(s, "eos_id", None) in banned
+    if s.early_exit and eos_banned and not s.stop_at_eot:
+        _fail(f"{prefix}.early_exit", f"False when EOS is never generated ({prefix}."
+              f"logits_eos_inf or EOS in {prefix}.banned_ids) unless {prefix}.stop_at_eot=True "
+              f"(there is nothing to exit on)", s.early_exit)
 
 
 PACKINGS = ("concat", "pack")

@@ -325,3 +325,274 @@ def test_llada_v_checkpoint_export_import_roundtrip_bit_identical(tmp_path):
         assert np.array_equal(found.view(np.uint32), np.asarray(value).view(np.uint32)), path
     with pytest.raises(FileExistsError, match="already exists"):
         siglip.export_llada_v(params, model_cfg, vision, out)
+
+
+# --- the masked-response loss -------------------------------------------------------------------
+class _FixedLogits:
+    """Stands in for the model in the step's loss: fixed logits; records the image inputs."""
+
+    def __init__(self, logits):
+        self.logits, self.kwargs = logits, None
+
+    def apply(self, variables, tokens, **kwargs):
+        self.kwargs = kwargs
+        return self.logits
+
+
+def _hand_batch():
+    # Row 0: BOS, 2 image tokens, a prompt token, then the answer "0" and 3 EOS of padding.
+    # Row 1: BOS, a prompt token, 3 image tokens, then the answer "0 4" and 1 EOS of padding.
+    tokens = np.array([[1, P, P, 4, 0, 2, 2, 2], [1, 4, P, P, P, 0, 4, 2]], np.int32)
+    maskable = np.array([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]], bool)
+    fields = {"pixel_values": np.zeros((2, 1, 32, 32, 3), np.uint8),
+              "image_source_index": np.zeros((2, 8, 4), np.int32),
+              "image_source_weight": np.zeros((2, 8, 4), np.float32),
+              "image_is_newline": np.zeros((2, 8), bool)}
+    return {"tokens": tokens, "maskable": maskable, **fields}
+
+
+def test_masked_response_loss_by_hand():
+    """Every position gets the distribution q = (0.4, 0.1, 0.2, 0.1, 0.2), so CE(target) =
+    -log q[target]. With mask_eps -> 1 every maskable token is noised (p ~ 1): row 0 scores its
+    answer 0 and three EOS (2): (-log .4 - 3 log .2) / p / 4; row 1 scores 0, 4, 2:
+    (-log .4 - 2 log .2) / p / 3; the loss is their mean. Images and prompt are never scored."""
+    from llada_jax.train import step as step_lib
+
+    c = _tiny_config()
+    c.train.mask_eps = 1 - 1e-6
+    q = np.array([0.4, 0.1, 0.2, 0.1, 0.2], np.float32)
+    stub = _FixedLogits(jnp.asarray(np.broadcast_to(np.log(q), (2, 8, 5))))
+    batch = _hand_batch()
+    prepared = step_lib.prepare_batch({k: jnp.asarray(v) for k, v in batch.items()}, c.train,
+                                      mask_id=3, rng=jax.random.key(0), allow_cut=True)
+    np.testing.assert_array_equal(np.asarray(prepared["noised"]), batch["maskable"])
+    p = np.asarray(prepared["mask_prob"], np.float64)
+    assert np.all(p >= 1 - 1e-6)
+    loss, counts = step_lib.make_loss_fn(stub, "sft")({}, prepared)
+    expected = np.mean([(-np.log(0.4) - 3 * np.log(0.2)) / p[0] / 4,
+                        (-np.log(0.4) - 2 * np.log(0.2)) / p[1] / 3])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    assert int(counts["noised"]) == 7
+    # The batch's images reached the model.
+    assert stub.kwargs["pixel_values"].shape == (2, 1, 32, 32, 3)
+    assert [a.shape for a in stub.kwargs["image_sources"]] == [(2, 8, 4), (2, 8, 4), (2, 8)]
+
+    # The usual mask_eps: whatever t is drawn, images and prompts are never noised, and the
+    # loss weights each noised token by 1/p and divides by the answer length.
+    c.train.mask_eps = 1e-3
+    for seed in range(20):
+        prepared = step_lib.prepare_batch({k: jnp.asarray(v) for k, v in batch.items()},
+                                          c.train, 3, jax.random.key(seed), allow_cut=True)
+        noised = np.asarray(prepared["noised"])
+        assert not noised[~batch["maskable"]].any()
+        p = np.asarray(prepared["mask_prob"], np.float64)
+        ce = -np.log(q)[np.where(batch["tokens"] == P, 0, batch["tokens"])]
+        expected = np.mean([(ce[b] * noised[b]).sum() / p[b] / batch["maskable"][b].sum()
+                            for b in range(2)])
+        loss, _ = step_lib.make_loss_fn(stub, "sft")({}, prepared)
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+# --- stages -------------------------------------------------------------------------------------
+def _initial_params(c):
+    from llada_jax import parallel
+    from llada_jax.train import state as state_lib
+    from llada_jax.train.optimizer import make_optimizer
+
+    mesh = parallel.make_mesh(c)
+    model = state_lib.make_model(c)
+    state = state_lib.create_train_state(model, make_optimizer(c.train), mesh,
+                                         parallel.logical_rules(c), c.train.seed)
+    return jax.device_get(state.params)
+
+
+def _quick(c, steps):
+    c.train.steps = steps
+    c.train.batch_size = 8
+    c.train.warmup_steps = 2
+    c.train.log_every = steps
+    c.train.checkpoint_every = 0
+    return c
+
+
+def test_stage1_trains_only_the_projector(tmp_path):
+    from llada_jax.train import trainer
+
+    c = _quick(llada_v_tiny.get_config("stage1"), 3)
+    c.train.learning_rate = 1e-2
+    before = _initial_params(c)
+    result = trainer.train(c, str(tmp_path / "stage1"))
+    after = jax.device_get(result.state.params)
+    for group in ("vision_tower", "language_model"):
+        for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before[group])[0],
+                                    jax.tree.leaves(after[group])):
+            assert np.array_equal(np.asarray(old).view(np.uint32),
+                                  np.asarray(new).view(np.uint32)), (group, path)
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before["projector"])[0],
+                                jax.tree.leaves(after["projector"])):
+        assert np.any(np.asarray(old) != np.asarray(new)), path
+    # Adam keeps moments for the projector alone: 2 x its parameters, nothing for frozen groups.
+    projector_size = sum(np.size(a) for a in jax.tree.leaves(before["projector"]))
+    moments = sum(np.size(a) for a in jax.tree.leaves(result.state.opt_state) if np.ndim(a) > 0)
+    assert moments == 2 * projector_size
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_stage2_group_learning_rates(tmp_path):
+    """Cosine schedules with each group's peak; and Adam's first update moves every parameter
+    with a non-negligible gradient by exactly its group's lr(0) = peak / warmup (m / sqrt(v) =
+    sign(g) after bias correction), so the update magnitudes follow the group learning rates."""
+    from llada_jax.train import optimizer, trainer
+
+    c = _quick(llada_v_tiny.get_config(), 40)
+    c.train.warmup_steps = 4
+    c.train.learning_rate = 1e-3
+    c.train.group_learning_rates.vision_tower = 2e-4
+    c.train.group_learning_rates.language_model = 5e-4
+    c.train.weight_decay = 0.0
+    peaks = {"vision_tower": 2e-4, "projector": 1e-3, "language_model": 5e-4}
+    for group, peak in peaks.items():
+        schedule = optimizer.group_schedule(c.train, group)
+        for s in (0, 3, 4, 10, 22, 39):
+            expected = (peak * (s + 1) / 4 if s < 4 else
+                        peak * 0.5 * (1 + np.cos(np.pi * (s - 4) / (40 - 4))))
+            np.testing.assert_allclose(float(schedule(s)), expected, rtol=1e-5)  # float32
+
+    before = _initial_params(c)
+    after = jax.device_get(trainer.train(c, str(tmp_path / "stage2"), stop_after=1).state.params)
+    for group, peak in peaks.items():
+        delta = np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b)).ravel()
+                                for a, b in zip(jax.tree.leaves(after[group]),
+                                                jax.tree.leaves(before[group]))])
+        moved = delta[delta > 0]
+        assert moved.size > 0.5 * delta.size, group
+        # Tolerances: float32 parameters near 1 (norm scales) round the update by up to an ulp
+        # (1.2e-7, i.e. 0.2% of the smallest lr(0) here).
+        np.testing.assert_allclose(np.median(moved), peak / 4, rtol=5e-3, err_msg=group)
+        assert moved.max() <= peak / 4 * 1.01, group
+
+
+# --- sampling -----------------------------------------------------------------------------------
+def test_image_forward_windows_match_the_full_pass():
+    """`image_conditioned_forward` splices the stored image tokens of a window: a cached window
+    pass over the image positions equals those positions of the full pass; CFG twins (rows
+    repeated) see the same images."""
+    c = _tiny_config()
+    model = _tiny_model(c)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 2), jnp.int32)))[
+        "params"]
+    picture = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    conversation = md.encode_conversation([{"role": "user", "content": "<image>\nShape?"}],
+                                          [picture], TOK, md.ImageProcessor.from_config(c),
+                                          add_generation_prompt=True)
+    batch = md.prompt_batch([conversation], 4, EOS, 3, 1, 32, 16)
+    tokens = np.concatenate([batch["tokens"], np.full((1, 4), 3, np.int32)], axis=1)
+    images = [jnp.asarray(batch[k]) for k in mm.IMAGE_FIELDS]
+    mask = jnp.ones(tokens.shape, bool)
+    positions = jnp.arange(tokens.shape[1])[None]
+
+    @jax.jit
+    def run(tokens, images):
+        forward = mm.image_conditioned_forward(model, params, images)
+        full, cache = forward(tokens, attention_mask=mask, positions=positions, return_kv=True)
+        start, width = 5, 24        # covers the 17 image tokens (positions 9 to 25)
+        window = forward(tokens[:, start:start + width], attention_mask=mask,
+                         positions=positions[:, start:start + width], kv_cache=cache,
+                         cache_index=start)
+        twins = forward(jnp.repeat(tokens, 2, axis=0), attention_mask=jnp.repeat(mask, 2, 0),
+                        positions=jnp.repeat(positions, 2, 0))
+        return full, window, twins
+
+    full, window, twins = run(jnp.asarray(tokens), images)
+    np.testing.assert_allclose(np.asarray(window), np.asarray(full[:, 5:29]), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(twins), np.repeat(np.asarray(full), 2, 0), rtol=1e-6,
+                               atol=1e-6)
+    # The image matters: another picture changes the answer positions' logits.
+    other = md.prompt_batch([md.encode_conversation(
+        [{"role": "user", "content": "<image>\nShape?"}], [255 - picture], TOK,
+        md.ImageProcessor.from_config(c), add_generation_prompt=True)], 4, EOS, 3, 1, 32, 16)
+    changed, _, _ = run(jnp.asarray(tokens), [jnp.asarray(other[k]) for k in mm.IMAGE_FIELDS])
+    assert np.abs(np.asarray(changed[0, -4:]) - np.asarray(full[0, -4:])).max() > 1e-4
+
+
+def test_banned_ids_and_early_exit_on_eot():
+    """A forward that always ranks EOS first, then x at generation position 0 and EoT at 1:
+    with EOS banned, the answer is x <EoT>; with stop_at_eot the run stops once those two are
+    committed (2 passes, one token per step) and the rest is filled with EOS."""
+    from llada_jax.diffusion.sampler import SamplerConfig, build_canvas, sample
+
+    vocab, x_id, eot = 12, 9, 6
+    prompt = jnp.array([[1, 10, 11]], jnp.int32)
+
+    def forward(tokens, **_):
+        logits = np.zeros((1, tokens.shape[1], vocab), np.float32)
+        logits[..., EOS] = 6.0
+        logits[0, 3, x_id] = 5.0
+        logits[0, 4, eot] = 4.0
+        logits[0, 5:, 8] = 1.0
+        return jnp.asarray(logits)
+
+    base = SamplerConfig(gen_length=6, block_length=6, steps=6, mask_id=3, eos_id=EOS,
+                         eot_id=eot, banned_ids=(EOS, 1, 4, 5), stop_at_eot=True, early_exit=True)
+    tokens, mask, positions = build_canvas(prompt, jnp.ones((1, 3), bool), 6, 3)
+    out = sample(forward, tokens, mask, positions, 3, base, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens[0, 3:]), [x_id, eot, EOS, EOS, EOS, EOS])
+    assert int(out.num_forward_passes) == 2
+    # Without stop_at_eot the run goes on (EOS is banned, so nothing else can finish it).
+    longer = sample(forward, tokens, mask, positions, 3,
+                    SamplerConfig(**{**base.__dict__, "stop_at_eot": False, "early_exit": False}),
+                    jax.random.key(0))
+    assert int(longer.num_forward_passes) == 6
+    assert EOS not in np.asarray(longer.tokens[0, 3:]).tolist()
+    with pytest.raises(ValueError, match=r"config.sampler.early_exit: expected False when EOS is "
+                                         r"never generated"):
+        SamplerConfig(**{**base.__dict__, "stop_at_eot": False})
+
+
+# --- a tiny LLaDA-V learns to answer from the image ---------------------------------------------
+def test_tiny_llada_v_answers_from_the_image(tmp_path):
+    """configs/llada_v_tiny.py (500 steps, whole model) through the trainer, then the sampler
+    on held-out pictures: the answer (a colour among 4, a shape among 3) can only come from the
+    image, so accuracy far above chance (1/4, 1/3) shows the vision path works end to end."""
+    from llada_jax.diffusion.sampler import SamplerConfig, generate
+    from llada_jax.train import state as state_lib
+    from llada_jax.train import trainer
+
+    c = llada_v_tiny.get_config()
+    c.train.checkpoint_every = 0
+    start = time.time()
+    result = trainer.train(c, str(tmp_path / "tiny"))
+    train_seconds = time.time() - start
+
+    processor = md.ImageProcessor.from_config(c)
+    test_set = md.ShapesSource("test", 200, 32)
+    conversations, answers, kinds = [], [], []
+    for i in range(96):
+        record = test_set[i]
+        question = record["conversations"][0]["value"]
+        conversations.append(md.encode_conversation([{"role": "user", "content": question}],
+                                                    [record["image"]], TOK, processor,
+                                                    add_generation_prompt=True))
+        answers.append(record["answer"])
+        kinds.append(record["question_kind"])
+    sampler = SamplerConfig.from_config(c, eot_id=TOK.eot_id, vocab_limit=TOK.vocab_size)
+    batch = md.prompt_batch(conversations, sampler.gen_length, TOK.pad_id, TOK.mask_id, 1, 32, 16)
+    start = time.time()
+    out = generate(result.state.params, state_lib.make_model(c), batch["tokens"], batch["mask"],
+                   sampler, jax.random.key(0), images=[batch[k] for k in mm.IMAGE_FIELDS])
+    sample_seconds = time.time() - start
+    generated = np.asarray(out)[:, batch["tokens"].shape[1]:]
+    correct = {"colour": [], "shape": []}
+    for row, answer, kind in zip(generated, answers, kinds):
+        ids = []
+        for i in row:
+            if i in (TOK.eos_id, TOK.eot_id):
+                break
+            ids.append(int(i))
+        correct[kind].append(TOK.decode(ids) == answer)
+    accuracy = {k: float(np.mean(v)) for k, v in correct.items()}
+    print(f"tiny LLaDA-V: train {train_seconds:.1f} s, sample {sample_seconds:.1f} s, "
+          f"accuracy {accuracy} on {len(answers)} held-out pictures")
+    assert accuracy["colour"] >= 0.75, accuracy      # chance: 0.25
+    assert accuracy["shape"] >= 0.6, accuracy        # chance: 0.33

@@ -1,4 +1,4 @@
-"""Data sources: tfds ArrayRecord without TensorFlow, indexed local files, mixtures, spec parsing."""
+"""Data sources: tfds ArrayRecord without TensorFlow, indexed local files, mixtures, specs."""
 
 import json
 import pickle
@@ -144,6 +144,11 @@ def test_record_dataset_sharding_shuffling_epochs(tmp_path):
                                                         process_index=i, process_count=3)]
              for i in range(3)]
     assert hosts == [["0", "3", "6", "9"], ["1", "4", "7"], ["2", "5", "8"]]
+    shuffled_hosts = [[r["text"] for r in sources.record_dataset(
+        spec, shuffle=True, seed=1, num_epochs=1, process_index=i, process_count=2)]
+        for i in range(2)]
+    assert len(shuffled_hosts[0]) == len(shuffled_hosts[1]) == 5
+    assert sorted(shuffled_hosts[0] + shuffled_hosts[1], key=int) == [str(i) for i in range(10)]
     two_epochs = [r["text"] for r in sources.record_dataset(spec, shuffle=True, seed=1,
                                                             num_epochs=2)]
     first, second = two_epochs[:10], two_epochs[10:]

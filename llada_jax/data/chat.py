@@ -29,7 +29,8 @@ the first trained token; (3) if even that does not fit, the conversation is a ba
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,14 +52,15 @@ class BadRecordError(ValueError):
 
 
 def parse_messages(record: dict[str, Any], messages_field: str = "messages") -> list[dict]:
-    """The validated `messages` of a record; raises BadRecordError naming the record and the flaw."""
+    """The validated `messages` of a record; raises BadRecordError naming the record and flaw."""
     origin = str(record.get(ORIGIN, ""))
     if ERROR in record:
         raise BadRecordError(origin, str(record[ERROR]), "unreadable")
     messages = record.get(messages_field)
     if not isinstance(messages, list) or not messages:
+        found = "no such field" if messages is None else type(messages).__name__
         raise BadRecordError(origin, f"expected a non-empty list in field {messages_field!r}, "
-                             f"found {type(messages).__name__ if messages is not None else 'no such field'}")
+                             f"found {found}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRecordError(origin, f"message {i} must be an object with 'role' and "

@@ -1,6 +1,6 @@
 """The grain input pipeline: records -> token rows -> host-local batches, checkpointable.
 
-    records (sources.record_dataset: host shard -> shuffle -> repeat -> mix)
+    records (sources.record_dataset: shuffle -> repeat -> mix -> this host's every n-th record)
       -> pre-training: tokenize each document (+ EOS), then
            concat: concatenate documents and cut fixed windows of seq_len (LLaDA pre-training;
                    documents attend across the EOS separators; a final partial window is dropped)
@@ -8,6 +8,7 @@
                    document and 0 on padding; a document longer than seq_len is cut into
                    seq_len pieces first, so no token is lost
       -> SFT: one chat row per conversation (`llada_jax.data.chat`), `tokens` + `maskable`
+         (`data.packing` is for pre-training only)
       -> batch of config.train.batch_size / process_count rows (this host's share)
       -> optional worker processes (config.data.num_workers, grain `mp_prefetch`)
 
@@ -16,8 +17,10 @@ Batches are dicts of host-local numpy arrays following the project's batch conve
 EOS padding; pack: every non-padding token). Positions are not emitted: RoPE depends only on
 position differences, so a packed document gives the same logits wherever it sits in its row.
 
-`iter(dataset)` is a grain `DatasetIterator`: `get_state()` (a small JSON-able dict) and
-`set_state(state)` resume on exactly the next batch, given the same config and process layout.
+`iter(dataset)` is a grain `DatasetIterator`: `get_state()` (a small dict) and `set_state(state)`
+resume on exactly the next batch, given the same config and process layout. (In concat mode
+grain 0.2.18 keeps tuples in that dict, which a JSON round trip turns into lists;
+`llada_jax.train.checkpoint` turns them back.)
 
 Bad records (malformed JSON, missing roles, empty documents, conversations that cannot fit):
 `config.data.bad_records = 'error'` raises `BadRecordError` naming the record (`path:line`);
@@ -59,7 +62,7 @@ def _handle_bad_record(error: chat.BadRecordError, policy: str) -> None:
 
 
 class DocumentTokens:
-    """record -> {"tokens": int32 [n]}: [BOS] + encode(text) + [EOS], or None for a skipped record."""
+    """record -> {"tokens": int32 [n]} = [BOS] + encode(text) + [EOS], or None when skipped."""
 
     def __init__(self, tokenizer: Tokenizer, text_field: str, add_bos: bool,
                  bad_records: str) -> None:

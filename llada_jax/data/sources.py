@@ -31,7 +31,9 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Sequence
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -54,7 +56,7 @@ class SourceSpec:
 
 
 def parse_source_spec(spec: str) -> list[SourceSpec]:
-    """`config.data.source` -> its components (one unless `mix:`). Raises ValueError if malformed."""
+    """`config.data.source` -> its components (one unless `mix:`); ValueError if malformed."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"config.data.source: expected a source spec such as 'tfds:NAME@SPLIT', "
                          f"'files:GLOB', 'synthetic_chat' or 'mix:SPEC=W,...', found {spec!r}")
@@ -165,6 +167,7 @@ class FileLinesSource:
         self._file_ids = np.concatenate(file_ids)
         self._is_json = [p.endswith((".jsonl", ".json")) for p in paths]
         self._descriptors: dict[int, int] = {}
+        self._open_lock = threading.Lock()  # grain reads records from several threads
         if len(self._starts) == 0:
             raise ValueError(f"config.data.source: the files matching 'files:{pattern}' "
                              f"({len(paths)} file(s)) contain no non-blank line")
@@ -174,15 +177,23 @@ class FileLinesSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_descriptors"] = {}
+        del state["_descriptors"], state["_open_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._descriptors = {}
+        self._open_lock = threading.Lock()
 
     def _read(self, file_id: int, start: int, end: int) -> bytes:
         descriptor = self._descriptors.get(file_id)
         if descriptor is None:
-            descriptor = os.open(self.paths[file_id], os.O_RDONLY)
-            self._descriptors[file_id] = descriptor
-        return os.pread(descriptor, end - start, start)  # pread: safe from many reader threads
+            with self._open_lock:
+                descriptor = self._descriptors.get(file_id)
+                if descriptor is None:
+                    descriptor = os.open(self.paths[file_id], os.O_RDONLY)
+                    self._descriptors[file_id] = descriptor
+        return os.pread(descriptor, end - start, start)  # pread: no shared file position
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % len(self)
@@ -265,11 +276,12 @@ def record_dataset(components: Sequence[SourceSpec], *, tfds_data_dir: str = "",
                    num_epochs: int | None = None) -> grain.MapDataset:
     """The records this host reads, in order, as a grain MapDataset.
 
-    Each component is sharded by host first (`records[process_index::process_count]`, so hosts
-    read disjoint records whose union is the whole source), then shuffled (a fresh permutation
-    every epoch) and repeated (`num_epochs=None`: forever). Several components are then mixed
-    with their weights by `grain.MapDataset.mix`; each component repeats on its own, so a small
-    source is revisited more often instead of ending the mixture.
+    Every host builds the same global stream: each component shuffled (a fresh permutation every
+    epoch) and repeated (`num_epochs=None`: forever), several components mixed with their
+    weights by `grain.MapDataset.mix` (each repeats on its own, so a small source is revisited
+    more often instead of ending the mixture). Host `i` of `n` then reads elements i, i+n, i+2n,
+    ... of that stream: the hosts' records are disjoint and together they are the whole stream,
+    and a global batch draws from the whole shuffled epoch rather than from n fixed shards.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count="
@@ -281,12 +293,10 @@ def record_dataset(components: Sequence[SourceSpec], *, tfds_data_dir: str = "",
         if len(records) < process_count:
             raise ValueError(f"config.data.source: {spec.kind}:{spec.argument or spec.split} has "
                              f"{len(records)} records, fewer than the {process_count} hosts")
-        records = records[process_index::process_count]
         if shuffle:
             # Distinct seeds per component so that two copies of one source mix independently.
             records = records.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
-        records = records.repeat(num_epochs)
-        datasets.append(records)
-    if len(datasets) == 1:
-        return datasets[0]
-    return grain.MapDataset.mix(datasets, weights=[c.weight for c in components])
+        datasets.append(records.repeat(num_epochs))
+    stream = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(
+        datasets, weights=[c.weight for c in components])
+    return stream[process_index::process_count]

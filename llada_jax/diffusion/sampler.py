@@ -25,16 +25,17 @@ block stores keys/values of every position, and the block's later steps compute 
 that starts at (or somewhat before) the block and runs to the end; with `cache='dual'` the window
 is the current block alone and everything else comes from the cache. `refresh_every=n` repeats the
 full pass every n steps of a block. `early_exit` stops the whole batch once every row holds an EOS
-with nothing masked before it (such a row's answer is final); the positions after that EOS are
-returned as EOS, which is how the answer decodes anyway.
+(or, with `stop_at_eot`, an `<|eot_id|>`) with nothing masked before it (such a row's answer is
+final); the positions after it are returned as EOS, which is how the answer decodes anyway.
+`banned_ids` are never candidates (LLaDA-V bans EOS, BOS and the header ids and stops on EoT).
 
 Batches of prompts of different lengths are LEFT-padded with a key-padding mask; positions are
 `cumsum(mask) - 1`, so a row's result does not depend on the rest of the batch.
 
 The model enters as a `forward` function with `Transformer.__call__`'s keyword interface
 (`forward(tokens, attention_mask=, positions=, kv_cache=, cache_index=, return_kv=)`); `generate`
-builds it from params and a `Transformer`. A multimodal model supplies its own `forward` (splicing
-image embeddings into its prompt positions) and calls `sample` inside its own `jax.jit`.
+builds it from params and a `Transformer`, or, given `images`, from a LLaDA-V model with
+`multimodal.image_conditioned_forward` (image tokens computed once, spliced at every pass).
 
 This module does not tokenize, load checkpoints or print: see `launch/generate.py`.
 """
@@ -76,6 +77,7 @@ class SamplerConfig:
     `threshold` / `factor` > 0 switch from the fixed step schedule to parallel decoding (then
     `steps` is not used). `eot_id < 0` means there is no end-of-turn token. `vocab_limit > 0`
     restricts candidates to ids below it (the tokenizer's size, when the embedding is padded).
+    `banned_ids` are never candidates; `stop_at_eot` lets early exit finish a row on EoT too.
     """
 
     gen_length: int = 128
@@ -95,9 +97,19 @@ class SamplerConfig:
     eos_id: int = 126081
     eot_id: int = 126348
     vocab_limit: int = 0
+    banned_ids: tuple[int, ...] = ()
+    stop_at_eot: bool = False
 
     def __post_init__(self):
         validate_sampler(self, prefix="sampler")
+        if self.stop_at_eot and self.eot_id < 0:
+            raise ValueError("config.sampler.stop_at_eot: expected False when there is no EoT id "
+                             "(sampler.eot_token_id and the tokenizer give none), found True")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that finish a row for early exit: EOS, and EoT with `stop_at_eot`."""
+        return (self.eos_id, self.eot_id) if self.stop_at_eot else (self.eos_id,)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict,
@@ -117,7 +129,8 @@ class SamplerConfig:
             "refresh_every": s.refresh_every, "threshold": float(s.threshold),
             "factor": float(s.factor), "early_exit": bool(s.early_exit),
             "mask_id": config.model.mask_token_id, "eos_id": config.model.eos_token_id,
-            "eot_id": eot}
+            "eot_id": eot, "banned_ids": tuple(int(i) for i in s.banned_ids),
+            "stop_at_eot": bool(s.stop_at_eot)}
         fields.update(overrides)
         return cls(**fields)
 
@@ -204,21 +217,26 @@ def build_canvas(prompt_tokens: jax.Array, prompt_mask: jax.Array, gen_length: i
     return tokens, attention_mask, positions_from_mask(attention_mask)
 
 
-def eos_fill(tokens: jax.Array, gen_start: int, eos_id: int, mask_id: int) -> jax.Array:
-    """Everything after a row's first finished EOS (nothing masked before it) becomes EOS."""
-    gen = tokens[:, gen_start:]
+def _finished_stops(gen: jax.Array, stop_ids: Sequence[int], mask_id: int) -> jax.Array:
+    """[B, G] bool: stop tokens with nothing masked before them."""
     is_mask = (gen == mask_id).astype(jnp.int32)
     masks_before = jnp.cumsum(is_mask, axis=1) - is_mask
-    finished_eos = (gen == eos_id) & (masks_before == 0)
-    after = jnp.cumsum(finished_eos.astype(jnp.int32), axis=1) - finished_eos > 0
+    return jnp.isin(gen, jnp.asarray(stop_ids, gen.dtype)) & (masks_before == 0)
+
+
+def eos_fill(tokens: jax.Array, gen_start: int, eos_id: int, mask_id: int,
+             stop_ids: Sequence[int] | None = None) -> jax.Array:
+    """Everything after a row's first finished stop token (EOS by default; nothing masked before
+    it) becomes EOS."""
+    gen = tokens[:, gen_start:]
+    finished = _finished_stops(gen, (eos_id,) if stop_ids is None else stop_ids, mask_id)
+    after = jnp.cumsum(finished.astype(jnp.int32), axis=1) - finished > 0
     return tokens.at[:, gen_start:].set(jnp.where(after, eos_id, gen))
 
 
-def _all_rows_finished(tokens: jax.Array, gen_start: int, eos_id: int, mask_id: int) -> jax.Array:
-    gen = tokens[:, gen_start:]
-    is_mask = (gen == mask_id).astype(jnp.int32)
-    masks_before = jnp.cumsum(is_mask, axis=1) - is_mask
-    return jnp.all(jnp.any((gen == eos_id) & (masks_before == 0), axis=1))
+def _all_rows_finished(tokens: jax.Array, gen_start: int, stop_ids: Sequence[int],
+                       mask_id: int) -> jax.Array:
+    return jnp.all(jnp.any(_finished_stops(tokens[:, gen_start:], stop_ids, mask_id), axis=1))
 
 
 def _constrain(x: jax.Array) -> jax.Array:
@@ -345,6 +363,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             logits = jnp.where(in_vocab, logits, -jnp.inf)
         if c.logits_eos_inf:
             logits = logits.at[..., c.eos_id].set(-jnp.inf)
+        if c.banned_ids:
+            logits = logits.at[..., jnp.asarray(c.banned_ids)].set(-jnp.inf)
         noise_key, remask_key = jax.random.split(key)
         if c.temperature > 0:
             # Gumbel-max: argmax(logits / T + G) samples softmax(logits / T); same argmax as the
@@ -403,7 +423,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             old = jax.lax.dynamic_slice_in_dim(s.commit_pass, s.block * bl, bl, 1)
             commit_pass = jax.lax.dynamic_update_slice_in_dim(
                 s.commit_pass, jnp.where(committed, s.passes, old), s.block * bl, 1)
-            done = (_all_rows_finished(x, gen_start, c.eos_id, c.mask_id) if c.early_exit
+            done = (_all_rows_finished(x, gen_start, c.stop_ids, c.mask_id) if c.early_exit
                     else s.done)
             return s._replace(tokens=x, cache=cache, step=s.step + 1, commit_pass=commit_pass,
                               passes=s.passes + 1, positions=s.positions + computed, done=done)
@@ -435,13 +455,19 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
 
     out = state.tokens
     if c.early_exit:
-        out = eos_fill(out, gen_start, c.eos_id, c.mask_id)
+        out = eos_fill(out, gen_start, c.eos_id, c.mask_id, c.stop_ids)
     return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "gen_start"))
-def _generate_jit(params, tokens, attention_mask, positions, rng, *, model, config, gen_start):
-    forward = functools.partial(model.apply, {"params": params})
+def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, *, model, config,
+                  gen_start):
+    if images is None:
+        forward = functools.partial(model.apply, {"params": params})
+    else:
+        from llada_jax.model.multimodal import image_conditioned_forward
+
+        forward = image_conditioned_forward(model, params, images)
     return sample(forward, tokens, attention_mask, positions, gen_start, config, rng)
 
 
@@ -483,12 +509,18 @@ def _check_prompts(prompt_tokens, prompt_mask, config: SamplerConfig, model) -> 
 
 
 def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-             config: SamplerConfig, rng: jax.Array, *, return_stats: bool = False):
+             config: SamplerConfig, rng: jax.Array, *, images: Sequence[jax.Array] | None = None,
+             return_stats: bool = False):
     """Samples `config.gen_length` tokens after each prompt of a left-padded batch.
 
     prompt_tokens int32 [B, Lp], prompt_mask bool [B, Lp] (see `pad_prompts`). Returns tokens
     int32 [B, Lp + gen_length] (prompt included), or the full `SampleOutput` with
     `return_stats=True`. Compiled once per (model, config, shapes).
+
+    images (LLaDA-V models only): the `multimodal.IMAGE_FIELDS` arrays laid out over the whole
+    canvas, `(pixel_values [B, V, H, W, 3], index [B, Lp + G, 4], weight [B, Lp + G, 4],
+    is_newline [B, Lp + G])` (`multimodal_data.prompt_batch` makes them); the prompts hold the
+    image placeholder ids. The image tokens are computed once, not at every step.
     """
     prompt_tokens = prompt_tokens if isinstance(prompt_tokens, jax.Array) else np.asarray(
         prompt_tokens, np.int32)
@@ -497,6 +529,15 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
     _check_prompts(prompt_tokens, prompt_mask, config, model)
     tokens, attention_mask, positions = build_canvas(prompt_tokens, prompt_mask,
                                                      config.gen_length, config.mask_id)
-    out = _generate_jit(params, tokens, attention_mask, positions, rng, model=model,
+    if images is not None:
+        images = tuple(images)
+        expected = tokens.shape
+        found = tuple(a.shape[:2] for a in images[1:])
+        if len(images) != 4 or images[0].shape[0] != expected[0] or any(
+                f != expected for f in found):
+            raise ValueError(f"generate: images must be (pixel_values [B, V, H, W, 3], index, "
+                             f"weight, is_newline) over the canvas [B, Lp + gen_length] = "
+                             f"{list(expected)}; found shapes {[tuple(a.shape) for a in images]}")
+    out = _generate_jit(params, tokens, attention_mask, positions, rng, images, model=model,
                         config=config, gen_start=prompt_tokens.shape[1])
     return out if return_stats else out.tokens

@@ -351,3 +351,32 @@ class LLaDAV(nn.Module):
         positions, kv_cache, cache_index, return_kv, ...)."""
         embeddings, _ = self.embed(input_ids, pixel_values, image_sources, image_embeddings)
         return self.language_model(inputs_embeds=embeddings, **language_model_kwargs)
+
+
+def image_conditioned_forward(model: LLaDAV, params: Any,
+                              images: Sequence[jax.Array]) -> Any:
+    """The sampler's `forward` for a LLaDA-V model, with the images fixed.
+
+    images: `(pixel_values [B, V, H, W, 3], index [B, L, 4], weight [B, L, 4], is_newline
+    [B, L])` over the whole sampling canvas of length L. The vision tower and projector run HERE,
+    once; every call of the returned `forward(tokens [R, Lw], **Transformer kwargs)` embeds the
+    current tokens and splices the stored image tokens of its window (`cache_index` is the
+    window's start) at the placeholder positions. R may be a multiple of B (the sampler's CFG
+    twins): rows are repeated, and a twin whose placeholders were replaced by the mask id gets
+    no image, which is what classifier-free guidance's unconditional prompt means.
+    """
+    pixel_values, *sources = images
+    variables = {"params": params}
+    embeddings = model.apply(variables, pixel_values, tuple(sources),
+                             method=LLaDAV.image_embeddings)          # [B, L, d_model]
+
+    def forward(tokens: jax.Array, *, cache_index: Any = None, **kwargs: Any) -> Any:
+        rows, width = tokens.shape
+        start = 0 if cache_index is None else cache_index
+        window = jax.lax.dynamic_slice_in_dim(embeddings, start, width, axis=1)
+        if rows != window.shape[0]:
+            window = jnp.repeat(window, rows // window.shape[0], axis=0)
+        return model.apply(variables, tokens, image_embeddings=window, cache_index=cache_index,
+                           **kwargs)
+
+    return forward

@@ -15,7 +15,9 @@ batches (dicts of numpy arrays, this process's `batch_size / process_count` rows
     worker processes each build their share of the batches, so the batch order depends on
     the number of workers: resume with the same setting.
   * every other source (files, tfds, synthetic_chat, mixtures; SFT conversations) goes through
-    `llada_jax.data.pipeline`, the project's data pipeline.
+    `llada_jax.data.pipeline`, the project's data pipeline;
+  * with `vision.enabled` (LLaDA-V), image-text conversations go through
+    `llada_jax.data.multimodal_data` (`shapes`, LLaVA `files:GLOB`).
 
 `make_eval_iterator` gives the evaluation batches (`data.eval_source`): the same first batches
 at every evaluation.
@@ -102,7 +104,11 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     """
     del mesh
     rows = parallel.per_host_batch_size(config.train.batch_size)
-    if config.data.source == SYNTHETIC:
+    if config.vision.enabled:
+        from llada_jax.data import multimodal_data
+
+        dataset = multimodal_data.build_dataset(config, tokenizer)
+    elif config.data.source == SYNTHETIC:
         dataset = _synthetic_dataset(config, tokenizer, "train", rows,
                                      shuffle=config.data.shuffle, repeat=True)
     else:
@@ -121,7 +127,11 @@ def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         raise ValueError("config.data.eval_source: expected a source spec (e.g. 'synthetic' or "
                          "'synthetic_chat@test') when train.eval_every > 0, found ''")
     rows = parallel.per_host_batch_size(config.train.batch_size)
-    if source == SYNTHETIC:
+    if config.vision.enabled:
+        from llada_jax.data import multimodal_data
+
+        dataset = multimodal_data.build_eval_dataset(config, tokenizer)
+    elif source == SYNTHETIC:
         dataset = _synthetic_dataset(config, tokenizer, "eval", rows, shuffle=False, repeat=True)
     else:
         from llada_jax.data import pipeline

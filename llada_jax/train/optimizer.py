@@ -13,6 +13,14 @@
     - `cosine`: after warmup, min + (peak - min) * (1 + cos(pi * (s - warmup) / (steps -
       warmup))) / 2;
     - `constant`: peak after warmup.
+* Parameter groups (LLaDA-V): `vision_tower`, `projector`, `language_model` (the top-level
+  names of `LLaDAV`'s params; everything of a plain LLaDA model is `language_model`).
+  `train.trainable` names the groups that train; the others are frozen: their gradients are
+  zeroed before clipping (so they do not count in the global norm) and their updates are exactly
+  0 (`optax.set_to_zero`, no Adam moments kept), so they stay bit-identical. Each trainable group
+  has its own AdamW whose schedule has the shape of `train.schedule` and the peak
+  `train.group_learning_rates.<group>` (0: `train.learning_rate`), via `optax.multi_transform`.
+  With every group trainable at one learning rate the optimizer is the plain AdamW above.
 * Gradient accumulation runs *inside* the jitted step as a `lax.scan` over micro-batches (see
   `accumulate_gradients`), not with `optax.MultiSteps`: one call of the step is one optimizer
   update, so the step counter, the schedule, logging and checkpoints all count updates; there
@@ -30,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from llada_jax.config import PARAM_GROUPS, trainable_groups
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
@@ -72,14 +82,63 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def param_group(path: tuple[Any, ...]) -> str:
+    """The group of the parameter at `path` (a tree path): its top-level name if that is one of
+    `PARAM_GROUPS` (LLaDA-V), else `language_model` (a plain LLaDA model)."""
+    first = getattr(path[0], "key", None) if path else None
+    return first if first in PARAM_GROUPS else "language_model"
+
+
+def param_group_labels(params: Any) -> Any:
+    """The tree of `param_group` names, shaped like `params`."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path), params)
+
+
+def group_peak_learning_rates(train: ml_collections.ConfigDict) -> dict[str, float]:
+    """Peak learning rate of every group: `train.group_learning_rates.<group>`, or
+    `train.learning_rate` where that is 0."""
+    return {g: float(train.group_learning_rates[g] or train.learning_rate) for g in PARAM_GROUPS}
+
+
+def group_schedule(train: ml_collections.ConfigDict, group: str) -> Callable[[jax.Array], jax.Array]:
+    """`make_schedule` with the group's peak learning rate (same shape, warmup and floor ratio)."""
+    with_peak = ml_collections.ConfigDict(train.to_dict())
+    with_peak.learning_rate = group_peak_learning_rates(train)[group]
+    return make_schedule(with_peak)
+
+
+def stop_frozen_gradients(params: Any, trainable: tuple[str, ...]) -> Any:
+    """`params` with `stop_gradient` on the frozen groups: the step then never computes their
+    gradients (stage 1 skips the vision tower's backward pass altogether)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p if param_group(path) in trainable else jax.lax.stop_gradient(p), params)
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping (skipped when grad_clip <= 0) followed by AdamW on the schedule."""
-    adamw = optax.adamw(make_schedule(train), b1=float(train.b1), b2=float(train.b2),
-                        eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
-                        mask=weight_decay_mask)
+    """Global-norm clipping (skipped when grad_clip <= 0) followed by AdamW on the schedule;
+    per-group AdamW and frozen groups when `train.trainable` / `train.group_learning_rates` ask
+    for them (see the module docstring)."""
+    def adamw(schedule):
+        return optax.adamw(schedule, b1=float(train.b1), b2=float(train.b2),
+                           eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
+                           mask=weight_decay_mask)
+
+    trainable = trainable_groups(train)
+    peaks = group_peak_learning_rates(train)
+    steps = []
+    if trainable == PARAM_GROUPS and len(set(peaks.values())) == 1:
+        update = adamw(make_schedule(train))
+    else:
+        frozen = tuple(g for g in PARAM_GROUPS if g not in trainable)
+        if frozen:
+            steps.append(optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(
+                lambda group: group in frozen, param_group_labels(params))))
+        update = optax.multi_transform(
+            {g: adamw(group_schedule(train, g)) if g in trainable else optax.set_to_zero()
+             for g in PARAM_GROUPS}, param_group_labels)
     if train.grad_clip and train.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(float(train.grad_clip)), adamw)
-    return adamw
+        steps.append(optax.clip_by_global_norm(float(train.grad_clip)))
+    return optax.chain(*steps, update) if steps else update
 
 
 def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
+from llada_jax.model.multimodal import LLaDAV
 from llada_jax.model.transformer import Transformer
 
 
@@ -46,8 +47,11 @@ class TrainState:
     rng: jax.Array
 
 
-def make_model(config: ml_collections.ConfigDict) -> Transformer:
-    """The mask predictor of `config.model`."""
+def make_model(config: ml_collections.ConfigDict) -> Transformer | LLaDAV:
+    """The mask predictor of `config.model`; with `vision.enabled`, the LLaDA-V model (vision
+    tower + projector in front of it, params `vision_tower` / `projector` / `language_model`)."""
+    if config.vision.enabled:
+        return LLaDAV(config_lib.model_config(config), config_lib.vision_config(config))
     return Transformer(config_lib.model_config(config))
 
 
@@ -90,10 +94,12 @@ def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: 
     p_shardings = param_shardings(model, mesh, rules)
     abstract = jax.eval_shape(_init_state_fn(model, tx, 0, mesh))
     replicated = parallel.replicated(mesh)
+    # Per-group optimizers (optax.multi_transform / masked, see optimizer.py) hold MaskedNode
+    # (no array) where another group's params are: those stay MaskedNode.
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract.opt_state, p_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        tx, lambda value, sharding: value if isinstance(value, optax.MaskedNode) else sharding,
+        abstract.opt_state, p_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
     return TrainState(step=replicated, params=p_shardings, opt_state=opt_shardings,
                       rng=replicated)
 

@@ -13,10 +13,14 @@ Inside a step:
     micro-batch loop, so grad accumulation changes how the batch is computed, not what it is;
   * pre-training batches are cut to a random length with probability `train.random_length_prob`
     (noise.random_length_cut; no recompilation), SFT batches never are;
-  * the gradient is the mean over `train.grad_accum_steps` micro-batches (optimizer.py).
+  * the gradient is the mean over `train.grad_accum_steps` micro-batches (optimizer.py); the
+    parameter groups that `train.trainable` leaves out are frozen (no gradient computed).
 
 Batches follow the project convention: `tokens` int32 [B, L]; optional `segment_ids` int32 [B, L]
 (0 = padding: never attended to, never noised, never scored); optional `maskable` bool [B, L].
+LLaDA-V batches add `multimodal.IMAGE_FIELDS` (pixels and the image-token plan, sharded by rows
+like the tokens), which go to the model as they are; their image positions are never maskable,
+so the SFT loss is LLaDA-V's masked-response loss.
 
 Metrics: `loss`, `accuracy` (argmax = clean token, over noised positions), `grad_norm` (before
 clipping), `learning_rate` (of this update), `noised_tokens`, `cut_length`.
@@ -35,9 +39,12 @@ import optax
 from jax.sharding import Mesh
 
 from llada_jax import parallel
+from llada_jax.config import PARAM_GROUPS, trainable_groups
 from llada_jax.diffusion import losses, noise
+from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
-from llada_jax.train.optimizer import accumulate_gradients, make_schedule, split_micro_batches
+from llada_jax.train.optimizer import (accumulate_gradients, make_schedule, split_micro_batches,
+                                       stop_frozen_gradients)
 from llada_jax.train.state import TrainState
 
 
@@ -91,6 +98,9 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
         prepared["key_mask"] = real & valid[None, :]
     if segment_ids is not None:
         prepared["segment_ids"] = segment_ids
+    for name in IMAGE_FIELDS:  # LLaDA-V batches: pixels and the image-token plan, untouched
+        if name in batch:
+            prepared[name] = batch[name]
     return prepared
 
 
@@ -98,9 +108,13 @@ def make_loss_fn(model: Transformer, objective: str) -> Callable:
     """(params, prepared batch) -> (loss, {correct, noised}) for `train.objective`."""
 
     def loss_fn(params, micro: dict[str, jax.Array]):
+        images = {}
+        if "pixel_values" in micro:  # LLaDA-V: image tokens at the (never noised) placeholders
+            images = {"pixel_values": micro["pixel_values"], "image_sources": tuple(
+                micro[name] for name in IMAGE_FIELDS[1:])}
         logits = model.apply({"params": params}, micro["noisy_tokens"],
                              attention_mask=micro.get("key_mask"),
-                             segment_ids=micro.get("segment_ids"))
+                             segment_ids=micro.get("segment_ids"), **images)
         if objective == "sft":
             loss = losses.sft_loss(logits, micro["tokens"], micro["noised"], micro["mask_prob"],
                                    micro["maskable"])
@@ -121,6 +135,12 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     schedule = make_schedule(train)
     loss_fn = make_loss_fn(model, train.objective)
     num_micro = int(train.grad_accum_steps)
+    trainable = trainable_groups(train)
+    if trainable != PARAM_GROUPS:
+        full_loss_fn = loss_fn
+
+        def loss_fn(params, micro):  # frozen groups: no gradient is even computed
+            return full_loss_fn(stop_frozen_gradients(params, trainable), micro)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

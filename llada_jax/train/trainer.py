@@ -140,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     if is_chief:
         logging.info("training %s params on mesh %s, steps %d -> %d, %d tokens per step",
-                     f"{config_lib.model_config(config).num_params:,}", dict(mesh.shape),
+                     f"{sum(p.size for p in jax.tree.leaves(state.params)):,}", dict(mesh.shape),
                      start, end, train_cfg.batch_size * train_cfg.seq_len)
 
     train_step = step_lib.make_train_step(config, model, tx, mesh, shardings)

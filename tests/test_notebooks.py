@@ -1,0 +1,167 @@
+"""The Colab notebooks: stripped in the repository, and each one runs top to bottom on a CPU.
+
+Every notebook executes in a fresh Jupyter kernel of this interpreter (nbclient), with
+`LLADA_NOTEBOOK_TINY=1` (a few dozen training steps) and the tests' 8 fake CPU devices, so the
+meshes are real. The notebooks' own cells assert what they show (the loss fell, the samples
+decode to strings, the export loads back and samples the same answers, the accuracy is in
+[0, 1], ...); a failing assert is a failing cell and fails the test. `notebook_utils` helpers
+with logic of their own are checked directly below.
+"""
+
+import glob
+import json
+import os
+import sys
+import time
+
+import nbformat
+import numpy as np
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from llada_jax import notebook_utils as nu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
+NOTEBOOKS = ("quickstart", "finetune", "likelihood", "multimodal")
+SECONDS_PER_NOTEBOOK = 120   # each takes well under a minute on 2 CPU cores
+
+
+def _read(name):
+    return nbformat.read(os.path.join(NOTEBOOK_DIR, f"{name}.ipynb"), as_version=4)
+
+
+def test_the_notebooks_are_there_and_stripped():
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb"))) \
+        == sorted(f"{name}.ipynb" for name in NOTEBOOKS)
+    for name in NOTEBOOKS:
+        nb = _read(name)
+        nbformat.validate(nb)
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        assert code, name
+        for cell in code:
+            assert cell.outputs == [], (name, cell.source[:60])
+            assert cell.execution_count is None, (name, cell.source[:60])
+            assert "execution" not in cell.metadata, (name, cell.source[:60])
+        # Colab opens it on a TPU runtime with a Python 3 kernel.
+        assert nb.metadata["accelerator"] == "TPU"
+        assert nb.metadata["kernelspec"]["name"] == "python3"
+        # The first code cell is the guarded install.
+        assert "pip" in code[0].source and "LLADA_NOTEBOOK_TINY" in code[0].source
+
+
+@pytest.fixture(scope="module")
+def kernel_spec_dir(tmp_path_factory):
+    """A kernelspec that starts *this* interpreter (not whatever `python` is on PATH)."""
+    directory = tmp_path_factory.mktemp("kernels")
+    spec = directory / "llada_jax_test"
+    spec.mkdir()
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "llada_jax tests", "language": "python"}))
+    return str(directory)
+
+
+def _execute(name, kernel_spec_dir, workdir):
+    nb = _read(name)
+    manager = AsyncKernelManager(kernel_name="llada_jax_test",
+                                 kernel_spec_manager=KernelSpecManager(
+                                     kernel_dirs=[kernel_spec_dir]))
+    client = NotebookClient(nb, km=manager, timeout=SECONDS_PER_NOTEBOOK,
+                            resources={"metadata": {"path": str(workdir)}})
+    env = dict(os.environ, LLADA_NOTEBOOK_TINY="1", JAX_PLATFORMS="cpu", TMPDIR=str(workdir),
+               MPLBACKEND="module://matplotlib_inline.backend_inline")
+    env.pop("HF_CHECKPOINT", None)
+    start = time.perf_counter()
+    client.execute(env=env)   # raises CellExecutionError naming the cell on any error
+    return nb, time.perf_counter() - start
+
+
+def _outputs(nb, output_type):
+    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+            if o.output_type == output_type]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_top_to_bottom(name, kernel_spec_dir, tmp_path):
+    nb, seconds = _execute(name, kernel_spec_dir, tmp_path)
+    assert seconds < SECONDS_PER_NOTEBOOK, seconds
+    printed = "".join(o.text for o in _outputs(nb, "stream") if o.name == "stdout")
+    assert "CPU: 8 x cpu" in printed and "LLADA_NOTEBOOK_TINY=1" in printed
+    assert "Traceback" not in printed
+    if name == "finetune":  # the loss curve was drawn inline
+        assert any("image/png" in o.data for o in _outputs(nb, "display_data"))
+    # The repository file itself was not touched by the run.
+    assert all(cell.outputs == [] for cell in _read(name).cells if cell.cell_type == "code")
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook_utils on its own.
+
+
+def test_tiny_mode_and_config_choice(monkeypatch):
+    cpu = nu.Backend("cpu", 8, "cpu", 1, tiny=False)
+    full = nu.load_config("sft_tiny", cpu)
+    assert full.train.steps == nu.load_preset("sft_tiny").train.steps  # the preset as written
+    tiny = nu.load_config("sft_tiny", nu.Backend("tpu", 8, "TPU v4", 1, tiny=True), tiny_steps=40)
+    assert (tiny.train.steps, tiny.train.log_every, tiny.train.eval_every,
+            tiny.train.checkpoint_every) == (40, 10, 0, 0)
+    assert tiny.train.warmup_steps <= 10
+    for value, expected in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv(nu.TINY_ENV, value)
+        assert nu.tiny_mode() is expected
+    with pytest.raises(FileNotFoundError, match="no_such_preset.py"):
+        nu.load_preset("no_such_preset")
+
+
+def test_chat_jsonl_and_multiple_choice_set(tmp_path):
+    path = nu.write_chat_jsonl(str(tmp_path / "chat.jsonl"), 5)
+    lines = [json.loads(line) for line in open(path)]
+    assert len(lines) == 5
+    for record in lines:
+        user, assistant = record["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+    items = nu.synthetic_multiple_choice(20)
+    for item in items:
+        word = item.question.split()[-1]
+        assert len(word) == 3 and word.islower()
+        # The five tasks' answers to the word, by their definitions, duplicates removed.
+        expected = list(dict.fromkeys([word, word.upper(), word[::-1], word[0], word[-1]]))
+        assert list(item.choices) == expected
+        verb = item.question.split()[0]
+        right = {"Repeat": word, "Uppercase": word.upper(), "Reverse": word[::-1],
+                 "First": word[0], "Last": word[-1]}[verb]
+        assert item.choices[item.label] == right
+    with pytest.raises(ValueError, match="num_questions"):
+        nu.synthetic_multiple_choice(0)
+
+
+def test_load_hf_checkpoint_round_trips_an_export(tmp_path):
+    import jax
+
+    from llada_jax import config as config_lib
+    from llada_jax import parallel
+    from llada_jax.interop import hf
+    from llada_jax.train import optimizer, state
+
+    config = config_lib.default_config()
+    mesh = parallel.make_mesh(config)
+    model = state.make_model(config)
+    params = state.create_train_state(model, optimizer.make_optimizer(config.train), mesh,
+                                      parallel.logical_rules(config), seed=3).params
+    export = str(tmp_path / "export")
+    hf.export_hf(params, config_lib.model_config(config), export, dtype="float32")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        nu.load_hf_checkpoint(export)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        nu.load_hf_checkpoint(str(tmp_path / "missing"), tokenizer="char")
+    loaded_config, loaded_model, loaded, tokenizer = nu.load_hf_checkpoint(export,
+                                                                           tokenizer="char")
+    assert loaded_config.model.d_model == config.model.d_model
+    assert loaded_model.config == config_lib.model_config(config)
+    assert tokenizer.vocab_size <= loaded_config.model.vocab_size
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert loaded["wte"].sharding.spec == params["wte"].sharding.spec
