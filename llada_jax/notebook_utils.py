@@ -166,6 +166,49 @@ def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
     return out
 
 
+def generate_ids(params: Any, model: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                 sampler: SamplerConfig, *, mesh, rules, pad_id: int, seed: int = 0,
+                 image_conversations: Sequence[Any] | None = None,
+                 vision: ml_collections.ConfigDict | None = None) -> np.ndarray:
+    """Generated ids int32 [N, gen_length] after each prompt (id lists).
+
+    The batch is left-padded and filled up to a multiple of the mesh's batch axes by repeating
+    the last prompt (those rows are dropped), then sampled sharded over (data, fsdp). LLaDA-V:
+    `image_conversations` holds one `multimodal_data.EncodedConversation` per prompt (its ids
+    are the prompt, placeholders included) and `vision` the config's vision section.
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("prompts: expected at least one prompt, found none")
+    tokens, mask = pad_prompts(prompt_ids, pad_id)
+    count = len(prompt_ids)
+    rows = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+    extra = -(-count // rows) * rows - count
+    tokens = np.concatenate([tokens, np.repeat(tokens[-1:], extra, axis=0)])
+    mask = np.concatenate([mask, np.repeat(mask[-1:], extra, axis=0)])
+    host_batch = {"tokens": tokens, "mask": mask}
+    if image_conversations is not None:
+        from llada_jax.data import multimodal_data
+        from llada_jax.model.multimodal import IMAGE_FIELDS
+
+        if len(image_conversations) != count or vision is None:
+            raise ValueError(f"image_conversations: expected one per prompt ({count}) and the "
+                             f"config's vision section, found {len(image_conversations)}")
+        canvas = np.concatenate(
+            [tokens, np.full((len(tokens), sampler.gen_length), sampler.mask_id, np.int32)], 1)
+        conversations = list(image_conversations) + [image_conversations[-1]] * extra
+        host_batch.update(multimodal_data.image_inputs(
+            canvas, conversations, vision.max_views, vision.image_size,
+            (vision.image_size // vision.patch_size) ** 2))
+    with mesh_context(mesh, rules):
+        batch = parallel.global_batch(host_batch, mesh)
+        images = None
+        if image_conversations is not None:
+            images = [batch[k] for k in IMAGE_FIELDS]
+        out = generate(params, model, batch["tokens"], batch["mask"], sampler,
+                       jax.random.key(seed), images=images)
+    return np.asarray(jax.device_get(out))[:count, tokens.shape[1]:]
+
+
 def generate_text(params: Any, model: nn.Module, tokenizer: Tokenizer, prompts: Sequence,
                   sampler: SamplerConfig, *, mesh, rules, chat: bool = False,
                   seed: int = 0) -> list[str]:
@@ -173,9 +216,7 @@ def generate_text(params: Any, model: nn.Module, tokenizer: Tokenizer, prompts: 
     `{"role", "content"}` dicts is a whole conversation), each cut at its first EOS / EoT.
 
     Plain prompts start with BOS, as the pre-training documents do with `data.add_bos`; chat
-    prompts are rendered with the chat template up to the assistant header. The batch is
-    left-padded and filled up to a multiple of the mesh's batch axes (extra rows are dropped),
-    then sampled sharded over (data, fsdp).
+    prompts are rendered with the chat template up to the assistant header.
     """
     if isinstance(prompts, (str, dict)):
         raise ValueError("prompts: expected a list of prompts, found a single one; wrap it in "
@@ -191,16 +232,37 @@ def generate_text(params: Any, model: nn.Module, tokenizer: Tokenizer, prompts: 
                 raise ValueError(f"prompts: plain prompts must be strings, found {prompt!r} "
                                  f"(pass chat=True for conversations)")
             ids.append([tokenizer.bos_id, *tokenizer.encode(prompt)])
-    tokens, mask = pad_prompts(ids, tokenizer.pad_id)
-    rows = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-    total = -(-len(ids) // rows) * rows
-    tokens = np.concatenate([tokens, np.repeat(tokens[-1:], total - len(ids), axis=0)])
-    mask = np.concatenate([mask, np.repeat(mask[-1:], total - len(ids), axis=0)])
-    with mesh_context(mesh, rules):
-        batch = parallel.global_batch({"tokens": tokens, "mask": mask}, mesh)
-        out = generate(params, model, batch["tokens"], batch["mask"], sampler,
-                       jax.random.key(seed))
-    generated = np.asarray(jax.device_get(out))[:len(ids), tokens.shape[1]:]
+    generated = generate_ids(params, model, ids, sampler, mesh=mesh, rules=rules,
+                             pad_id=tokenizer.pad_id, seed=seed)
+    return [tokenizer.decode(answer_ids(row, tokenizer)) for row in generated]
+
+
+def image_conversation(tokenizer: Tokenizer, config: ml_collections.ConfigDict, image: Any,
+                       question: str):
+    """One user turn `<image>\\n{question}` about `image` (a path, a PIL image or uint8
+    [H, W, 3]), rendered for LLaDA-V up to the assistant header: a
+    `multimodal_data.EncodedConversation` (its `ids` hold the image's placeholder positions)."""
+    from llada_jax.data import multimodal_data
+
+    messages = [{"role": "user", "content": f"{multimodal_data.IMAGE_MARK}\n{question}"}]
+    return multimodal_data.encode_conversation(
+        messages, [image], tokenizer, multimodal_data.ImageProcessor.from_config(config),
+        add_generation_prompt=True)
+
+
+def answer_about_images(params: Any, model: nn.Module, tokenizer: Tokenizer,
+                        config: ml_collections.ConfigDict, images: Sequence[Any],
+                        questions: Sequence[str], sampler: SamplerConfig, *, mesh, rules,
+                        seed: int = 0) -> list[str]:
+    """LLaDA-V's answer to each (image, question) pair, cut at its first EOS / EoT."""
+    if len(images) != len(questions):
+        raise ValueError(f"answer_about_images: {len(images)} images but {len(questions)} "
+                         f"questions")
+    conversations = [image_conversation(tokenizer, config, image, question)
+                     for image, question in zip(images, questions)]
+    generated = generate_ids(params, model, [c.ids for c in conversations], sampler, mesh=mesh,
+                             rules=rules, pad_id=tokenizer.pad_id, seed=seed,
+                             image_conversations=conversations, vision=config.vision)
     return [tokenizer.decode(answer_ids(row, tokenizer)) for row in generated]
 
 
