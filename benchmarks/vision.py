@@ -1,4 +1,4 @@
-"""LLaDA-V benchmark: vision tower + projector throughput and the multimodal train step's MFU (JSON).
+"""LLaDA-V benchmark: vision tower + projector throughput, multimodal train step MFU (JSON).
 
     python benchmarks/vision.py --config=configs/llada_v_tiny.py
     python benchmarks/vision.py --config=configs/llada_v.py:stage2 --views=16 \\
@@ -27,7 +27,6 @@ MFU = model FLOPs per second / (devices x peak bf16 FLOP/s of a device); null on
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -41,6 +40,23 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed calls first")
 _IMAGE_WIDTH = flags.DEFINE_integer("image_width", 0, "train step: image width (0: image_size)")
 _IMAGE_HEIGHT = flags.DEFINE_integer("image_height", 0, "train step: image height (0: image_size)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak bf16 TFLOP/s of one device")
+
+
+# Dense bf16 peak TFLOP/s per device, by `device_kind` prefix (as benchmarks/train_step.py, which
+# cannot be imported here: it defines the same absl flags).
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H200": 989.0, "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+def language_flops_per_step(model_config, batch_size: int, seq_len: int) -> float:
+    """6 N tokens + 12 n_layers L^2 (n_heads head_dim) per sequence (N without the embedding)."""
+    matmul_params = model_config.num_params - model_config.vocab_size * model_config.d_model
+    attention = (12 * model_config.n_layers * seq_len ** 2 * model_config.n_heads
+                 * model_config.head_dim * batch_size)
+    return 6.0 * matmul_params * batch_size * seq_len + float(attention)
 
 
 def vision_flops_per_view(vision) -> float:
@@ -73,11 +89,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     import jax
-    import jax.numpy as jnp
     import numpy as np
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_step import PEAK_TFLOPS, model_flops_per_step
 
     from llada_jax import config as config_lib
     from llada_jax import parallel
@@ -166,7 +178,7 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready((state, metrics))
     seconds = (time.time() - start) / _STEPS.value
     views_per_row = len(processor(image)[0])
-    lm_flops = model_flops_per_step(model_cfg, train.batch_size, train.seq_len)
+    lm_flops = language_flops_per_step(model_cfg, train.batch_size, train.seq_len)
     vision_flops = 3.0 * train.batch_size * config.vision.max_views * (
         vision_flops_per_view(vision) + projector_flops_per_view(vision, model_cfg.d_model))
     flops = lm_flops + vision_flops

@@ -1,4 +1,4 @@
-"""Drives a Cloud TPU VM pod slice through gcloud: create it, install, train, resume, export, delete.
+"""Drives a Cloud TPU VM pod slice with gcloud: create, install, train, resume, export, delete.
 
     python launch/tpu_pod.py ACTION --tpu=NAME --zone=ZONE [--project=P] [flags] [-- ARGS]
 
@@ -224,7 +224,7 @@ def build_commands(action: str, program_args: list[str]) -> list[list[str]]:
         commands.append(copy_command())
     if _INSTALL.value:
         commands.append(pip_command())
-    return commands + [train_command(program_args)]
+    return [*commands, train_command(program_args)]
 
 
 def _check_flags(action: str) -> None:

@@ -189,7 +189,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.vision.image_aspect_ratio = "anyres_max_4"
     c.vision.max_grid = 6
     c.vision.max_views = 37          # pixel views per example (a static shape): 1 + 6 * 6
-    c.data.image_folder = ""         # LLaVA JSON: image paths are relative to it ('': the JSON's dir)
+    c.data.image_folder = ""         # LLaVA JSON: image paths are relative to it ('': its dir)
     # Which parameter groups (vision_tower, projector, language_model) train, and their peak
     # learning rates (0: train.learning_rate); every group follows train.schedule's shape.
     # LLaDA-V stage 1: trainable='projector'; stage 2: 'all' with vision_tower 2e-6.

@@ -5,10 +5,11 @@
   `LLADA_NOTEBOOK_TINY=1` (what CI runs, `tests/test_notebooks.py`);
 * a Hugging Face LLaDA checkpoint as (config, model, params, tokenizer) on a mesh
   (`load_hf_checkpoint`), for the notebooks' "bring your own weights" path;
-* text in, text out with the one sampler (`generate_text`, plain or with the chat template);
+* text in, text out with the one sampler, sharded on the mesh (`generate_text`, plain or with
+  the chat template; `answer_about_images` for LLaDA-V);
 * small data the notebooks write and score: a `messages` JSONL file from the built-in chat set
   (`write_chat_jsonl`), a multiple-choice set built from its held-out questions
-  (`synthetic_multiple_choice`);
+  (`synthetic_multiple_choice`, scored by `score_multiple_choice`);
 * what a notebook displays: the mesh and the shards of a few params (`sharding_table`), a loss
   curve (`plot_losses`).
 
@@ -110,11 +111,13 @@ def load_config(name: str, backend: Backend, *, tiny_steps: int = 40,
 
 
 def load_hf_checkpoint(hf_dir: str, *, tokenizer: str | None = None, mesh=None,
-                       param_dtype: str | None = None):
+                       param_dtype: str | None = None, dtype: str | None = None):
     """(config, model, params, tokenizer) of a Hugging Face LLaDA checkpoint directory.
 
     The config is the library defaults with the model section of the checkpoint's config.json;
     params are placed on `mesh` (default: fsdp over every device) by the project's rule table.
+    `param_dtype`: the params' dtype (default: the checkpoint's); `dtype`: the compute dtype
+    (default: the library's float32; 'bfloat16' on TPUs and GPUs).
     `tokenizer`: a tokenizer spec; default `hf:hf_dir`, which needs a `tokenizer.json` there
     (the released checkpoints have one; an export of a model trained with the built-in character
     tokenizer needs `tokenizer='char'`).
@@ -132,7 +135,8 @@ def load_hf_checkpoint(hf_dir: str, *, tokenizer: str | None = None, mesh=None,
     config = config_lib.default_config()
     mesh = parallel.make_mesh(config) if mesh is None else mesh
     model_config, params = hf.import_hf(hf_dir, mesh=mesh, rules=parallel.logical_rules(config),
-                                        param_dtype=param_dtype)
+                                        param_dtype=param_dtype,
+                                        overrides=None if dtype is None else {"dtype": dtype})
     for name, value in dataclasses.asdict(model_config).items():
         config.model[name] = value
     config.data.tokenizer = tokenizer
@@ -259,7 +263,7 @@ def answer_about_images(params: Any, model: nn.Module, tokenizer: Tokenizer,
         raise ValueError(f"answer_about_images: {len(images)} images but {len(questions)} "
                          f"questions")
     conversations = [image_conversation(tokenizer, config, image, question)
-                     for image, question in zip(images, questions)]
+                     for image, question in zip(images, questions, strict=True)]
     generated = generate_ids(params, model, [c.ids for c in conversations], sampler, mesh=mesh,
                              rules=rules, pad_id=tokenizer.pad_id, seed=seed,
                              image_conversations=conversations, vision=config.vision)
@@ -342,7 +346,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     keys = list(rows[0])
     cells = [keys] + [[str(row[k]) for k in keys] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+                     for line in cells)
 
 
 def plot_losses(history: Sequence[dict[str, float]],
@@ -401,3 +406,17 @@ def score_multiple_choice(params: Any, model: nn.Module, tokenizer: Tokenizer,
         return likelihood.multiple_choice(params, model, contexts, choices, jax.random.key(seed),
                                           labels=[item.label for item in items], mc_num=mc_num,
                                           batch_size=batch_size)
+
+
+def strip_outputs(path: str) -> None:
+    """Removes outputs, execution counts and execution timings from a notebook file, in place:
+    how the notebooks are committed (tests/test_notebooks.py checks it)."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+        cell.metadata.pop("execution", None)
+    nbformat.write(notebook, path)

@@ -28,7 +28,7 @@ from llada_jax.interop import siglip
 from llada_jax.model import multimodal as mm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import llada_v_tiny  # noqa: E402
+import llada_v_tiny
 
 TOK = CharTokenizer()
 P = mm.IMAGE_PLACEHOLDER_ID
@@ -71,7 +71,8 @@ def test_square_row_layout_by_hand():
     answer = [*_chars("red"), EOT]
     expected = prompt + answer + [EOS] * (80 - len(prompt) - len(answer))
     np.testing.assert_array_equal(row["tokens"], expected)
-    np.testing.assert_array_equal(row["maskable"], [False] * len(prompt) + [True] * (80 - len(prompt)))
+    np.testing.assert_array_equal(row["maskable"],
+                                  [False] * len(prompt) + [True] * (80 - len(prompt)))
     assert row["pixel_values"].shape == (1, 32, 32, 3) and row["pixel_values"].dtype == np.uint8
     np.testing.assert_array_equal(row["pixel_values"][0], image)   # 32 px: resize is the identity
     # The plan: placeholder k < 16 reads view token k with weight 1, the 17th is the newline.
@@ -425,11 +426,11 @@ def test_stage1_trains_only_the_projector(tmp_path):
     after = jax.device_get(result.state.params)
     for group in ("vision_tower", "language_model"):
         for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before[group])[0],
-                                    jax.tree.leaves(after[group])):
+                                    jax.tree.leaves(after[group]), strict=True):
             assert np.array_equal(np.asarray(old).view(np.uint32),
                                   np.asarray(new).view(np.uint32)), (group, path)
     for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before["projector"])[0],
-                                jax.tree.leaves(after["projector"])):
+                                jax.tree.leaves(after["projector"]), strict=True):
         assert np.any(np.asarray(old) != np.asarray(new)), path
     # Adam keeps moments for the projector alone: 2 x its parameters, nothing for frozen groups.
     projector_size = sum(np.size(a) for a in jax.tree.leaves(before["projector"]))
@@ -463,7 +464,7 @@ def test_stage2_group_learning_rates(tmp_path):
     for group, peak in peaks.items():
         delta = np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b)).ravel()
                                 for a, b in zip(jax.tree.leaves(after[group]),
-                                                jax.tree.leaves(before[group]))])
+                                                jax.tree.leaves(before[group]), strict=True)])
         moved = delta[delta > 0]
         assert moved.size > 0.5 * delta.size, group
         # Tolerances: float32 parameters near 1 (norm scales) round the update by up to an ulp
@@ -584,7 +585,7 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
     sample_seconds = time.time() - start
     generated = np.asarray(out)[:, batch["tokens"].shape[1]:]
     correct = {"colour": [], "shape": []}
-    for row, answer, kind in zip(generated, answers, kinds):
+    for row, answer, kind in zip(generated, answers, kinds, strict=True):
         ids = []
         for i in row:
             if i in (TOK.eos_id, TOK.eot_id):
@@ -596,3 +597,21 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
           f"accuracy {accuracy} on {len(answers)} held-out pictures")
     assert accuracy["colour"] >= 0.75, accuracy      # chance: 0.25
     assert accuracy["shape"] >= 0.6, accuracy        # chance: 0.33
+
+
+def test_stage1_init_from_separate_towers():
+    """A language tower and a vision tower from elsewhere + a fresh projector = LLaDAV params."""
+    c = _tiny_config()
+    model_cfg, vision = config_lib.model_config(c), config_lib.vision_config(c)
+    params = nn.unbox(jax.jit(_tiny_model(c).init)(jax.random.key(0), jnp.zeros((1, 2),
+                                                                                 jnp.int32)))
+    params = jax.device_get(params["params"])
+    combined = siglip.llada_v_init_params(params["language_model"], params["vision_tower"],
+                                          model_cfg, vision, seed=1)
+    assert jax.tree.structure(combined) == jax.tree.structure(params)
+    assert combined["language_model"]["wte"] is params["language_model"]["wte"]
+    assert combined["projector"]["linear_1"]["kernel"].shape == (64, 64)
+    assert np.abs(combined["projector"]["linear_1"]["kernel"]).max() > 0
+    with pytest.raises(ValueError, match=r"vision_tower params do not fit the config"):
+        siglip.llada_v_init_params(params["language_model"], params["projector"], model_cfg,
+                                   vision)

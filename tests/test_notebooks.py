@@ -8,6 +8,7 @@ decode to strings, the export loads back and samples the same answers, the accur
 with logic of their own are checked directly below.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -93,8 +94,14 @@ def test_notebook_runs_top_to_bottom(name, kernel_spec_dir, tmp_path):
     assert "Traceback" not in printed
     if name == "finetune":  # the loss curve was drawn inline
         assert any("image/png" in o.data for o in _outputs(nb, "display_data"))
-    # The repository file itself was not touched by the run.
-    assert all(cell.outputs == [] for cell in _read(name).cells if cell.cell_type == "code")
+    # The repository file itself was not touched by the run, and stripping the executed copy
+    # gives back its cells exactly.
+    committed = _read(name)
+    assert all(cell.outputs == [] for cell in committed.cells if cell.cell_type == "code")
+    executed = tmp_path / f"{name}.ipynb"
+    nbformat.write(nb, str(executed))
+    nu.strip_outputs(str(executed))
+    assert nbformat.read(str(executed), as_version=4).cells == committed.cells
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,10 +164,12 @@ def test_load_hf_checkpoint_round_trips_an_export(tmp_path):
         nu.load_hf_checkpoint(export)
     with pytest.raises(FileNotFoundError, match="not found"):
         nu.load_hf_checkpoint(str(tmp_path / "missing"), tokenizer="char")
-    loaded_config, loaded_model, loaded, tokenizer = nu.load_hf_checkpoint(export,
-                                                                           tokenizer="char")
+    loaded_config, loaded_model, loaded, tokenizer = nu.load_hf_checkpoint(
+        export, tokenizer="char", dtype="bfloat16")
     assert loaded_config.model.d_model == config.model.d_model
-    assert loaded_model.config == config_lib.model_config(config)
+    # The architecture and ids from config.json; bf16 compute as asked, float32 params as stored.
+    assert loaded_model.config == dataclasses.replace(config_lib.model_config(config),
+                                                      dtype="bfloat16")
     assert tokenizer.vocab_size <= loaded_config.model.vocab_size
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -123,7 +123,8 @@ def square_pixels(image: Image.Image | str | os.PathLike[str], size: int = TILE_
 
 def preprocess_square(image: Image.Image | str | os.PathLike[str],
                       size: int = TILE_SIZE) -> np.ndarray:
-    """One view: the whole image resized (aspect ratio not kept) to size x size -> [size, size, 3]."""
+    """One view: the whole image resized (aspect ratio not kept) to size x size -> float32
+    [size, size, 3] in [-1, 1]."""
     return normalize(square_pixels(image, size))
 
 
@@ -275,7 +276,7 @@ def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = 
     padded = resize_and_pad(rgb, canvas)
     tiles = [padded.crop((x, y, x + tile_size, y + tile_size))
              for y in range(0, canvas[1], tile_size) for x in range(0, canvas[0], tile_size)]
-    views = [resize(rgb, (tile_size, tile_size))] + tiles
+    views = [resize(rgb, (tile_size, tile_size)), *tiles]
     return np.stack([np.asarray(v, dtype=np.uint8) for v in views]), rgb.size
 
 
@@ -390,7 +391,8 @@ def place_token_sources(input_ids: np.ndarray, plans: Sequence[Sequence[tuple[np
             raise ValueError(f"row {b} has {positions.size} image placeholder positions (id "
                              f"{placeholder_id}) but its images make {tokens} tokens")
         start = 0
-        for (p_index, p_weight, p_newline), views in zip(plans[b], views_per_image[b]):
+        for (p_index, p_weight, p_newline), views in zip(plans[b], views_per_image[b],
+                                                         strict=True):
             at = positions[start:start + p_index.shape[0]]
             index[b, at] = p_index + view_offset * tokens_per_view
             weight[b, at] = p_weight

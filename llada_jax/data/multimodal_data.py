@@ -290,7 +290,7 @@ def render_turn(tokenizer: Tokenizer, role: str, content: str,
             ids += [IMAGE_PLACEHOLDER_ID] * image_token_counts[k - 1]
         if piece:
             ids += tokenizer.encode(piece)
-    return ids + [tokenizer.eot_id]
+    return [*ids, tokenizer.eot_id]
 
 
 @dataclasses.dataclass
@@ -331,7 +331,7 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
 
     turns: list[tuple[str, list[int], list[bool], int]] = []   # (role, ids, maskable, images)
     used = 0
-    for m, n in zip(messages, marks):
+    for m, n in zip(messages, marks, strict=True):
         ids = render_turn(tokenizer, m["role"], m["content"], counts[used:used + n])
         mask = [False] * len(ids)
         if m["role"] == "assistant":
@@ -386,7 +386,7 @@ def image_inputs(tokens: np.ndarray, conversations: Sequence[EncodedConversation
                                           [[len(v) for v in conversation.views]],
                                           IMAGE_PLACEHOLDER_ID, tokens_per_view)
         index[b], weight[b], newline[b] = (a[0] for a in plan)
-    return dict(zip(IMAGE_FIELDS, (pixels, index, weight, newline)))
+    return dict(zip(IMAGE_FIELDS, (pixels, index, weight, newline), strict=True))
 
 
 class MultimodalRows:

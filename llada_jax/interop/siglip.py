@@ -258,7 +258,7 @@ def import_vision(tensors: Mapping[str, Any], cfg: VisionConfig, prefix: str | N
         per_layer = [fetch(f"encoder.layers.{i}.{rel}", rel) for i in range(cfg.num_layers_used)]
         if all(t is not None for t in per_layer):
             stacked = np.stack([_to_params(kind, t, cfg).astype(out_dtype) for t in per_layer])
-            _set(params, ("layers",) + path, stacked)
+            _set(params, ("layers", *path), stacked)
     if missing:
         raise ValueError(f"missing tensor(s) for the vision tower (prefix {prefix!r}, "
                          f"{cfg.num_layers_used} layers used): {_listing(missing)}")
@@ -283,7 +283,7 @@ def export_vision(params: Mapping[str, Any], cfg: VisionConfig,
     for rel, path, kind in _EMBEDDINGS + (_POST_LAYERNORM if cfg.use_post_layernorm else ()):
         put(prefix + rel, _to_hf(kind, np.asarray(_get(params, path)), cfg))
     for rel, path, kind in _LAYER:
-        stacked = np.asarray(_get(params, ("layers",) + path))
+        stacked = np.asarray(_get(params, ("layers", *path)))
         if stacked.shape[0] != cfg.num_layers_used:
             raise ValueError(f"params layers/{'/'.join(path)}: expected {cfg.num_layers_used} "
                              f"stacked layers, found {stacked.shape[0]}")
@@ -610,3 +610,32 @@ def import_llada_v(hf_dir: str | os.PathLike[str], *, mesh: Any = None, rules: A
             lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i, a=a: a[i]),
             host[group], shardings[group])
     return model_cfg, vision, params
+
+
+def llada_v_init_params(language_params: Mapping[str, Any], vision_params: Mapping[str, Any],
+                        model_cfg: Any, vision: VisionConfig, seed: int = 0) -> dict[str, Any]:
+    """`LLaDAV` params for stage 1 from separate checkpoints: a LLaDA language tower
+    (`interop.hf.import_hf`), a SigLIP vision tower (`import_vision` /
+    `import_vision_from_safetensors`) and a freshly initialised projector (from `seed`).
+    Shapes are checked against the configs; ValueError names the part."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from llada_jax.model.multimodal import LLaDAV, Projector
+
+    model = LLaDAV(model_cfg, vision)
+    abstract = nn.unbox(jax.eval_shape(
+        lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.key(0)))
+    parts = {"language_model": language_params, "vision_tower": vision_params}
+    for name, tree in parts.items():
+        expected = jax.tree.map(lambda a: tuple(a.shape), abstract[name])
+        found = jax.tree.map(lambda a: tuple(np.shape(a)), dict(tree))
+        if expected != found:
+            raise ValueError(f"{name} params do not fit the config: expected shapes {expected}, "
+                             f"found {found}")
+    projector = nn.unbox(Projector(model_cfg.d_model, param_dtype=model_cfg.param_dtype).init(
+        jax.random.key(seed), jnp.zeros((1, vision.width)))["params"])
+    projector = jax.tree.map(np.asarray, projector)
+    return {"vision_tower": dict(vision_params), "projector": projector,
+            "language_model": dict(language_params)}

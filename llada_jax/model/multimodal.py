@@ -254,7 +254,7 @@ def normalize_pixels(pixels: jax.Array) -> jax.Array:
     return pixels
 
 
-# The batch fields a LLaDA-V batch adds to `tokens` / `maskable` (llada_jax/data/multimodal_data.py):
+# The fields a LLaDA-V batch adds to `tokens` / `maskable` (llada_jax/data/multimodal_data.py):
 #   pixel_values         uint8 [B, V, H, W, 3]  each row's views (base view, tiles; zero padding)
 #   image_source_index   int32 [B, L, 4]        the gather plan of `images.anyres_token_sources`,
 #   image_source_weight  float32 [B, L, 4]      indices into the row's own views flattened to
@@ -294,7 +294,7 @@ class LLaDAV(nn.Module):
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """Views [..., H, W, 3] -> projected view features [..., tokens_per_view, d_model]."""
         lead = pixel_values.shape[:-3]
-        flat = pixel_values.reshape((-1,) + pixel_values.shape[-3:])
+        flat = pixel_values.reshape((-1, *pixel_values.shape[-3:]))
         features = self.projector(self.vision_tower(normalize_pixels(flat)))
         return features.reshape(lead + features.shape[-2:])
 

@@ -100,7 +100,8 @@ def group_peak_learning_rates(train: ml_collections.ConfigDict) -> dict[str, flo
     return {g: float(train.group_learning_rates[g] or train.learning_rate) for g in PARAM_GROUPS}
 
 
-def group_schedule(train: ml_collections.ConfigDict, group: str) -> Callable[[jax.Array], jax.Array]:
+def group_schedule(train: ml_collections.ConfigDict,
+                   group: str) -> Callable[[jax.Array], jax.Array]:
     """`make_schedule` with the group's peak learning rate (same shape, warmup and floor ratio)."""
     with_peak = ml_collections.ConfigDict(train.to_dict())
     with_peak.learning_rate = group_peak_learning_rates(train)[group]

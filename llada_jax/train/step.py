@@ -43,8 +43,12 @@ from llada_jax.config import PARAM_GROUPS, trainable_groups
 from llada_jax.diffusion import losses, noise
 from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
-from llada_jax.train.optimizer import (accumulate_gradients, make_schedule, split_micro_batches,
-                                       stop_frozen_gradients)
+from llada_jax.train.optimizer import (
+    accumulate_gradients,
+    make_schedule,
+    split_micro_batches,
+    stop_frozen_gradients,
+)
 from llada_jax.train.state import TrainState
 
 

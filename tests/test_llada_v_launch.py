@@ -1,0 +1,78 @@
+"""LLaDA-V through the launch programs, as a user runs them (subprocesses): train the tiny preset
+with launch/train.py, then ask launch/chat.py --image about pictures it has never seen."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llada_jax.data.synthetic_images import draw_shape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(name, *args, stdin=None, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: quick start
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", name), *args],
+                          input=stdin, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT, check=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny preset trained for 300 steps (colours are learnt by then)."""
+    workdir = str(tmp_path_factory.mktemp("llada_v") / "run")
+    result = _run("train.py", "--config=configs/llada_v_tiny.py", f"--workdir={workdir}",
+                  "--config.train.steps=300", "--config.train.log_every=100",
+                  "--config.train.checkpoint_every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 300/300 | loss" in result.stderr
+    return workdir
+
+
+def _picture(tmp_path, shape, colour, seed):
+    path = str(tmp_path / f"{colour}_{shape}.png")
+    Image.fromarray(draw_shape(shape, colour, 32, np.random.default_rng(seed))).save(path)
+    return path
+
+
+def test_chat_answers_about_the_image(checkpoint, tmp_path):
+    answers = {}
+    for colour, shape in (("red", "circle"), ("blue", "square")):
+        result = _run("chat.py", f"--checkpoint={checkpoint}",
+                      f"--image={_picture(tmp_path, shape, colour, 123)}",
+                      stdin="Colour?\n/reset\nColour?\n")
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("assistant: ")]
+        assert len(lines) == 2 and "(new conversation)" in result.stdout, result.stdout
+        # After /reset the image is attached to the new first message again: same answer.
+        assert lines[0] == lines[1]
+        answers[colour] = lines[0][len("assistant: "):]
+    assert answers == {"red": "red", "blue": "blue"}
+
+
+def test_chat_image_errors(checkpoint, tmp_path):
+    missing = str(tmp_path / "missing.png")
+    result = _run("chat.py", f"--checkpoint={checkpoint}", f"--image={missing}", stdin="")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"error: --image: image file not found: " \
+                                                     f"{missing}"
+    (tmp_path / "not_an_image.png").write_text("hello")
+    result = _run("chat.py", f"--checkpoint={checkpoint}",
+                  f"--image={tmp_path / 'not_an_image.png'}", stdin="")
+    assert result.returncode != 0
+    assert f"cannot read image {tmp_path / 'not_an_image.png'}" in result.stderr
+
+
+def test_train_names_a_missing_image_of_the_data(tmp_path):
+    data = tmp_path / "llava.jsonl"
+    data.write_text(json.dumps({"image": "nowhere.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}) + "\n")
+    result = _run("train.py", "--config=configs/llada_v_tiny.py:quick",
+                  f"--workdir={tmp_path / 'run'}", f"--config.data.source=files:{data}")
+    assert result.returncode != 0
+    assert f"{data}:1: image file not found: {tmp_path / 'nowhere.jpg'}" in result.stderr
