@@ -11,7 +11,11 @@ the HF config.json (compute dtype, remat and attention backend stay the preset's
 `data.tokenizer = 'hf:HF_DIR'` when the directory has a tokenizer.json. Params are placed on the
 preset's mesh over all devices while they stream in.
 
-Export (a params checkpoint or a trainer workdir):
+A whole LLaDA-V checkpoint (keys `model.vision_tower.*`, `model.mm_projector.*`,
+`model.image_newline` beside the Llama-named tower) is detected and imported with its vision tower
+and projector; the written config then has `vision.enabled` and the tower's architecture.
+
+Export (a params checkpoint or a trainer workdir; LLaDA-V params export as a LLaDA-V checkpoint):
 
     python launch/convert.py --mode=export --checkpoint=/runs/sft --out=/ckpt/hf_export \\
         --naming=llada --dtype=bfloat16 [--step=N] [--tokenizer_dir=DIR] [--code_dir=DIR]
@@ -31,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llada_jax import config as config_lib
-from llada_jax.interop import hf
+from llada_jax.interop import hf, siglip
 
 _MODE = flags.DEFINE_enum("mode", None, ["import", "export"], "conversion direction",
                           required=True)
@@ -90,10 +94,25 @@ def run_import() -> None:
     mesh = parallel.make_mesh(config)
     start = time.perf_counter()
     overrides = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
-    checkpoint = hf.inspect_hf_checkpoint(_HF_DIR.value, overrides, _SKIP_PREFIXES.value)
-    model, params = hf.import_hf(_HF_DIR.value, mesh=mesh, rules=parallel.logical_rules(config),
-                                 param_dtype=_PARAM_DTYPE.value, overrides=overrides,
-                                 skip_prefixes=_SKIP_PREFIXES.value)
+    rules = parallel.logical_rules(config)
+    is_llada_v = any(name.startswith(siglip.LLADA_V_MULTIMODAL_PREFIXES)
+                     for name in hf.list_tensors(_HF_DIR.value))
+    skip = tuple(_SKIP_PREFIXES.value)
+    if is_llada_v:  # a whole LLaDA-V checkpoint: Llama-named tower + vision tower + projector
+        skip += tuple(siglip.LLADA_V_MULTIMODAL_PREFIXES)
+    checkpoint = hf.inspect_hf_checkpoint(_HF_DIR.value, overrides, skip)
+    if is_llada_v:
+        model, vision, params = siglip.import_llada_v(_HF_DIR.value, mesh=mesh, rules=rules,
+                                                      param_dtype=_PARAM_DTYPE.value)
+        model = dataclasses.replace(model, **overrides)
+        config.vision.enabled = True
+        for name, value in dataclasses.asdict(vision).items():
+            if name in config.vision:
+                config.vision[name] = value
+    else:
+        model, params = hf.import_hf(_HF_DIR.value, mesh=mesh, rules=rules,
+                                     param_dtype=_PARAM_DTYPE.value, overrides=overrides,
+                                     skip_prefixes=skip)
     for name, value in dataclasses.asdict(model).items():
         config.model[name] = value
     if os.path.isfile(os.path.join(_HF_DIR.value, "tokenizer.json")):
@@ -102,7 +121,8 @@ def run_import() -> None:
     config_lib.validate(config)
     save_params(_OUT.value, config, params)
     seconds = time.perf_counter() - start
-    print(f"imported {len(checkpoint.tensors)} tensors ({checkpoint.num_bytes / 1e9:.3f} GB, "
+    kind = "LLaDA-V (language tower + vision tower + projector)" if is_llada_v else "LLaDA"
+    print(f"imported {kind}: {len(checkpoint.tensors)} language-tower tensors ({checkpoint.num_bytes / 1e9:.3f} GB, "
           f"'{checkpoint.naming}' layout, {model.num_params:,} params as {model.param_dtype}) "
           f"from {_HF_DIR.value} to {_OUT.value} in {seconds:.1f} s")
 
@@ -127,13 +147,22 @@ def run_export() -> None:
         tokenizer_dir = candidate if os.path.isdir(candidate) else None
         if tokenizer_dir is None:
             print(f"note: tokenizer directory {candidate} not found; no tokenizer files copied")
-    summary = hf.export_hf(params, model, _OUT.value, naming=_NAMING.value, dtype=_DTYPE.value,
-                           max_shard_bytes=int(_MAX_SHARD_GB.value * 1024 ** 3),
-                           tokenizer_dir=tokenizer_dir, code_dir=_CODE_DIR.value,
-                           overwrite=_OVERWRITE.value)
+    if config.vision.enabled:  # LLaDA-V: always the Llama-named layout LLaDA-V releases
+        naming = "llama"
+        summary = siglip.export_llada_v(params, model, config_lib.vision_config(config),
+                                        _OUT.value, dtype=_DTYPE.value,
+                                        image_aspect_ratio=config.vision.image_aspect_ratio,
+                                        max_grid=config.vision.max_grid,
+                                        tokenizer_dir=tokenizer_dir, overwrite=_OVERWRITE.value)
+    else:
+        naming = _NAMING.value
+        summary = hf.export_hf(params, model, _OUT.value, naming=naming, dtype=_DTYPE.value,
+                               max_shard_bytes=int(_MAX_SHARD_GB.value * 1024 ** 3),
+                               tokenizer_dir=tokenizer_dir, code_dir=_CODE_DIR.value,
+                               overwrite=_OVERWRITE.value)
     seconds = time.perf_counter() - start
     print(f"exported {summary.num_tensors} tensors ({summary.num_bytes / 1e9:.3f} GB as "
-          f"{_DTYPE.value}, {summary.num_shards} shard(s), '{_NAMING.value}' layout) from "
+          f"{_DTYPE.value}, {summary.num_shards} shard(s), '{naming}' layout) from "
           f"{_CHECKPOINT.value} to {summary.directory} in {seconds:.1f} s")
 
 

@@ -76,3 +76,32 @@ def test_train_names_a_missing_image_of_the_data(tmp_path):
                   f"--workdir={tmp_path / 'run'}", f"--config.data.source=files:{data}")
     assert result.returncode != 0
     assert f"{data}:1: image file not found: {tmp_path / 'nowhere.jpg'}" in result.stderr
+
+
+def test_convert_exports_and_reimports_a_llada_v_checkpoint(checkpoint, tmp_path):
+    """launch/convert.py: trained LLaDA-V -> LLaDA-V Hugging Face layout -> our params, exactly."""
+    import jax
+
+    from llada_jax.train.checkpoint import load_params
+
+    hf_dir, back_dir = str(tmp_path / "hf"), str(tmp_path / "back")
+    result = _run("convert.py", "--mode=export", f"--checkpoint={checkpoint}", f"--out={hf_dir}",
+                  "--dtype=float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'llama' layout" in result.stdout
+    with open(os.path.join(hf_dir, "model.safetensors.index.json")) as f:
+        keys = set(json.load(f)["weight_map"])
+    assert {"model.mm_projector.0.weight", "model.image_newline",
+            "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"} <= keys
+    result = _run("convert.py", "--mode=import", f"--hf_dir={hf_dir}", f"--out={back_dir}",
+                  "--config=configs/llada_v_tiny.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imported LLaDA-V" in result.stdout
+    config, params = load_params(checkpoint)
+    config_back, params_back = load_params(back_dir)
+    assert config_back.vision.enabled and config_back.vision.to_dict() == config.vision.to_dict()
+    assert config_back.model.to_dict() == config.model.to_dict()
+    original = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(params_back)[0]:
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(original.pop(path)))
+    assert not original  # nothing missing

@@ -54,7 +54,7 @@ from PIL import Image
 from llada_jax import config as config_lib
 from llada_jax.data import images, sources
 from llada_jax.data.chat import BadRecordError, parse_messages
-from llada_jax.data.pipeline import _ensure_absl_flags_parsed, _handle_bad_record, _to_numpy
+from llada_jax.data.pipeline import ensure_absl_flags_parsed, handle_bad_record, to_numpy
 from llada_jax.data.synthetic_images import ShapesDataset
 from llada_jax.data.tokenizer import HFTokenizer, Tokenizer
 from llada_jax.model.multimodal import IMAGE_FIELDS, IMAGE_PLACEHOLDER_ID
@@ -410,7 +410,7 @@ class MultimodalRows:
                                   self.processor.image_size, self.processor.tokens_per_view,
                                   [origin])
         except BadRecordError as error:
-            _handle_bad_record(error, self.bad_records)
+            handle_bad_record(error, self.bad_records)
             return None
         row = {"tokens": tokens, "maskable": maskable}
         row.update({k: v[0] for k, v in fields.items()})
@@ -455,10 +455,10 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
     dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
     if data.num_workers > 0:
-        _ensure_absl_flags_parsed()
+        ensure_absl_flags_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(_to_numpy)
+        dataset = dataset.map(to_numpy)
     return dataset
 
 

@@ -54,7 +54,8 @@ def reset_skipped_records() -> None:
     _SKIPPED.clear()
 
 
-def _handle_bad_record(error: chat.BadRecordError, policy: str) -> None:
+def handle_bad_record(error: chat.BadRecordError, policy: str) -> None:
+    """Raises `error` (policy 'error') or logs it and counts it by kind (policy 'skip')."""
     if policy == "error":
         raise error
     _SKIPPED[error.kind] += 1
@@ -82,7 +83,7 @@ class DocumentTokens:
             if not text.strip():
                 raise chat.BadRecordError(origin, "empty document", "empty")
         except chat.BadRecordError as error:
-            _handle_bad_record(error, self.bad_records)
+            handle_bad_record(error, self.bad_records)
             return None
         ids = self.tokenizer.encode(text)
         prefix = [self.tokenizer.bos_id] if self.add_bos else []
@@ -105,7 +106,7 @@ class ChatRows:
                                           self.multiturn, rng,
                                           origin=str(record.get(sources.ORIGIN, "")))
         except chat.BadRecordError as error:
-            _handle_bad_record(error, self.bad_records)
+            handle_bad_record(error, self.bad_records)
             return None
 
 
@@ -138,13 +139,13 @@ def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "maskable": segment_ids > 0}
 
 
-def _to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    # Copies batches out of grain's shared memory, so they outlive the worker's buffer.
+def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Copies a batch out of grain's shared memory, so it outlives the worker's buffer."""
     return {k: np.array(v) for k, v in batch.items()}
 
 
-def _ensure_absl_flags_parsed() -> None:
-    # grain's worker processes read absl flags; a library caller may not have parsed any.
+def ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a library caller may not have parsed any."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
@@ -215,10 +216,10 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
 
     dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
     if data.num_workers > 0:
-        _ensure_absl_flags_parsed()
+        ensure_absl_flags_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(_to_numpy)
+        dataset = dataset.map(to_numpy)
     return dataset
 
 
