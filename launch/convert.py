@@ -45,7 +45,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
 _STEP = flags.DEFINE_integer("step", None, "export: trainer step (default: the latest)")
 _OUT = flags.DEFINE_string("out", None, "directory to write", required=True)
 _NAMING = flags.DEFINE_enum("naming", "llada", list(hf.NAMINGS),
-                            "export: key layout (llada: model.transformer.*, llama: model.layers.*)")
+                            "export: key layout (llada: model.transformer.*, "
+                            "llama: model.layers.*)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                            "export: dtype of the written weights")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["bfloat16", "float32", "float16"],
@@ -122,7 +123,8 @@ def run_import() -> None:
     save_params(_OUT.value, config, params)
     seconds = time.perf_counter() - start
     kind = "LLaDA-V (language tower + vision tower + projector)" if is_llada_v else "LLaDA"
-    print(f"imported {kind}: {len(checkpoint.tensors)} language-tower tensors ({checkpoint.num_bytes / 1e9:.3f} GB, "
+    print(f"imported {kind}: {len(checkpoint.tensors)} language-tower tensors "
+          f"({checkpoint.num_bytes / 1e9:.3f} GB, "
           f"'{checkpoint.naming}' layout, {model.num_params:,} params as {model.param_dtype}) "
           f"from {_HF_DIR.value} to {_OUT.value} in {seconds:.1f} s")
 

@@ -1,4 +1,4 @@
-"""Hugging Face LLaDA checkpoints <-> llada_jax params (import and export), streamed tensor by tensor.
+"""Hugging Face LLaDA checkpoints <-> llada_jax params (import and export), tensor by tensor.
 
 Two key layouts of the same language tower are understood (REFERENCE.md section 1):
 
@@ -185,9 +185,9 @@ def _set(tree: dict, path: Sequence[str], value: Any) -> None:
 def _tree_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     for name, value in tree.items():
         if isinstance(value, Mapping):
-            yield from _tree_paths(value, prefix + (name,))
+            yield from _tree_paths(value, (*prefix, name))
         else:
-            yield prefix + (name,)
+            yield (*prefix, name)
 
 
 def _dims(box: Any, stacked: bool) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -200,7 +200,7 @@ def _hf_shape(rule: TensorRule, config: ModelConfig) -> tuple[tuple[int, ...], s
     """The HF tensor shape a config implies for `rule`, and how it follows from the config."""
     shape, names = _dims(_get(abstract_params(config), rule.path), rule.stacked)
     if rule.num_in_dims is None:   # stored as is: one HF dim per dim of ours
-        groups = [((s,), (n,)) for s, n in zip(shape, names)]
+        groups = [((s,), (n,)) for s, n in zip(shape, names, strict=True)]
     else:                          # PyTorch [out, in]: rows are our output dims, flattened
         k = rule.num_in_dims
         groups = [(shape[k:], names[k:]), (shape[:k], names[:k])]
@@ -580,7 +580,7 @@ def _check_divisible(abstract: Mapping, shardings: Mapping) -> None:
             continue
         box = _get(abstract, rule.path)
         spec = tuple(sharding.spec) + (None,) * (len(box.value.shape) - len(sharding.spec))
-        for size, name, axes in zip(box.value.shape, box.names, spec):
+        for size, name, axes in zip(box.value.shape, box.names, spec, strict=True):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             parts = math.prod(sharding.mesh.shape[a] for a in axes)
             if size % parts:
@@ -850,7 +850,7 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    for source, files in ((tokenizer_dir, TOKENIZER_FILES), (code_dir, None)):
+    for source in (tokenizer_dir, code_dir):
         if source is not None and not os.path.isdir(source):
             raise FileNotFoundError(f"{source}: no such directory")
     target = _DTYPES[dtype]
@@ -884,7 +884,7 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
         if writer else None
     try:
         weight_map = {}
-        for name, members in zip(names, shards):
+        for name, members in zip(names, shards, strict=True):
             tensors = [(entries[n][0], target, entries[n][1], entries[n][2]) for n in members]
             write_safetensors(os.path.join(tmp, name) if writer else None, tensors,
                               {"format": "pt"})

@@ -216,7 +216,8 @@ class Linear(nn.Module):
         bias = self.param("bias", _param_init(nn.initializers.zeros, self.out_axes),
                           tuple(self.features), self.param_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (contract, ((), ())))
         return y + bias.astype(self.dtype)
 
 
@@ -260,7 +261,10 @@ class Mlp(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """One pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). Scan-shaped: (x, _) -> (x, None)."""
+    """One pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+    Scan-shaped: (x, _) -> (x, None).
+    """
 
     config: VisionConfig
 
