@@ -122,8 +122,8 @@ def run_import() -> None:
     config_lib.validate(config)
     save_params(_OUT.value, config, params)
     seconds = time.perf_counter() - start
-    kind = "LLaDA-V (language tower + vision tower + projector)" if is_llada_v else "LLaDA"
-    print(f"imported {kind}: {len(checkpoint.tensors)} language-tower tensors "
+    extra = " + the LLaDA-V vision tower and projector" if is_llada_v else ""
+    print(f"imported {len(checkpoint.tensors)} tensors{extra} "
           f"({checkpoint.num_bytes / 1e9:.3f} GB, "
           f"'{checkpoint.naming}' layout, {model.num_params:,} params as {model.param_dtype}) "
           f"from {_HF_DIR.value} to {_OUT.value} in {seconds:.1f} s")

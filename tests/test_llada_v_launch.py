@@ -96,7 +96,7 @@ def test_convert_exports_and_reimports_a_llada_v_checkpoint(checkpoint, tmp_path
     result = _run("convert.py", "--mode=import", f"--hf_dir={hf_dir}", f"--out={back_dir}",
                   "--config=configs/llada_v_tiny.py")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "imported LLaDA-V" in result.stdout
+    assert "+ the LLaDA-V vision tower and projector" in result.stdout
     config, params = load_params(checkpoint)
     config_back, params_back = load_params(back_dir)
     assert config_back.vision.enabled and config_back.vision.to_dict() == config.vision.to_dict()
