@@ -54,7 +54,7 @@ from PIL import Image
 from llada_jax import config as config_lib
 from llada_jax.data import images, sources
 from llada_jax.data.chat import BadRecordError, parse_messages
-from llada_jax.data.pipeline import ensure_absl_flags_parsed, handle_bad_record, to_numpy
+from llada_jax.data.pipeline import batch_and_prefetch, handle_bad_record
 from llada_jax.data.synthetic_images import ShapesDataset
 from llada_jax.data.tokenizer import HFTokenizer, Tokenizer
 from llada_jax.model.multimodal import IMAGE_FIELDS, IMAGE_PLACEHOLDER_ID
@@ -453,13 +453,7 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                                       train.seq_len, config.vision.max_views, data.bad_records))
     dataset = rows.to_iter_dataset(grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
-    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
-    if data.num_workers > 0:
-        ensure_absl_flags_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(to_numpy)
-    return dataset
+    return batch_and_prefetch(dataset, data, batch_size // process_count)
 
 
 def build_eval_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, **kwargs: Any

@@ -152,6 +152,18 @@ def ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def batch_and_prefetch(rows: grain.IterDataset, data: ml_collections.ConfigDict,
+                       host_batch_size: int) -> grain.IterDataset:
+    """Batches rows for this host and, with `data.num_workers`, prefetches in worker processes."""
+    dataset = rows.batch(host_batch_size, drop_remainder=True)
+    if data.num_workers > 0:
+        ensure_absl_flags_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+        dataset = dataset.map(to_numpy)
+    return dataset
+
+
 def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                   process_index: int | None = None, process_count: int | None = None,
                   source: str | None = None, shuffle: bool | None = None,
@@ -214,13 +226,7 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
             raise ValueError(f"config.data.packing: expected one of {PACKINGS}, "
                              f"found {data.packing!r}")
 
-    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
-    if data.num_workers > 0:
-        ensure_absl_flags_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(to_numpy)
-    return dataset
+    return batch_and_prefetch(dataset, data, batch_size // process_count)
 
 
 def build_eval_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,

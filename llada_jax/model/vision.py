@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.config import DTYPES, REMAT_POLICIES
+from llada_jax.model.transformer import REMAT_POLICIES as REMAT_POLICY_FUNCTIONS
 
 # Logical axis names of the activations between blocks.
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -124,20 +125,6 @@ def validate_vision(cfg: VisionConfig) -> None:
         _fail("param_dtype", f"one of {DTYPES}", cfg.param_dtype)
     if cfg.remat_policy not in REMAT_POLICIES:
         _fail("remat_policy", f"one of {REMAT_POLICIES}", cfg.remat_policy)
-
-
-def remat_policy(name: str) -> Callable[..., Any] | None:
-    """The `jax.checkpoint` policy of a remat policy name from `config.REMAT_POLICIES`."""
-    policies = jax.checkpoint_policies
-    table = {
-        "full": policies.nothing_saveable,
-        "save_dots": policies.checkpoint_dots,
-        "save_dots_no_batch": policies.dots_with_no_batch_dims_saveable,
-        "save_attention_out": policies.save_only_these_names("attention_out"),
-    }
-    if name not in table:
-        raise ValueError(f"remat policy: expected one of {sorted(table)}, found {name!r}")
-    return table[name]
 
 
 def _param_init(init: Callable[..., Any], axes: tuple[str, ...]) -> Callable[..., Any]:
@@ -301,7 +288,8 @@ class VisionEncoder(nn.Module):
         block: Any = EncoderBlock
         if cfg.remat_policy != "none":
             # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
-            block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+            block = nn.remat(block, policy=REMAT_POLICY_FUNCTIONS[cfg.remat_policy],
+                             prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=nn.broadcast, length=cfg.num_layers_used,
                         metadata_params={nn.PARTITION_NAME: "layers"})
