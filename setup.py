@@ -26,7 +26,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax framework for masked-diffusion language models (LLaDA, LLaDA-V)",
     packages=find_packages(include=["llada_jax", "llada_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, flax, orbax and grain need 3.11
     install_requires=RUNTIME,
     extras_require={
         # The CPU wheel of torch is pinned: an unpinned torch pulls several GB of CUDA packages.
@@ -34,6 +34,8 @@ setup(
                  "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
                  "matplotlib==3.11.2"],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],
+        # TPU VMs: the TPU build of the pinned jax, and gcsfs for gs:// workdirs.
+        "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1"],
         "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "nbformat==5.11.1",
                       "ipykernel==7.4.0"],
     },

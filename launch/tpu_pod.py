@@ -8,7 +8,7 @@ Actions (the default is `train`), each one or two gcloud invocations:
            (--accelerator_type; the runtime defaults to the one for that TPU generation; --spot)
   install  on every worker: this repository (a clean copy of its sources, `--copy`; or a
            `git clone` of --repo_url) and a virtual environment `REPO_DIR/.venv` of Python 3.11
-           with `pip install -e . jax[tpu]==<this jax> gcsfs` (the README's install, for TPUs)
+           with `pip install -e .[tpu]` (the README's install plus the TPU extra)
   train    on every worker, the same `launch/train.py --config=... --workdir=... ARGS`;
            with --detach it runs under nohup, logging to ~/llada_jax_train.log (see `logs`)
   resume   the same command as `train`: the trainer resumes from WORKDIR/checkpoints, on the
@@ -46,6 +46,8 @@ RUNTIME_VERSIONS = {
     "v5p": "v2-alpha-tpuv5",
     "v6e": "v2-alpha-tpuv6e",
 }
+# = llada_jax.parallel.DISTRIBUTED_ENV (not imported: this runs where jax may be missing).
+DISTRIBUTED_ENV = "LLADA_JAX_DISTRIBUTED"
 VENV_PYTHON = ".venv/bin/python"      # relative to the repository on the workers
 LOG_FILE = "$HOME/llada_jax_train.log"
 EXPORT_STAGING = "/tmp/llada_jax_export"
@@ -108,12 +110,6 @@ def _in_repo(command: str) -> str:
     return f"cd {shlex.quote(_REPO_DIR.value)} && {command}"
 
 
-def _jax_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("jax")
-
-
 def runtime_version(accelerator_type: str) -> str:
     """The TPU VM image for JAX of an accelerator type such as 'v5p-64' (ValueError if unknown)."""
     generation = accelerator_type.rsplit("-", 1)[0]
@@ -166,10 +162,10 @@ def copy_command() -> list[str]:
 
 
 def pip_command() -> list[str]:
-    """The README's `pip install -e .`, with the TPU build of the local jax version and gcsfs
-    (gs:// checkpoint directories), into REPO_DIR/.venv (made from --base_python)."""
+    """The README's `pip install -e .` with the `tpu` extra (the TPU build of the pinned jax,
+    and gcsfs for gs:// checkpoint directories), into REPO_DIR/.venv (made from --base_python)."""
     python = _PYTHON.value
-    packages = shlex.join(["-e", ".", f"jax[tpu]=={_jax_version()}", "gcsfs"])
+    packages = shlex.join(["-e", ".[tpu]"])
     steps = []
     if python == VENV_PYTHON:
         base = _BASE_PYTHON.value
@@ -181,7 +177,10 @@ def pip_command() -> list[str]:
 
 
 def train_command(train_args: list[str]) -> list[str]:
-    environment = " ".join(shlex.quote(assignment) for assignment in _ENV.value)
+    # Every worker is one process of the job: the marker makes launch/train.py call
+    # jax.distributed.initialize(), which finds the other workers from the TPU metadata.
+    assignments = [f"{DISTRIBUTED_ENV}=1", *_ENV.value]
+    environment = " ".join(shlex.quote(assignment) for assignment in assignments)
     train = shlex.join([_PYTHON.value, "launch/train.py", f"--config={_CONFIG.value}",
                         f"--workdir={_WORKDIR.value}", *train_args])
     run = (f"env {environment} " if environment else "") + train

@@ -316,7 +316,8 @@ def synthetic_multiple_choice(num_questions: int, split: str = "test") -> list[M
         question, answer = synthetic_chat.question_answer(split, index)
         word = question.rsplit(" ", 1)[-1]
         # The answer of each task to the same word (the question's own task included).
-        options = [synthetic_chat._question_answer(task, word)[1] for task in synthetic_chat.TASKS]
+        options = [synthetic_chat.task_question_answer(task, word)[1]
+                   for task in synthetic_chat.TASKS]
         choices = tuple(dict.fromkeys(options))
         items.append(MultipleChoice(question, choices, choices.index(answer)))
     return items

@@ -22,19 +22,23 @@ from jax.sharding import PartitionSpec as P
 from llada_jax.config import mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Set to 1 by launch/tpu_pod.py on every worker of a pod: this process is one of several.
+DISTRIBUTED_ENV = "LLADA_JAX_DISTRIBUTED"
 BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when this looks like one process of several.
+    """Calls `jax.distributed.initialize()` when this process is one of several.
 
-    TPU pod slices are detected by JAX itself (TPU_WORKER_HOSTNAMES / metadata); elsewhere the
-    standard JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are used.
+    On a TPU-VM pod `launch/tpu_pod.py` sets LLADA_JAX_DISTRIBUTED=1 and JAX finds the other
+    workers from the TPU metadata server itself (plain TPU VMs do not set TPU_WORKER_HOSTNAMES,
+    which only Kubernetes does; both are accepted). Elsewhere the standard
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are used.
     """
     if jax.distributed.is_initialized():
         return
     many_tpu_hosts = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if many_tpu_hosts:
+    if os.environ.get(DISTRIBUTED_ENV) == "1" or many_tpu_hosts:
         jax.distributed.initialize()
     elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(

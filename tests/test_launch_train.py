@@ -86,20 +86,3 @@ def test_bad_flags_give_one_line_errors(tmp_path, flag, message):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(message), lines[0]
     assert not os.listdir(tmp_path)  # nothing was started
-
-
-def test_tpu_pod_dry_run_prints_the_gcloud_commands():
-    result = _run("tpu_pod.py", "--tpu=pod-1", "--zone=us-east5-a", "--project=proj",
-                  "--config=configs/llada_8b.py:/data/tok", "--workdir=gs://bucket/run",
-                  "--copy", "--dry_run", "--", "--config.train.steps=10", timeout=60)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("gcloud compute tpus tpu-vm scp --recurse ")
-    assert "pod-1:llada_jax" in lines[0] and "--worker=all" in lines[0]
-    assert lines[1].startswith("gcloud compute tpus tpu-vm ssh pod-1 --zone=us-east5-a "
-                               "--project=proj --worker=all '--command=cd llada_jax && python3 "
-                               "launch/train.py --config=configs/llada_8b.py:/data/tok "
-                               "--workdir=gs://bucket/run --config.train.steps=10'")
-    missing = _run("tpu_pod.py", "--zone=z", "--workdir=gs://b", "--dry_run", timeout=60)
-    assert missing.returncode == 2 and missing.stderr.strip() == "error: --tpu is required"

@@ -33,7 +33,8 @@ TEST_MODULUS = 10
 _SEED = 20240917
 
 
-def _question_answer(task: str, word: str) -> tuple[str, str]:
+def task_question_answer(task: str, word: str) -> tuple[str, str]:
+    """The (question, answer) of one task applied to one word."""
     if task == "repeat":
         return f"Repeat {word}", word
     if task == "uppercase":
@@ -60,7 +61,7 @@ def question_answer(split: str, index: int) -> tuple[str, str]:
     while True:  # rejection: draw until the question falls in the requested split
         task = TASKS[int(rng.integers(len(TASKS)))]
         word = "".join(chr(ord("a") + int(c)) for c in rng.integers(26, size=WORD_LENGTH))
-        question, answer = _question_answer(task, word)
+        question, answer = task_question_answer(task, word)
         if split_of(question) == split:
             return question, answer
 

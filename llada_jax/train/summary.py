@@ -19,6 +19,8 @@ import socket
 import struct
 import time
 
+from etils import epath
+
 
 def _crc32c_table() -> list[int]:
     table = []
@@ -87,21 +89,36 @@ def version_event(wall_time: float | None = None) -> bytes:
 
 
 class SummaryWriter:
-    """Appends scalar summaries to a fresh `events.out.tfevents.*` file in `logdir`."""
+    """Writes scalar summaries to a fresh `events.out.tfevents.*` file in `logdir`.
+
+    `logdir` may be local or remote (`gs://...`, through etils.epath). Records are written at
+    `flush()`: appended to a local file; a cloud object cannot be appended to, so there the whole
+    file (scalars only: small) is rewritten.
+    """
 
     def __init__(self, logdir: str) -> None:
-        os.makedirs(logdir, exist_ok=True)
+        directory = epath.Path(logdir)
+        directory.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")
-        self._file.write(tfrecord(version_event()))
-        self._file.flush()
+        self.path = os.fspath(directory / name)
+        self._remote = "://" in os.fspath(logdir)
+        self._pending = bytearray(tfrecord(version_event()))
+        self._written = bytearray()  # remote files only: everything written so far
+        self.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self._file.write(tfrecord(scalar_event(step, values)))
+        self._pending += tfrecord(scalar_event(step, values))
 
     def flush(self) -> None:
-        self._file.flush()
+        if not self._pending:
+            return
+        if self._remote:
+            self._written += self._pending
+            epath.Path(self.path).write_bytes(bytes(self._written))
+        else:
+            with open(self.path, "ab") as f:
+                f.write(self._pending)
+        self._pending.clear()
 
     def close(self) -> None:
-        self._file.close()
+        self.flush()
