@@ -13,6 +13,7 @@ This module does no I/O beyond reading the tokenizer files it is pointed at.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import string
@@ -23,7 +24,7 @@ SPECIAL_TOKENS = ("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>",
                   "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Interface shared by every tokenizer of the project."""
 
     vocab_size: int
@@ -36,11 +37,13 @@ class Tokenizer:
     eot_id: int
     image_id: int | None = None
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of `text`, without any special token."""
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        raise NotImplementedError
+        """Text of `ids`; special tokens dropped unless `skip_special` is False."""
 
     @property
     def special_ids(self) -> frozenset[int]:
