@@ -44,4 +44,9 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 1000
     c.train.eval_every = 0
     c.data.tokenizer = "hf:" + (arg or "LLaDA-8B-Base")
+    # The reference sampler defaults (REFERENCE.md section 3) and the released <|eot_id|>.
+    c.sampler.gen_length = 128
+    c.sampler.block_length = 32
+    c.sampler.steps = 128
+    c.sampler.eot_token_id = 126348
     return c
