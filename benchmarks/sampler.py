@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from llada_jax import flops as flops_lib
 from llada_jax.config import ModelConfig, default_config, model_config
 from llada_jax.diffusion.sampler import SamplerConfig, generate
 from llada_jax.model.transformer import Transformer
@@ -55,9 +56,6 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak dense TFLOP/s of on
                                   "(default: looked up from the device kind; none on CPU)")
 
 # Dense bf16 peaks (TFLOP/s per device) by device-kind prefix.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0,
-               "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0}
 
 
 def model_settings() -> ModelConfig:
@@ -88,15 +86,6 @@ def sampler_settings(mode: str, config: ModelConfig) -> SamplerConfig:
         eos_id=config.eos_token_id, eot_id=-1)
 
 
-def peak_flops() -> float | None:
-    if _PEAK_TFLOPS.value:
-        return _PEAK_TFLOPS.value * 1e12
-    kind = jax.devices()[0].device_kind
-    for prefix, tflops in PEAK_TFLOPS.items():
-        if kind.startswith(prefix):
-            return tflops * 1e12
-    return None
-
 
 def main(argv: list[str]) -> None:
     del argv
@@ -109,7 +98,7 @@ def main(argv: list[str]) -> None:
     prompt = rng.integers(low, config.vocab_size, size=(_BATCH.value, _PROMPT_LEN.value))
     prompt = jnp.asarray(prompt, jnp.int32)
     mask = jnp.ones(prompt.shape, bool)
-    peak = peak_flops()
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, _PEAK_TFLOPS.value)
     rows = _BATCH.value * (2 if _CFG_SCALE.value > 0 else 1)
     results = {}
     for mode in _MODES.value:

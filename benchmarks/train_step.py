@@ -11,16 +11,10 @@ AOT-compiles the step (`jax.jit(...).lower(ShapeDtypeStructs with shardings).com
 mesh of `--devices` fake CPU devices and reports XLA's memory analysis per device, which is how
 the 8B configuration is sized on a laptop.
 
-Model FLOPs per step (what MFU counts; rematerialisation's recomputation is not counted):
-  * matmuls: 6 * N * tokens, N = parameters that enter a matmul (all but the embedding table,
-    which is a lookup; the untied LM head counts); 2 FLOPs per multiply-add, forward once and
-    backward twice (gradients of inputs and of weights);
-  * attention: per layer and sequence, QK^T and AV are each L * L * (n_heads * head_dim)
-    multiply-adds, so 4 L^2 H FLOPs forward and 12 L^2 H forward+backward (bidirectional: the
-    full L x L square, no causal halving), i.e. 12 * n_layers * L^2 * n_heads * head_dim per
-    sequence (= 12 * n_layers * L^2 * d_model for LLaDA).
+Model FLOPs per step are `llada_jax.flops.train_flops_per_step` (6 N tokens plus the full
+bidirectional attention; no causal halving, remat not counted).
 MFU = model FLOPs per second / (devices * peak bf16 FLOP/s of one device), with the peak from
-`--peak_tflops` or a table of known accelerators (null on CPU).
+`--peak_tflops` or `llada_jax.flops.PEAK_TFLOPS` (null on CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +27,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from llada_jax import flops as flops_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config preset")
 _ABSTRACT = flags.DEFINE_bool("abstract", False, "AOT-compile on fake CPU devices; no allocation")
 _DEVICES = flags.DEFINE_integer("devices", 8, "--abstract: number of fake CPU devices")
@@ -40,32 +36,6 @@ _N_LAYERS = flags.DEFINE_integer("n_layers", None, "override model.n_layers (fas
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps first")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak bf16 TFLOP/s of one device")
-
-# Dense bf16 peak TFLOP/s per device, by `device_kind` prefix.
-PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H200": 989.0, "NVIDIA H100": 989.0,
-    "NVIDIA A100": 312.0,
-}
-
-
-def model_flops_per_step(model_config, batch_size: int, seq_len: int) -> float:
-    """6 N tokens + 12 n_layers L^2 (n_heads head_dim) per sequence (see the module docstring)."""
-    matmul_params = model_config.num_params - model_config.vocab_size * model_config.d_model
-    tokens = batch_size * seq_len
-    attention = (12 * model_config.n_layers * seq_len ** 2
-                 * model_config.n_heads * model_config.head_dim * batch_size)
-    return 6.0 * matmul_params * tokens + float(attention)
-
-
-def _peak_flops(device_kind: str) -> float | None:
-    if _PEAK_TFLOPS.value:
-        return _PEAK_TFLOPS.value * 1e12
-    for prefix, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if device_kind.startswith(prefix):
-            return tflops * 1e12
-    return None
-
 
 def _memory(compiled) -> dict[str, int] | None:
     analysis = compiled.memory_analysis()
@@ -118,7 +88,7 @@ def main(argv: list[str]) -> None:
     train_step = step_lib.make_train_step(config, model, tx, mesh, shardings)
     batch_sharding = parallel.batch_sharding(mesh, 2)
     devices = jax.devices()
-    flops = model_flops_per_step(model_config, train.batch_size, train.seq_len)
+    flops = flops_lib.train_flops_per_step(model_config, train.batch_size, train.seq_len)
     report = {
         "config": {"n_layers": model_config.n_layers, "d_model": model_config.d_model,
                    "params": model_config.num_params, "dtype": model_config.dtype,
@@ -155,7 +125,7 @@ def main(argv: list[str]) -> None:
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     step_time = (time.time() - start) / _STEPS.value
-    peak = _peak_flops(devices[0].device_kind)
+    peak = flops_lib.peak_flops_per_device(devices[0].device_kind, _PEAK_TFLOPS.value)
     report.update({
         "step_time_s": round(step_time, 5),
         "tokens_per_s": round(train.batch_size * train.seq_len / step_time, 1),

@@ -42,23 +42,6 @@ _IMAGE_HEIGHT = flags.DEFINE_integer("image_height", 0, "train step: image heigh
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak bf16 TFLOP/s of one device")
 
 
-# Dense bf16 peak TFLOP/s per device, by `device_kind` prefix (as benchmarks/train_step.py, which
-# cannot be imported here: it defines the same absl flags).
-PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H200": 989.0, "NVIDIA H100": 989.0,
-    "NVIDIA A100": 312.0,
-}
-
-
-def language_flops_per_step(model_config, batch_size: int, seq_len: int) -> float:
-    """6 N tokens + 12 n_layers L^2 (n_heads head_dim) per sequence (N without the embedding)."""
-    matmul_params = model_config.num_params - model_config.vocab_size * model_config.d_model
-    attention = (12 * model_config.n_layers * seq_len ** 2 * model_config.n_heads
-                 * model_config.head_dim * batch_size)
-    return 6.0 * matmul_params * batch_size * seq_len + float(attention)
-
-
 def vision_flops_per_view(vision) -> float:
     """Forward FLOPs of the tower on one view (see the module docstring)."""
     tokens, width, layers = vision.num_patches, vision.width, vision.num_layers_used
@@ -92,6 +75,7 @@ def main(argv: list[str]) -> None:
     import numpy as np
 
     from llada_jax import config as config_lib
+    from llada_jax import flops as flops_lib
     from llada_jax import parallel
     from llada_jax.data import multimodal_data as md
     from llada_jax.data.tokenizer import load_tokenizer
@@ -110,14 +94,7 @@ def main(argv: list[str]) -> None:
     model_cfg, vision = config_lib.model_config(config), config_lib.vision_config(config)
     train = config.train
     devices = jax.devices()
-    peak = None
-    if _PEAK_TFLOPS.value:
-        peak = _PEAK_TFLOPS.value * 1e12
-    else:
-        for prefix, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-            if devices[0].device_kind.startswith(prefix):
-                peak = tflops * 1e12
-                break
+    peak = flops_lib.peak_flops_per_device(devices[0].device_kind, _PEAK_TFLOPS.value)
     report = {"config": {"vision_width": vision.width, "vision_layers": vision.num_layers_used,
                          "image_size": vision.image_size, "tokens_per_view": vision.num_patches,
                          "vision_params": vision.num_params, "d_model": model_cfg.d_model,
@@ -178,7 +155,7 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready((state, metrics))
     seconds = (time.time() - start) / _STEPS.value
     views_per_row = len(processor(image)[0])
-    lm_flops = language_flops_per_step(model_cfg, train.batch_size, train.seq_len)
+    lm_flops = flops_lib.train_flops_per_step(model_cfg, train.batch_size, train.seq_len)
     vision_flops = 3.0 * train.batch_size * config.vision.max_views * (
         vision_flops_per_view(vision) + projector_flops_per_view(vision, model_cfg.d_model))
     flops = lm_flops + vision_flops
