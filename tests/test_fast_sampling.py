@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llada_jax import parallel
-from llada_jax.config import ModelConfig, default_config, validate
+from llada_jax.config import ModelConfig, default_config
 from llada_jax.diffusion.sampler import SamplerConfig, build_canvas, generate, pad_prompts, sample
 from llada_jax.model.transformer import Transformer
 from tests.test_sampler import EOS, MASK, MODEL_CONFIG, PAD, sampler_config, tiny
@@ -196,24 +196,6 @@ def test_sharded_fast_modes_match_single_device():
                        sconfig, jax.random.key(0), return_stats=True)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
     assert int(out.num_forward_passes) == int(expected.num_forward_passes)
-
-
-@pytest.mark.parametrize("fields,message", [
-    (dict(threshold=0.9, factor=1.0), "sampler.factor"),
-    (dict(threshold=0.9, remasking="random"), "sampler.remasking"),
-    (dict(refresh_every=2), "sampler.refresh_every"),
-    (dict(early_exit=True, logits_eos_inf=True), "sampler.early_exit"),
-    (dict(threshold=1.5), "sampler.threshold"),
-    (dict(factor=-1.0), "sampler.factor"),
-    (dict(cache="full"), "sampler.cache"),
-])
-def test_contradictory_settings(fields, message):
-    with pytest.raises(ValueError, match=message):
-        sampler_config(**fields)
-    config = default_config()
-    config.sampler.update(fields)
-    with pytest.raises(ValueError, match=message):
-        validate(config)
 
 
 def test_parallel_decoding_ignores_steps():

@@ -310,6 +310,14 @@ def test_config_section_builds_sampler_config():
     ({"gen_length": 16, "block_length": 16, "steps": 32}, "at most sampler.gen_length=16"),
     ({"remasking": "best"}, "sampler.remasking"),
     ({"temperature": -1.0}, "sampler.temperature"),
+    # Fast-sampling settings that contradict each other or are out of range.
+    ({"threshold": 0.9, "factor": 1.0}, "sampler.factor"),
+    ({"threshold": 0.9, "remasking": "random"}, "sampler.remasking"),
+    ({"refresh_every": 2}, "sampler.refresh_every"),
+    ({"early_exit": True, "logits_eos_inf": True}, "sampler.early_exit"),
+    ({"threshold": 1.5}, "sampler.threshold"),
+    ({"factor": -1.0}, "sampler.factor"),
+    ({"cache": "full"}, "sampler.cache"),
 ])
 def test_config_errors(fields, message):
     with pytest.raises(ValueError, match=message):
