@@ -22,8 +22,9 @@ import sys
 from collections.abc import Callable
 
 import jax
+import program
 import sampling_flags as sf
-from absl import app, flags
+from absl import flags
 
 _SYSTEM = flags.DEFINE_string("system", None, "optional system message")
 _IMAGE = flags.DEFINE_string("image", None, "LLaDA-V checkpoints: an image file the "
@@ -143,4 +144,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

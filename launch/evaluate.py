@@ -20,7 +20,8 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
+import program
+from absl import flags
 
 from llada_jax import parallel
 from llada_jax.config import default_config
@@ -131,4 +132,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

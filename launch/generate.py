@@ -19,8 +19,9 @@ import json
 import os
 
 import jax
+import program
 import sampling_flags as sf
-from absl import app, flags
+from absl import flags
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "file with one prompt per line")
@@ -98,4 +99,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 
-from absl import app, flags
+import program
+from absl import flags
 
 from llada_jax.data import sources
 from llada_jax.data.tokenizer import SentencePieceTokenizer
@@ -66,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

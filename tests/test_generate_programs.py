@@ -140,3 +140,18 @@ def test_evaluate_program(tiny_checkpoint, tmp_path):
                                rtol=1e-4, atol=1e-4)
     assert scored[1]["log_likelihood"] < 0
     assert [s["prediction"] for s in scored[2:]] == labels
+
+
+@pytest.mark.parametrize("program,args,message", [
+    ("generate.py", ["--prompt=Hi"], "error: checkpoint directory not found: "),
+    ("chat.py", [], "error: checkpoint directory not found: "),
+    ("evaluate.py", ["--data=/nonexistent/eval.jsonl"], "error: --data file not found: "),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, program, args, message):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", program),
+                             f"--checkpoint={tmp_path / 'missing'}", *args], input="",
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
