@@ -252,3 +252,17 @@ def test_splash_backend_rejects_unaligned_lengths():
     tokens = jnp.zeros((1, 20), jnp.int32)
     with pytest.raises(ValueError, match="multiples of 128, found 20"):
         Transformer(c).init(jax.random.key(0), tokens)
+
+
+def test_hidden_states_then_lm_head_equal_logits():
+    """`return_hidden` + `logits_from_hidden` is the same computation as the logits call."""
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, mlp_hidden_size=48, max_sequence_length=16, mask_token_id=63)
+    model = Transformer(config)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 63)
+    variables = model.init(jax.random.key(1), tokens)
+    logits = model.apply(variables, tokens)
+    hidden = model.apply(variables, tokens, return_hidden=True)
+    assert hidden.shape == (2, 16, 32)
+    again = model.apply(variables, hidden[:, 3:7], method=Transformer.logits_from_hidden)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(logits[:, 3:7]), rtol=1e-6, atol=1e-6)

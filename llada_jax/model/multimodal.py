@@ -352,6 +352,10 @@ class LLaDAV(nn.Module):
         embeddings, _ = self.embed(input_ids, pixel_values, image_sources, image_embeddings)
         return self.language_model(inputs_embeds=embeddings, **language_model_kwargs)
 
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """The language model's LM head (see `Transformer.logits_from_hidden`)."""
+        return self.language_model.logits_from_hidden(hidden)
+
 
 def image_conditioned_forward(model: LLaDAV, params: Any,
                               images: Sequence[jax.Array]) -> Any:

@@ -119,14 +119,17 @@ class Transformer(nn.Module):
                  segment_ids: jax.Array | None = None,
                  kv_cache: KVCache | None = None,
                  cache_index: jax.Array | int | None = None,
-                 return_kv: bool = False):
+                 return_kv: bool = False,
+                 return_hidden: bool = False):
         """Logits [B, Lw, vocab] of a window (the whole sequence without a cache).
 
         tokens [B, Lw] int, or inputs_embeds [B, Lw, d]; positions [B, Lw] (default: window
         offsets from `cache_index`, i.e. 0..L-1 without a cache); attention_mask [B, Lk] bool key
         mask over the whole sequence (Lk = cache length with a cache, else Lw); segment_ids
         [B, Lw] keep packed documents apart (no cache). Returns logits, or (logits, KVCache of
-        the window) with `return_kv`.
+        the window) with `return_kv`. With `return_hidden` the final normed hidden states
+        [B, Lw, d] (the LM head's input) replace the logits, so callers that need logits at only
+        some positions, or in chunks, apply `logits_from_hidden` themselves.
         """
         c = self.config
         if (tokens is None) == (inputs_embeds is None):
@@ -150,7 +153,16 @@ class Transformer(nn.Module):
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
                                            "activation_embed"))
         h, window_kv = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
-        logits = self.lm_head(self.ln_f(h))
-        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
-                                                     "activation_vocab"))
-        return (logits, window_kv) if return_kv else logits
+        out = self.ln_f(h) if return_hidden else self.logits_from_hidden(self.ln_f(h))
+        return (out, window_kv) if return_kv else out
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: final normed hidden states [..., d] -> logits [..., vocab].
+
+        Call it as `model.apply(variables, hidden, method=Transformer.logits_from_hidden)`.
+        """
+        logits = self.lm_head(hidden)
+        if logits.ndim == 3:
+            logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                                         "activation_vocab"))
+        return logits
