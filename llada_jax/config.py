@@ -20,7 +20,10 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_atten
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("wsd", "cosine", "constant")
-OBJECTIVES = ("pretrain", "sft")
+# pretrain: 1/p CE over batch x length; sft: per-row 1/p CE / answer_len (prompt never masked);
+# masked_response (LLaDA-V): 1/p CE over labelled positions / number of labelled positions.
+OBJECTIVES = ("pretrain", "sft", "masked_response")
+CONVERSATION_OBJECTIVES = ("sft", "masked_response")
 REMASKING = ("low_confidence", "random")
 
 # Logical axis name -> mesh axes. Parameters use the plain names, activations the `activation_*`
@@ -119,6 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0           # 0: no periodic eval
     c.train.eval_batches = 4
     c.train.init_from = ""           # a checkpoint directory to take params from (fine-tuning)
+    # Cross-entropy in chunks of this many sequence positions, so the [B, L, vocab] logits never
+    # exist at once (the LM head runs per chunk, recomputed in the backward pass); 0: one chunk.
+    c.train.loss_chunk_size = 0
 
     c.data = ml_collections.ConfigDict()
     # synthetic (built-in pre-training corpus) | synthetic_chat[@test] | tfds:NAME[@SPLIT] |
@@ -357,8 +363,9 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         from llada_jax.data.sources import parse_source_spec
 
         parse_source_spec(d.eval_source)
-    if config.train.objective == "sft" and d.source == "synthetic":
-        _fail("data.source", "a source of conversations for train.objective='sft' (e.g. "
+    if config.train.objective in CONVERSATION_OBJECTIVES and d.source == "synthetic":
+        _fail("data.source", f"a source of conversations for train.objective="
+              f"'{config.train.objective}' (e.g. "
               "'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)
 
 
@@ -431,9 +438,10 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
         _fail("vision.max_grid", "a positive integer", v.max_grid)
     if not isinstance(v.max_views, int) or v.max_views <= 0:
         _fail("vision.max_views", "a positive integer (pixel views per example)", v.max_views)
-    if t.objective != "sft":
-        _fail("train.objective", "'sft' with vision.enabled=True (LLaDA-V trains the masked-"
-              "response loss: responses are noised, images and prompts never)", t.objective)
+    if t.objective not in CONVERSATION_OBJECTIVES:
+        _fail("train.objective", f"one of {CONVERSATION_OBJECTIVES} with vision.enabled=True "
+              "(LLaDA-V trains the masked-response loss: responses are noised, images and "
+              "prompts never)", t.objective)
     if not isinstance(config.data.image_folder, str):
         _fail("data.image_folder", "a directory or ''", config.data.image_folder)
 
@@ -457,6 +465,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", f"a divisor of train.batch_size={t.batch_size}",
               t.grad_accum_steps)
+    if not isinstance(t.loss_chunk_size, int) or t.loss_chunk_size < 0:
+        _fail("train.loss_chunk_size", "an integer >= 0 (0: no chunking)", t.loss_chunk_size)
     if not 0 < t.mask_eps < 1:
         _fail("train.mask_eps", "a number in (0, 1)", t.mask_eps)
     if not 0 <= t.random_length_prob <= 1:

@@ -204,7 +204,7 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     read_options = grain.ReadOptions(num_threads=data.read_threads,
                                      prefetch_buffer_size=data.prefetch_buffer_size)
 
-    if train.objective == "sft":
+    if train.objective in ("sft", "masked_response"):
         rows = records.random_map(
             ChatRows(tokenizer, seq_len, data.sft_multiturn, data.messages_field,
                      data.bad_records), seed=seed)

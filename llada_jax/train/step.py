@@ -119,7 +119,7 @@ def make_loss_fn(model: Transformer, objective: str) -> Callable:
         logits = model.apply({"params": params}, micro["noisy_tokens"],
                              attention_mask=micro.get("key_mask"),
                              segment_ids=micro.get("segment_ids"), **images)
-        if objective == "sft":
+        if objective in ("sft", "masked_response"):  # masked_response: own normaliser (issue 11)
             loss = losses.sft_loss(logits, micro["tokens"], micro["noised"], micro["mask_prob"],
                                    micro["maskable"])
         else:
