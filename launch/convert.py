@@ -8,8 +8,12 @@ Import (released LLaDA-8B layout or LLaDA-V's Llama-named tower, bf16 or fp32 sh
 writes a params checkpoint (`save_params`) whose config is the base preset (`--config`, default
 `configs/llada_8b.py` when present, else the library defaults) with the model section taken from
 the HF config.json (compute dtype, remat and attention backend stay the preset's), and
-`data.tokenizer = 'hf:HF_DIR'` when the directory has a tokenizer.json. Params are placed on the
-preset's mesh over all devices while they stream in.
+`data.tokenizer = 'hf:HF_DIR'` when the directory has a tokenizer.json. Without `--config`, the
+sampler settings are fitted to the model (generation no longer than half its
+max_sequence_length; an EoT id outside its vocabulary falls back to the tokenizer's), so
+`generate.py --checkpoint=OUT` works on the result as is. Params are placed on the preset's mesh
+over all devices while they stream in. `--out` is created and probed for writing before any
+tensor is read; on a write error (read-only, full disk) what this run wrote is removed again.
 
 A whole LLaDA-V checkpoint (keys `model.vision_tower.*`, `model.mm_projector.*`,
 `model.image_newline` beside the Llama-named tower) is detected and imported with its vision tower
@@ -22,15 +26,27 @@ Export (a params checkpoint or a trainer workdir; LLaDA-V params export as a LLa
 
 writes safetensors shards + index + config.json + generation_config.json (+ tokenizer files,
 by default from the checkpoint's `data.tokenizer = 'hf:DIR'`), loadable by PyTorch users.
+`--overwrite` replaces `--out` only when it is a previous export (nothing else in it). The
+'llada' layout cannot express head_dim != d_model / n_heads (the released config.json has no
+such field): such a model is refused before anything is written; `--naming=llama` records it.
+
+Every error a user can cause (bad flags, missing or damaged files, unwritable or full disks)
+ends the program with one `error:` line and a non-zero status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
+import program
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -85,12 +101,119 @@ def base_config():
     return config_lib.default_config()
 
 
+def prepare_import_dir(out: str) -> bool:
+    """Creates `out` (or checks the existing one) and proves it writable, before any work.
+
+    Returns whether this run created it. Orbax creates directories and writes from background
+    threads, where an error cannot end the program; checking here turns a read-only or missing
+    parent into one error line instead.
+    """
+    if os.path.exists(os.path.join(out, "params")) or os.path.exists(
+            os.path.join(out, "config.json")):
+        raise FileExistsError(f"--out={out} already holds a params checkpoint (params/ or "
+                              f"config.json); choose another directory or delete it first")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out={out} exists and is not a directory")
+    created = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, ".convert-write-probe")
+    with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    os.remove(probe)
+    return created
+
+
+def remove_partial_import(out: str, created: bool) -> None:
+    """Removes what a failed `save_params` into `out` left (this run's files only)."""
+    leftovers = glob.glob(os.path.join(out, "params.orbax-checkpoint-tmp*"))
+    for path in [*leftovers, os.path.join(out, "params")]:
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, "config.json"))
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(out)
+
+
+@contextlib.contextmanager
+def quiet_library_output():
+    """Holds back orbax's logs and stderr while it saves, and shows them only on success.
+
+    A failed save makes orbax log the error with a traceback per thread and tensorstore's
+    callbacks print 'Event loop is closed' tracebacks straight to file descriptor 2; the
+    error itself is re-raised and reported as one line, so that noise is dropped.
+    """
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if not failed:
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+        held.close()
+
+
+def fit_sampler_to_model(config) -> list[str]:
+    """Sampler settings a (possibly small) imported model can run; returns what was changed.
+
+    The preset's settings are LLaDA-8B's (gen_length 128, EoT 126348): a model with a short
+    max_sequence_length or a small vocabulary could not use them.
+    """
+    changes = []
+    model, sampler = config.model, config.sampler
+    room = max(1, model.max_sequence_length // 2)   # leave half the context to the prompt
+    if sampler.gen_length > room:
+        gen = room
+        block = sampler.block_length if gen % max(1, sampler.block_length) == 0 else gen
+        block = min(block, gen)
+        steps = gen   # one token per step: the reference's finest schedule
+        changes.append(f"gen_length {sampler.gen_length}->{gen}, block_length "
+                       f"{sampler.block_length}->{block}, steps {sampler.steps}->{steps}")
+        sampler.gen_length, sampler.block_length, sampler.steps = gen, block, steps
+    if not -1 <= sampler.eot_token_id < model.vocab_size:
+        changes.append(f"eot_token_id {sampler.eot_token_id}->-1 (the tokenizer's)")
+        sampler.eot_token_id = -1
+    banned = [i for i in sampler.banned_ids if not 0 <= i < model.vocab_size]
+    if banned:
+        changes.append(f"banned_ids without {banned} (outside the vocabulary)")
+        sampler.banned_ids = [i for i in sampler.banned_ids if 0 <= i < model.vocab_size]
+    return changes
+
+
 def run_import() -> None:
+    if not _HF_DIR.value:
+        raise app.UsageError("--mode=import needs --hf_dir")
+    if not os.path.isdir(_HF_DIR.value):
+        raise FileNotFoundError(f"--hf_dir={_HF_DIR.value}: no such directory")
+    out = os.path.abspath(_OUT.value)
+    created = prepare_import_dir(out)
+    try:
+        import_into(out)
+    except BaseException:
+        remove_partial_import(out, created)
+        raise
+
+
+def import_into(out: str) -> None:
     from llada_jax import parallel
     from llada_jax.train.checkpoint import save_params
 
-    if not _HF_DIR.value:
-        raise app.UsageError("--mode=import needs --hf_dir")
     config = base_config()
     mesh = parallel.make_mesh(config)
     start = time.perf_counter()
@@ -118,15 +241,28 @@ def run_import() -> None:
         config.model[name] = value
     if os.path.isfile(os.path.join(_HF_DIR.value, "tokenizer.json")):
         config.data.tokenizer = "hf:" + os.path.abspath(_HF_DIR.value)
+    else:
+        print(f"note: {_HF_DIR.value} has no tokenizer.json; the checkpoint names the "
+              f"tokenizer {config.data.tokenizer!r} (generate/evaluate take --tokenizer)")
     config.train.seq_len = min(config.train.seq_len, model.max_sequence_length)
+    if _CONFIG.value is None:
+        changes = fit_sampler_to_model(config)
+        if changes:
+            print(f"note: sampler settings fitted to the model: {'; '.join(changes)}")
     config_lib.validate(config)
-    save_params(_OUT.value, config, params)
+    try:
+        with quiet_library_output():
+            save_params(out, config, params)
+    except (OSError, ValueError, RuntimeError) as e:
+        # tensorstore reports write errors (full disk, read-only) as ValueError/RuntimeError.
+        raise OSError(f"cannot write the params checkpoint to --out={out}: "
+                      f"{' '.join(str(e).split())}") from None
     seconds = time.perf_counter() - start
     extra = " + the LLaDA-V vision tower and projector" if is_llada_v else ""
     print(f"imported {len(checkpoint.tensors)} tensors{extra} "
           f"({checkpoint.num_bytes / 1e9:.3f} GB, "
           f"'{checkpoint.naming}' layout, {model.num_params:,} params as {model.param_dtype}) "
-          f"from {_HF_DIR.value} to {_OUT.value} in {seconds:.1f} s")
+          f"from {_HF_DIR.value} to {out} in {seconds:.1f} s")
 
 
 def run_export() -> None:
@@ -172,10 +308,14 @@ def main(argv: list[str]) -> None:
     del argv
     try:
         run_import() if _MODE.value == "import" else run_export()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Problems with the user's files or flags: the message names them; no traceback.
-        sys.exit(f"convert.py --mode={_MODE.value}: {e}")
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as e:
+        # I/O errors (permission denied, read-only file system, full disk) name their path;
+        # as ValueError the shared runner prints them as one line.
+        where = e.filename if getattr(e, "filename", None) else f"writing --out={_OUT.value}"
+        raise ValueError(f"convert.py --mode={_MODE.value}: {where}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

@@ -8,14 +8,21 @@
 Prints one JSON line: for likelihood records their number, mean log-likelihood, negative
 log-likelihood per answer token and the perplexity bound exp(NLL per token); for multiple-choice
 records their number and accuracy. `--output` writes one JSON line per record with its scores.
-Single-token answers need only `--mc_num=1` (the estimate is then exact).
+Single-token answers need only `--mc_num=1` (the estimate is then exact); a `--mc_num` below
+`--mc_batch_size` runs batches of `--mc_num` samples (a note says so).
+
+Context and continuation are tokenised jointly, the official way (lm-evaluation-harness,
+LLaDA's `eval_llada.py`): trailing whitespace of the prompt/question moves into the answer, and
+the answer is what the joint tokenisation adds after the prompt's tokens
+(`llada_jax.data.eval_records.encode_pair`). With `--chat` the prompt is a rendered user turn
+ending in the assistant header, a special-token boundary: the answer is tokenised on its own.
+A bad record is one error line naming `file:line`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -25,6 +32,7 @@ from absl import flags
 
 from llada_jax import parallel
 from llada_jax.config import default_config
+from llada_jax.data.eval_records import encode_requests, read_eval_records
 from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
 from llada_jax.train import checkpoint, state
@@ -49,33 +57,33 @@ _OUTPUT = flags.DEFINE_string("output", None, "write one JSON line of scores per
 _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", -1, "fsdp mesh axis (-1: every device)")
 
 
-def read_records(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data file not found: {path}")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            likelihood = isinstance(record.get("prompt"), str) and isinstance(
-                record.get("answer"), str)
-            choice = (isinstance(record.get("question"), str)
-                      and isinstance(record.get("choices"), list) and record["choices"]
-                      and isinstance(record.get("label"), int))
-            if not (likelihood or choice):
-                raise ValueError(f"{path}:{number}: expected {{'prompt', 'answer'}} or "
-                                 f"{{'question', 'choices', 'label'}}, found keys "
-                                 f"{sorted(record)}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    return records
+def mc_batch_size(mc_num: int, batch_size: int) -> int:
+    """The Monte Carlo batch: --mc_batch_size, or --mc_num when that is smaller (said once)."""
+    if mc_num <= 0:
+        raise ValueError(f"--mc_num must be a positive integer, found {mc_num}")
+    if batch_size <= 0:
+        raise ValueError(f"--mc_batch_size must be a positive integer, found {batch_size}")
+    if mc_num < batch_size:
+        print(f"note: --mc_num={mc_num} is below --mc_batch_size={batch_size}; using batches of "
+              f"{mc_num}", flush=True)
+        return mc_num
+    if mc_num % batch_size:
+        raise ValueError(f"--mc_num={mc_num} must be a multiple of --mc_batch_size={batch_size} "
+                         f"(the stratified mask counts are per batch); change either flag")
+    return batch_size
 
 
 def main(argv: list[str]) -> None:
     del argv
-    records = read_records(_DATA.value)
+    located = read_eval_records(_DATA.value)
+    records = [record for _, record in located]
+    batch_size = mc_batch_size(_MC_NUM.value, _MC_BATCH_SIZE.value)
+    output = None
+    if _OUTPUT.value:   # opened now: an unwritable path fails before the evaluation, not after
+        try:
+            output = open(_OUTPUT.value, "w")
+        except OSError as e:
+            raise ValueError(f"--output={_OUTPUT.value}: cannot write it ({e.strerror})") from None
     mesh_config = default_config()
     mesh_config.mesh.fsdp = _MESH_FSDP.value
     mesh = parallel.make_mesh(mesh_config)
@@ -83,25 +91,36 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(_TOKENIZER.value or config.data.tokenizer)
     model = state.make_model(config)
 
-    def context_ids(text: str) -> list[int]:
+    def encode(pairs: list[tuple[str, str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """(where, context, continuation) -> (context ids, continuation ids)."""
         if _CHAT.value:
-            return tokenizer.render_chat([{"role": "user", "content": text}])
-        return ([tokenizer.bos_id] if _ADD_BOS.value else []) + tokenizer.encode(text)
+            contexts = [tokenizer.render_chat([{"role": "user", "content": context}])
+                        for _, context, _ in pairs]
+            continuations = [tokenizer.encode(continuation) for _, _, continuation in pairs]
+            for (where, _, continuation), ids in zip(pairs, continuations, strict=True):
+                if not ids:
+                    raise ValueError(f"{where}: the answer {continuation!r} has no tokens")
+            return contexts, continuations
+        prefix = [tokenizer.bos_id] if _ADD_BOS.value else []
+        return encode_requests(tokenizer, [c for _, c, _ in pairs], [a for _, _, a in pairs],
+                               prefix, [w for w, _, _ in pairs])
 
-    options = {"mc_num": _MC_NUM.value, "batch_size": _MC_BATCH_SIZE.value,
+    options = {"mc_num": _MC_NUM.value, "batch_size": batch_size,
                    "cfg_scale": _CFG_SCALE.value, "mask_id": config.model.mask_token_id,
                    "pad_id": tokenizer.pad_id, "pairs_per_call": _PAIRS_PER_CALL.value,
                    "pad_multiple": _PAD_MULTIPLE.value}
     rng = jax.random.key(_SEED.value)
-    likelihood_records = [r for r in records if "answer" in r]
-    choice_records = [r for r in records if "choices" in r]
+    likelihood_located = [(w, r) for w, r in located if "answer" in r]
+    choice_located = [(w, r) for w, r in located if "choices" in r]
+    likelihood_records = [r for _, r in likelihood_located]
+    choice_records = [r for _, r in choice_located]
     summary: dict = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(config)):
         if likelihood_records:
-            answers = [tokenizer.encode(r["answer"]) for r in likelihood_records]
-            estimates = log_likelihood(params, model,
-                                       [context_ids(r["prompt"]) for r in likelihood_records],
-                                       answers, jax.random.fold_in(rng, 0), **options)
+            contexts, answers = encode([(w, r["prompt"], r["answer"])
+                                        for w, r in likelihood_located])
+            estimates = log_likelihood(params, model, contexts, answers,
+                                       jax.random.fold_in(rng, 0), **options)
             tokens = sum(len(a) for a in answers)
             nll_per_token = -float(np.sum(estimates)) / tokens
             summary["likelihood"] = {
@@ -113,9 +132,18 @@ def main(argv: list[str]) -> None:
             for record, estimate in zip(likelihood_records, estimates, strict=True):
                 record["log_likelihood"] = float(estimate)
         if choice_records:
+            questions, options_ids = [], []
+            for where, record in choice_located:
+                contexts, choices = encode([(f"{where} (choice {n})", record["question"], c)
+                                            for n, c in enumerate(record["choices"])])
+                if any(c != contexts[0] for c in contexts):
+                    # The question's own tokens never depend on the choice (it is tokenised
+                    # alone); guard the assumption multiple_choice makes of one context.
+                    raise ValueError(f"{where}: the question tokenises differently per choice")
+                questions.append(contexts[0])
+                options_ids.append(choices)
             result = multiple_choice(
-                params, model, [context_ids(r["question"]) for r in choice_records],
-                [[tokenizer.encode(c) for c in r["choices"]] for r in choice_records],
+                params, model, questions, options_ids,
                 jax.random.fold_in(rng, 1), labels=[r["label"] for r in choice_records],
                 **options)
             summary["multiple_choice"] = {"records": len(choice_records),
@@ -125,10 +153,10 @@ def main(argv: list[str]) -> None:
                 record["scores"] = [float(s) for s in scores]
                 record["prediction"] = int(prediction)
     print(json.dumps(summary), flush=True)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
+    if output is not None:
+        with output:
             for record in records:
-                f.write(json.dumps(record) + "\n")
+                output.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ This module knows nothing about training checkpoints (`llada_jax.train.checkpoin
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import logging
@@ -34,6 +35,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -473,7 +475,11 @@ def list_tensors(hf_dir: str) -> dict[str, StoredTensor]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"shard file {path} is missing; {INDEX_FILE} lists "
                                     f"{len(keys)} tensor(s) in it, e.g. {keys[0]!r}")
-        with safe_open(path, framework="numpy") as f:
+        try:
+            handle = safe_open(path, framework="numpy")
+        except Exception as e:   # SafetensorError: truncated, padded or garbled header
+            raise ValueError(f"shard file {path} is damaged: {e}") from None
+        with handle as f:
             present = set(f.keys())
             for key in (keys or sorted(present)):
                 if key not in present:
@@ -596,6 +602,40 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return array.block_until_ready()
 
 
+# Shard metadata entry our exports write per tensor: "llada_jax.crc32:<key>" -> 8 hex digits of
+# the CRC-32 of the tensor's bytes. Hugging Face checkpoints carry no checksum; when a shard has
+# one, import verifies it, so a payload changed after the export is caught.
+CRC32_PREFIX = "llada_jax.crc32:"
+_FINITE_CHUNK = 1 << 24   # elements per finiteness check (bounds the temporary bool array)
+
+
+def tensor_crc32(array: np.ndarray) -> str:
+    """The CRC-32 of a tensor's (little-endian, C-order) bytes, as 8 hex digits."""
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return f"{zlib.crc32(data.data) & 0xFFFFFFFF:08x}"
+
+
+def check_tensor(array: np.ndarray, key: str, path: str, crc32: str | None = None) -> None:
+    """Refuses a tensor whose bytes do not match the recorded checksum or that holds NaN/inf.
+
+    Every message names the shard file and the tensor, so a damaged file is found at once.
+    """
+    if crc32 is not None and tensor_crc32(array) != crc32:
+        raise ValueError(f"shard file {path}: tensor {key!r} is corrupted (CRC-32 "
+                         f"{tensor_crc32(array)} does not match the {crc32} recorded at export)")
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        return
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if not np.isfinite(chunk).all():
+            first = start + int(np.argmin(np.isfinite(chunk)))
+            index = tuple(int(i) for i in np.unravel_index(first, array.shape))
+            raise ValueError(f"shard file {path}: tensor {key!r} holds a non-finite value "
+                             f"({float(flat[first])} at index {list(index)}); the file is "
+                             f"damaged or the model diverged")
+
+
 class _ShardReader:
     """Opens shard files lazily and reads one tensor at a time (numpy, bf16 via ml_dtypes)."""
 
@@ -604,12 +644,20 @@ class _ShardReader:
         self._handles: dict[str, Any] = {}
 
     def read(self, stored: StoredTensor) -> np.ndarray:
+        """The tensor, after checking its checksum (when the shard has one) and finiteness."""
         from safetensors import safe_open
 
+        path = os.path.join(self.directory, stored.shard)
         if stored.shard not in self._handles:
-            self._handles[stored.shard] = safe_open(os.path.join(self.directory, stored.shard),
-                                                    framework="numpy")
-        return self._handles[stored.shard].get_tensor(stored.key)
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as e:   # changed on disk since it was inspected
+                raise ValueError(f"shard file {path} is damaged: {e}") from None
+            self._handles[stored.shard] = (handle, handle.metadata() or {})
+        handle, metadata = self._handles[stored.shard]
+        w = handle.get_tensor(stored.key)
+        check_tensor(w, stored.key, path, metadata.get(CRC32_PREFIX + stored.key))
+        return w
 
     def close(self) -> None:
         # Dropping the handles unmaps the files.
@@ -758,20 +806,29 @@ def write_safetensors(path: str | None, tensors: Sequence[tuple[str, np.dtype, t
     """Streams tensors into one safetensors file, calling each producer only when its turn comes.
 
     The header (names, dtypes, shapes, offsets) is known from the shapes alone, so only one
-    tensor is ever held in memory. `path=None` runs the producers without writing (other
-    processes of a multi-host export, which must join the same collectives).
+    tensor is ever held in memory. The header's metadata also records each tensor's CRC-32
+    (`CRC32_PREFIX` + name): written as placeholders of the same width first, filled in once the
+    data is written, so import can detect a payload changed later. `path=None` runs the
+    producers without writing (other processes of a multi-host export, which must join the same
+    collectives).
     """
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, dtype, shape, _ in tensors:
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _SAFETENSORS_NAME[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)   # the data starts 8-byte aligned
+    def header_blob(crcs: Mapping[str, str]) -> bytes:
+        meta = dict(metadata)
+        meta.update({CRC32_PREFIX + name: crcs.get(name, "0" * 8) for name, *_ in tensors})
+        header: dict[str, Any] = {"__metadata__": meta}
+        offset = 0
+        for name, dtype, shape, _ in tensors:
+            size = math.prod(shape) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": _SAFETENSORS_NAME[np.dtype(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        return blob + b" " * (-len(blob) % 8)   # the data starts 8-byte aligned
+
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; this host is big-endian")
+    blob = header_blob({})
+    crcs = {}
     with open(path if path is not None else os.devnull, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -780,7 +837,17 @@ def write_safetensors(path: str | None, tensors: Sequence[tuple[str, np.dtype, t
             if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"tensor {name!r}: produced {array.dtype}{list(array.shape)}, "
                                  f"planned {np.dtype(dtype)}{list(shape)}")
+            crcs[name] = tensor_crc32(array)
             f.write(array.reshape(-1).view(np.uint8).data)
+        if path is not None:
+            final = header_blob(crcs)
+            if len(final) != len(blob):   # cannot happen: the checksums have a fixed width
+                raise RuntimeError(f"{path}: the header changed size while being completed")
+            f.seek(8)
+            f.write(final)
+        f.flush()
+        if path is not None:
+            os.fsync(f.fileno())   # a full disk shows up here, not after the rename
 
 
 @functools.lru_cache(maxsize=64)
@@ -835,7 +902,11 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
     ``generation_config.json``, the tokenizer files of `tokenizer_dir` and the ``*.py`` remote
     code files of `code_dir` (``configuration_llada.py`` / ``modeling_llada.py``) when given.
     Everything is written into ``OUT.tmp-XXXX`` and renamed to `out_dir` at the end; on error
-    the temporary directory is removed, so a directory named `out_dir` is always complete.
+    (a full disk included) the temporary directory is removed, so a directory named `out_dir`
+    is always complete. An existing non-empty `out_dir` is replaced only with `overwrite` and
+    only when it is a previous export (`check_replaceable`); the 'llada' layout refuses a
+    head_dim other than d_model / n_heads (`check_exportable`). Both checks run before anything
+    is written. Each shard records the CRC-32 of its tensors, which import verifies.
     In a multi-process run every process must call this; process 0 writes.
     """
     _check_naming(naming)
@@ -847,9 +918,9 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
     if set(params) == {"params"}:
         params = params["params"]
     _check_params(params, config)
+    check_exportable(config, naming)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    check_replaceable(out_dir, overwrite)
     for source in (tokenizer_dir, code_dir):
         if source is not None and not os.path.isdir(source):
             raise FileNotFoundError(f"{source}: no such directory")
@@ -880,6 +951,8 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
 
     writer = jax.process_index() == 0
     parent = os.path.dirname(out_dir)
+    if writer:
+        os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent) \
         if writer else None
     try:
@@ -910,12 +983,67 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
                 for f in sorted(os.listdir(code_dir)):
                     if f.endswith(".py"):
                         shutil.copy2(os.path.join(code_dir, f), os.path.join(tmp, f))
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportSummary(out_dir, len(entries), total, len(shards))
+
+
+def check_exportable(config: ModelConfig, naming: str) -> None:
+    """Refuses, before anything is written, a model the `naming` layout's config cannot express.
+
+    The released LLaDA config.json (OLMo style) has no head_dim: its model class builds q_proj
+    as [d_model, d_model] and splits heads as d_model / n_heads, so another head_dim would
+    write a checkpoint that neither that class nor our importer can load. The Llama-style
+    config.json carries `head_dim` (our importer and transformers' Llama-family configs read
+    it; LLaDA-V's own modeling code requires d_model / n_heads as well).
+    """
+    _check_naming(naming)
+    if naming == "llada" and config.n_heads * config.head_dim != config.d_model:
+        raise ValueError(
+            f"cannot export head_dim={config.head_dim} with n_heads={config.n_heads} and "
+            f"d_model={config.d_model} in the 'llada' layout: its config.json has no head_dim "
+            f"(the released model class uses d_model / n_heads = "
+            f"{config.d_model / config.n_heads:g}); use --naming=llama, whose config.json "
+            f"records head_dim")
+
+
+# What an export writes into its directory; `--overwrite` replaces a directory only when it
+# holds nothing else (a previous export), never unrelated files.
+_EXPORT_FILE_PATTERNS = ("model-*.safetensors", SINGLE_FILE, INDEX_FILE, "config.json",
+                         "generation_config.json", *TOKENIZER_FILES, "*.py")
+
+
+def _is_export_file(directory: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(directory, name)) and any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in _EXPORT_FILE_PATTERNS)
+
+
+def check_replaceable(out_dir: str, overwrite: bool) -> None:
+    """Refuses an `out_dir` an export must not replace, before anything is written.
+
+    A missing or empty directory is fine. A non-empty one needs `overwrite` and must be a
+    previous export: config.json, safetensors weights, and only files an export writes.
+    """
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass --overwrite / overwrite=True to "
+                              f"replace a previous export)")
+    unrelated = [e for e in entries if not _is_export_file(out_dir, e)]
+    is_export = "config.json" in entries and (INDEX_FILE in entries or SINGLE_FILE in entries)
+    if unrelated or not is_export:
+        why = (f"it holds files an export does not write: {_some(unrelated)}" if unrelated
+               else "it has no config.json and safetensors index")
+        raise FileExistsError(f"refusing to overwrite {out_dir}: it is not a previous export "
+                              f"({why}); choose another output directory")
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -924,9 +1052,17 @@ def _write_json(path: str, value: Any) -> None:
         f.write("\n")
 
 
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Moves the finished `tmp` to `out_dir` (rename is atomic within one filesystem)."""
+def replace_dir(tmp: str, out_dir: str) -> None:
+    """Moves the finished `tmp` to `out_dir` (rename is atomic within one filesystem).
+
+    An existing `out_dir` was checked by `check_replaceable` (empty, or a previous export): it
+    is moved aside, the new directory renamed in, and only then the old one deleted.
+    """
     if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    if not os.listdir(out_dir):
+        os.rmdir(out_dir)
         os.rename(tmp, out_dir)
         return
     old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-",

@@ -35,6 +35,7 @@ does not fit is a `ValueError` naming the tensor and the expected and found shap
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -368,6 +369,12 @@ _SAFETENSORS_DTYPES = {
 
 def _read_header(path: str) -> tuple[dict[str, Any], int]:
     """(header, offset of the data) of a safetensors file."""
+    header, offset, _ = _read_header_and_metadata(path)
+    return header, offset
+
+
+def _read_header_and_metadata(path: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """(header, offset of the data, `__metadata__`) of a safetensors file."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -377,8 +384,8 @@ def _read_header(path: str) -> tuple[dict[str, Any], int]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    return header, 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    return header, 8 + header_len, metadata
 
 
 def read_safetensors(path: str | os.PathLike[str],
@@ -389,9 +396,15 @@ def read_safetensors(path: str | os.PathLike[str],
     over a memory map, so only the selected tensors are read, and bfloat16 works (the numpy
     backend of the `safetensors` package has no bfloat16).
     """
+    from llada_jax.interop.hf import CRC32_PREFIX, check_tensor
+
     path = os.fspath(path)
-    header, offset = _read_header(path)
+    header, offset, metadata = _read_header_and_metadata(path)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
+    covered = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if covered != data.size:   # truncated, or bytes appended: the payload is not what it was
+        raise ValueError(f"shard file {path} is damaged: its header describes {covered} bytes "
+                         f"of tensor data, the file holds {data.size}")
     out = {}
     for name, info in header.items():
         if select is not None and not select(name):
@@ -400,7 +413,12 @@ def read_safetensors(path: str | os.PathLike[str],
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-        out[name] = np.array(data[begin:end].view(dtype).reshape(info["shape"]))
+        shape = tuple(info["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"shard file {path} is damaged: tensor {name!r} has "
+                             f"{end - begin} bytes for shape {list(shape)} of {info['dtype']}")
+        out[name] = np.array(data[begin:end].view(dtype).reshape(shape))
+        check_tensor(out[name], name, path, metadata.get(CRC32_PREFIX + name))
     return out
 
 
@@ -497,7 +515,8 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: Any, vision: VisionConf
     `lm_head`), the vision tower and projector (`model.vision_tower.vision_tower.vision_model.*`,
     `model.mm_projector.*`, `model.image_newline`) into one more shard, `model-vision.safetensors`,
     listed in the same index; config.json gets the LLaVA fields (`llada_v_config_fields`).
-    Everything is written under a temporary name and renamed to `out_dir` when complete.
+    Everything is written under a temporary name and renamed to `out_dir` when complete; an
+    existing directory is replaced only under the rules of `hf.check_replaceable`.
     Returns hf.export_hf's summary, counting the vision shard too.
     """
     import dataclasses
@@ -514,9 +533,10 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: Any, vision: VisionConf
         raise ValueError(f"params: expected LLaDAV params with vision_tower, projector and "
                          f"language_model, missing {missing}")
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    hf.check_exportable(model_cfg, "llama")
+    hf.check_replaceable(out_dir, overwrite)   # an existing directory: a previous export only
     parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
     os.rmdir(staging)   # export_hf creates it (and refuses an existing directory)
     try:
@@ -545,9 +565,7 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: Any, vision: VisionConf
             config.update(llada_v_config_fields(vision, image_aspect_ratio, max_grid))
             with open(config_path, "w") as f:
                 json.dump(config, f, indent=2)
-            if os.path.exists(out_dir):
-                shutil.rmtree(out_dir)
-            os.rename(staging, out_dir)
+            hf.replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
