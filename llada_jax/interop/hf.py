@@ -992,7 +992,8 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
 
 
 def check_exportable(config: ModelConfig, naming: str) -> None:
-    """Refuses, before anything is written, a model the `naming` layout's config cannot express.
+    """Refuses, before anything is written, a model the `naming` layout's config cannot express
+    (special token ids outside the vocabulary, or head_dim below).
 
     The released LLaDA config.json (OLMo style) has no head_dim: its model class builds q_proj
     as [d_model, d_model] and splits heads as d_model / n_heads, so another head_dim would
@@ -1001,6 +1002,11 @@ def check_exportable(config: ModelConfig, naming: str) -> None:
     it; LLaDA-V's own modeling code requires d_model / n_heads as well).
     """
     _check_naming(naming)
+    for field in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, field)
+        if not 0 <= value < config.vocab_size:
+            raise ValueError(f"cannot export {field}={value}: outside the vocabulary [0, "
+                             f"{config.vocab_size}), so the checkpoint could not be loaded back")
     if naming == "llada" and config.n_heads * config.head_dim != config.d_model:
         raise ValueError(
             f"cannot export head_dim={config.head_dim} with n_heads={config.n_heads} and "
