@@ -137,36 +137,43 @@ def remove_partial_import(out: str, created: bool) -> None:
             os.rmdir(out)
 
 
-@contextlib.contextmanager
-def quiet_library_output():
-    """Holds back orbax's logs and stderr while it saves, and shows them only on success.
+def save_params_or_exit(out: str, created: bool, config, params) -> None:
+    """`save_params` with orbax's output held back; on failure one error line, then exit.
 
-    A failed save makes orbax log the error with a traceback per thread and tensorstore's
-    callbacks print 'Event loop is closed' tracebacks straight to file descriptor 2; the
-    error itself is re-raised and reported as one line, so that noise is dropped.
+    A failed save makes orbax log the error with a traceback per thread, and tensorstore's
+    callbacks keep printing 'Event loop is closed' tracebacks from background threads for a
+    while after the error reached us. So while saving, logging is quiet and file descriptor 2
+    (and with it sys.stderr) goes to a holding file, replayed on success; on failure this
+    run's partial files are removed, the one error line is written to the real stderr and the
+    process ends at once (`os._exit`), before any thread can print after it or keep it alive.
     """
+    from llada_jax.train.checkpoint import save_params
+
     loggers = [logging.getLogger(), logging.getLogger("absl")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved_fd = os.dup(2)
+    real_stderr = os.dup(2)
     held = tempfile.TemporaryFile()
     os.dup2(held.fileno(), 2)
-    failed = True
     try:
-        yield
-        failed = False
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        if not failed:
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-        held.close()
+        save_params(out, config, params)
+    except BaseException as e:   # every failure, Ctrl-C included, ends here as one line
+        remove_partial_import(out, created)
+        message = " ".join(str(e).split()) or type(e).__name__
+        os.write(real_stderr, (f"error: convert.py --mode=import: cannot write the params "
+                               f"checkpoint to --out={out}: {message}\n").encode())
+        os._exit(1)
+    sys.stderr.flush()
+    os.dup2(real_stderr, 2)
+    os.close(real_stderr)
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+    held.seek(0)
+    sys.stderr.write(held.read().decode(errors="replace"))
+    held.close()
 
 
 def fit_sampler_to_model(config) -> list[str]:
@@ -204,15 +211,14 @@ def run_import() -> None:
     out = os.path.abspath(_OUT.value)
     created = prepare_import_dir(out)
     try:
-        import_into(out)
+        import_into(out, created)
     except BaseException:
         remove_partial_import(out, created)
         raise
 
 
-def import_into(out: str) -> None:
+def import_into(out: str, created: bool) -> None:
     from llada_jax import parallel
-    from llada_jax.train.checkpoint import save_params
 
     config = base_config()
     mesh = parallel.make_mesh(config)
@@ -250,13 +256,7 @@ def import_into(out: str) -> None:
         if changes:
             print(f"note: sampler settings fitted to the model: {'; '.join(changes)}")
     config_lib.validate(config)
-    try:
-        with quiet_library_output():
-            save_params(out, config, params)
-    except (OSError, ValueError, RuntimeError) as e:
-        # tensorstore reports write errors (full disk, read-only) as ValueError/RuntimeError.
-        raise OSError(f"cannot write the params checkpoint to --out={out}: "
-                      f"{' '.join(str(e).split())}") from None
+    save_params_or_exit(out, created, config, params)
     seconds = time.perf_counter() - start
     extra = " + the LLaDA-V vision tower and projector" if is_llada_v else ""
     print(f"imported {len(checkpoint.tensors)} tensors{extra} "
