@@ -77,7 +77,8 @@ _SKIP_PREFIXES = flags.DEFINE_list("skip_prefixes", [],
                                    "import: ignore tensors whose key starts with one of these "
                                    "(e.g. model.vision_tower.,model.mm_projector. of a full "
                                    "LLaDA-V checkpoint)")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: replace an existing --out directory")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: replace --out when it is a previous "
+                                "export (refused when it holds any other file)")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "import: base config preset")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,6 +272,8 @@ def run_export() -> None:
 
     if not _CHECKPOINT.value:
         raise app.UsageError("--mode=export needs --checkpoint")
+    if not _MAX_SHARD_GB.value > 0:
+        raise ValueError(f"--max_shard_gb must be positive, found {_MAX_SHARD_GB.value}")
     start = time.perf_counter()
     # Read onto an fsdp mesh over the devices at hand (not the training run's mesh, which may
     # have had other devices): an 8B model does not fit on one accelerator.

@@ -78,6 +78,9 @@ def main(argv: list[str]) -> None:
     located = read_eval_records(_DATA.value)
     records = [record for _, record in located]
     batch_size = mc_batch_size(_MC_NUM.value, _MC_BATCH_SIZE.value)
+    for flag in (_PAIRS_PER_CALL, _PAD_MULTIPLE):
+        if flag.value <= 0:
+            raise ValueError(f"--{flag.name} must be a positive integer, found {flag.value}")
     output = None
     if _OUTPUT.value:   # opened now: an unwritable path fails before the evaluation, not after
         try:

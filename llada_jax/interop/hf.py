@@ -17,9 +17,11 @@ Import reads one tensor at a time with ``safetensors.safe_open`` and fills one s
 per parameter, which goes straight onto its target sharding and is dropped, so host memory peaks
 at about one stacked parameter, never two copies of the model. Every tensor is checked as it
 streams: a damaged shard file (truncated, padded), a CRC-32 mismatch (our exports record one per
-tensor in the shard header) or a NaN/inf is a ValueError naming the shard file and the tensor. Export pulls one layer slice at a
-time off the devices and streams it into the shard files, written into ``DIR.tmp-XXXX`` and renamed
-into place only once complete.
+tensor in the shard header) or a NaN/inf is a ValueError naming the shard file and the tensor.
+
+Export pulls one layer slice at a time off the devices and streams it into the shard files,
+written into ``DIR.tmp-XXXX`` and renamed into place only once complete; what the target layout
+cannot express, or a directory it must not replace, is refused before anything is written.
 
 This module knows nothing about training checkpoints (`llada_jax.train.checkpoint`) or tokenizers.
 """
