@@ -87,15 +87,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_FIELDS = ("dtype", "remat_policy", "attention_backend")
 
 
-def base_config():
-    """`--config`, else configs/llada_8b.py when the repository has it, else the defaults."""
+def base_config(is_llada_v: bool = False):
+    """`--config`, else the released family's preset when the repository has it
+    (configs/llada_v.py for a LLaDA-V checkpoint, configs/llada_8b.py otherwise), else the
+    library defaults."""
     if _CONFIG.value is not None:
         return _CONFIG.value
-    preset = os.path.join(REPO, "configs", "llada_8b.py")
+    name = "llada_v" if is_llada_v else "llada_8b"
+    preset = os.path.join(REPO, "configs", name + ".py")
     if os.path.isfile(preset):
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("llada_8b_preset", preset)
+        spec = importlib.util.spec_from_file_location(f"{name}_preset", preset)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.get_config()
@@ -177,11 +180,44 @@ def save_params_or_exit(out: str, created: bool, config, params) -> None:
     held.close()
 
 
-def fit_sampler_to_model(config) -> list[str]:
+def set_image_layout(config, hf_config: dict, tile: int) -> None:
+    """config.vision's image_aspect_ratio / max_grid from a LLaDA-V config.json (what
+    `siglip.llada_v_config_fields` writes on export), when it names a layout we support."""
+    ratio = hf_config.get("image_aspect_ratio")
+    if isinstance(ratio, str) and (ratio == "square" or ratio.startswith("anyres_max_")):
+        config.vision.image_aspect_ratio = ratio
+    pinpoints = hf_config.get("image_grid_pinpoints")
+    if isinstance(pinpoints, list) and pinpoints and tile > 0:
+        try:
+            config.vision.max_grid = max(max(int(h), int(w)) for h, w in pinpoints) // tile
+        except (TypeError, ValueError):
+            pass   # a pinpoint list in another format: keep the preset's grid
+
+
+def check_tokenizer(hf_dir: str, model):
+    """The HF directory's tokenizer if it loads; a note when it does not or its mask id differs
+    from the model's (generation would then never see a mask token it knows)."""
+    from llada_jax.data.tokenizer import HFTokenizer
+
+    try:
+        tokenizer = HFTokenizer(hf_dir)
+    except ValueError as e:
+        print(f"note: the tokenizer of {hf_dir} does not load ({e}); generate/evaluate will "
+              f"need --tokenizer")
+        return None
+    if tokenizer.mask_id != model.mask_token_id:
+        print(f"note: the tokenizer's <|mdm_mask|> is id {tokenizer.mask_id}, config.json's "
+              f"mask_token_id is {model.mask_token_id}; the checkpoint keeps config.json's")
+    return tokenizer
+
+
+def fit_sampler_to_model(config, tokenizer=None) -> list[str]:
     """Sampler settings a (possibly small) imported model can run; returns what was changed.
 
-    The preset's settings are LLaDA-8B's (gen_length 128, EoT 126348): a model with a short
-    max_sequence_length or a small vocabulary could not use them.
+    The preset's settings are the released model's (gen_length 128, EoT 126348, LLaDA-V's
+    banned EOS/BOS/header ids): a model with a short max_sequence_length or a small vocabulary
+    could not use them. Banned ids outside the vocabulary become the tokenizer's own EOS, BOS
+    and header ids when the directory has a tokenizer, else they are dropped.
     """
     changes = []
     model, sampler = config.model, config.sampler
@@ -199,8 +235,15 @@ def fit_sampler_to_model(config) -> list[str]:
         sampler.eot_token_id = -1
     banned = [i for i in sampler.banned_ids if not 0 <= i < model.vocab_size]
     if banned:
-        changes.append(f"banned_ids without {banned} (outside the vocabulary)")
-        sampler.banned_ids = [i for i in sampler.banned_ids if 0 <= i < model.vocab_size]
+        if tokenizer is not None:
+            mapped = [tokenizer.eos_id, tokenizer.bos_id, tokenizer.start_header_id,
+                      tokenizer.end_header_id]
+            changes.append(f"banned_ids {list(sampler.banned_ids)}->{mapped} (the tokenizer's "
+                           f"EOS, BOS and header ids)")
+            sampler.banned_ids = mapped
+        else:
+            changes.append(f"banned_ids without {banned} (outside the vocabulary)")
+            sampler.banned_ids = [i for i in sampler.banned_ids if 0 <= i < model.vocab_size]
     return changes
 
 
@@ -221,13 +264,13 @@ def run_import() -> None:
 def import_into(out: str, created: bool) -> None:
     from llada_jax import parallel
 
-    config = base_config()
-    mesh = parallel.make_mesh(config)
     start = time.perf_counter()
-    overrides = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
-    rules = parallel.logical_rules(config)
     is_llada_v = any(name.startswith(siglip.LLADA_V_MULTIMODAL_PREFIXES)
                      for name in hf.list_tensors(_HF_DIR.value))
+    config = base_config(is_llada_v)
+    mesh = parallel.make_mesh(config)
+    overrides = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
+    rules = parallel.logical_rules(config)
     skip = tuple(_SKIP_PREFIXES.value)
     if is_llada_v:  # a whole LLaDA-V checkpoint: Llama-named tower + vision tower + projector
         skip += tuple(siglip.LLADA_V_MULTIMODAL_PREFIXES)
@@ -240,20 +283,23 @@ def import_into(out: str, created: bool) -> None:
         for name, value in dataclasses.asdict(vision).items():
             if name in config.vision:
                 config.vision[name] = value
+        set_image_layout(config, checkpoint.hf_config, vision.image_size)
     else:
         model, params = hf.import_hf(_HF_DIR.value, mesh=mesh, rules=rules,
                                      param_dtype=_PARAM_DTYPE.value, overrides=overrides,
                                      skip_prefixes=skip)
     for name, value in dataclasses.asdict(model).items():
         config.model[name] = value
+    tokenizer = None
     if os.path.isfile(os.path.join(_HF_DIR.value, "tokenizer.json")):
         config.data.tokenizer = "hf:" + os.path.abspath(_HF_DIR.value)
+        tokenizer = check_tokenizer(_HF_DIR.value, model)
     else:
         print(f"note: {_HF_DIR.value} has no tokenizer.json; the checkpoint names the "
               f"tokenizer {config.data.tokenizer!r} (generate/evaluate take --tokenizer)")
     config.train.seq_len = min(config.train.seq_len, model.max_sequence_length)
     if _CONFIG.value is None:
-        changes = fit_sampler_to_model(config)
+        changes = fit_sampler_to_model(config, tokenizer)
         if changes:
             print(f"note: sampler settings fitted to the model: {'; '.join(changes)}")
     config_lib.validate(config)
