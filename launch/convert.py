@@ -121,11 +121,17 @@ def prepare_import_dir(out: str) -> bool:
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     probe = os.path.join(out, ".convert-write-probe")
-    with open(probe, "wb") as f:
-        f.write(b"\0" * 4096)
-        f.flush()
-        os.fsync(f.fileno())
-    os.remove(probe)
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if created and sys.exc_info()[0] is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
     return created
 
 
