@@ -207,9 +207,9 @@ def check_tokenizer(hf_dir: str, model):
 
     try:
         tokenizer = HFTokenizer(hf_dir)
-    except ValueError as e:
-        print(f"note: the tokenizer of {hf_dir} does not load ({e}); generate/evaluate will "
-              f"need --tokenizer")
+    except Exception as e:   # the tokenizers library raises plain Exceptions on bad files
+        print(f"note: the tokenizer of {hf_dir} does not load ({' '.join(str(e).split())}); "
+              f"generate/evaluate will need --tokenizer")
         return None
     if tokenizer.mask_id != model.mask_token_id:
         print(f"note: the tokenizer's <|mdm_mask|> is id {tokenizer.mask_id}, config.json's "
