@@ -400,3 +400,37 @@ def test_readme_round_trip_import_generate_export(tmp_path):
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(state[key], value.to(torch.bfloat16), rtol=0, atol=0)
 
+
+
+def test_llada_v_import_without_config_fits_the_preset(tmp_path):
+    """A whole LLaDA-V checkpoint without --config: configs/llada_v.py's sampler, fitted (its
+    banned EOS/BOS/header ids become the tokenizer's), and the image layout of config.json."""
+    from llada_jax import config as config_lib
+    from llada_jax.model.multimodal import LLaDAV
+    from llada_jax.train.checkpoint import load_params
+
+    spec = importlib.util.spec_from_file_location(
+        "llada_v_tiny_preset", os.path.join(REPO, "configs", "llada_v_tiny.py"))
+    preset = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preset)
+    c = preset.get_config()
+    model_cfg, vision = config_lib.model_config(c), config_lib.vision_config(c)
+    params = nn.unbox(jax.eval_shape(LLaDAV(model_cfg, vision).init, jax.random.key(0),
+                                     jnp.zeros((1, 2), jnp.int32)))["params"]
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), params)
+    hf_in = tmp_path / "hf"
+    siglip.export_llada_v(params, model_cfg, vision, str(hf_in), dtype="float32",
+                          image_aspect_ratio="square", max_grid=3)
+    write_bpe_tokenizer(hf_in)
+    ours = tmp_path / "ours"
+    result = run_program("convert.py", "--mode=import", f"--hf_dir={hf_in}", f"--out={ours}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "+ the LLaDA-V vision tower and projector" in result.stdout
+    config, _ = load_params(str(ours))
+    assert config.vision.enabled
+    assert (config.vision.image_aspect_ratio, config.vision.max_grid) == ("square", 3)
+    # configs/llada_v.py bans LLaDA's EOS, BOS and header ids; here: the tokenizer's 61, 59,
+    # 62, 63 (tests/test_evaluate_tokenisation.py's table). The model's max length is 128.
+    assert list(config.sampler.banned_ids) == [61, 59, 62, 63]
+    assert config.sampler.stop_at_eot and config.sampler.gen_length == 64
