@@ -11,8 +11,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -296,19 +294,16 @@ def test_vision_reader_checks_size_checksum_and_finiteness(tmp_path):
 # The programs: I/O errors are one line and never hang (issue 12 item 2); the README round trip.
 
 
-def limit_file_size(max_bytes: int):
-    """preexec_fn: writes past `max_bytes` fail with EFBIG, as on a full disk (works as root)."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-    return apply
-
-
-def run_program(name: str, *args, preexec_fn=None, timeout: int = 240):
+def run_program(name: str, *args, max_file_kib: int | None = None, timeout: int = 240):
+    """Runs launch/NAME; `max_file_kib`: writes past that size fail with EFBIG, as on a full
+    disk (a file-size limit, which also holds for root; SIGXFSZ ignored so the write fails)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, os.path.join(REPO, "launch", name), *args],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout,
-                          check=False, preexec_fn=preexec_fn)
+    command = [sys.executable, os.path.join(REPO, "launch", name), *args]
+    if max_file_kib is not None:   # a shell sets the limit: no fork of this (JAX) process
+        command = ["bash", "-c", f"trap '' XFSZ; ulimit -f {max_file_kib}; exec \"$@\"",
+                   "limited", *command]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=timeout, check=False)
 
 
 def assert_one_error_line(result, *fragments: str) -> None:
@@ -339,7 +334,7 @@ def test_import_into_an_unwritable_or_full_disk_is_one_line(tmp_path, hf_dir):
     # A full disk while orbax writes: one line, and nothing of the failed import is left.
     out = tmp_path / "full"
     result = run_program("convert.py", "--mode=import", f"--hf_dir={hf_dir}", f"--out={out}",
-                         preexec_fn=limit_file_size(8192), timeout=120)
+                         max_file_kib=8, timeout=120)
     assert_one_error_line(result, "cannot write the params checkpoint", str(out))
     assert not out.exists()
 
@@ -358,7 +353,7 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, hf_dir
     exports.mkdir()
     result = run_program("convert.py", "--mode=export", f"--checkpoint={ours}",
                          f"--out={exports / 'hf'}", "--dtype=float32",
-                         preexec_fn=limit_file_size(8192), timeout=120)
+                         max_file_kib=8, timeout=120)
     assert_one_error_line(result, "File too large")
     assert os.listdir(exports) == []   # the staging directory is gone
 
