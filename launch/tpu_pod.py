@@ -34,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+import program
+from absl import flags
 
 ACTIONS = ("create", "install", "train", "resume", "logs", "export", "delete")
 # TPU generation (the accelerator type's prefix) -> the TPU VM runtime image for JAX.
@@ -282,4 +283,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)
