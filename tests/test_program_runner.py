@@ -6,7 +6,6 @@ a subprocess, so exit statuses, stream contents and hangs are what a user sees. 
 each run takes well under a second.
 """
 
-import errno
 import os
 import subprocess
 import sys
