@@ -16,7 +16,7 @@ Commands (typed as a whole line):
 The model sees at most `max_sequence_length - gen_length` prompt tokens. When the conversation
 grows past that, its oldest turns (a user message and its answer) are dropped, and a note says so
 once; a single message too long even on its own is refused with an `error:` line, and the chat
-goes on.
+goes on. Logs are at WARNING level (--verbose shows INFO logs); errors are one `error:` line.
 
 The conversation is turned into a prompt by `Conversation.prompt_ids` and answered by a
 `Responder`. With `--image` (a LLaDA-V checkpoint), the image is loaded once and attached to the

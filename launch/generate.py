@@ -9,7 +9,7 @@ Prompts come from --prompt (repeatable) and/or --prompts_file (one UTF-8 prompt 
 starting with `"` is a JSON string, to carry newlines). --chat wraps each prompt as one user turn
 of the chat format. Errors in the prompts name the flag or `file:line`; the --output file is
 opened before the checkpoint is loaded, so an unwritable path fails at once, and it receives each
-batch's records as soon as they are sampled.
+batch's records as soon as they are sampled. Logs are at WARNING level (--verbose shows INFO logs).
 Every sampler option is a flag (default: the checkpoint config's `sampler` section). Prints each
 completion (up to its first EOS / EoT), then one JSON line of statistics: tokens/s, forward passes
 and tokens per pass (per sequence). The first batch includes compilation; --warmup runs it once

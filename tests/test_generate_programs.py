@@ -16,6 +16,7 @@ from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.diffusion.sampler import SamplerConfig, generate, pad_prompts
 from llada_jax.model.transformer import Transformer
 from llada_jax.train.checkpoint import save_params
+from tests.test_program_runner import run_programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,8 @@ def tiny_checkpoint(tmp_path_factory):
     config.model.init_std = 0.3   # spread-out logits: no near-ties between runs
     config.sampler.gen_length, config.sampler.block_length, config.sampler.steps = 16, 8, 8
     model = Transformer(model_config(config))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 4), jnp.int32))["params"])
     directory = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     save_params(directory, config, params)
     return directory, config, model, params
@@ -166,7 +168,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, program, args, mes
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
-@pytest.mark.parametrize("args,status,message", [
+FLAG_ERRORS = [
     (["--steps=3"], 1, "error: --steps: expected a positive multiple of the number of blocks "
                        "(2 = gen_length 16 / block_length 8), found 3"),
     (["--gen_length=12"], 1, "error: the checkpoint's sampler.block_length (from its config, set "
@@ -180,41 +182,45 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, program, args, mes
     (["--prompt=" + "x" * 120], 1, "error: --prompt #2: the prompt has 121 tokens, but the "
                                    "model's max_sequence_length=128 leaves room for at most 112 "
                                    "beside gen_length=16"),
-])
-def test_generate_errors_name_the_flag(tiny_checkpoint, args, status, message):
-    directory, *_ = tiny_checkpoint
-    result = run_program("generate.py", f"--checkpoint={directory}", "--prompt=Hi", *args,
-                         status=status)
-    assert last_error_line(result).startswith(message)
-    assert "=== prompt" not in result.stdout
+]
 
-
-def test_generate_output_is_checked_before_any_work(tmp_path):
-    # The checkpoint does not exist: the --output error comes first, so it is checked first.
-    missing = tmp_path / "missing"
-    for output, message in [
-            (tmp_path / "no_dir" / "out.jsonl",
-             f"error: {tmp_path / 'no_dir' / 'out.jsonl'}: No such file or directory"),
-            (tmp_path, f"error: --output={tmp_path} is a directory; expected a file path")]:
-        result = run_program("generate.py", f"--checkpoint={missing}", "--prompt=Hi",
-                             f"--output={output}", status=1)
-        assert last_error_line(result) == message
-
-
-@pytest.mark.parametrize("content,message", [
+PROMPTS_FILE_ERRORS = [
     (b'fine\n"a \\"quoted\\" one"\n"not closed\n', ':3: a line starting with \'"\' must be '
                                                    'one JSON string'),
     (b'fine\n\n\xff\xfe not text\n', ":3: not UTF-8 text"),
     (b'"one" "two"\n', ":1: a line starting with '\"' must be one JSON string"),
     (b"\n  \n", " holds no prompt (only empty lines)"),
-])
-def test_prompts_file_errors_name_the_file_and_line(tmp_path, content, message):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_bytes(content)
-    result = run_program("generate.py", f"--checkpoint={tmp_path / 'missing'}",
-                         f"--prompts_file={prompts}", status=1)
-    line = last_error_line(result)
-    assert line.startswith("error: ") and str(prompts) in line and message in line, line
+]
+
+
+def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
+    """Flag errors name the flag; --output is checked before any work; --prompts_file errors
+    name the file and line. One process imports the libraries once (run_programs)."""
+    directory, *_ = tiny_checkpoint
+    jobs, expected = [], []
+    for args, status, message in FLAG_ERRORS:
+        jobs.append(("generate.py", [f"--checkpoint={directory}", "--prompt=Hi", *args], ""))
+        expected.append((status, lambda line, m=message: line.startswith(m)))
+    # The checkpoint does not exist: the --output error comes first, so it is checked first.
+    missing = str(tmp_path / "missing")
+    no_dir = tmp_path / "no_dir" / "out.jsonl"
+    for output, message in [(no_dir, f"error: {no_dir}: No such file or directory"),
+                            (tmp_path, f"error: --output={tmp_path} is a directory; expected a "
+                                       f"file path")]:
+        jobs.append(("generate.py", [f"--checkpoint={missing}", "--prompt=Hi",
+                                     f"--output={output}"], ""))
+        expected.append((1, lambda line, m=message: line == m))
+    for number, (content, message) in enumerate(PROMPTS_FILE_ERRORS):
+        prompts = tmp_path / f"prompts{number}.txt"
+        prompts.write_bytes(content)
+        jobs.append(("generate.py", [f"--checkpoint={missing}", f"--prompts_file={prompts}"], ""))
+        expected.append((1, lambda line, p=str(prompts), m=message:
+                         line.startswith("error: ") and p in line and m in line))
+    results = run_programs(jobs, tmp_path / "runs")
+    for job, result, (status, check) in zip(jobs, results, expected, strict=True):
+        assert result.returncode == status, (job, result.stderr[-3000:])
+        assert check(last_error_line(result)), (job, result.stderr[-3000:])
+        assert "=== prompt" not in result.stdout, job
 
 
 def test_chat_drops_the_oldest_turns(tiny_checkpoint):
@@ -278,7 +284,8 @@ def test_conversation_fit_keeps_the_newest_turns_that_fit():
 
 @pytest.fixture(scope="module")
 def llada_v_checkpoint(tmp_path_factory):
-    """Randomly initialised params of the tiny LLaDA-V preset."""
+    """Randomly initialised params of the tiny LLaDA-V preset (one layer each: only the config's
+    vision section matters here)."""
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     try:
         import llada_v_tiny
@@ -287,8 +294,10 @@ def llada_v_checkpoint(tmp_path_factory):
     from llada_jax.train.state import make_model
 
     config = llada_v_tiny.get_config()
+    config.model.n_layers, config.vision.n_layers = 1, 2
     model = make_model(config)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 4), jnp.int32))["params"])
     directory = str(tmp_path_factory.mktemp("ckpt") / "llada_v")
     save_params(directory, config, params)
     return directory
@@ -303,8 +312,16 @@ def test_llada_v_checkpoint_without_image_warns(llada_v_checkpoint):
                           capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert chat.returncode == 0 and warning in chat.stderr, chat.stderr[-3000:]
     generate = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"),
-                               f"--checkpoint={llada_v_checkpoint}", "--prompt=Colour?"],
+                               f"--checkpoint={llada_v_checkpoint}", "--prompt=Colour?",
+                               "--gen_length=4", "--block_length=4", "--steps=4"],
                               env=env, capture_output=True, text=True, cwd=ROOT, timeout=300,
                               check=False)
     assert generate.returncode == 0 and warning in generate.stderr, generate.stderr[-3000:]
     assert "=== prompt 0: Colour?" in generate.stdout
+
+
+def test_chat_help_documents_the_commands(tmp_path):
+    (result,) = run_programs([("chat.py", ["--help"], "")], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]   # absl's --help exits with 1
+    for documented in ("/reset", "/quit", "oldest turns", "are dropped", "--verbose"):
+        assert documented in result.stdout, documented
