@@ -28,6 +28,7 @@ checkpoint without --image answers from the text alone, with a warning.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 
@@ -163,13 +164,19 @@ def main(argv: list[str]) -> None:
     if interactive:
         print("(type a message; /reset starts a new conversation, /quit stops)", flush=True)
     said_dropped = False
-    while True:
+    stdin = sys.stdin.buffer
+    for line_number in itertools.count(1):
         if interactive:
             print("user: ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = stdin.readline()
         if not line:
             break
-        text = line.rstrip("\n")
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:   # a stray byte in piped input: skip that message
+            print(f"error: stdin line {line_number} is not UTF-8 text ({e.reason} at byte "
+                  f"{e.start}); message skipped", flush=True)
+            continue
         if text.strip() == "/quit":
             break
         if text.strip() == "/reset":

@@ -79,6 +79,10 @@ def open_output() -> TextIO | None:
         return None
     if os.path.isdir(_OUTPUT.value):
         raise ValueError(f"--output={_OUTPUT.value} is a directory; expected a file path")
+    if _PROMPTS_FILE.value and os.path.exists(_OUTPUT.value) and \
+            os.path.samefile(_OUTPUT.value, _PROMPTS_FILE.value):
+        raise ValueError(f"--output={_OUTPUT.value} is the --prompts_file: writing would "
+                         f"destroy the prompts; choose another path")
     return open(_OUTPUT.value, "w", encoding="utf-8")   # OSError: one line naming the path
 
 

@@ -210,6 +210,14 @@ def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
         jobs.append(("generate.py", [f"--checkpoint={missing}", "--prompt=Hi",
                                      f"--output={output}"], ""))
         expected.append((1, lambda line, m=message: line == m))
+    # --output naming the --prompts_file would destroy the prompts.
+    kept = tmp_path / "kept.txt"
+    kept.write_text("a prompt\n")
+    jobs.append(("generate.py", [f"--checkpoint={missing}", f"--prompts_file={kept}",
+                                 f"--output={kept}"], ""))
+    expected.append((1, lambda line: line == f"error: --output={kept} is the --prompts_file: "
+                                            f"writing would destroy the prompts; choose another "
+                                            f"path"))
     for number, (content, message) in enumerate(PROMPTS_FILE_ERRORS):
         prompts = tmp_path / f"prompts{number}.txt"
         prompts.write_bytes(content)
@@ -221,6 +229,16 @@ def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
         assert result.returncode == status, (job, result.stderr[-3000:])
         assert check(last_error_line(result)), (job, result.stderr[-3000:])
         assert "=== prompt" not in result.stdout, job
+    assert kept.read_text() == "a prompt\n"
+
+
+def test_chat_skips_a_message_that_is_not_utf8(tiny_checkpoint, tmp_path):
+    directory, *_ = tiny_checkpoint
+    (result,) = run_programs([("chat.py", [f"--checkpoint={directory}"], "ab\udcffc\n")],
+                             tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "error: stdin line 1 is not UTF-8 text (invalid start byte at byte 2); message skipped"]
 
 
 def test_chat_drops_the_oldest_turns(tiny_checkpoint):

@@ -183,7 +183,7 @@ jobs, directory = json.loads(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, os.path.join(os.getcwd(), "launch"))
 for number, (program, args, stdin) in enumerate(jobs):
     paths = [os.path.join(directory, f"{number}.{name}") for name in ("in", "out", "err")]
-    with open(paths[0], "w") as f:
+    with open(paths[0], "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(stdin)
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
@@ -197,7 +197,7 @@ for number, (program, args, stdin) in enumerate(jobs):
             runpy.run_path(sys.argv[0], run_name="__main__")
             status = 0
         except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else 1
+            status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(status)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
@@ -207,7 +207,8 @@ for number, (program, args, stdin) in enumerate(jobs):
 def run_programs(jobs, directory, timeout=300):
     """Runs launch programs one after another in forked children of one process.
 
-    jobs: (program file in launch/, [args], stdin text). Returns one CompletedProcess-like
+    jobs: (program file in launch/, [args], stdin text; "\\udcXX" stands for the byte 0xXX).
+    Returns one CompletedProcess-like
     (returncode, stdout, stderr) per job.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: quick start
