@@ -41,7 +41,7 @@ EXIT_USAGE = 2   # a command line that does not parse
 
 # Python loggers of libraries whose INFO records are chatter for a user of the programs (orbax
 # and grain mostly log through absl, which `absl_logging.set_verbosity` covers).
-LIBRARY_LOGGERS = ("jax", "jaxlib", "orbax", "grain", "tensorstore", "etils", "absl")
+LIBRARY_LOGGERS = ("jax", "jaxlib", "orbax", "grain", "tensorstore", "etils")
 
 # Longest error line printed (a library message can embed a whole tree of shapes); --verbose
 # shows the full message in the traceback.
@@ -50,9 +50,10 @@ MAX_ERROR_CHARS = 2000
 
 def configure_logging(verbose: bool) -> None:
     """WARNING and above by default; INFO with --verbose (unless --verbosity was given)."""
+    if flags.FLAGS["verbosity"].present:   # absl's own flag, given explicitly: it decides
+        return
     level = logging.INFO if verbose else logging.WARNING
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     logging.getLogger().setLevel(level)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
