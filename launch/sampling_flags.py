@@ -110,10 +110,21 @@ def load() -> tuple[ml_collections.ConfigDict, nn.Module, Any, Tokenizer, Any]:
     """(config, model, params, tokenizer, mesh) of --checkpoint, params sharded on the mesh."""
     mesh = make_mesh()
     config, params = checkpoint.load_params(CHECKPOINT.value, STEP.value, mesh=mesh)
-    tokenizer = load_tokenizer(TOKENIZER.value or config.data.tokenizer)
+    if TOKENIZER.value:
+        where = f"--tokenizer={TOKENIZER.value}"
+        try:
+            tokenizer = load_tokenizer(TOKENIZER.value)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{where}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: {str(e).replace('config.data.tokenizer: ', '')}") \
+                from None
+    else:
+        where = f"the checkpoint's tokenizer {config.data.tokenizer!r} (flag --tokenizer)"
+        tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
-                         f"vocab_size is {config.model.vocab_size}")
+        raise ValueError(f"{where} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{config.model.vocab_size}")
     return config, state.make_model(config), params, tokenizer, mesh
 
 

@@ -180,6 +180,9 @@ FLAG_ERRORS = [
     (["--prompt_bucket=0"], 2, "error: flag --prompt_bucket=0: 0 is not a positive integer"),
     (["--mesh_tensor=3"], 1, "error: --mesh_data=1 --mesh_fsdp=-1 --mesh_tensor=3 do not fit the "
                              "1 device(s)"),
+    (["--tokenizer=bogus"], 1, "error: --tokenizer=bogus: expected 'char', 'sentencepiece:PATH' "
+                               "or 'hf:DIR', found 'bogus'"),
+    (["--tokenizer=hf:/nonexistent"], 1, "error: --tokenizer=hf:/nonexistent: "),
     (["--prompt=" + "x" * 120], 1, "error: --prompt #2: the prompt has 121 tokens, but the "
                                    "model's max_sequence_length=128 leaves room for at most 112 "
                                    "beside gen_length=16"),
