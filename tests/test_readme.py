@@ -204,6 +204,39 @@ def test_the_generate_prompt_is_in_the_corpus_format():
     assert re.fullmatch(r"add: (\d+) \+ (\d+) = (\d+)\.", f"{prompt}{int(a) + int(b)}.")
 
 
+def _readme_text() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_the_prompts_the_readme_suggests_match_the_built_in_data():
+    from llada_jax.data.synthetic import SyntheticTextSource
+    from llada_jax.data.synthetic_chat import split_of, task_question_answer
+
+    text = " ".join(_readme_text().split())
+    corpus = re.search(r"Prompts for the tiny pre-trained model follow its built-in corpus \((.*?)"
+                       r"; see", text).group(1)
+    prompts = re.findall(r"`([^`]*)`", corpus)
+    assert len(prompts) >= 3, corpus
+    source = SyntheticTextSource(size=3000)
+    lines = [line for i in range(len(source)) for line in source[i]["text"].splitlines()]
+    for prompt in prompts:
+        # The same line shape: any number where the prompt has one, any word to copy/reverse.
+        shape = re.sub(r"\d+", r"\\d+", re.escape(prompt))
+        shape = re.sub(r"(reverse|copy)\\ [a-z]+", r"\1\\ [a-z]+", shape)
+        assert any(re.match(shape, line) for line in lines), prompt
+    chat = re.search(r"the tiny SFT model answers the built-in chat tasks \((.*?)\)", text).group(1)
+    questions = re.findall(r"`([^`]*)`", chat)
+    assert len(questions) == 3 and "these three are held-out questions" in chat
+    for question in questions:
+        assert split_of(question) == "test", question
+        task, word = question.rsplit(" ", 1)
+        task = {"Uppercase": "uppercase", "Reverse": "reverse", "Last letter of": "last",
+                "First letter of": "first", "Repeat": "repeat"}[task]
+        assert task_question_answer(task, word)[0] == question
+    assert all(q in _example("printf") for q in questions[:2])
+
+
 def test_fast_sampling_generate_example(sft_workdir):
     result = run_command(_example("python launch/generate.py --checkpoint=/ckpt/llada_jax"),
                          {"/ckpt/llada_jax": sft_workdir})
