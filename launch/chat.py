@@ -6,18 +6,29 @@
 
 Reads one user message per line from stdin (typed or piped), renders the whole conversation with
 the chat template (REFERENCE.md section 1), samples the assistant's answer (up to its first EOS /
-EoT) and prints it as `assistant: ...`. `/reset` starts a new conversation, `/quit` (or the end of
-stdin) stops. Every sampler option is a flag, as in launch/generate.py.
+EoT) and prints it as `assistant: ...`. Every sampler option is a flag, as in launch/generate.py.
+
+Commands (typed as a whole line):
+  /reset   forget the conversation and start a new one (the --system message and the --image
+           stay)
+  /quit    stop (the end of stdin stops too)
+
+The model sees at most `max_sequence_length - gen_length` prompt tokens. When the conversation
+grows past that, its oldest turns (a user message and its answer) are dropped, and a note says so
+once; a single message too long even on its own is refused with an `error:` line, and the chat
+goes on. Logs are at WARNING level (--verbose shows INFO logs); errors are one `error:` line.
 
 The conversation is turned into a prompt by `Conversation.prompt_ids` and answered by a
 `Responder`. With `--image` (a LLaDA-V checkpoint), the image is loaded once and attached to the
 conversation's first user message (as `<image>\\n` before the text, unless the text places
 `<image>` itself); the prompt then holds the image's placeholder positions and the responder
-gives the sampler the image's views, whose tokens are computed once per answer.
+gives the sampler the image's views, whose tokens are computed once per answer. A LLaDA-V
+checkpoint without --image answers from the text alone, with a warning.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 
@@ -67,12 +78,39 @@ class Conversation:
             return self.encoded().ids
         return self.tokenizer.render_chat(self.messages, add_generation_prompt=True)
 
+    def drop_oldest_turn(self) -> bool:
+        """Forgets the oldest user message and the answer to it; False when only the newest
+        user message is left (nothing can be dropped)."""
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if len(users) < 2:
+            return False
+        first = users[0]
+        end = first + 1
+        while end < len(self.messages) and self.messages[end]["role"] != "user":
+            end += 1   # the assistant's answer (every message up to the next user message)
+        del self.messages[first:end]
+        return True
+
+    def fit(self, max_prompt_tokens: int) -> tuple[list[int], int]:
+        """The prompt ids after dropping the oldest turns until they fit in max_prompt_tokens,
+        and how many turns were dropped. ValueError when the newest message alone is too long."""
+        dropped = 0
+        ids = self.prompt_ids()
+        while len(ids) > max_prompt_tokens:
+            if not self.drop_oldest_turn():
+                raise ValueError(f"the message is too long: its prompt has {len(ids)} tokens "
+                                 f"and at most {max_prompt_tokens} fit beside the answer "
+                                 f"(max_sequence_length minus --gen_length); shorten it")
+            dropped += 1
+            ids = self.prompt_ids()
+        return ids, dropped
+
 
 def make_responder(config, model, params, tokenizer, mesh,
-                   conversation: Conversation | None = None) -> Responder:
+                   conversation: Conversation | None = None, sampler=None) -> Responder:
     """The sampler with the flags' settings; one compiled program per prompt-length bucket
     (--prompt_bucket). With a conversation about an image, its views go with the prompt."""
-    sampler = sf.sampler_config(config, tokenizer)
+    sampler = sampler or sf.sampler_config(config, tokenizer)
     rng = jax.random.key(sf.seed(config))
     turns = [0]
 
@@ -89,40 +127,56 @@ def make_responder(config, model, params, tokenizer, mesh,
 
 
 def load_image(path: str):
-    """The --image file as a PIL image; exits with one line naming the file if it is bad."""
+    """The --image file as a PIL image; ValueError / FileNotFoundError naming the file."""
     from llada_jax.data import images
 
     try:
         return images.load_image(path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: --image: {e}")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--image: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--image: {e}") from None
 
 
 def image_processor(config, path: str):
-    """How the checkpoint turns images into views; exits if it has no vision tower."""
+    """How the checkpoint turns images into views; ValueError if it has no vision tower."""
     from llada_jax.data import multimodal_data
 
     if not config.vision.enabled:
-        sys.exit(f"error: --image={path} needs a LLaDA-V checkpoint (its config has "
-                 f"vision.enabled=False)")
+        raise ValueError(f"--image={path} needs a LLaDA-V checkpoint (its config has "
+                         f"vision.enabled=False)")
     return multimodal_data.ImageProcessor.from_config(config)
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]} (messages are read from stdin)")
     image = load_image(_IMAGE.value) if _IMAGE.value else None   # before the slow part
     config, model, params, tokenizer, mesh = sf.load()
     processor = image_processor(config, _IMAGE.value) if _IMAGE.value else None
+    if image is None:
+        sf.warn_without_image(config, "chat")
+    sampler = sf.sampler_config(config, tokenizer)
+    max_prompt_tokens = config.model.max_sequence_length - sampler.gen_length
     conversation = Conversation(tokenizer, _SYSTEM.value, image, processor)
-    respond = make_responder(config, model, params, tokenizer, mesh, conversation)
+    respond = make_responder(config, model, params, tokenizer, mesh, conversation, sampler)
     interactive = sys.stdin.isatty()
-    while True:
+    if interactive:
+        print("(type a message; /reset starts a new conversation, /quit stops)", flush=True)
+    said_dropped = False
+    stdin = sys.stdin.buffer
+    for line_number in itertools.count(1):
         if interactive:
             print("user: ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = stdin.readline()
         if not line:
             break
-        text = line.rstrip("\n")
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:   # a stray byte in piped input: skip that message
+            print(f"error: stdin line {line_number} is not UTF-8 text ({e.reason} at byte "
+                  f"{e.start}); message skipped", flush=True)
+            continue
         if text.strip() == "/quit":
             break
         if text.strip() == "/reset":
@@ -133,8 +187,13 @@ def main(argv: list[str]) -> None:
             continue
         conversation.messages.append({"role": "user", "content": text})
         try:
-            answer = respond(conversation.prompt_ids())
-        except ValueError as error:  # e.g. the conversation outgrew the model's length
+            prompt, dropped = conversation.fit(max_prompt_tokens)
+            if dropped and not said_dropped:
+                print(f"(the conversation outgrew the model's {max_prompt_tokens} prompt tokens: "
+                      f"dropping its oldest turns from now on; /reset starts afresh)", flush=True)
+                said_dropped = True
+            answer = respond(prompt)
+        except ValueError as error:   # this message alone is too long: refuse it, go on
             conversation.messages.pop()
             print(f"error: {error}", flush=True)
             continue

@@ -5,8 +5,11 @@
     python launch/generate.py --checkpoint=/ckpt/llada --prompts_file=prompts.txt \\
         --cache=dual --threshold=0.9 --early_exit
 
-Prompts come from --prompt (repeatable) and/or --prompts_file (one prompt per line; a line may
-be a JSON string to carry newlines). --chat wraps each prompt as one user turn of the chat format.
+Prompts come from --prompt (repeatable) and/or --prompts_file (one UTF-8 prompt per line; a line
+starting with `"` is a JSON string, to carry newlines). --chat wraps each prompt as one user turn
+of the chat format. Errors in the prompts name the flag or `file:line`; the --output file is
+opened before the checkpoint is loaded, so an unwritable path fails at once, and it receives each
+batch's records as soon as they are sampled. Logs are at WARNING level (--verbose shows INFO logs).
 Every sampler option is a flag (default: the checkpoint config's `sampler` section). Prints each
 completion (up to its first EOS / EoT), then one JSON line of statistics: tokens/s, forward passes
 and tokens per pass (per sequence). The first batch includes compilation; --warmup runs it once
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TextIO
 
 import jax
 import program
@@ -26,34 +30,70 @@ from absl import flags
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "file with one prompt per line")
 _CHAT = flags.DEFINE_bool("chat", False, "apply the chat template (one user turn per prompt)")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "prompts per sampler call")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "prompts per sampler call", lower_bound=1)
 _WARMUP = flags.DEFINE_bool("warmup", False, "run the first batch once untimed (compilation)")
 _OUTPUT = flags.DEFINE_string("output", None, "also write JSON lines {prompt, completion, ids}")
 
 
-def read_prompts() -> list[str]:
+def read_prompts() -> tuple[list[str], list[str]]:
+    """(prompts, where each came from: `--prompt #i` or `file:line`)."""
     prompts = list(_PROMPT.value)
-    if _PROMPTS_FILE.value:
-        if not os.path.isfile(_PROMPTS_FILE.value):
-            raise FileNotFoundError(f"--prompts_file not found: {_PROMPTS_FILE.value}")
-        with open(_PROMPTS_FILE.value) as f:
-            for line in f:
-                line = line.rstrip("\n")
+    sources = [f"--prompt #{i + 1}" for i in range(len(prompts))]
+    path = _PROMPTS_FILE.value
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--prompts_file not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"--prompts_file={path} is not a file")
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") \
+                        from None
                 if not line.strip():
                     continue
                 if line.startswith('"'):
-                    line = json.loads(line)
+                    try:
+                        line = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{where}: a line starting with '\"' must be one JSON "
+                                         f"string ({e.msg}, column {e.colno})") from None
+                    if not isinstance(line, str):
+                        raise ValueError(f"{where}: expected one JSON string, found "
+                                         f"{type(line).__name__}")
                 prompts.append(line)
+                sources.append(where)
+        if len(prompts) == len(_PROMPT.value):
+            raise ValueError(f"--prompts_file={path} holds no prompt (only empty lines)")
     if not prompts:
         raise ValueError("no prompts: pass --prompt (repeatable) or --prompts_file")
-    return prompts
+    return prompts, sources
+
+
+def open_output() -> TextIO | None:
+    """The --output file, opened (created or emptied) before any work, or None."""
+    if not _OUTPUT.value:
+        return None
+    if os.path.isdir(_OUTPUT.value):
+        raise ValueError(f"--output={_OUTPUT.value} is a directory; expected a file path")
+    if _PROMPTS_FILE.value and os.path.exists(_OUTPUT.value) and \
+            os.path.samefile(_OUTPUT.value, _PROMPTS_FILE.value):
+        raise ValueError(f"--output={_OUTPUT.value} is the --prompts_file: writing would "
+                         f"destroy the prompts; choose another path")
+    return open(_OUTPUT.value, "w", encoding="utf-8")   # OSError: one line naming the path
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    prompts = read_prompts()
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]} (prompts are given with --prompt)")
+    prompts, sources = read_prompts()
+    output = open_output()   # before the slow part: a bad path fails now
     config, model, params, tokenizer, mesh = sf.load()
     sampler = sf.sampler_config(config, tokenizer)
+    sf.warn_without_image(config, "generate")
 
     def encode(text: str) -> list[int]:
         if _CHAT.value:
@@ -61,13 +101,14 @@ def main(argv: list[str]) -> None:
         return [tokenizer.bos_id, *tokenizer.encode(text)]
 
     ids = [encode(p) for p in prompts]
+    for prompt_ids, where in zip(ids, sources, strict=True):
+        sf.check_prompt_length(config, sampler, len(prompt_ids), where)
     rng = jax.random.key(sf.seed(config))
-    size = max(1, _BATCH_SIZE.value)
+    size = _BATCH_SIZE.value
     if _WARMUP.value:
         sf.run(config, model, params, mesh, ids[:size], sampler, tokenizer.pad_id, rng)
     totals = {"seconds": 0.0, "forward_passes": 0, "generated_tokens": 0}
     calls = 0
-    records = []
     for call, start in enumerate(range(0, len(ids), size)):
         generated, stats = sf.run(config, model, params, mesh, ids[start:start + size], sampler,
                                   tokenizer.pad_id, jax.random.fold_in(rng, call))
@@ -79,8 +120,13 @@ def main(argv: list[str]) -> None:
             text = tokenizer.decode(answer)
             prompt = prompts[start + i]
             print(f"=== prompt {start + i}: {prompt}\n{text}\n", flush=True)
-            records.append({"prompt": prompt, "completion": text,
-                            "ids": [int(t) for t in row]})
+            if output is not None:
+                output.write(json.dumps({"prompt": prompt, "completion": text,
+                                         "ids": [int(t) for t in row]}) + "\n")
+        if output is not None:
+            output.flush()   # what is sampled is kept even if a later batch fails
+    if output is not None:
+        output.close()
     summary = {
         "prompts": len(prompts),
         "generated_tokens": totals["generated_tokens"],
@@ -93,9 +139,6 @@ def main(argv: list[str]) -> None:
         "includes_compilation": not _WARMUP.value,
     }
     print(json.dumps(summary), flush=True)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ the one sampler runs sharded unchanged.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,9 +35,10 @@ TOKENIZER = flags.DEFINE_string("tokenizer", None,
 SEED = flags.DEFINE_integer("seed", None, "sampling seed (default: config.sampler.seed)")
 PROMPT_BUCKET = flags.DEFINE_integer(
     "prompt_bucket", 32, "left-pad prompts to a multiple of this many tokens, so prompts of "
-    "similar lengths share one compiled sampler")
+    "similar lengths share one compiled sampler", lower_bound=1)
 MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "data-parallel mesh axis (-1: fill)")
-MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", -1, "fsdp mesh axis (-1: fill)")
+MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", -1, "fsdp mesh axis (-1: fill, or 1 when another "
+                                 "axis is -1)")
 MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "tensor-parallel mesh axis (-1: fill)")
 
 # SamplerConfig field -> its flag (None: keep the checkpoint config's value).
@@ -62,17 +65,66 @@ SAMPLER_FLAGS = {
 }
 
 
+_CONFIG_FIELD = re.compile(r"(?:config\.)?(sampler|mesh)\.(\w+)")
+
+
+def name_flags(message: str) -> str:
+    """A config error message with the flags the user typed named instead of config fields.
+
+    `config.sampler.steps` becomes `--steps` when --steps was given; otherwise the field that is
+    wrong is called the checkpoint's setting (and its flag named), and other fields keep their
+    `sampler.` name. `config.mesh.data` becomes `--mesh_data` (the mesh here is made from the
+    flags alone).
+    """
+    def replace(match: re.Match) -> str:
+        section, field = match.groups()
+        if section == "mesh":
+            return f"--mesh_{field}" if f"mesh_{field}" in flags.FLAGS else match.group(0)
+        if field in SAMPLER_FLAGS and SAMPLER_FLAGS[field].present:
+            return f"--{field}"
+        if match.start() > 0:
+            return f"sampler.{field}"
+        flag = f", set it with --{field}" if field in SAMPLER_FLAGS else ""
+        return f"the checkpoint's sampler.{field} (from its config{flag})"
+
+    return _CONFIG_FIELD.sub(replace, message)
+
+
+def make_mesh() -> Any:
+    """The mesh of the --mesh_* flags over every device."""
+    mesh_config = default_config()
+    fsdp = MESH_FSDP.value
+    if not MESH_FSDP.present and -1 in (MESH_DATA.value, MESH_TENSOR.value):
+        fsdp = 1   # the default fill moves to the axis the user asked to fill
+    mesh_config.mesh.data, mesh_config.mesh.fsdp = MESH_DATA.value, fsdp
+    mesh_config.mesh.tensor = MESH_TENSOR.value
+    try:
+        return parallel.make_mesh(mesh_config)
+    except ValueError as e:
+        raise ValueError(f"--mesh_data={MESH_DATA.value} --mesh_fsdp={fsdp} --mesh_tensor="
+                         f"{MESH_TENSOR.value} do not fit the {jax.device_count()} device(s) "
+                         f"({name_flags(str(e))})") from e
+
+
 def load() -> tuple[ml_collections.ConfigDict, nn.Module, Any, Tokenizer, Any]:
     """(config, model, params, tokenizer, mesh) of --checkpoint, params sharded on the mesh."""
-    mesh_config = default_config()
-    mesh_config.mesh.data, mesh_config.mesh.fsdp = MESH_DATA.value, MESH_FSDP.value
-    mesh_config.mesh.tensor = MESH_TENSOR.value
-    mesh = parallel.make_mesh(mesh_config)
+    mesh = make_mesh()
     config, params = checkpoint.load_params(CHECKPOINT.value, STEP.value, mesh=mesh)
-    tokenizer = load_tokenizer(TOKENIZER.value or config.data.tokenizer)
+    if TOKENIZER.value:
+        where = f"--tokenizer={TOKENIZER.value}"
+        try:
+            tokenizer = load_tokenizer(TOKENIZER.value)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{where}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: {str(e).replace('config.data.tokenizer: ', '')}") \
+                from None
+    else:
+        where = f"the checkpoint's tokenizer {config.data.tokenizer!r} (flag --tokenizer)"
+        tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
-                         f"vocab_size is {config.model.vocab_size}")
+        raise ValueError(f"{where} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{config.model.vocab_size}")
     return config, state.make_model(config), params, tokenizer, mesh
 
 
@@ -80,8 +132,32 @@ def sampler_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> S
     """config.sampler with the flags that were given, and the tokenizer's EoT id."""
     overrides = {name: flag.value for name, flag in SAMPLER_FLAGS.items()
                  if flag.value is not None}
-    return SamplerConfig.from_config(config, eot_id=tokenizer.eot_id,
-                                     vocab_limit=tokenizer.vocab_size, **overrides)
+    try:
+        return SamplerConfig.from_config(config, eot_id=tokenizer.eot_id,
+                                         vocab_limit=tokenizer.vocab_size, **overrides)
+    except ValueError as e:
+        raise ValueError(name_flags(str(e))) from e
+
+
+def check_prompt_length(config: ml_collections.ConfigDict, sampler: SamplerConfig,
+                        length: int, where: str) -> None:
+    """Raises ValueError naming the prompt (`where`) when it leaves no room for the answer."""
+    limit = config.model.max_sequence_length - sampler.gen_length
+    if length > limit:
+        raise ValueError(f"{where}: the prompt has {length} tokens, but the model's "
+                         f"max_sequence_length={config.model.max_sequence_length} leaves room for "
+                         f"at most {limit} beside gen_length={sampler.gen_length} (shorten the "
+                         f"prompt or lower --gen_length)")
+
+
+def warn_without_image(config: ml_collections.ConfigDict, program: str) -> None:
+    """A LLaDA-V checkpoint asked without an image answers from the text alone: say so."""
+    if config.vision.enabled:
+        hint = ("pass --image=FILE to ask about an image" if program == "chat"
+                else "launch/chat.py --image=FILE asks about an image")
+        print(f"warning: --checkpoint={CHECKPOINT.value} is a LLaDA-V checkpoint "
+              f"(vision.enabled) and no image is given: the answers come from the text alone "
+              f"({hint})", file=sys.stderr, flush=True)
 
 
 def seed(config: ml_collections.ConfigDict) -> int:
@@ -105,7 +181,7 @@ def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any, mesh,
     """
     tokens, mask = pad_prompts(prompts, pad_id)
     limit = config.model.max_sequence_length - sampler.gen_length
-    bucket = max(1, PROMPT_BUCKET.value)
+    bucket = PROMPT_BUCKET.value
     width = max(tokens.shape[1], min(limit, -(-tokens.shape[1] // bucket) * bucket))
     rows = -(-len(prompts) // batch_rows(mesh)) * batch_rows(mesh)
     padded_tokens = np.full((rows, width), pad_id, np.int32)

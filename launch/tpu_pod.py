@@ -34,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+import program
+from absl import flags
 
 ACTIONS = ("create", "install", "train", "resume", "logs", "export", "delete")
 # TPU generation (the accelerator type's prefix) -> the TPU VM runtime image for JAX.
@@ -272,6 +273,11 @@ def main(argv: list[str]) -> None:
         for command in commands:
             print(shlex.join(command))
         return
+    missing = sorted({command[0] for command in commands if shutil.which(command[0]) is None})
+    if missing:
+        _fail(f"{', '.join(missing)} not found on PATH: install the Google Cloud CLI "
+              f"(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the "
+              f"commands")
     if not _REPO_URL.value and (action == "install" or _COPY.value):
         stage_sources()
     for command in commands:
@@ -282,4 +288,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)

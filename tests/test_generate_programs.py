@@ -16,6 +16,7 @@ from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.diffusion.sampler import SamplerConfig, generate, pad_prompts
 from llada_jax.model.transformer import Transformer
 from llada_jax.train.checkpoint import save_params
+from tests.test_program_runner import run_programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,19 +27,27 @@ def tiny_checkpoint(tmp_path_factory):
     config.model.init_std = 0.3   # spread-out logits: no near-ties between runs
     config.sampler.gen_length, config.sampler.block_length, config.sampler.steps = 16, 8, 8
     model = Transformer(model_config(config))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 4), jnp.int32))["params"])
     directory = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     save_params(directory, config, params)
     return directory, config, model, params
 
 
-def run_program(name, *args, stdin=None):
+def run_program(name, *args, stdin=None, status=0):
+    """stdout of a launch program run as a user runs it; with status != 0 the whole result."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: quick start
     result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", name), *args],
                             input=stdin, capture_output=True, text=True, env=env, timeout=300,
                             cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    assert result.returncode == status, result.stderr[-3000:]
+    return result.stdout if status == 0 else result
+
+
+def last_error_line(result):
+    """The last line of the output, which must be the error; no traceback before it."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
 
 
 def expected_completion(config, model, params, prompt_ids, rng):
@@ -90,7 +99,9 @@ def test_generate_program_fast_options_and_errors(tiny_checkpoint):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"),
                           f"--checkpoint={directory}", "--prompt=Hi", "--block_length=5"],
                          capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert bad.returncode != 0 and "sampler.block_length" in bad.stderr
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --block_length: expected a "
+                                                          "positive divisor of")
 
 
 def test_chat_program(tiny_checkpoint):
@@ -142,16 +153,203 @@ def test_evaluate_program(tiny_checkpoint, tmp_path):
     assert [s["prediction"] for s in scored[2:]] == labels
 
 
-@pytest.mark.parametrize("program,args,message", [
+MISSING_CHECKPOINT_ERRORS = [
     ("generate.py", ["--prompt=Hi"], "error: checkpoint directory not found: "),
     ("chat.py", [], "error: checkpoint directory not found: "),
     ("evaluate.py", ["--data=/nonexistent/eval.jsonl"], "error: --data file not found: "),
-])
-def test_user_errors_are_one_line_without_traceback(tmp_path, program, args, message):
+]
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    jobs = [(program, [f"--checkpoint={tmp_path / 'missing'}", *args], "")
+            for program, args, _ in MISSING_CHECKPOINT_ERRORS]
+    for job, result, (*_, message) in zip(jobs, run_programs(jobs, tmp_path / "runs"),
+                                          MISSING_CHECKPOINT_ERRORS, strict=True):
+        assert result.returncode == 1, (job, result.stderr[-3000:])
+        assert last_error_line(result).startswith(message), (job, result.stderr[-3000:])
+
+
+FLAG_ERRORS = [
+    (["--steps=3"], 1, "error: --steps: expected a positive multiple of the number of blocks "
+                       "(2 = gen_length 16 / block_length 8), found 3"),
+    (["--gen_length=12"], 1, "error: the checkpoint's sampler.block_length (from its config, set "
+                             "it with --block_length): expected a positive divisor of "
+                             "--gen_length=12, found 8"),
+    (["--threshold=2"], 1, "error: --threshold: expected a confidence in (0, 1]"),
+    (["--batch_size=0"], 2, "error: flag --batch_size=0: 0 is not a positive integer"),
+    (["--prompt_bucket=0"], 2, "error: flag --prompt_bucket=0: 0 is not a positive integer"),
+    (["--mesh_tensor=3"], 1, "error: --mesh_data=1 --mesh_fsdp=-1 --mesh_tensor=3 do not fit the "
+                             "1 device(s)"),
+    (["--tokenizer=bogus"], 1, "error: --tokenizer=bogus: expected 'char', 'sentencepiece:PATH' "
+                               "or 'hf:DIR', found 'bogus'"),
+    (["--tokenizer=hf:/nonexistent"], 1, "error: --tokenizer=hf:/nonexistent: "),
+    (["--prompt=" + "x" * 120], 1, "error: --prompt #2: the prompt has 121 tokens, but the "
+                                   "model's max_sequence_length=128 leaves room for at most 112 "
+                                   "beside gen_length=16"),
+]
+
+PROMPTS_FILE_ERRORS = [
+    (b'fine\n"a \\"quoted\\" one"\n"not closed\n', ':3: a line starting with \'"\' must be '
+                                                   'one JSON string'),
+    (b'fine\n\n\xff\xfe not text\n', ":3: not UTF-8 text"),
+    (b'"one" "two"\n', ":1: a line starting with '\"' must be one JSON string"),
+    (b"\n  \n", " holds no prompt (only empty lines)"),
+]
+
+
+def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
+    """Flag errors name the flag; --output is checked before any work; --prompts_file errors
+    name the file and line. One process imports the libraries once (run_programs)."""
+    directory, *_ = tiny_checkpoint
+    jobs, expected = [], []
+    for args, status, message in FLAG_ERRORS:
+        jobs.append(("generate.py", [f"--checkpoint={directory}", "--prompt=Hi", *args], ""))
+        expected.append((status, lambda line, m=message: line.startswith(m)))
+    # The checkpoint does not exist: the --output error comes first, so it is checked first.
+    missing = str(tmp_path / "missing")
+    no_dir = tmp_path / "no_dir" / "out.jsonl"
+    for output, message in [(no_dir, f"error: {no_dir}: No such file or directory"),
+                            (tmp_path, f"error: --output={tmp_path} is a directory; expected a "
+                                       f"file path")]:
+        jobs.append(("generate.py", [f"--checkpoint={missing}", "--prompt=Hi",
+                                     f"--output={output}"], ""))
+        expected.append((1, lambda line, m=message: line == m))
+    # --output naming the --prompts_file would destroy the prompts.
+    kept = tmp_path / "kept.txt"
+    kept.write_text("a prompt\n")
+    jobs.append(("generate.py", [f"--checkpoint={missing}", f"--prompts_file={kept}",
+                                 f"--output={kept}"], ""))
+    expected.append((1, lambda line: line == f"error: --output={kept} is the --prompts_file: "
+                                            f"writing would destroy the prompts; choose another "
+                                            f"path"))
+    for number, (content, message) in enumerate(PROMPTS_FILE_ERRORS):
+        prompts = tmp_path / f"prompts{number}.txt"
+        prompts.write_bytes(content)
+        jobs.append(("generate.py", [f"--checkpoint={missing}", f"--prompts_file={prompts}"], ""))
+        expected.append((1, lambda line, p=str(prompts), m=message:
+                         line.startswith("error: ") and p in line and m in line))
+    results = run_programs(jobs, tmp_path / "runs")
+    for job, result, (status, check) in zip(jobs, results, expected, strict=True):
+        assert result.returncode == status, (job, result.stderr[-3000:])
+        assert check(last_error_line(result)), (job, result.stderr[-3000:])
+        # Nothing else on stderr: no orbax / JAX INFO chatter before the error at the default
+        # log level, even where the checkpoint was loaded.
+        assert len(result.stderr.strip().splitlines()) == 1, (job, result.stderr[-3000:])
+        assert "=== prompt" not in result.stdout, job
+    assert kept.read_text() == "a prompt\n"
+
+
+def test_chat_skips_a_message_that_is_not_utf8(tiny_checkpoint, tmp_path):
+    directory, *_ = tiny_checkpoint
+    (result,) = run_programs([("chat.py", [f"--checkpoint={directory}"], "ab\udcffc\n")],
+                             tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "error: stdin line 1 is not UTF-8 text (invalid start byte at byte 2); message skipped"]
+
+
+def test_chat_drops_the_oldest_turns(tiny_checkpoint):
+    # max_sequence_length 128 - gen_length 16: 112 prompt tokens. Each turn below takes about
+    # 60 of them, so from the third message on the oldest turns must go; a message longer than
+    # 112 tokens on its own is refused, and the chat goes on.
+    directory, *_ = tiny_checkpoint
+    messages = ["tell me more about it please, now"] * 4 + ["y" * 120, "bye"]
+    stdout = run_program("chat.py", f"--checkpoint={directory}", "--seed=1",
+                         stdin="\n".join(messages) + "\n")
+    lines = stdout.splitlines()
+    assert len([line for line in lines if line.startswith("assistant: ")]) == 5, stdout
+    assert len([line for line in lines if line.startswith("(the conversation outgrew")]) == 1
+    refused = [line for line in lines if line.startswith("error: ")]
+    assert len(refused) == 1 and "the message is too long" in refused[0], stdout
+    assert "max_sequence_length" not in stdout.replace(refused[0], "")
+
+
+CONVERSATION_CHECK = """
+import sys
+sys.path.insert(0, "launch")
+from chat import Conversation
+from llada_jax.data.tokenizer import CharTokenizer
+
+tokenizer = CharTokenizer()
+conversation = Conversation(tokenizer, system="be brief")
+turns = [("question number %d" % i, "answer %d" % i) for i in range(6)]
+for question, answer in turns:
+    conversation.messages += [{"role": "user", "content": question},
+                              {"role": "assistant", "content": answer}]
+conversation.messages.append({"role": "user", "content": "last one"})
+limit = int(sys.argv[1])
+ids, dropped = conversation.fit(limit)
+print(len(ids), dropped, [m["content"] for m in conversation.messages])
+"""
+
+
+def test_conversation_fit_keeps_the_newest_turns_that_fit():
+    from llada_jax.data.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    system = [{"role": "system", "content": "be brief"}]
+    turns = [[{"role": "user", "content": f"question number {i}"},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(6)]
+    last = [{"role": "user", "content": "last one"}]
+    # Independently: the most recent whole turns whose rendering (system message kept) fits.
+    limit = 100
+    for kept in range(6, -1, -1):
+        messages = system + [m for turn in turns[6 - kept:] for m in turn] + last
+        ids = tokenizer.render_chat(messages, add_generation_prompt=True)
+        if len(ids) <= limit:
+            break
+    assert 0 < kept < 6   # the limit makes some, not all, turns go
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", CONVERSATION_CHECK, str(limit)], env=env,
+                            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split(" ", 2)[:2] == [str(len(ids)), str(6 - kept)]
+    assert result.stdout.split(" ", 2)[2].strip() == str([m["content"] for m in messages])
+
+
+@pytest.fixture(scope="module")
+def llada_v_checkpoint(tmp_path_factory):
+    """Randomly initialised params of the tiny LLaDA-V preset (one layer each: only the config's
+    vision section matters here)."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        import llada_v_tiny
+    finally:
+        sys.path.pop(0)
+    from llada_jax.train.state import make_model
+
+    config = llada_v_tiny.get_config()
+    config.model.n_layers, config.vision.n_layers = 1, 2
+    model = make_model(config)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                               jnp.zeros((1, 4), jnp.int32))["params"])
+    directory = str(tmp_path_factory.mktemp("ckpt") / "llada_v")
+    save_params(directory, config, params)
+    return directory
+
+
+def test_llada_v_checkpoint_without_image_warns(llada_v_checkpoint):
+    warning = (f"warning: --checkpoint={llada_v_checkpoint} is a LLaDA-V checkpoint "
+               f"(vision.enabled) and no image is given: the answers come from the text alone")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", program),
-                             f"--checkpoint={tmp_path / 'missing'}", *args], input="",
-                            capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    chat = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "chat.py"),
+                           f"--checkpoint={llada_v_checkpoint}"], input="", env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    # The warning is all there is on stderr (no INFO logs of orbax loading the checkpoint).
+    (line,) = chat.stderr.strip().splitlines()
+    assert line.startswith(warning), chat.stderr
+    generate = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"),
+                               f"--checkpoint={llada_v_checkpoint}", "--prompt=Colour?",
+                               "--gen_length=4", "--block_length=4", "--steps=4"],
+                              env=env, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              check=False)
+    assert generate.returncode == 0 and warning in generate.stderr, generate.stderr[-3000:]
+    assert "=== prompt 0: Colour?" in generate.stdout
+
+
+def test_chat_help_documents_the_commands(tmp_path):
+    (result,) = run_programs([("chat.py", ["--help"], "")], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]   # absl's --help exits with 1
+    for documented in ("/reset", "/quit", "oldest turns", "are dropped", "--verbose"):
+        assert documented in result.stdout, documented

@@ -179,3 +179,14 @@ def test_a_failing_gcloud_stops_the_sequence(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: gcloud exited with status 3"
     assert len(log.read_text().splitlines()) == 1  # the pip step never ran
+
+
+def test_without_gcloud_on_the_path_nothing_runs(tmp_path):
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    result = _run(*POD, "install", env={"PATH": str(empty), "TMPDIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: gcloud not found on PATH: install the Google Cloud CLI "
+        "(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands"]
+    assert not (tmp_path / "llada_jax_pod_upload").exists()   # nothing was staged either
