@@ -9,7 +9,7 @@ of 64 fake CPU devices (`--xla_force_host_platform_device_count=64`, set before 
 reads `compiled.memory_analysis()`. One JSON object per case is printed as soon as it is
 measured (one line each), then a summary list.
 
-A case is `preset:devices:rows[:remat[:chunk]]`:
+A case is `preset:devices:rows[:remat[:chunk[:batch]]]`:
   * preset: `llada_1b`, `llada_8b`, or `llada_v` (stage 2, the LLaDA-8B tower with the SigLIP
     tower and AnyRes views of `configs/llada_v.py`);
   * devices: mesh size (the preset's mesh: fsdp over every device);
@@ -18,7 +18,8 @@ A case is `preset:devices:rows[:remat[:chunk]]`:
     is gradient accumulation (`train.grad_accum_steps`), whose float32 gradient accumulator is
     part of the figure;
   * remat: the language model's `model.remat_policy` (default: the preset's);
-  * chunk: `train.loss_chunk_size` (default: the preset's).
+  * chunk: `train.loss_chunk_size` (default: the preset's);
+  * batch: the global batch (default: as above), e.g. 8 for "8B, batch 8 x 4096 on 8 devices".
 Conversation presets (llada_v) get a `fill` and `maskable` field too, so the compiled step is
 the one that trains on them.
 
@@ -41,7 +42,7 @@ _CASES = flags.DEFINE_list(
      "llada_8b:8:1", "llada_8b:8:1:full:0", "llada_8b:8:2", "llada_8b:64:1", "llada_8b:64:4",
      "llada_8b:1:1",
      "llada_v:8:1", "llada_v:64:1", "llada_v:64:2", "llada_v:1:1"],
-    "cases preset:devices:rows[:remat[:chunk]] (see the module docstring)")
+    "cases preset:devices:rows[:remat[:chunk[:batch]]] (see the module docstring)")
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", 64, "number of fake CPU devices")
 
 PRESETS = {"llada_1b": ("configs/llada_1b.py", None), "llada_8b": ("configs/llada_8b.py", None),
@@ -62,13 +63,15 @@ def _load_preset(name: str):
 
 def parse_case(text: str) -> dict:
     parts = text.split(":")
-    if not 3 <= len(parts) <= 5:
-        raise ValueError(f"--cases: {text!r} is not preset:devices:rows[:remat[:chunk]]")
+    if not 3 <= len(parts) <= 6:
+        raise ValueError(f"--cases: {text!r} is not preset:devices:rows[:remat[:chunk[:batch]]]")
     case = {"preset": parts[0], "devices": int(parts[1]), "rows": int(parts[2])}
     if len(parts) > 3 and parts[3]:
         case["remat"] = parts[3]
-    if len(parts) > 4:
+    if len(parts) > 4 and parts[4]:
         case["chunk"] = int(parts[4])
+    if len(parts) > 5:
+        case["batch"] = int(parts[5])
     return case
 
 
@@ -91,6 +94,8 @@ def measure(case: dict) -> dict:
         config.train.loss_chunk_size = case["chunk"]
     train = config.train
     per_micro = devices * rows
+    if "batch" in case:
+        train.batch_size = case["batch"]
     if train.batch_size % per_micro:
         train.batch_size = per_micro
     train.grad_accum_steps = train.batch_size // per_micro

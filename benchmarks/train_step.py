@@ -15,6 +15,11 @@ Model FLOPs per step are `llada_jax.flops.train_flops_per_step` (6 N tokens plus
 bidirectional attention; no causal halving, remat not counted).
 MFU = model FLOPs per second / (devices * peak bf16 FLOP/s of one device), with the peak from
 `--peak_tflops` or `llada_jax.flops.PEAK_TFLOPS` (null on CPU).
+
+`cost_per_device` is XLA's own count for the compiled program of one device
+(`compiled.cost_analysis()`: FLOPs and bytes accessed) and its ratio to the model FLOPs of that
+device's share: rematerialisation shows up as a ratio above 1 (full remat recomputes the
+forward: about 4/3), wasted work as more. The bytes give the program's arithmetic intensity.
 """
 
 from __future__ import annotations
@@ -51,6 +56,23 @@ def _memory(compiled) -> dict[str, int] | None:
                                      + memory["temp_size_in_bytes"])
     memory["peak_estimate_gib"] = round(memory["peak_estimate_bytes"] / 2 ** 30, 3)
     return memory
+
+
+def _cost(compiled, analytic_flops: float) -> dict[str, float | None]:
+    """XLA's own count of the compiled step's FLOPs and bytes, next to the model's FLOPs."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        return {"compiled_flops": None, "compiled_bytes_accessed": None}
+    flops = float(analysis.get("flops", 0.0))
+    bytes_accessed = float(analysis.get("bytes accessed", 0.0))
+    return {
+        "compiled_flops": flops,
+        "compiled_bytes_accessed": bytes_accessed,
+        "compiled_to_model_flops": round(flops / analytic_flops, 4) if analytic_flops else None,
+        "compiled_flops_per_byte": round(flops / bytes_accessed, 3) if bytes_accessed else None,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -106,6 +128,8 @@ def main(argv: list[str]) -> None:
     compiled = train_step.lower(abstract_state, abstract_batch).compile()
     report["compile_s"] = round(time.time() - start, 2)
     report["memory_per_device"] = _memory(compiled)
+    # Per device: the compiled program is one device's share of the SPMD step.
+    report["cost_per_device"] = _cost(compiled, flops / len(devices))
     if _ABSTRACT.value:
         report["mode"] = "abstract"
         print(json.dumps(report, indent=2))
