@@ -15,6 +15,12 @@ Model FLOPs per step are `llada_jax.flops.train_flops_per_step` (6 N tokens plus
 bidirectional attention; no causal halving, remat not counted).
 MFU = model FLOPs per second / (devices * peak bf16 FLOP/s of one device), with the peak from
 `--peak_tflops` or `llada_jax.flops.PEAK_TFLOPS` (null on CPU).
+
+`cost_per_device` is XLA's own count for the compiled program of one device
+(`compiled.cost_analysis()`: FLOPs and bytes accessed). XLA counts a loop body once, so the
+scanned layers appear as ONE layer: the ratio is taken against the model FLOPs of a one-layer
+model of the same shapes, and only when the layer scan is the only loop (see `_cost`).
+Rematerialisation shows up as a ratio above 1 (full remat: up to 4/3), wasted work as more.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -51,6 +58,51 @@ def _memory(compiled) -> dict[str, int] | None:
                                      + memory["temp_size_in_bytes"])
     memory["peak_estimate_gib"] = round(memory["peak_estimate_bytes"] / 2 ** 30, 3)
     return memory
+
+
+def _cost(compiled, model_config, train, devices: int) -> dict[str, Any]:
+    """XLA's own count of the compiled step's FLOPs and bytes, next to the model's FLOPs.
+
+    XLA's cost analysis counts the body of a loop ONCE, whatever its trip count, and the step
+    has loops: the scan over layers, and (when used) the scan over micro-batches, over loss
+    chunks and over attention query blocks. When the layer scan is the only loop (no gradient
+    accumulation, `train.loss_chunk_size` 0 or >= seq_len, seq_len <= the attention query
+    block), the compiled count is compared with the model FLOPs of a ONE-layer model of the
+    same shapes, which is what it covers; otherwise the ratio is null and says why.
+    """
+    import dataclasses
+
+    from llada_jax.model.attention import QUERY_BLOCK
+
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        return {"compiled_flops": None, "compiled_bytes_accessed": None}
+    flops = float(analysis.get("flops", 0.0))
+    bytes_accessed = float(analysis.get("bytes accessed", 0.0))
+    report: dict[str, Any] = {
+        "compiled_flops": flops, "compiled_bytes_accessed": bytes_accessed,
+        "compiled_flops_per_byte": round(flops / bytes_accessed, 3) if bytes_accessed else None,
+    }
+    other_loops = []
+    if train.grad_accum_steps > 1:
+        other_loops.append("grad_accum_steps > 1")
+    if 0 < train.loss_chunk_size < train.seq_len:
+        other_loops.append("loss_chunk_size < seq_len")
+    if train.seq_len > QUERY_BLOCK and train.seq_len % QUERY_BLOCK == 0:
+        other_loops.append(f"seq_len > attention QUERY_BLOCK={QUERY_BLOCK}")
+    if other_loops:
+        report["compiled_to_model_flops_one_layer"] = None
+        report["why_no_ratio"] = "loops besides the layer scan: " + ", ".join(other_loops)
+    else:
+        one_layer = dataclasses.replace(model_config, n_layers=1)
+        analytic = flops_lib.train_flops_per_step(one_layer, train.batch_size,
+                                                  train.seq_len) / devices
+        report["model_flops_one_layer_per_device"] = analytic
+        # Above 1: rematerialisation (full remat recomputes the forward: up to 4/3) or waste.
+        report["compiled_to_model_flops_one_layer"] = round(flops / analytic, 4)
+    return report
 
 
 def main(argv: list[str]) -> None:
@@ -106,6 +158,8 @@ def main(argv: list[str]) -> None:
     compiled = train_step.lower(abstract_state, abstract_batch).compile()
     report["compile_s"] = round(time.time() - start, 2)
     report["memory_per_device"] = _memory(compiled)
+    # Per device: the compiled program is one device's share of the SPMD step.
+    report["cost_per_device"] = _cost(compiled, model_config, train, len(devices))
     if _ABSTRACT.value:
         report["mode"] = "abstract"
         print(json.dumps(report, indent=2))

@@ -7,10 +7,11 @@ The argument is the directory of the released Hugging Face tokenizer (`tokenizer
 `LLaDA-8B-Base`. Architecture exactly as released: d_model 4096, 32 layers, 32 / 32 heads of
 128, SwiGLU 12288, vocabulary 126464, RoPE theta 500000, RMSNorm eps 1e-5, mask 126336,
 EOS/pad 126081, BOS 126080; 8,015,581,184 parameters. bf16 compute with float32 master weights,
-full rematerialisation, fully sharded (FSDP) over every device. Optimisation follows the paper:
-AdamW (0.9, 0.95, weight decay 0.1), clip 1.0, warmup-stable-decay with peak 4e-4, 2000
-warmup steps, linear decay to 1e-5 over the last 0.3T of 2.3T tokens (1280 x 4096 tokens per
-step).
+full rematerialisation, fully sharded (FSDP) over every device, the LM head and cross-entropy in
+chunks of 512 positions (`train.loss_chunk_size`: the [B, L, 126464] logits never exist).
+Optimisation follows the paper: AdamW (0.9, 0.95, weight decay 0.1), clip 1.0,
+warmup-stable-decay with peak 4e-4, 2000 warmup steps, linear decay to 1e-5 over the last 0.3T
+of 2.3T tokens (1280 x 4096 tokens per step).
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ def get_config(arg: str | None = None):
     c.mesh.tensor = 1
     c.train.seq_len = 4096
     c.train.batch_size = 1280
+    c.train.loss_chunk_size = 512
     c.train.steps = 440_000            # 2.3T tokens / (1280 * 4096)
     c.train.learning_rate = 4e-4
     c.train.schedule = "wsd"

@@ -13,6 +13,11 @@ Several (prompt, answer) pairs are estimated at once: prompts left-padded, answe
 a key-padding mask, and positions `cumsum(mask) - 1`, so a pair's estimate does not depend on the
 padding. The whole estimate is one jitted program (a `lax.scan` over Monte Carlo batches).
 
+Memory: with `chunk_size` > 0 the model returns its final hidden states and the LM head, the
+CFG combination and the cross-entropy run a chunk of positions at a time
+(`losses.chunked_cross_entropy`), so the float32 logits of a whole Monte Carlo batch
+([P * b (* 2), L, V]) never exist; the estimate is the same.
+
 Multiple choice: each option is an answer to the same context; the highest estimate wins.
 """
 
@@ -27,8 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llada_jax.diffusion import losses
+
 # forward(tokens [R, L], *, attention_mask [R, L], positions [R, L]) -> logits [R, L, V]
+# (or, called with return_hidden=True, the final hidden states [R, L, d]).
 Forward = Callable[..., jax.Array]
+# head(hidden [..., d]) -> logits [..., V]: the LM head (Transformer.logits_from_hidden).
+Head = Callable[[jax.Array], jax.Array]
 
 
 def stratified_counts(k: jax.Array, answer_lengths: jax.Array, batch_size: int) -> jax.Array:
@@ -46,11 +56,15 @@ def stratified_counts(k: jax.Array, answer_lengths: jax.Array, batch_size: int) 
 
 def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array,
                   positions: jax.Array, answer_mask: jax.Array, rng: jax.Array, *,
-                  mc_num: int, batch_size: int, cfg_scale: float, mask_id: int) -> jax.Array:
+                  mc_num: int, batch_size: int, cfg_scale: float, mask_id: int,
+                  head: Head | None = None, chunk_size: int = 0) -> jax.Array:
     """Monte Carlo log-likelihood estimates [P] of the answers (traceable; call inside jit).
 
     tokens int32 [P, L]: prompt then answer; attention_mask bool [P, L] real tokens;
     positions int32 [P, L]; answer_mask bool [P, L] True on answer tokens (at least one per row).
+    Without `head`, `forward` returns logits. With `head`, `forward` is called with
+    `return_hidden=True` and `head` maps hidden states to logits `chunk_size` positions at a time
+    (0: all at once), so the full logits never exist.
     """
     pairs, length = tokens.shape
     b = batch_size
@@ -63,6 +77,13 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
         return jnp.repeat(a, copies, axis=0)
 
     model_mask, model_positions = rows(attention_mask), rows(positions)
+
+    def guided(logits):  # [P, b, (2,) C, V] float32 -> [P, b, C, V] (CFG combination)
+        logits = logits.astype(jnp.float32)
+        if not use_cfg:
+            return logits
+        cond, uncond = logits[:, :, 0], logits[:, :, 1]
+        return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
     def batch_loss(key):
         count_key, subset_key = jax.random.split(key)
@@ -77,32 +98,43 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
         if use_cfg:
             uncond = jnp.where(prompt_positions[:, None, :], mask_id, noisy)
             noisy = jnp.stack([noisy, uncond], axis=2)                              # [P, b, 2, L]
-        logits = forward(nn.with_logical_constraint(
-            noisy.reshape(pairs * copies, length), ("activation_batch", "activation_length")),
-            attention_mask=model_mask, positions=model_positions).astype(jnp.float32)
-        logits = logits.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)
-        if use_cfg:
-            cond, uncond = logits[:, :, 0], logits[:, :, 1]
-            logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
-        target = jnp.take_along_axis(logits, tokens[:, None, :, None], axis=-1)[..., 0]
-        cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target                  # [P, b, L]
+        model_tokens = nn.with_logical_constraint(
+            noisy.reshape(pairs * copies, length), ("activation_batch", "activation_length"))
+        targets = jnp.broadcast_to(tokens[:, None, :], (pairs, b, length))
+        if head is None:
+            logits = forward(model_tokens, attention_mask=model_mask,
+                             positions=model_positions).astype(jnp.float32)
+            cross_entropy, _ = losses.chunked_cross_entropy(
+                lambda x: guided(x.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)),
+                logits, targets, 0)                                                 # [P, b, L]
+        else:
+            hidden = forward(model_tokens, attention_mask=model_mask, positions=model_positions,
+                             return_hidden=True)
+            hidden = hidden.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)
+            cross_entropy, _ = losses.chunked_cross_entropy(
+                lambda h: guided(head(h).astype(jnp.float32)), hidden, targets, chunk_size)
         weight = answer_lengths[:, None].astype(jnp.float32) / counts.astype(jnp.float32)
         row_loss = jnp.sum(jnp.where(masked, cross_entropy, 0.0), axis=-1) * weight
         return jnp.mean(row_loss, axis=1)                                          # [P]
 
     keys = jax.random.split(rng, mc_num // b)
-    _, losses = jax.lax.scan(lambda carry, key: (carry, batch_loss(key)), None, keys)
-    return -jnp.mean(losses, axis=0)
+    _, batch_losses = jax.lax.scan(lambda carry, key: (carry, batch_loss(key)), None, keys)
+    return -jnp.mean(batch_losses, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "mc_num", "batch_size", "cfg_scale",
-                                             "mask_id"))
+                                             "mask_id", "chunk_size"))
 def _estimate_jit(params, tokens, attention_mask, positions, answer_mask, rng, *, model, mc_num,
-                  batch_size, cfg_scale, mask_id):
-    forward = functools.partial(model.apply, {"params": params})
+                  batch_size, cfg_scale, mask_id, chunk_size):
+    variables = {"params": params}
+    forward = functools.partial(model.apply, variables)
+
+    def head(hidden):
+        return model.apply(variables, hidden, method="logits_from_hidden")
+
     return elbo_estimate(forward, tokens, attention_mask, positions, answer_mask, rng,
                          mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
-                         mask_id=mask_id)
+                         mask_id=mask_id, head=head, chunk_size=chunk_size)
 
 
 def pack_pairs(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
@@ -142,11 +174,12 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
                    answers: Sequence[Sequence[int]], rng: jax.Array, *, mc_num: int = 128,
                    batch_size: int = 16, cfg_scale: float = 0.0, mask_id: int | None = None,
                    pad_id: int | None = None, pairs_per_call: int = 8,
-                   pad_multiple: int = 16) -> np.ndarray:
+                   pad_multiple: int = 16, chunk_size: int = 512) -> np.ndarray:
     """Monte Carlo log-likelihood estimates, float32 [N], of N (prompt, answer) id lists.
 
     Pairs are estimated `pairs_per_call` at a time (the last call padded by repeating a pair), so
-    one compiled program serves a whole evaluation set of similar lengths.
+    one compiled program serves a whole evaluation set of similar lengths. `chunk_size`: the LM
+    head and cross-entropy run over that many positions at a time (0: the whole sequence).
     """
     config = getattr(model, "config", None)
     mask_id = config.mask_token_id if mask_id is None else mask_id
@@ -156,6 +189,9 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
                          f"batch_size={batch_size}")
     if cfg_scale < 0:
         raise ValueError(f"log_likelihood: cfg_scale must be >= 0, found {cfg_scale}")
+    if not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"log_likelihood: chunk_size must be an integer >= 0, found "
+                         f"{chunk_size!r}")
     if pad_id == mask_id:
         raise ValueError(f"log_likelihood: pad_id={pad_id} must differ from mask_id={mask_id}")
     if len(prompts) != len(answers):
@@ -177,7 +213,7 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
         out = _estimate_jit(params, batch["tokens"], batch["attention_mask"], batch["positions"],
                             batch["answer_mask"], jax.random.fold_in(rng, call), model=model,
                             mc_num=mc_num, batch_size=batch_size, cfg_scale=float(cfg_scale),
-                            mask_id=mask_id)
+                            mask_id=mask_id, chunk_size=chunk_size)
         estimates.append(np.asarray(out)[:real])
     return np.concatenate(estimates) if estimates else np.zeros((0,), np.float32)
 

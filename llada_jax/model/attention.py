@@ -7,7 +7,8 @@ window attends over every cached position. The layer returns the window's keys/v
 caller can keep (or drop) them: caches are values passed in and out, never hidden state.
 
 Backends (`ModelConfig.attention_backend`):
-  * `xla`    - plain einsum + float32 softmax; runs everywhere and is the reference.
+  * `xla`    - plain einsum + float32 softmax, in blocks of queries for long sequences;
+               runs everywhere and is the reference.
   * `cudnn`  - `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
                NVIDIA GPUs (bf16/fp16 only).
   * `splash` - the Pallas splash-attention kernel on TPU.
@@ -17,6 +18,7 @@ not padding and both are in the same segment.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -56,19 +58,50 @@ class MaskInfo(NamedTuple):
         return jnp.broadcast_to(mask, (mask.shape[0], q_len, k_len))
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:
-    """q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D] -> [B, Lq, H, D]. Softmax in float32."""
+# Queries per block of the xla backend's score matrix. The scores of a whole training sequence
+# are [B, H, L, L] float32 (2 GiB per layer for the 1B preset at 8 x 2048, more again in the
+# backward pass); computing them a block of queries at a time, each block rematerialised in the
+# backward pass, bounds that to [B, H, block, L]. Every query's softmax is unchanged.
+QUERY_BLOCK = 512
+
+
+def _attend(q, k, v, dense_mask):
+    """q [B, Lq, KVH, G, D], k/v [B, Lk, KVH, D], dense_mask [B, Lq, Lk] or None."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    if dense_mask is not None:
+        scores = jnp.where(dense_mask[:, None, None, :, :], scores, _MASK_VALUE)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo,
+                  query_block: int | None = None) -> jax.Array:
+    """q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D] -> [B, Lq, H, D]. Softmax in float32.
+
+    Sequences longer than `query_block` (default QUERY_BLOCK) that it divides are computed a
+    block of queries at a time in a `lax.scan`, each block under `jax.checkpoint`, so neither
+    pass holds the whole [B, H, Lq, Lk] score matrix; the values are those of one block.
+    """
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, lq, kvh, h // kvh, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(d)
     dense = mask.dense(lq, k.shape[1])
-    if dense is not None:
-        scores = jnp.where(dense[:, None, None, :, :], scores, _MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-    return out.reshape(b, lq, h, d)
+    block = QUERY_BLOCK if query_block is None else query_block
+    if lq <= block or lq % block:
+        return _attend(q, k, v, dense).reshape(b, lq, h, d)
+    blocks = lq // block
+
+    def split(x):  # [B, Lq, ...] -> [blocks, B, block, ...]
+        return jnp.moveaxis(x.reshape((b, blocks, block, *x.shape[2:])), 1, 0)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one_block(q_block, mask_block):
+        return _attend(q_block, k, v, mask_block)
+
+    xs = (split(q), None if dense is None else split(dense))
+    _, out = jax.lax.scan(lambda carry, x: (carry, one_block(*x)), None, xs)
+    return jnp.moveaxis(out, 0, 1).reshape(b, lq, h, d)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:

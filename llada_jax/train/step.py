@@ -19,8 +19,22 @@ Inside a step:
 Batches follow the project convention: `tokens` int32 [B, L]; optional `segment_ids` int32 [B, L]
 (0 = padding: never attended to, never noised, never scored); optional `maskable` bool [B, L].
 LLaDA-V batches add `multimodal.IMAGE_FIELDS` (pixels and the image-token plan, sharded by rows
-like the tokens), which go to the model as they are; their image positions are never maskable,
-so the SFT loss is LLaDA-V's masked-response loss.
+like the tokens), which go to the model as they are; their image positions are never maskable.
+
+Conversation batches (SFT, LLaDA-V) also carry `fill` bool [B, L]: the EOS positions that exist
+only because the row was padded to the static `train.seq_len` (a suffix of the row). The official
+recipes pad each mini-batch only to its longest row, so per micro-batch the positions at or after
+`longest = max over its rows of (L - fill count)` are padding here (never attended to, never
+noised, never counted), while fill positions before `longest` keep what `maskable` says (SFT:
+trained on and counted in answer_len; LLaDA-V: never labelled). The loss of such a batch is the
+loss of the batch trimmed to its longest row, with static shapes.
+
+Objectives (`train.objective`): 'pretrain' (sum of CE / p over batch * seq_len), 'sft' and
+'masked_response' (per row sum of CE / p over the row's maskable count, mean over rows; LLaDA-V's
+released `modeling_llada.py` normalises by the row's labelled count exactly like LLaDA's SFT, so
+the two differ only in which tokens the data marks maskable). With `train.loss_chunk_size` > 0
+the network returns its final hidden states and the LM head + cross-entropy run a chunk of the
+sequence at a time (losses.chunked_cross_entropy): the [B, L, V] logits never exist.
 
 Metrics: `loss`, `accuracy` (argmax = clean token, over noised positions), `grad_norm` (before
 clipping), `learning_rate` (of this update), `noised_tokens`, `cut_length`.
@@ -68,18 +82,46 @@ class MeshFunction:
             return self.jitted.lower(*args)
 
 
+def longest_row_lengths(fill: jax.Array, num_micro_batches: int = 1) -> jax.Array:
+    """Per row, the length of the longest real row of its micro-batch: int32 [B].
+
+    fill bool [B, L] (True at the padding that only reaches the static length); a row's real
+    length is L minus its fill count. Micro-batches are those of `split_micro_batches` (rows j,
+    j + k, j + 2k, ... form micro-batch j), so the trim is the official "pad to the longest row
+    of the mini-batch" for each micro-batch the step computes.
+    """
+    rows, length = fill.shape
+    real_lengths = length - jnp.sum(fill.astype(jnp.int32), axis=-1)
+    row_ids = split_micro_batches(jnp.arange(rows, dtype=jnp.int32), num_micro_batches)  # [k, B/k]
+    longest = jnp.max(real_lengths[row_ids], axis=1)                                     # [k]
+    owner = jnp.zeros((rows,), jnp.int32).at[row_ids].set(
+        jnp.arange(num_micro_batches, dtype=jnp.int32)[:, None])
+    return longest[owner]
+
+
 def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict, mask_id: int,
-                  rng: jax.Array, allow_cut: bool) -> dict[str, jax.Array]:
+                  rng: jax.Array, allow_cut: bool,
+                  num_micro_batches: int = 1) -> dict[str, jax.Array]:
     """Draws the noise for the whole batch; returns the per-row arrays the loss needs.
 
     Returns `noisy_tokens`, `tokens`, `noised`, `mask_prob`, `maskable` (after removing
-    segment-0 padding), `cut_length` [B] (the same value in every row), and, when some key must
-    be hidden (a random-length cut is possible, or segment ids are given), `key_mask` [B, L].
+    segment-0 padding and the positions past the longest row of the micro-batch, see `fill` in
+    the module docstring), `cut_length` [B] (the same value in every row), and, when some key
+    must be hidden (a random-length cut is possible, segment ids or `fill` are given),
+    `key_mask` [B, L]. `num_micro_batches`: how the step will split the batch (the longest row
+    is taken per micro-batch).
     """
     tokens = batch["tokens"]
     rows, length = tokens.shape
     segment_ids = batch.get("segment_ids")
     real = (jnp.ones((rows, length), bool) if segment_ids is None else segment_ids != 0)
+    fill = batch.get("fill")
+    if fill is not None:
+        if fill.shape != tokens.shape:
+            raise ValueError(f"batch['fill'] must have the shape of batch['tokens'] "
+                             f"{tuple(tokens.shape)}, found {tuple(fill.shape)}")
+        longest = longest_row_lengths(fill, num_micro_batches)
+        real = real & (jnp.arange(length, dtype=jnp.int32)[None, :] < longest[:, None])
     maskable = batch.get("maskable")
     maskable = real if maskable is None else maskable.astype(bool) & real
     noise_rng, cut_rng = jax.random.split(rng)
@@ -98,7 +140,7 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     }
     # A key mask is only built when some key must be hidden: attention backends without mask
     # support (splash) then still run plain pre-training batches.
-    if use_cut or segment_ids is not None:
+    if use_cut or segment_ids is not None or fill is not None:
         prepared["key_mask"] = real & valid[None, :]
     if segment_ids is not None:
         prepared["segment_ids"] = segment_ids
@@ -108,24 +150,38 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     return prepared
 
 
-def make_loss_fn(model: Transformer, objective: str) -> Callable:
-    """(params, prepared batch) -> (loss, {correct, noised}) for `train.objective`."""
+def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Callable:
+    """(params, prepared batch) -> (loss, {correct, noised}) for `train.objective`.
+
+    `chunk_size` > 0 (`train.loss_chunk_size`): the model returns its final hidden states and
+    the LM head and cross-entropy run over chunks of that many positions (see the module
+    docstring); 0 computes the full logits. Both give the same values and gradients.
+    """
 
     def loss_fn(params, micro: dict[str, jax.Array]):
         images = {}
         if "pixel_values" in micro:  # LLaDA-V: image tokens at the (never noised) placeholders
             images = {"pixel_values": micro["pixel_values"], "image_sources": tuple(
                 micro[name] for name in IMAGE_FIELDS[1:])}
-        logits = model.apply({"params": params}, micro["noisy_tokens"],
-                             attention_mask=micro.get("key_mask"),
-                             segment_ids=micro.get("segment_ids"), **images)
-        if objective in ("sft", "masked_response"):  # masked_response: own normaliser (issue 11)
-            loss = losses.sft_loss(logits, micro["tokens"], micro["noised"], micro["mask_prob"],
-                                   micro["maskable"])
+        variables = {"params": params}
+        inputs = dict(attention_mask=micro.get("key_mask"),
+                      segment_ids=micro.get("segment_ids"), **images)
+        if chunk_size > 0:
+            hidden = model.apply(variables, micro["noisy_tokens"], return_hidden=True, **inputs)
+            ce, hits = losses.chunked_cross_entropy(
+                lambda h: model.apply(variables, h, method="logits_from_hidden"), hidden,
+                micro["tokens"], chunk_size)
         else:
-            loss = losses.pretrain_loss(logits, micro["tokens"], micro["noised"],
-                                        micro["mask_prob"], micro["cut_length"][0])
-        correct, noised = losses.masked_accuracy_counts(logits, micro["tokens"], micro["noised"])
+            logits = model.apply(variables, micro["noisy_tokens"], **inputs)
+            ce = losses.token_cross_entropy(logits, micro["tokens"])
+            hits = jnp.argmax(logits, axis=-1) == micro["tokens"]
+        if objective in ("sft", "masked_response"):
+            loss = losses.sft_loss_from_ce(ce, micro["noised"], micro["mask_prob"],
+                                           micro["maskable"])
+        else:
+            loss = losses.pretrain_loss_from_ce(ce, micro["noised"], micro["mask_prob"],
+                                                micro["cut_length"][0])
+        correct, noised = losses.hit_counts(hits, micro["noised"])
         return loss, {"correct": correct, "noised": noised}
     return loss_fn
 
@@ -137,7 +193,7 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     train = config.train
     mask_id = int(config.model.mask_token_id)
     schedule = make_schedule(train)
-    loss_fn = make_loss_fn(model, train.objective)
+    loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size))
     num_micro = int(train.grad_accum_steps)
     trainable = trainable_groups(train)
     if trainable != PARAM_GROUPS:
@@ -148,7 +204,8 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=True)
+        prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=True,
+                                 num_micro_batches=num_micro)
         micro_batches = split_micro_batches(prepared, num_micro)
         # Every micro-batch stays spread over the batch axes (a local reshape, see
         # split_micro_batches); say so, rather than leave the scan's layout to propagation.
@@ -194,7 +251,7 @@ def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Calla
     """
     train = config.train
     mask_id = int(config.model.mask_token_id)
-    loss_fn = make_loss_fn(model, train.objective)
+    loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size))
 
     def eval_step(params, batch, rng_data):
         rng = jax.random.wrap_key_data(rng_data)
