@@ -26,8 +26,8 @@ import numpy as np
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax.diffusion.sampler import build_canvas, generate, pad_prompts, sample  # noqa: E402
-from tests.test_sampler import EOS, EOT, PAD, sampler_config, tiny  # noqa: E402
+from llada_jax.diffusion.sampler import build_canvas, generate, pad_prompts, sample
+from tests.test_sampler import EOS, EOT, PAD, sampler_config, tiny
 
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sampler_record.json")
 PROMPT = np.random.default_rng(21).integers(7, 48, size=(2, 5))
