@@ -92,7 +92,9 @@ class SamplerConfig:
     `threshold` / `factor` > 0 switch from the fixed step schedule to parallel decoding (then
     `steps` is not used). `eot_id < 0` means there is no end-of-turn token. `vocab_limit > 0`
     restricts candidates to ids below it (the tokenizer's size, when the embedding is padded).
-    `banned_ids` are never candidates; `stop_at_eot` lets early exit finish a row on EoT too.
+    `banned_ids` are never candidates. `stop_at_eot` (LLaDA-V): once a row holds an EoT, only
+    masked positions before its first EoT are committed, the row is finished when none is left
+    (what follows is returned as EOS), and early exit finishes a row on EoT as well as EOS.
     """
 
     gen_length: int = 128
