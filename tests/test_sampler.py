@@ -106,46 +106,75 @@ def official_generate(logits_fn, prompt, attention_mask, gen_length, block_lengt
     return x
 
 
+# The model the reference comparisons use: the tiny Transformer with the mask id's logit at -1e9,
+# like a trained LLaDA (which gives it ~0 probability). An untrained model often predicts MASK,
+# which the official code would commit (leaving the position masked) and this project never
+# does: a known, documented difference that would hide the algorithm being compared.
+def no_mask_head(model, params):
+    def head(hidden):
+        logits = model.apply({"params": params}, hidden, method=Transformer.logits_from_hidden)
+        return logits.at[..., MASK].set(-1e9)    # finite: CFG differences stay finite
+    return head
+
+
 @functools.cache
-def masked_logits_fn(n_layers: int = 2):
+def official_logits_fn(n_layers: int = 2):
     """The model alone (jitted) as the official code calls it: tokens and key mask, positions
     0..L-1 (RoPE is relative, so a left-padded row's constant shift changes nothing)."""
     model, params = tiny(n_layers)
-    fn = jax.jit(lambda x, m: model.apply({"params": params}, x, attention_mask=m))
+
+    def logits(x, m):
+        hidden = model.apply({"params": params}, x, attention_mask=m, return_hidden=True)
+        return no_mask_head(model, params)(hidden)
+    fn = jax.jit(logits)
     return lambda x, m: np.asarray(fn(jnp.asarray(x, jnp.int32), jnp.asarray(m, bool)),
                                    np.float64)
 
 
+def project_generate(prompt, prompt_mask, config):
+    """This project's sampler on the same model (hidden states, then the head on the block)."""
+    model, params = tiny()
+    tokens, mask, positions = build_canvas(prompt, prompt_mask, config.gen_length, MASK)
+    forward = functools.partial(model.apply, {"params": params})
+    run = jax.jit(lambda key: sample(forward, tokens, mask, positions, prompt.shape[1], config,
+                                     key, head=no_mask_head(model, params)).tokens)
+    return np.asarray(run(jax.random.key(0)))
+
+
 GRID = [  # (block_length, steps, cfg_scale, eos rules): 1, 2 and 4 blocks of a 16-token answer
-    (16, 16, 0.0, {}), (16, 6, 1.5, {}), (8, 8, 0.0, {}), (8, 4, 1.5, {}), (4, 16, 1.5, {}),
-    (4, 8, 0.0, {}), (8, 8, 0.0, {"confidence_eos_eot_inf": True}),
-    (4, 8, 1.5, {"logits_eos_inf": True, "confidence_eos_eot_inf": True})]
+    (16, 16, 0.0, {}), (16, 6, 1.5, {}), (8, 8, 0.0, {"confidence_eos_eot_inf": True}),
+    (8, 4, 1.5, {}), (4, 16, 1.5, {}),
+    (4, 8, 0.0, {"logits_eos_inf": True, "confidence_eos_eot_inf": True})]
 
 
 @pytest.mark.parametrize("block_length,steps,cfg_scale,rules", GRID)
 def test_matches_official_reference(block_length, steps, cfg_scale, rules):
-    model, params = tiny()
     prompt = np.random.default_rng(block_length + steps).integers(7, 48, size=(2, 5))
     mask = np.ones_like(prompt, bool)
     config = sampler_config(block_length=block_length, steps=steps, cfg_scale=cfg_scale, **rules)
-    out = generate(params, model, prompt, mask, config, jax.random.key(0))
-    expected = official_generate(masked_logits_fn(), prompt, mask, 16, block_length, steps,
+    expected = official_generate(official_logits_fn(), prompt, mask, 16, block_length, steps,
                                  cfg_scale, **rules)
-    # The official run never committed the mask id (which this project never does); otherwise
-    # the comparison would be about that known difference, not about the algorithm.
+    np.testing.assert_array_equal(project_generate(prompt, mask, config), expected)
     assert not np.any(expected == MASK)
-    np.testing.assert_array_equal(np.asarray(out), expected)
 
 
 def test_left_padded_batch_matches_official_reference():
-    model, params = tiny()
     rng = np.random.default_rng(11)
     tokens, mask = pad_prompts([list(rng.integers(7, 48, size=n)) for n in (2, 6, 4)], PAD)
     config = sampler_config(block_length=8, steps=8, cfg_scale=1.0)
-    out = generate(params, model, tokens, mask, config, jax.random.key(0))
-    expected = official_generate(masked_logits_fn(), tokens, mask, 16, 8, 8, 1.0)
-    assert not np.any(expected == MASK)
-    np.testing.assert_array_equal(np.asarray(out), expected)
+    expected = official_generate(official_logits_fn(), tokens, mask, 16, 8, 8, 1.0)
+    np.testing.assert_array_equal(project_generate(tokens, mask, config), expected)
+
+
+def test_generate_equals_sample_with_the_model_head():
+    """`generate` builds `sample` with the model's own head; the sampler itself sets the mask
+    id's logit to -inf, so it must equal the runs above on the no-MASK head token for token."""
+    model, params = tiny()
+    prompt = np.random.default_rng(2).integers(7, 48, size=(2, 5))
+    mask = np.ones_like(prompt, bool)
+    config = sampler_config(block_length=8, steps=8, cfg_scale=1.0)
+    out = np.asarray(generate(params, model, prompt, mask, config, jax.random.key(0)))
+    np.testing.assert_array_equal(out, project_generate(prompt, mask, config))
 
 
 def test_num_transfer_tokens_formula():
@@ -539,3 +568,32 @@ def test_stop_at_eot_restricts_commits_before_the_eot():
         jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(free.tokens)[0, 2:],
                                   [20, 21, 22, EOT, 24, 25, 26, 27])
+
+
+def test_lm_head_runs_on_the_current_block_only():
+    """The compiled sampler holds no [rows, canvas, vocab] array: the LM head and the float32
+    softmax see the current block (with CFG both halves, [2B, block, V]). A prime vocabulary
+    (1009) makes the shapes unambiguous; the same program fed logits instead of hidden states
+    (no `head`) does hold [2B, canvas, V], which shows the check can fail."""
+    import re
+
+    config = dataclasses.replace(MODEL_CONFIG, vocab_size=1009)
+    model = Transformer(config)
+    params = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))
+    prompt = np.full((2, 5), 9, np.int32)
+    tokens, mask, positions = build_canvas(prompt, np.ones_like(prompt, bool), 16, MASK)
+    sconfig = sampler_config(block_length=8, steps=8, cfg_scale=1.0, temperature=1.0)
+
+    def shapes(with_head):
+        def run(p):
+            forward = functools.partial(model.apply, {"params": p})
+            head = functools.partial(model.apply, {"params": p},
+                                     method=Transformer.logits_from_hidden)
+            return sample(forward, tokens, mask, positions, 5, sconfig, jax.random.key(0),
+                          head=head if with_head else None).tokens
+        text = jax.jit(run).lower(params).compile().as_text()
+        return set(re.findall(r"\[(\d+),(\d+),1009\]", text))
+
+    assert ("4", "21") not in shapes(True) and ("4", "8") in shapes(True)
+    assert ("4", "21") in shapes(False)
