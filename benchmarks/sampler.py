@@ -14,10 +14,12 @@ program's `cost_analysis()` (FLOPs, bytes accessed) per sampler step next to the
 FLOPs of the positions a step must process (`flops.forward_flops`: the canvas through every
 layer, the LM head on the current block only) and their ratio, the compiled memory analysis,
 and every buffer shape in the optimised HLO that has the vocabulary as its last axis (there must
-be none of [B, L, V]; [B, block, V] is expected). XLA's cost analysis counts a loop body once:
-the sampler's step loop is one step, but the scanned layers inside it count as ONE layer, so the
-per-step figure is the program's count plus (n_layers - 1) x the compiled cost of one block
-(`Block` compiled alone at the same shapes).
+be none over the canvas, [B, L, V] or [L, V]; [B, block, V] is expected; on the CPU backend bf16
+matmuls run in float32, so a float32 copy of the bf16 LM head weight [d_model, V] appears too).
+XLA's cost analysis counts a loop body once: the sampler's step loop is one step, but the scanned
+layers inside it count as ONE layer, so the per-step figure is the program's count plus
+(n_layers - 1) x the compiled cost of one block (`Block` compiled alone at the same shapes). Only
+vanilla has one pass per step; with a cache the count mixes the refresh and window branches.
 
 Random weights (nothing is downloaded): the numbers measure the program, not the model. Every mode
 is one compiled sampler; it is run once to compile, then timed over --repeats runs. Prints one JSON
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import flax.linen as nn
@@ -163,8 +166,11 @@ def analyze(config: ModelConfig) -> dict:
         memory = compiled.memory_analysis()
         # Every array shape in the optimised program whose last axis is the vocabulary.
         vocab_shapes = sorted(set(re.findall(rf"\b(\w+)\[([\d,]*,{vocab})\]", compiled.as_text())))
+        # Logits-like arrays over at least a canvas' worth of positions ([B, L, V], or [L, V]
+        # once XLA folds a batch of 1); the LM head weight [d_model, V] is not one.
         canvas_vocab = [f"{t}[{s}]" for t, s in vocab_shapes
-                        if len(s.split(",")) >= 3 and int(s.split(",")[-2]) == length]
+                        if math.prod(map(int, s.split(",")[:-1])) >= length
+                        and s.split(",")[:-1] != [str(config.d_model)]]
         results[mode] = {
             "compile_seconds": round(compile_seconds, 1),
             "compiled_flops_per_step": step_flops,
