@@ -1,9 +1,25 @@
-"""Sampler throughput: tokens/s, seconds per forward pass, MFU, and the speed-up of fast modes.
+"""Sampler throughput: tokens/s, seconds per forward pass, MFU, and the speed-up of fast modes;
+with --analyze, the compiled program's FLOPs, bytes and buffers against the analytic forward.
 
     python benchmarks/sampler.py --config=tiny --batch=4 --prompt_len=32 --gen_length=64 \\
         --steps=64 --block_length=16
     python benchmarks/sampler.py --config=llada_8b --batch=1 --prompt_len=128 --gen_length=256 \\
         --steps=256 --block_length=32 --modes=vanilla,prefix,dual,dual+threshold
+    python benchmarks/sampler.py --config=llada_8b --analyze --batch=1 --prompt_len=256 \\
+        --gen_length=256 --steps=256 --block_length=32 --modes=vanilla
+
+--analyze allocates nothing: abstract parameters (`jax.eval_shape`) and an ahead-of-time
+`lower().compile()` for the default backend (the CPU here). Per mode it prints the compiled
+program's `cost_analysis()` (FLOPs, bytes accessed) per sampler step next to the analytic forward
+FLOPs of the positions a step must process (`flops.forward_flops`: the canvas through every
+layer, the LM head on the current block only) and their ratio, the compiled memory analysis,
+and every buffer shape in the optimised HLO that has the vocabulary as its last axis (there must
+be none over the canvas, [B, L, V] or [L, V]; [B, block, V] is expected; on the CPU backend bf16
+matmuls run in float32, so a float32 copy of the bf16 LM head weight [d_model, V] appears too).
+XLA's cost analysis counts a loop body once: the sampler's step loop is one step, but the scanned
+layers inside it count as ONE layer, so the per-step figure is the program's count plus
+(n_layers - 1) x the compiled cost of one block (`Block` compiled alone at the same shapes). Only
+vanilla has one pass per step; with a cache the count mixes the refresh and window branches.
 
 Random weights (nothing is downloaded): the numbers measure the program, not the model. Every mode
 is one compiled sampler; it is run once to compile, then timed over --repeats runs. Prints one JSON
@@ -22,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import flax.linen as nn
@@ -54,8 +71,10 @@ _INIT_STD = flags.DEFINE_float("init_std", None, "std of the random weights (lar
                                "predictions, so threshold decoding commits more per pass)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "peak dense TFLOP/s of one device "
                                   "(default: looked up from the device kind; none on CPU)")
-
-# Dense bf16 peaks (TFLOP/s per device) by device-kind prefix.
+_PEAK_GBPS = flags.DEFINE_float("peak_gbps", None, "peak memory bandwidth (GB/s) of one device "
+                                "(default: looked up from the device kind; none on CPU)")
+_ANALYZE = flags.DEFINE_bool("analyze", False, "compile ahead of time with abstract parameters "
+                             "and report FLOPs, bytes and buffers instead of timing")
 
 
 def model_settings() -> ModelConfig:
@@ -87,9 +106,98 @@ def sampler_settings(mode: str, config: ModelConfig) -> SamplerConfig:
 
 
 
+def weight_bytes(config: ModelConfig) -> int:
+    """Bytes of the weights one forward pass reads: every matmul weight once (blocks and LM
+    head; the embedding is a gather of a few rows)."""
+    itemsize = jnp.dtype(config.param_dtype).itemsize
+    return itemsize * (config.n_layers * flops_lib.block_weights(config)
+                       + config.d_model * config.vocab_size)
+
+
+def compiled_block_cost(config: ModelConfig, rows: int, length: int) -> dict:
+    """cost_analysis() of one transformer block at [rows, length, d] (abstract, compiled)."""
+    from llada_jax.model.attention import MaskInfo
+    from llada_jax.model.transformer import Block
+
+    block = Block(config)
+    h = jax.ShapeDtypeStruct((rows, length, config.d_model), jnp.dtype(config.dtype))
+    positions = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    mask = jax.ShapeDtypeStruct((rows, length), jnp.bool_)
+    params = jax.eval_shape(lambda: nn.meta.unbox(block.init(
+        jax.random.key(0), jnp.zeros(h.shape, h.dtype), jnp.zeros(positions.shape, jnp.int32),
+        MaskInfo(jnp.ones(mask.shape, bool)), None, None, False)["params"]))
+
+    def apply(p, h, positions, mask):
+        return block.apply({"params": p}, h, positions, MaskInfo(mask), None, None, False)[0]
+
+    return jax.jit(apply).lower(params, h, positions, mask).compile().cost_analysis()
+
+
+def analyze(config: ModelConfig) -> dict:
+    """AOT compile of each mode at abstract shapes; FLOPs / bytes / buffers (module docstring)."""
+    import re
+
+    from llada_jax.diffusion.sampler import _generate_jit, build_canvas
+
+    model = Transformer(config)
+    params = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    batch, prompt_len = _BATCH.value, _PROMPT_LEN.value
+    length = prompt_len + _GEN_LENGTH.value
+    canvas = jax.eval_shape(lambda: build_canvas(
+        jnp.zeros((batch, prompt_len), jnp.int32), jnp.ones((batch, prompt_len), bool),
+        _GEN_LENGTH.value, config.mask_token_id))
+    vocab = config.vocab_size
+    results = {}
+    for mode in _MODES.value:
+        sampler = sampler_settings(mode, config)
+        rows = batch * (2 if sampler.cfg_scale > 0 else 1)
+        start = time.perf_counter()
+        compiled = _generate_jit.lower(params, *canvas, jax.random.key(1), model=model,
+                                       config=sampler, gen_start=prompt_len).compile()
+        compile_seconds = time.perf_counter() - start
+        program = compiled.cost_analysis()
+        block = compiled_block_cost(config, rows, length)
+        step_flops = program["flops"] + (config.n_layers - 1) * block["flops"]
+        step_bytes = (program["bytes accessed"]
+                      + (config.n_layers - 1) * block["bytes accessed"])
+        analytic = flops_lib.forward_flops(config, rows, length,
+                                           head_positions=sampler.block_length)
+        memory = compiled.memory_analysis()
+        # Every array shape in the optimised program whose last axis is the vocabulary.
+        vocab_shapes = sorted(set(re.findall(rf"\b(\w+)\[([\d,]*,{vocab})\]", compiled.as_text())))
+        # Logits-like arrays over at least a canvas' worth of positions ([B, L, V], or [L, V]
+        # once XLA folds a batch of 1); the LM head weight [d_model, V] is not one.
+        canvas_vocab = [f"{t}[{s}]" for t, s in vocab_shapes
+                        if math.prod(map(int, s.split(",")[:-1])) >= length
+                        and s.split(",")[:-1] != [str(config.d_model)]]
+        results[mode] = {
+            "compile_seconds": round(compile_seconds, 1),
+            "compiled_flops_per_step": step_flops,
+            "analytic_forward_flops_per_step": analytic,
+            "compiled_over_analytic": round(step_flops / analytic, 4),
+            "analytic_with_head_on_whole_canvas": flops_lib.forward_flops(config, rows, length),
+            "compiled_bytes_accessed_per_step": step_bytes,
+            "weight_bytes_per_pass": weight_bytes(config),
+            "compiled_one_block_flops": block["flops"],
+            "program_flops_as_counted": program["flops"],
+            "temp_bytes": memory.temp_size_in_bytes,
+            "argument_bytes": memory.argument_size_in_bytes,
+            "vocab_shapes": [f"{t}[{s}]" for t, s in vocab_shapes],
+            "canvas_by_vocab_buffers": canvas_vocab,
+        }
+    return {"config": _CONFIG.value, "params": config.num_params, "dtype": config.dtype,
+            "backend": jax.default_backend(), "batch": batch, "prompt_len": prompt_len,
+            "gen_length": _GEN_LENGTH.value, "block_length": _BLOCK_LENGTH.value,
+            "cfg_scale": _CFG_SCALE.value, "modes": results}
+
+
 def main(argv: list[str]) -> None:
     del argv
     config = model_settings()
+    if _ANALYZE.value:
+        print(json.dumps(analyze(config), indent=2))
+        return
     model = Transformer(config)
     params = jax.jit(lambda key: nn.meta.unbox(
         model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
@@ -99,6 +207,8 @@ def main(argv: list[str]) -> None:
     prompt = jnp.asarray(prompt, jnp.int32)
     mask = jnp.ones(prompt.shape, bool)
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, _PEAK_TFLOPS.value)
+    bandwidth = flops_lib.peak_bandwidth_per_device(jax.devices()[0].device_kind,
+                                                    _PEAK_GBPS.value)
     rows = _BATCH.value * (2 if _CFG_SCALE.value > 0 else 1)
     results = {}
     for mode in _MODES.value:
@@ -116,6 +226,12 @@ def main(argv: list[str]) -> None:
         passes = int(out.num_forward_passes)
         tokens = _BATCH.value * sampler.gen_length
         flops = 2.0 * config.num_params * rows * int(out.computed_positions)
+        # The bound of the run: per pass the larger of its FLOPs at peak compute and its weight
+        # bytes at peak bandwidth (the forward FLOPs with the LM head on the block only).
+        length = _PROMPT_LEN.value + sampler.gen_length
+        step_flops = flops_lib.forward_flops(config, rows, length,
+                                             head_positions=sampler.block_length)
+        bound = flops_lib.roofline_seconds(step_flops, weight_bytes(config), peak, bandwidth)
         results[mode] = {
             "forward_passes": passes,
             "tokens_per_pass": round(sampler.gen_length / max(passes, 1), 3),   # per sequence
@@ -124,6 +240,9 @@ def main(argv: list[str]) -> None:
             "seconds_per_pass": round(seconds / max(passes, 1), 6),
             "model_tflops_per_second": round(flops / seconds / 1e12, 4),
             "mfu": None if peak is None else round(flops / seconds / peak, 4),
+            # Exact for vanilla (every pass a full pass); cached passes do less than this.
+            "fraction_of_bound": (None if bound is None or sampler.cache != "none"
+                                  else round(bound * passes / seconds, 4)),
             "first_call_seconds": round(compile_seconds, 2),
         }
     if "vanilla" in results:
@@ -135,7 +254,8 @@ def main(argv: list[str]) -> None:
         "device": jax.devices()[0].device_kind, "devices": 1, "batch": _BATCH.value,
         "prompt_len": _PROMPT_LEN.value, "gen_length": _GEN_LENGTH.value,
         "steps": _STEPS.value, "block_length": _BLOCK_LENGTH.value,
-        "cfg_scale": _CFG_SCALE.value, "peak_flops_per_device": peak, "modes": results,
+        "cfg_scale": _CFG_SCALE.value, "peak_flops_per_device": peak,
+        "peak_bandwidth_per_device": bandwidth, "modes": results,
     }, indent=2))
 
 

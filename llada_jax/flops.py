@@ -1,4 +1,13 @@
-"""FLOP counts and accelerator peaks for MFU, shared by the benchmarks.
+"""FLOP counts and accelerator peaks (compute and memory bandwidth), shared by the benchmarks.
+
+Model FLOPs of one forward pass (`forward_flops`; 2 FLOPs per multiply-add):
+  * the blocks' matmuls: 2 * W * tokens, W = the weights of q, k, v, attention-out and the three
+    SwiGLU projections of every layer (norm scales and the embedding lookup do no matmul);
+  * attention: QK^T and AV, each query x key x (n_heads * head_dim) multiply-adds per layer,
+    so 4 * n_layers * queries * keys * n_heads * head_dim per sequence (bidirectional: every
+    query sees every key, no causal halving);
+  * the LM head: 2 * d_model * vocab per position it is applied to (the sampler applies it to
+    the current block only).
 
 Model FLOPs of one training step (rematerialisation's recomputation is not counted):
   * matmuls: 6 * N * tokens, N = parameters that enter a matmul (all but the embedding table,
@@ -29,6 +38,58 @@ def peak_flops_per_device(device_kind: str, override_tflops: float | None = None
         if device_kind.startswith(prefix):
             return PEAK_TFLOPS[prefix] * 1e12
     return None
+
+
+# Peak memory bandwidth (bytes/s) of one device, by `device_kind` prefix (the longest wins).
+PEAK_BANDWIDTH = {
+    "TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9,
+    "TPU v5": 2765e9, "TPU v6 lite": 1640e9, "TPU v6e": 1640e9, "NVIDIA H200": 4.8e12,
+    "NVIDIA H100": 3.35e12, "NVIDIA A100": 2.039e12, "NVIDIA B200": 8.0e12,
+}
+
+
+def peak_bandwidth_per_device(device_kind: str,
+                              override_gbps: float | None = None) -> float | None:
+    """Peak memory bandwidth in bytes/s: `override_gbps` (GB/s) if given, else the table."""
+    if override_gbps:
+        return override_gbps * 1e9
+    for prefix in sorted(PEAK_BANDWIDTH, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return PEAK_BANDWIDTH[prefix]
+    return None
+
+
+def block_weights(model: ModelConfig) -> int:
+    """Matmul weights of one transformer block: q, k, v, attention-out and the SwiGLU triple."""
+    d, hd = model.d_model, model.head_dim
+    attention = d * hd * (2 * model.n_heads + 2 * model.n_kv_heads)
+    return attention + 3 * d * model.mlp_hidden_size
+
+
+def forward_flops(model: ModelConfig, batch: int, queries: int, keys: int | None = None,
+                  head_positions: int | None = None) -> float:
+    """Model FLOPs of one forward pass of `batch` sequences (see the module docstring).
+
+    queries: positions computed (the canvas, or a cached window); keys: positions they attend
+    to (default: queries); head_positions: positions the LM head is applied to (default:
+    queries).
+    """
+    keys = queries if keys is None else keys
+    head_positions = queries if head_positions is None else head_positions
+    matmuls = 2 * model.n_layers * block_weights(model) * queries
+    attention = 4 * model.n_layers * queries * keys * model.n_heads * model.head_dim
+    head = 2 * model.d_model * model.vocab_size * head_positions
+    return float(batch * (matmuls + attention + head))
+
+
+def roofline_seconds(flops: float, bytes_moved: float, peak_flops: float | None,
+                     peak_bandwidth: float | None) -> float | None:
+    """The compute/bandwidth bound of one step: max(flops / peak FLOP/s, bytes / peak B/s).
+
+    A measured step time t reaches the fraction `roofline_seconds(...) / t` of the bound."""
+    if peak_flops is None or peak_bandwidth is None:
+        return None
+    return max(flops / peak_flops, bytes_moved / peak_bandwidth)
 
 
 def train_flops_per_step(model: ModelConfig, batch_size: int, seq_len: int) -> float:

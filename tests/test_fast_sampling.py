@@ -15,7 +15,14 @@ import pytest
 
 from llada_jax import parallel
 from llada_jax.config import ModelConfig, default_config
-from llada_jax.diffusion.sampler import SamplerConfig, build_canvas, generate, pad_prompts, sample
+from llada_jax.diffusion.sampler import (
+    SamplerConfig,
+    build_canvas,
+    factor_count,
+    generate,
+    pad_prompts,
+    sample,
+)
 from llada_jax.model.transformer import Transformer
 from tests.test_sampler import EOS, MASK, MODEL_CONFIG, PAD, sampler_config, tiny
 
@@ -44,15 +51,32 @@ def test_first_step_of_every_block_equals_vanilla(cache):
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(vanilla).tokens))
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_one_layer_caches_are_exact(cache):
-    """With one layer, cached keys/values depend only on each position's own token, and the
-    positions a window does not recompute keep their tokens within a block (the prefix, and for
-    dual also the masked suffix): the cached passes are exact, so every step matches vanilla."""
-    vanilla = sampler_config(block_length=8, steps=16, cfg_scale=1.0)
-    out = run(dataclasses.replace(vanilla, cache=cache), n_layers=1)
-    np.testing.assert_array_equal(np.asarray(out.tokens),
-                                  np.asarray(run(vanilla, n_layers=1).tokens))
+@functools.cache
+def last_layer_mixing(n_layers: int):
+    """The tiny model with the attention output of every layer but the last set to zero: those
+    layers act on each position alone, so every layer's keys/values at a position depend only on
+    that position's token, while the cached path still runs through `n_layers` layers."""
+    model, params = tiny(n_layers)
+    kernel = params["blocks"]["attn"]["attn_out"]["kernel"]
+    params = jax.tree.map(lambda a: a, params)
+    params["blocks"]["attn"]["attn_out"]["kernel"] = kernel.at[:-1].set(0.0)
+    return model, params
+
+
+@pytest.mark.parametrize("cache,n_layers,cfg", [("prefix", 1, 1.0), ("dual", 1, 1.0),
+                                                ("prefix", 3, 0.0), ("dual", 3, 1.0)])
+def test_caches_are_exact_when_keys_depend_on_own_tokens(cache, n_layers, cfg):
+    """When cached keys/values depend only on each position's own token (one layer, or several
+    whose only mixing layer is the last), and the positions a window does not recompute keep
+    their tokens within a block (the prefix, and for dual also the masked suffix), the cached
+    passes are exact: every step matches vanilla, through the multi-layer cached path too."""
+    model, params = tiny(n_layers) if n_layers == 1 else last_layer_mixing(n_layers)
+    vanilla = sampler_config(block_length=8, steps=16, cfg_scale=cfg)
+    mask = np.ones_like(PROMPT, bool)
+    out = generate(params, model, PROMPT, mask, dataclasses.replace(vanilla, cache=cache),
+                   jax.random.key(0), return_stats=True)
+    expected = generate(params, model, PROMPT, mask, vanilla, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected))
     # Per block one full pass (21 positions), then 7 passes over the window only: from the block
     # to the end (prefix: 16, then 8), or the block alone (dual: 8).
     windows = [16, 8] if cache == "prefix" else [8, 8]
@@ -103,9 +127,10 @@ def crafted_forward(tokens, *, attention_mask, positions, return_kv=False, **unu
 @pytest.mark.parametrize("rule,expected", [
     # threshold 0.9: {0.95, 0.92, 0.99} together, then one at a time by confidence.
     (dict(threshold=0.9), [0, 3, 0, 1, 0, 4, 2, 5]),
-    # factor 2: k-th best must be >= 1 - 2/(k+1) = 0, 1/3, 1/2, 3/5, ...:
-    # [.99 .95 .92 | .5] -> 3; [.5 .4 | .3] -> 2; [.3 | .2] -> 1; [.2 | .1] -> 1; [.1] -> 1.
-    (dict(factor=2.0), [0, 2, 0, 1, 0, 3, 1, 4]),
+    # factor 2: k-th best must be >= 1 - 2/(k+1) = (always), 1/3, 1/2, 3/5, ...:
+    # [.99 .95 .92 | .5] -> 3; [.5 .4 | .3] -> 2; [.3 | .2] -> 1; [.2 | .1]: only the LAST one
+    # fails, so Fast-dLLM commits both -> 2 (4 passes per block, not 5).
+    (dict(factor=2.0), [0, 2, 0, 1, 0, 3, 1, 3]),
 ])
 def test_parallel_rules_hand_schedule(rule, expected):
     prompt = np.full((1, GEN_START), 9)
@@ -218,3 +243,34 @@ def test_llada_8b_shapes_trace():
             functools.partial(model.apply, {"params": p}), tokens, mask, positions, 64, s,
             jax.random.key(0)), params)
         assert out.tokens.shape == (2, 192) and out.commit_pass.shape == (2, 128)
+
+
+def fast_dllm_factor_count(confidences, factor):
+    """Fast-dLLM's `get_transfer_index_dynamic` count for one row's eligible confidences,
+    restated: thresholds 1 - factor / (n + 1) for n = 1.., the first forced to pass; stop at
+    the first failure; one more when stopped at the first or at the last."""
+    n = len(confidences)
+    thresholds = [1 - factor / (k + 1) for k in range(1, n + 1)]
+    thresholds[0] = -1
+    ranked = sorted(confidences, reverse=True)
+    top = 0
+    for top in range(n):
+        if ranked[top] < thresholds[top]:
+            break
+    if top == 0 or top == n - 1:
+        top += 1
+    return top
+
+
+def test_factor_count_matches_fast_dllm_on_random_rows():
+    rng = np.random.default_rng(0)
+    width = 8
+    confidence = rng.uniform(0.0, 1.0, size=(400, width)) ** rng.uniform(0.05, 2, (400, 1))
+    eligible = rng.uniform(size=(400, width)) < rng.uniform(0.1, 1.0, (400, 1))
+    eligible[:, 0] |= ~eligible.any(axis=1)                 # Fast-dLLM has at least one mask
+    for factor in (0.5, 1.0, 2.0, 4.0):
+        found = np.asarray(factor_count(jnp.asarray(confidence, jnp.float32),
+                                        jnp.asarray(eligible), factor))
+        expected = [fast_dllm_factor_count(list(c[e]), factor)
+                    for c, e in zip(confidence.astype(np.float32), eligible, strict=True)]
+        np.testing.assert_array_equal(found, expected)

@@ -1,7 +1,14 @@
-"""MFU bookkeeping: FLOP formula on hand-worked configs, peak lookup by device kind."""
+"""MFU bookkeeping: FLOP formulas on hand-worked configs, peak lookup by device kind."""
 
 from llada_jax.config import ModelConfig
-from llada_jax.flops import peak_flops_per_device, train_flops_per_step
+from llada_jax.flops import (
+    block_weights,
+    forward_flops,
+    peak_bandwidth_per_device,
+    peak_flops_per_device,
+    roofline_seconds,
+    train_flops_per_step,
+)
 
 
 def test_train_flops_of_llada_8b_by_hand():
@@ -18,3 +25,34 @@ def test_peak_lookup_prefers_the_longest_prefix_and_the_override():
     assert peak_flops_per_device("NVIDIA H200") == 989e12
     assert peak_flops_per_device("cpu") is None
     assert peak_flops_per_device("cpu", override_tflops=2.0) == 2e12
+
+
+def test_forward_flops_of_a_llada_8b_sampler_step_by_hand():
+    # One block: q, k, v, out 4 x 4096 x 4096 = 67,108,864; SwiGLU 3 x 4096 x 12,288 =
+    # 150,994,944; together 218,103,808 (x 32 = 6,979,321,856 = 8,015,581,184 params minus the
+    # embedding and LM head 2 x 126,464 x 4096 and the norm scales 65 x 4096).
+    config = ModelConfig()
+    assert block_weights(config) == 218_103_808
+    assert 32 * block_weights(config) == config.num_params - 2 * 126_464 * 4096 - 65 * 4096
+    # Prompt 256 + gen 256 = 512 positions, LM head on the 32 of the block, batch 1:
+    #   matmuls   2 x 6,979,321,856 x 512            = 7,146,825,580,544
+    #   attention 4 x 32 x 512 x 512 x 32 x 128      =   137,438,953,472
+    #   head      2 x 4096 x 126,464 x 32            =    33,151,778,816
+    assert forward_flops(config, 1, 512, head_positions=32) == 7_317_416_312_832
+    # The head on the whole canvas costs 2 x 4096 x 126,464 x 480 = 497,276,682,240 more.
+    assert (forward_flops(config, 1, 512) - forward_flops(config, 1, 512, head_positions=32)
+            == 497_276_682_240)
+    # A cached window of 32 queries over 512 keys, 2 rows (CFG): every term scales.
+    window = 2 * (2 * 6_979_321_856 * 32 + 4 * 32 * 32 * 512 * 32 * 128 + 2 * 4096 * 126_464 * 32)
+    assert forward_flops(config, 2, 32, keys=512, head_positions=32) == window
+
+
+def test_bandwidth_lookup_and_roofline():
+    assert peak_bandwidth_per_device("NVIDIA H200") == 4.8e12
+    assert peak_bandwidth_per_device("TPU v5 lite") == 819e9
+    assert peak_bandwidth_per_device("cpu") is None
+    assert peak_bandwidth_per_device("cpu", override_gbps=100.0) == 100e9
+    # 7.3 TFLOP on 989 TFLOP/s = 7.40 ms; 16 GB on 4.8 TB/s = 3.33 ms: compute bound.
+    assert roofline_seconds(7.317e12, 16e9, 989e12, 4.8e12) == 7.317e12 / 989e12
+    assert roofline_seconds(1e9, 16e9, 989e12, 4.8e12) == 16e9 / 4.8e12
+    assert roofline_seconds(1e9, 16e9, None, 4.8e12) is None

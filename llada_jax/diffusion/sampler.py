@@ -12,13 +12,28 @@ row, so it runs unchanged with the batch sharded over ('data', 'fsdp') under `ja
 How many tokens a step commits:
   * fixed schedule (the reference): with `m` masks in a block and `s = steps / num_blocks` steps
     per block, `m // s` per step and one more in the first `m % s` steps (`num_transfer_tokens`);
-  * `threshold`: every candidate of the block with confidence >= threshold, at least the single
-    most confident one;
-  * `factor`: the largest `n` whose k-th highest confidence is >= 1 - factor / (k + 1) for every
-    k <= n, at least one.
+  * `threshold` (Fast-dLLM): every candidate of the block with confidence >= threshold, at least
+    the single most confident one;
+  * `factor` (Fast-dLLM): with the block's confidences sorted, c_1 >= c_2 >= ..., the first k
+    such that c_{k+1} < 1 - factor / (k + 2), at least one, and all of them when only the last
+    one fails (`factor_count`).
 Ties in confidence are broken toward the lower position (a stable sort), so results are exactly
-reproducible. The mask token itself is never a candidate (the reference allows it, which leaves a
-position masked after its commit; trained models give it ~0 probability).
+reproducible (the official `torch.topk` leaves tie order unspecified). The mask token itself is
+never a candidate (the official code allows it, which leaves a position masked after its commit;
+trained models give it ~0 probability).
+
+Fidelity rules (the official LLaDA / LLaDA-V / Fast-dLLM behaviour, `REFERENCE.md` section 3):
+  * Candidates are drawn with Gumbel noise that samples the exact categorical (`gumbel_noise`,
+    64 random bits per draw, both tails at float32 precision), in place of the official float64.
+  * `confidence_eos_eot_inf` sets the EOS and EoT logits to -inf before the confidence softmax
+    (others renormalised; EOS / EoT candidates get confidence 0), at every temperature.
+  * `stop_at_eot` (LLaDA-V): once a row holds an `<|eot_id|>`, later commits are restricted to
+    masked positions before its first one; the row is finished when none is left, and what
+    follows the EoT is returned as EOS (the official code cuts the answer there).
+
+Cost: the model is asked for final hidden states (`return_hidden=True`) and the LM head and the
+float32 softmax run on the current block only (with CFG, both halves of it), so no [B, L, V]
+logits tensor exists for the canvas (`head`; `generate` passes the model's `logits_from_hidden`).
 
 Fast sampling (REFERENCE.md section 6): with `cache='prefix'` a full pass at the start of each
 block stores keys/values of every position, and the block's later steps compute only a window
@@ -33,9 +48,11 @@ Batches of prompts of different lengths are LEFT-padded with a key-padding mask;
 `cumsum(mask) - 1`, so a row's result does not depend on the rest of the batch.
 
 The model enters as a `forward` function with `Transformer.__call__`'s keyword interface
-(`forward(tokens, attention_mask=, positions=, kv_cache=, cache_index=, return_kv=)`); `generate`
-builds it from params and a `Transformer`, or, given `images`, from a LLaDA-V model with
-`multimodal.image_conditioned_forward` (image tokens computed once, spliced at every pass).
+(`forward(tokens, attention_mask=, positions=, kv_cache=, cache_index=, return_kv=,
+return_hidden=)`) and, optionally, a `head` (hidden states -> logits); `generate` builds both
+from params and a `Transformer`, or, given `images`, from a LLaDA-V model with
+`multimodal.image_conditioned_forward` (image tokens computed once, spliced at every pass). A
+`forward` without `head` returns logits (crafted test models do).
 
 This module does not tokenize, load checkpoints or print: see `launch/generate.py`.
 """
@@ -57,13 +74,11 @@ import numpy as np
 from llada_jax.config import validate_sampler
 
 # forward(tokens [R, Lw], *, attention_mask [R, L] bool, positions [R, Lw] int, kv_cache=None,
-#         cache_index=None, return_kv=False) -> logits [R, Lw, V] (or (logits, KVCache)).
+#         cache_index=None, return_kv=False[, return_hidden=True]) -> logits [R, Lw, V], or
+#         hidden states [R, Lw, d] with return_hidden (or (that, KVCache) with return_kv).
 Forward = Callable[..., Any]
-
-# Confidence given to EOS / EoT candidates under `confidence_eos_eot_inf`: below every real
-# confidence (probabilities and uniform draws are >= 0) but above the -inf of positions that
-# cannot be committed at all, so EOS is committed only when nothing else in the block is left.
-_EOS_CONFIDENCE = float(np.finfo(np.float32).min)
+# head(hidden [R, W, d]) -> logits [R, W, V]: the LM head, applied to the current block only.
+Head = Callable[[jax.Array], jax.Array]
 
 # Prefix cache: windows [start, end) are rounded up so that at most this many distinct window
 # lengths (each its own compiled loop) exist; the cost is at most one window quantum of extra work.
@@ -77,7 +92,9 @@ class SamplerConfig:
     `threshold` / `factor` > 0 switch from the fixed step schedule to parallel decoding (then
     `steps` is not used). `eot_id < 0` means there is no end-of-turn token. `vocab_limit > 0`
     restricts candidates to ids below it (the tokenizer's size, when the embedding is padded).
-    `banned_ids` are never candidates; `stop_at_eot` lets early exit finish a row on EoT too.
+    `banned_ids` are never candidates. `stop_at_eot` (LLaDA-V): once a row holds an EoT, only
+    masked positions before its first EoT are committed, the row is finished when none is left
+    (what follows is returned as EOS), and early exit finishes a row on EoT as well as EOS.
     """
 
     gen_length: int = 128
@@ -264,6 +281,119 @@ def _prefix_window_groups(config: SamplerConfig, length: int) -> list[tuple[int,
     return groups
 
 
+# --- the pure units of one step: candidate logits, noise, candidates, confidence, commit rule ----
+def candidate_logits(logits: jax.Array, config: SamplerConfig) -> jax.Array:
+    """float32 logits [..., V] with every id that may never be generated set to -inf: the mask id
+    (committing it would leave the position masked; the official code allows it, a trained model
+    gives it ~0 probability), ids >= `vocab_limit`, EOS with `logits_eos_inf`, `banned_ids`."""
+    c = config
+    logits = logits.at[..., c.mask_id].set(-jnp.inf)
+    if c.vocab_limit > 0:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_limit, logits, -jnp.inf)
+    if c.logits_eos_inf:
+        logits = logits.at[..., c.eos_id].set(-jnp.inf)
+    if c.banned_ids:
+        logits = logits.at[..., jnp.asarray(c.banned_ids)].set(-jnp.inf)
+    return logits
+
+
+def gumbel_from_bits(bits: jax.Array) -> jax.Array:
+    """Standard Gumbel float32 [...] from 64 random bits per draw (uint32 [2, ...]).
+
+    The bits are a uniform v = (hi * 2^32 + lo + 1/2) / 2^64 on a 2^-64 grid; the Gumbel is
+    -log(E) with the exponential E = -log(1 - v), computed as -log1p(-v) for v < 1/2 and as
+    -log(w) from the exact complement w = 1 - v (built from the inverted bits) otherwise, so
+    both tails keep float32's relative precision: the noise reaches -3.81 and +45.05 (the
+    official float64 draw reaches -3.6 and +36.7). `jax.random.gumbel`'s default draw stops
+    near +15.9, which over a 126k vocabulary makes a token 16 logits below the top twice as
+    rare as it should be (0.0080 instead of 0.0140 at T = 1).
+    """
+    hi, lo = bits[0], bits[1]
+    scale = jnp.float32(2.0 ** -32)
+    v = (hi.astype(jnp.float32) + (lo.astype(jnp.float32) + 0.5) * scale) * scale
+    w = ((~hi).astype(jnp.float32) + ((~lo).astype(jnp.float32) + 0.5) * scale) * scale
+    exponential = jnp.where(hi < jnp.uint32(2 ** 31), -jnp.log1p(-v), -jnp.log(w))
+    return -jnp.log(exponential)
+
+
+def gumbel_noise(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Standard Gumbel noise float32 `shape` that samples the exact categorical (see
+    `gumbel_from_bits`)."""
+    return gumbel_from_bits(jax.random.bits(key, (2, *shape), jnp.uint32))
+
+
+def draw_candidates(logits: jax.Array, temperature: float, key: jax.Array) -> jax.Array:
+    """int32 [...]: a draw from softmax(logits / T) per position (Gumbel-max), argmax at T = 0.
+
+    The official code takes argmax(exp(logits) / (-log u)^T) in float64, which is the same
+    argmax as logits / T + G with G = -log(-log u); no float64 [B, L, V] tensor is needed.
+    """
+    if temperature > 0:
+        logits = logits / temperature + gumbel_noise(key, logits.shape)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def candidate_confidence(logits: jax.Array, candidates: jax.Array, config: SamplerConfig,
+                         key: jax.Array) -> jax.Array:
+    """float32 [...]: how sure the model is of each candidate.
+
+    `low_confidence`: the candidate's probability under softmax(logits) (no temperature, as in
+    the official code). With `confidence_eos_eot_inf` the EOS and EoT logits are -inf BEFORE this
+    softmax (the official rule), so the other candidates' probabilities are renormalised by
+    1 / (1 - p(EOS) - p(EoT)) and an EOS / EoT candidate gets confidence 0: it is committed only
+    when no other candidate of the block is left. The official code does this at T = 0 only (an
+    aliasing accident); here it holds at every temperature. `random`: U(0, 1), on which the
+    EOS/EoT rule has no effect (as in the official code, where it acts through the softmax).
+    """
+    c = config
+    if c.remasking == "random":
+        return jax.random.uniform(key, candidates.shape)
+    if c.confidence_eos_eot_inf:
+        logits = logits.at[..., c.eos_id].set(-jnp.inf)
+        if c.eot_id >= 0:
+            logits = logits.at[..., c.eot_id].set(-jnp.inf)
+    chosen = jnp.take_along_axis(logits, candidates[..., None], axis=-1)[..., 0]
+    normaliser = jax.nn.logsumexp(logits, axis=-1)
+    # A row whose every allowed logit is EOS/EoT: confidence 0 (the official softmax gives NaN).
+    return jnp.where(jnp.isfinite(normaliser), jnp.exp(chosen - normaliser), 0.0)
+
+
+def factor_count(confidence: jax.Array, eligible: jax.Array, factor: float) -> jax.Array:
+    """Fast-dLLM's factor rule: int32 [B] tokens to commit from confidences [B, W].
+
+    With the n eligible confidences sorted descending c_1 >= ... >= c_n: the first k whose
+    c_{k+1} < 1 - factor / (k + 2) fails ends the run and k are committed, except that the first
+    is always committed and, when the failing one is the LAST (k = n - 1), all n are (Fast-dLLM's
+    current rule: one pass fewer per block).
+    """
+    confidence = jnp.where(eligible, confidence, -jnp.inf)
+    ranked = -jnp.sort(-confidence, axis=1)                                  # descending
+    index = jnp.arange(confidence.shape[1], dtype=jnp.float32)
+    passes = (ranked >= 1.0 - factor / (index + 2.0)) | (index == 0)
+    passes &= index < jnp.sum(eligible, axis=1, keepdims=True)
+    count = jnp.sum(jnp.cumprod(passes.astype(jnp.int32), axis=1), axis=1)
+    num_eligible = jnp.sum(eligible, axis=1).astype(count.dtype)
+    return jnp.where(count == num_eligible - 1, num_eligible, count)
+
+
+def commit_mask(confidence: jax.Array, eligible: jax.Array, count: jax.Array) -> jax.Array:
+    """bool [B, W]: the `count` [B] most confident eligible positions of each row.
+
+    Ties in confidence go to the lower position (a stable sort); the official `torch.topk`
+    leaves their order unspecified. Never more than the eligible positions (the official code
+    can hand `topk` more than there are, which then picks positions it had ruled out).
+    """
+    confidence = jnp.where(eligible, confidence, -jnp.inf)
+    order = jnp.argsort(-confidence, axis=1, stable=True)                    # most confident first
+    rank = jnp.argsort(order, axis=1)
+    return eligible & (rank < count[:, None])
+
+
+def guidance(cond: jax.Array, uncond: jax.Array, cfg_scale: float) -> jax.Array:
+    """Classifier-free guidance: un + (s + 1) (cond - un)."""
+    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+
 class _LoopState(NamedTuple):
     tokens: jax.Array          # [B, L]
     cache: Any                 # KVCache of the (CFG-doubled) rows, or None
@@ -277,13 +407,18 @@ class _LoopState(NamedTuple):
 
 
 def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array,
-           gen_start: int, config: SamplerConfig, rng: jax.Array) -> SampleOutput:
+           gen_start: int, config: SamplerConfig, rng: jax.Array,
+           head: Head | None = None) -> SampleOutput:
     """Runs the reverse process on a canvas (traceable; call it inside `jax.jit`).
 
     tokens int32 [B, L]: prompt columns [0, gen_start) then the generation region, whose masks
     are filled (tokens already there stay, as in infilling); attention_mask bool [B, L] key mask
     (False on left padding); positions int32 [B, L]. CFG's unconditional rows replace every real
     non-mask token of the initial canvas (the prompt) by the mask id.
+
+    head: the LM head (hidden [R, W, d] -> logits [R, W, V]). Given, `forward` is called with
+    `return_hidden=True` and the head runs on the current block only, so no logits exist for the
+    rest of the canvas. Without it `forward` returns logits and the block is sliced from them.
     """
     c = config
     batch, length = tokens.shape
@@ -293,6 +428,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
                          f"gen_start={gen_start}, expected gen_length={c.gen_length}")
     use_cfg = c.cfg_scale > 0
     conditioning = attention_mask & (tokens != c.mask_id)
+    model_kwargs = {} if head is None else {"return_hidden": True}
 
     def rows(a):  # [B, ...] -> [2B, ...]: each row followed by its unconditional twin
         return jnp.repeat(a, 2, axis=0) if use_cfg else a
@@ -308,42 +444,40 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             x = jnp.where(cond & unconditional, c.mask_id, x)
         return x
 
-    def guided(logits):  # [R, W, V] -> [B, W, V] float32 (W: the current block)
-        logits = logits.astype(jnp.float32)
-        if not use_cfg:
-            return logits
-        pair = logits.reshape(batch, 2, *logits.shape[1:])
-        cond, uncond = pair[:, 0], pair[:, 1]
-        return uncond + (c.cfg_scale + 1.0) * (cond - uncond)
-
     def full_pass(x, return_kv):
-        """Raw logits [R, L, V] of the whole canvas (and the keys/values of every position)."""
+        """Outputs [R, L, V or d] of the whole canvas (and the keys/values of every position)."""
         out = forward(_constrain(model_tokens(x, 0, length)), attention_mask=model_mask,
-                      positions=model_positions, return_kv=return_kv)
+                      positions=model_positions, return_kv=return_kv, **model_kwargs)
         return out if return_kv else (out, None)
 
     def window_pass(x, cache, start, width):
-        """Raw logits [R, width, V] of the window [start, start + width) over the cache."""
+        """Outputs [R, width, V or d] of the window [start, start + width) over the cache."""
         return forward(_constrain(model_tokens(x, start, width)), attention_mask=model_mask,
                        positions=jax.lax.dynamic_slice_in_dim(model_positions, start, width, 1),
-                       kv_cache=cache, cache_index=start)
+                       kv_cache=cache, cache_index=start, **model_kwargs)
 
-    def block_of(logits, offset):
-        """The current block's guided float32 logits [B, bl, V], sliced before the cast."""
-        return guided(jax.lax.dynamic_slice_in_dim(logits, offset, bl, 1))
+    def block_of(out, offset):
+        """The current block's guided float32 logits [B, bl, V]: sliced out of the pass's output
+        first, so the LM head (given `head`) and the float32 cast see the block only."""
+        out = jax.lax.dynamic_slice_in_dim(out, offset, bl, 1)
+        logits = (out if head is None else head(out)).astype(jnp.float32)
+        if not use_cfg:
+            return logits
+        pair = logits.reshape(batch, 2, *logits.shape[1:])
+        return guidance(pair[:, 0], pair[:, 1], c.cfg_scale)
 
     def block_logits(x, cache, step, block_start, window):
         """Logits [B, block_length, V] of the current block, the (maybe refreshed) cache, and
         the number of positions the pass computed."""
         if c.cache == "none":
-            logits, _ = full_pass(x, return_kv=False)
-            return block_of(logits, block_start), cache, length
+            out, _ = full_pass(x, return_kv=False)
+            return block_of(out, block_start), cache, length
         start = block_start if c.cache == "dual" else length - window
         refresh = step == 0 if c.refresh_every == 0 else step % c.refresh_every == 0
 
         def refreshed(x, cache):
-            logits, kv = full_pass(x, return_kv=True)
-            return block_of(logits, block_start), kv
+            out, kv = full_pass(x, return_kv=True)
+            return block_of(out, block_start), kv
 
         def cached(x, cache):
             return block_of(window_pass(x, cache, start, window), block_start - start), cache
@@ -351,55 +485,37 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         logits, cache = jax.lax.cond(refresh, refreshed, cached, x, cache)
         return logits, cache, jnp.where(refresh, length, window)
 
+    def eligible_positions(x, block_start):
+        """bool [B, bl]: masked positions of the current block that may be committed now. With
+        `stop_at_eot`, once a row holds an EoT in its generation, only masked positions before
+        its first EoT (the official LLaDA-V rule)."""
+        eligible = jax.lax.dynamic_slice_in_dim(x, block_start, bl, 1) == c.mask_id
+        if c.stop_at_eot:
+            gen = x[:, gen_start:]
+            is_eot = gen == c.eot_id
+            first_eot = jnp.where(jnp.any(is_eot, axis=1), jnp.argmax(is_eot, axis=1),
+                                  c.gen_length)
+            column = block_start - gen_start + jnp.arange(bl)
+            eligible &= column[None, :] < first_eot[:, None]
+        return eligible
+
     def commit(x, logits, state, block_start, key):
         """One step's decisions for the current block; returns (tokens, commit mask [B, bl])."""
         block_tokens = jax.lax.dynamic_slice_in_dim(x, block_start, bl, 1)
-        eligible = block_tokens == c.mask_id
-        # The mask token is never a candidate: committing it would leave the position masked (a
-        # trained model gives it ~0 probability anyway; an untrained one may not).
-        logits = logits.at[..., c.mask_id].set(-jnp.inf)
-        if c.vocab_limit > 0:
-            in_vocab = jnp.arange(logits.shape[-1]) < c.vocab_limit
-            logits = jnp.where(in_vocab, logits, -jnp.inf)
-        if c.logits_eos_inf:
-            logits = logits.at[..., c.eos_id].set(-jnp.inf)
-        if c.banned_ids:
-            logits = logits.at[..., jnp.asarray(c.banned_ids)].set(-jnp.inf)
+        eligible = eligible_positions(x, block_start)
+        logits = candidate_logits(logits, c)
         noise_key, remask_key = jax.random.split(key)
-        if c.temperature > 0:
-            # Gumbel-max: argmax(logits / T + G) samples softmax(logits / T); same argmax as the
-            # reference's exp(logits) / (-log U)^T, without a float64 [B, L, V] tensor.
-            scores = logits / c.temperature + jax.random.gumbel(noise_key, logits.shape)
-        else:
-            scores = logits
-        candidates = jnp.argmax(scores, axis=-1).astype(jnp.int32)          # [B, bl]
-        if c.remasking == "low_confidence":
-            chosen = jnp.take_along_axis(logits, candidates[..., None], axis=-1)[..., 0]
-            confidence = jnp.exp(chosen - jax.nn.logsumexp(logits, axis=-1))
-        else:
-            confidence = jax.random.uniform(remask_key, candidates.shape)
-        if c.confidence_eos_eot_inf:
-            late = candidates == c.eos_id
-            if c.eot_id >= 0:
-                late |= candidates == c.eot_id
-            confidence = jnp.where(late, _EOS_CONFIDENCE, confidence)
-        confidence = jnp.where(eligible, confidence, -jnp.inf)
+        candidates = draw_candidates(logits, c.temperature, noise_key)          # [B, bl]
+        confidence = candidate_confidence(logits, candidates, c, remask_key)
         num_eligible = jnp.sum(eligible, axis=1)
         if c.threshold > 0:
-            count = jnp.sum(eligible & (confidence >= c.threshold), axis=1)
-            count = jnp.maximum(count, 1)
+            count = jnp.maximum(jnp.sum(eligible & (confidence >= c.threshold), axis=1), 1)
         elif c.factor > 0:
-            ranked = -jnp.sort(-confidence, axis=1)                         # descending
-            k = jnp.arange(1, bl + 1, dtype=jnp.float32)
-            ok = ranked >= 1.0 - c.factor / (k + 1.0)
-            count = jnp.maximum(jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1), 1)
+            count = factor_count(confidence, eligible, c.factor)
         else:
             count = jax.lax.dynamic_index_in_dim(state.schedule, state.step, axis=1,
                                                  keepdims=False)
-        count = jnp.minimum(count, num_eligible)
-        order = jnp.argsort(-confidence, axis=1, stable=True)             # most confident first
-        rank = jnp.argsort(order, axis=1)
-        committed = eligible & (rank < count[:, None])
+        committed = commit_mask(confidence, eligible, jnp.minimum(count, num_eligible))
         block_tokens = jnp.where(committed, candidates, block_tokens)
         x = jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1)
         return x, committed
@@ -411,7 +527,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             jnp.sum(block_tokens == c.mask_id, axis=1), c.schedule_steps))
 
         def keep_going(s: _LoopState):
-            left = jax.lax.dynamic_slice_in_dim(s.tokens, block_start, bl, 1) == c.mask_id
+            left = eligible_positions(s.tokens, block_start)
             return (s.step < c.max_steps_per_block) & jnp.any(left) & ~s.done
 
         def step(s: _LoopState) -> _LoopState:
@@ -423,7 +539,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             old = jax.lax.dynamic_slice_in_dim(s.commit_pass, s.block * bl, bl, 1)
             commit_pass = jax.lax.dynamic_update_slice_in_dim(
                 s.commit_pass, jnp.where(committed, s.passes, old), s.block * bl, 1)
-            done = (_all_rows_finished(x, gen_start, c.stop_ids, c.mask_id) if c.early_exit
+            done = (_all_rows_finished(x, gen_start, finish_ids, c.mask_id) if finish_ids
                     else s.done)
             return s._replace(tokens=x, cache=cache, step=s.step + 1, commit_pass=commit_pass,
                               passes=s.passes + 1, positions=s.positions + computed, done=done)
@@ -431,6 +547,9 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         state = jax.lax.while_loop(keep_going, step, state)
         return state._replace(block=state.block + 1)
 
+    # Rows are finished by a stop token with nothing masked before it: any of `stop_ids` with
+    # early exit; an EoT with `stop_at_eot` alone (the official LLaDA-V loop ends there too).
+    finish_ids = c.stop_ids if c.early_exit else (c.eot_id,) if c.stop_at_eot else ()
     cache = None
     if c.cache != "none":
         _, kv_shape = jax.eval_shape(lambda x: full_pass(x, return_kv=True), tokens)
@@ -454,21 +573,26 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             functools.partial(run_block, window=window), state)
 
     out = state.tokens
-    if c.early_exit:
-        out = eos_fill(out, gen_start, c.eos_id, c.mask_id, c.stop_ids)
+    if finish_ids:
+        # What follows a finished row's stop token becomes EOS (the official LLaDA-V code cuts
+        # the answer there; positions after an EoT are never committed once it is).
+        out = eos_fill(out, gen_start, c.eos_id, c.mask_id, finish_ids)
     return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "gen_start"))
 def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, *, model, config,
                   gen_start):
+    variables = {"params": params}
+    # The LM head alone (`Transformer.logits_from_hidden` / `LLaDAV.logits_from_hidden`).
+    head = functools.partial(model.apply, variables, method=type(model).logits_from_hidden)
     if images is None:
-        forward = functools.partial(model.apply, {"params": params})
+        forward = functools.partial(model.apply, variables)
     else:
         from llada_jax.model.multimodal import image_conditioned_forward
 
         forward = image_conditioned_forward(model, params, images)
-    return sample(forward, tokens, attention_mask, positions, gen_start, config, rng)
+    return sample(forward, tokens, attention_mask, positions, gen_start, config, rng, head=head)
 
 
 def _check_prompts(prompt_tokens, prompt_mask, config: SamplerConfig, model) -> None:
