@@ -8,14 +8,15 @@ question about its colour (4 colours) or its shape (3 shapes); the answer can on
 the image. One square view per image (no AnyRes tiling): 32 px in 8 px patches gives 16 tokens
 plus the newline. The whole model trains (stage-2 style, everything at one learning rate) with
 the masked-response loss on the built-in character tokenizer, in LLaDA-V's `llava_llada` chat
-format (BOS, a system turn, the conversation); no downloads.
+format (BOS, a system turn, the conversation; the system message is empty here, see below); no
+downloads.
 `get_config("quick")` is a short run for smoke tests; `get_config("stage1")` is LLaDA-V's stage 1
 in small: the projector alone on captions ("red circle") in the `llada_plain` format
 (`<image>` + caption + `\n`, 16 image tokens merged flat, no newline), objective `sft`.
 """
 
 from llada_jax.config import default_config
-from llada_jax.data.llava_format import LLADA_PLAIN, LLAVA_LLADA, LLAVA_SYSTEM_MESSAGE
+from llada_jax.data.llava_format import LLADA_PLAIN, LLAVA_LLADA
 
 
 def get_config(arg: str | None = None):
@@ -34,7 +35,7 @@ def get_config(arg: str | None = None):
     c.train.objective = "masked_response"
     c.train.steps = 500
     c.train.batch_size = 32
-    c.train.seq_len = 64             # the longest conversation is 56 tokens (17 of them image)
+    c.train.seq_len = 72             # the longest conversation is 67 tokens (17 of them image)
     c.train.learning_rate = 3e-3
     c.train.schedule = "cosine"
     c.train.warmup_steps = 20
@@ -46,7 +47,9 @@ def get_config(arg: str | None = None):
     c.data.tokenizer = "char"
     c.data.synthetic_size = 20000
     c.data.conversation_format = LLAVA_LLADA
-    c.data.system_message = LLAVA_SYSTEM_MESSAGE
+    # Deliberately not LLAVA_SYSTEM_MESSAGE (186 characters, which would be 186 tokens of the
+    # character tokenizer and quadruple the rows): the system turn is there, empty.
+    c.data.system_message = ""
     # Answers are at most 8 characters ("triangle") + <|eot_id|>: 3 semi-autoregressive blocks
     # of 4, one token per step. As LLaDA-V samples: EOS, BOS and the header tokens are never
     # generated, and a row is done at its <|eot_id|>.

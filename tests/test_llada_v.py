@@ -57,9 +57,16 @@ def _write_png(path, width, height, colour=(200, 30, 30)):
 
 
 # --- data ---------------------------------------------------------------------------------------
+# The tiny preset's system turn (its system message is empty): BOS <sh>system<eh>\n\n<eot>,
+# labelled (LLaDA-V's preprocess_llada) on BOS and the header / eot tokens only.
+SYSTEM = [BOS, START, *_chars("system"), END, *_chars("\n\n"), EOT]
+SYSTEM_LABELS = [True, True] + [False] * 6 + [True, False, False, True]
+
+
 def test_square_row_layout_by_hand():
-    """One 32 px view of 4 x 4 patches: 16 tokens + 1 newline = 17 placeholders; only the
-    answer, its <|eot_id|> and the EOS padding are maskable."""
+    """One 32 px view of 4 x 4 patches: 16 tokens + 1 newline = 17 placeholders. Labelled: the
+    whole assistant turn (header included), plus BOS, header and eot tokens of the system and
+    user turns; never the EOS padding (`fill`)."""
     c = _tiny_config()
     rows = md.MultimodalRows(TOK, md.ImageProcessor.from_config(c), seq_len=80, max_views=1,
                              bad_records="error")
@@ -67,12 +74,14 @@ def test_square_row_layout_by_hand():
     image[:, 16:] = 255
     row = rows({"image": image, "conversations": [
         {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]})
-    prompt = ([BOS, *_header("user"), *[P] * 17, *_chars("\nColour?"), EOT, *_header("assistant")])
-    answer = [*_chars("red"), EOT]
-    expected = prompt + answer + [EOS] * (80 - len(prompt) - len(answer))
-    np.testing.assert_array_equal(row["tokens"], expected)
-    np.testing.assert_array_equal(row["maskable"],
-                                  [False] * len(prompt) + [True] * (80 - len(prompt)))
+    user = [START, *_chars("user"), END, *_chars("\n\n"), *[P] * 17, *_chars("\nColour?"), EOT]
+    user_labels = [True] + [False] * 4 + [True] + [False] * (2 + 17 + 8) + [True]
+    answer = [START, *_chars("assistant"), END, *_chars("\n\nred"), EOT]
+    used = len(SYSTEM) + len(user) + len(answer)
+    np.testing.assert_array_equal(row["tokens"], SYSTEM + user + answer + [EOS] * (80 - used))
+    np.testing.assert_array_equal(row["maskable"], SYSTEM_LABELS + user_labels
+                                  + [True] * len(answer) + [False] * (80 - used))
+    np.testing.assert_array_equal(row["fill"], [False] * used + [True] * (80 - used))
     assert row["pixel_values"].shape == (1, 32, 32, 3) and row["pixel_values"].dtype == np.uint8
     np.testing.assert_array_equal(row["pixel_values"][0], image)   # 32 px: resize is the identity
     # The plan: placeholder k < 16 reads view token k with weight 1, the 17th is the newline.
@@ -128,15 +137,17 @@ def test_multiturn_maskable_is_every_answer_and_never_image_or_prompt():
     row = rows({"image": np.full((32, 32, 3), 9, np.uint8), "conversations": [
         {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
         {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]})
-    expected_tokens = ([BOS, *_header("user"), *[P] * 17, *_chars("\nQ1"), EOT,
-                        *_header("assistant"), *_chars("A1"), EOT,
-                        *_header("user"), *_chars("Q2"), EOT, *_header("assistant"),
-                        *_chars("A2"), EOT])
-    expected_mask = ([False] * (1 + 8 + 17 + 3 + 1 + 13) + [True] * 3
-                     + [False] * (8 + 2 + 1 + 13) + [True] * 3)
+    expected_tokens = [*SYSTEM, *_header("user"), *[P] * 17, *_chars("\nQ1"), EOT,
+                       *_header("assistant"), *_chars("A1"), EOT,
+                       *_header("user"), *_chars("Q2"), EOT, *_header("assistant"),
+                       *_chars("A2"), EOT]
+    user_labels = [True] + [False] * 4 + [True] + [False] * 2
+    expected_mask = (SYSTEM_LABELS + user_labels + [False] * (17 + 3) + [True]
+                     + [True] * (8 + 5 + 3) + user_labels + [False] * 2 + [True]
+                     + [True] * (13 + 3))
     padding = 120 - len(expected_tokens)
     np.testing.assert_array_equal(row["tokens"], expected_tokens + [EOS] * padding)
-    np.testing.assert_array_equal(row["maskable"], expected_mask + [True] * padding)
+    np.testing.assert_array_equal(row["maskable"], expected_mask + [False] * padding)
 
 
 def test_overlong_drops_last_exchange_then_fails():
@@ -145,13 +156,14 @@ def test_overlong_drops_last_exchange_then_fails():
     record = {"image": np.zeros((32, 32, 3), np.uint8), ORIGIN_KEY: "rec:7", "conversations": [
         {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
         {"from": "human", "value": "Q2" * 20}, {"from": "gpt", "value": "A2"}]}
-    # BOS + 8 + 17 + 3 + 1 + 13 + 3 = 46 tokens for the first exchange alone.
-    row = md.MultimodalRows(TOK, processor, seq_len=50, max_views=1, bad_records="error")(record)
-    assert row["maskable"].sum() == 3 + 4 and (row["tokens"] == P).sum() == 17
-    with pytest.raises(BadRecordError, match=r"rec:7: conversation too long: 46 tokens \(17 of "
-                                             r"them image tokens\).*seq_len=45"):
-        md.MultimodalRows(TOK, processor, seq_len=45, max_views=1, bad_records="error")(record)
-    assert md.MultimodalRows(TOK, processor, seq_len=45, max_views=1,
+    # System turn 12 + user (8 + 17 + 3 + 1) + assistant (13 + 3) = 57 tokens for the first
+    # exchange alone; labelled: 4 + 3 structural tokens and the 16 of the assistant turn.
+    row = md.MultimodalRows(TOK, processor, seq_len=60, max_views=1, bad_records="error")(record)
+    assert row["maskable"].sum() == 4 + 3 + 16 and (row["tokens"] == P).sum() == 17
+    with pytest.raises(BadRecordError, match=r"rec:7: conversation too long: 57 tokens \(17 of "
+                                             r"them image tokens\).*seq_len=56"):
+        md.MultimodalRows(TOK, processor, seq_len=56, max_views=1, bad_records="error")(record)
+    assert md.MultimodalRows(TOK, processor, seq_len=56, max_views=1,
                              bad_records="skip")(record) is None
 
 
@@ -173,7 +185,13 @@ def test_llava_files_json_list_jsonl_and_image_folder(tmp_path):
     _write_jsonl(tmp_path / "more.jsonl", [{"image": "a.png", "conversations": conversation}])
     src = md.LlavaFilesSource(str(tmp_path / "data.json"))
     assert len(src) == 2 and src[0]["image"] == str(tmp_path / "imgs" / "a.png")
-    assert src[0][ORIGIN_KEY] == f"{tmp_path / 'data.json'}[0]"
+    # Records of a JSON list are named by the line they start on: indent=1 puts each record's
+    # opening brace alone on a line indented by one space ("[" is line 1).
+    starts = [i + 1 for i, line in enumerate((tmp_path / "data.json").read_text().splitlines())
+              if line == " {"]
+    assert starts[0] == 2 and len(starts) == 2
+    assert src[0][ORIGIN_KEY] == f"{tmp_path / 'data.json'}:2"
+    assert src[1][ORIGIN_KEY] == f"{tmp_path / 'data.json'}:{starts[1]}"
     src = md.LlavaFilesSource(str(tmp_path / "more.jsonl"), image_folder=str(folder))
     assert src[0]["image"] == str(folder / "a.png")
 
@@ -230,8 +248,8 @@ def test_config_validation_names_fields():
             ("vision.image_aspect_ratio", "anyres", r"config.vision.image_aspect_ratio: expected "
                                                     r"'square' or 'anyres_max_N'"),
             ("train.trainable", "projector,decoder", r"config.train.trainable: expected 'all' or"),
-            ("train.objective", "pretrain", r"config.train.objective: expected 'sft' with "
-                                            r"vision.enabled=True"),
+            ("train.objective", "pretrain", r"config.train.objective: expected one of \('sft', "
+                                            r"'masked_response'\) with vision.enabled=True"),
             ("vision.n_heads", 5, r"config.vision: .*n_heads: expected a divisor of width=64"),
             ("train.group_learning_rates.vision_tower", -1.0,
              r"config.train.group_learning_rates.vision_tower: expected a learning rate >= 0")]:
@@ -496,7 +514,7 @@ def test_image_forward_windows_match_the_full_pass():
     def run(tokens, images):
         forward = mm.image_conditioned_forward(model, params, images)
         full, cache = forward(tokens, attention_mask=mask, positions=positions, return_kv=True)
-        start, width = 5, 24        # covers the 17 image tokens (positions 9 to 25)
+        start, width = 16, 24       # covers the 17 image tokens (positions 20 to 36)
         window = forward(tokens[:, start:start + width], attention_mask=mask,
                          positions=positions[:, start:start + width], kv_cache=cache,
                          cache_index=start)
@@ -505,7 +523,8 @@ def test_image_forward_windows_match_the_full_pass():
         return full, window, twins
 
     full, window, twins = run(jnp.asarray(tokens), images)
-    np.testing.assert_allclose(np.asarray(window), np.asarray(full[:, 5:29]), rtol=1e-5,
+    assert np.flatnonzero(tokens[0] == P).tolist() == list(range(20, 37))
+    np.testing.assert_allclose(np.asarray(window), np.asarray(full[:, 16:40]), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(np.asarray(twins), np.repeat(np.asarray(full), 2, 0), rtol=1e-6,
                                atol=1e-6)

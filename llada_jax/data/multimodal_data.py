@@ -264,6 +264,9 @@ class ImageProcessor:
     False, the flat merge of stage 1); else AnyRes (`anyres_max_{max_num_tiles}` over grids up
     to max_grid x max_grid). `pad_to_square=True` (each image of a multi-image record) gives one
     view padded to a square with the mean colour, its tokens and a newline, whatever the mode.
+    Like a Hugging Face multimodal processor it also carries the conversation `template` of the
+    model, so that whoever builds it from a config (training, `launch/chat.py --image`, the
+    notebooks) renders conversations exactly as the model was trained.
     """
 
     image_size: int
@@ -271,17 +274,20 @@ class ImageProcessor:
     max_num_tiles: int | None
     max_grid: int
     newline: bool = True
+    template: ConversationTemplate = DEFAULT_TEMPLATE
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ImageProcessor:
         v = config.vision
         max_num_tiles = config_lib.anyres_max_tiles(v.image_aspect_ratio)
-        plain = ConversationTemplate.from_config(config).format == LLADA_PLAIN
+        template = ConversationTemplate.from_config(config)
+        plain = template.format == LLADA_PLAIN
         if plain and max_num_tiles is not None:
             raise ValueError(f"config.vision.image_aspect_ratio: expected 'square' with "
                              f"data.conversation_format='{LLADA_PLAIN}' (stage 1: one square "
                              f"view per image, flat), found {v.image_aspect_ratio!r}")
-        return cls(v.image_size, v.patch_size, max_num_tiles, v.max_grid, newline=not plain)
+        return cls(v.image_size, v.patch_size, max_num_tiles, v.max_grid, newline=not plain,
+                   template=template)
 
     @property
     def tokens_per_side(self) -> int:
@@ -436,8 +442,9 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
                         tokenizer: Tokenizer, processor: ImageProcessor, *,
                         add_generation_prompt: bool = False, origin: str = "",
                         max_length: int | None = None,
-                        template: ConversationTemplate = DEFAULT_TEMPLATE) -> EncodedConversation:
-    """A conversation in `template`'s format (see the module docstring) with its images.
+                        template: ConversationTemplate | None = None) -> EncodedConversation:
+    """A conversation in `template`'s format (default: `processor.template`; see the module
+    docstring) with its images.
 
     `messages`: `{"role", "content"}` dicts (a leading system message replaces the template's
     system message). With `add_generation_prompt` the result is a prompt to sample from: the
@@ -446,6 +453,7 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
     exchanges (with their images) while longer and another answer is left; BadRecordError
     ('overlong') if it still does not fit.
     """
+    template = processor.template if template is None else template
     marks = [m["content"].count(IMAGE_MARK) for m in messages]
     if sum(marks) != len(image_list):
         raise BadRecordError(origin, f"the conversation has {sum(marks)} {IMAGE_MARK} mark(s) but "
@@ -560,23 +568,21 @@ class MultimodalRows:
     """record -> one training row (tokens, maskable, fill, image fields), or None when skipped."""
 
     def __init__(self, tokenizer: Tokenizer, processor: ImageProcessor, seq_len: int,
-                 max_views: int, bad_records: str,
-                 template: ConversationTemplate = DEFAULT_TEMPLATE) -> None:
+                 max_views: int, bad_records: str) -> None:
         self.tokenizer, self.processor, self.seq_len = tokenizer, processor, seq_len
-        self.max_views, self.bad_records, self.template = max_views, bad_records, template
+        self.max_views, self.bad_records = max_views, bad_records
 
     def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray] | None:
         origin = str(record.get(sources.ORIGIN, ""))
         try:
             messages = llava_messages(record)
             encoded = encode_conversation(messages, record_images(record), self.tokenizer,
-                                          self.processor, origin=origin, max_length=self.seq_len,
-                                          template=self.template)
+                                          self.processor, origin=origin, max_length=self.seq_len)
             padding = self.seq_len - len(encoded.ids)
             tokens = np.array(encoded.ids + [self.tokenizer.eos_id] * padding, np.int32)
             fill = np.arange(self.seq_len) >= len(encoded.ids)
-            maskable = np.array(encoded.maskable + [self.template.fill_is_labelled] * padding,
-                                bool)
+            fill_labelled = self.processor.template.fill_is_labelled
+            maskable = np.array(encoded.maskable + [fill_labelled] * padding, bool)
             fields = image_inputs(tokens[None], [encoded], self.max_views,
                                   self.processor.image_size, self.processor.tokens_per_view,
                                   [origin])
@@ -622,8 +628,7 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
         records = records.shuffle(seed=seed)
     records = records.repeat(num_epochs or None)
     rows = records.map(MultimodalRows(tokenizer, ImageProcessor.from_config(config),
-                                      train.seq_len, config.vision.max_views, data.bad_records,
-                                      ConversationTemplate.from_config(config)))
+                                      train.seq_len, config.vision.max_views, data.bad_records))
     dataset = rows.to_iter_dataset(grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
     return batch_and_prefetch(dataset, data, batch_size // process_count)
