@@ -267,8 +267,9 @@ def test_bad_images_and_records_are_one_line_with_file_and_line(tmp_path, monkey
              json.dumps({"image": good, "conversations": [{"from": "human", "value": 3}]})]
     path = tmp_path / "data.jsonl"
     path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"image": "\xff"}\n')
-    # PIL refuses images above 2 x MAX_IMAGE_PIXELS as decompression bombs: 64 x 64 > 2 x 1000.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    # PIL refuses images above 2 x MAX_IMAGE_PIXELS as decompression bombs: 64 x 64 > 2 x 1500
+    # (and 32 x 32 is below the limit).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
     source = md.LlavaFilesSource(str(path))
     rows = md.MultimodalRows(TOK, _processor(), 80, 1, "error")
     expected = {
