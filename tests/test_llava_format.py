@@ -319,3 +319,18 @@ def test_broken_json_list_files_name_file_and_line(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text(" [ ] ")
     assert md.read_json_list(str(empty)) == []
+
+
+def test_expand_to_square_offsets_by_hand():
+    """expand2square: a 5 x 2 image lands at rows (5 - 2) // 2 = 1..2 of a 5 x 5 canvas of
+    (127, 127, 127); a 2 x 5 image at columns 1..2; a square image is returned unchanged."""
+    from llada_jax.data import images
+
+    wide = images.expand_to_square(Image.new("RGB", (5, 2), RED))
+    pixels = np.asarray(wide)
+    assert wide.size == (5, 5)
+    assert (pixels[1:3] == RED).all() and (pixels[[0, 3, 4]] == 127).all()
+    pixels = np.asarray(images.expand_to_square(Image.new("RGB", (2, 5), RED)))
+    assert (pixels[:, 1:3] == RED).all() and (pixels[:, [0, 3, 4]] == 127).all()
+    square = Image.new("RGB", (3, 3), RED)
+    assert images.expand_to_square(square) is square
