@@ -101,6 +101,8 @@ def test_official_template_row_by_hand():
     np.testing.assert_array_equal(row["tokens"], ids + [EOS] * (400 - used))
     np.testing.assert_array_equal(row["maskable"], labels + [False] * (400 - used))
     np.testing.assert_array_equal(row["fill"], [False] * used + [True] * (400 - used))
+    # One row per device in the released runs: the fill is segment 0 (never attended either).
+    np.testing.assert_array_equal(row["segment_ids"], [1] * used + [0] * (400 - used))
     # Labelled outside the answers: BOS + 3 (system) + 3 (user 1) + 3 (user 2).
     assert sum(labels) == 1 + 3 + 3 + 3 + len(answer1) + len(answer2)
     assert LLAVA_SYSTEM_MESSAGE == OFFICIAL_SYSTEM
@@ -199,6 +201,7 @@ def test_plain_stage1_row_by_hand():
     np.testing.assert_array_equal(row["tokens"], ids + [EOS] * (40 - 27))
     np.testing.assert_array_equal(row["maskable"], [False] * 16 + [True] * (40 - 16))
     np.testing.assert_array_equal(row["fill"], [False] * 27 + [True] * 13)
+    assert "segment_ids" not in row     # stage 1 attends to (and trains on) its EOS padding
     assert not row["image_is_newline"].any()
     np.testing.assert_array_equal(row["image_source_index"][:16, 0], np.arange(16))
     prompt = md.encode_conversation([{"role": "user", "content": "<image>"}],

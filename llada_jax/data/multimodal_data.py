@@ -33,8 +33,9 @@ one row of `train.seq_len`:
   `<|eot_id|>`) plus every BOS, `<|start_header_id|>`, `<|end_header_id|>` and `<|eot_id|>` of
   the system and user turns. The trainer noises them all with one `t`. Image positions, role
   names and user/system content are never maskable.
-* `fill` (bool [L]) marks the EOS padding up to `seq_len`; it is never maskable (the released
-  runs train one row per device, so no padding exists to be labelled).
+* `fill` (bool [L]) marks the EOS padding up to `seq_len`; it is never maskable, and the row
+  also carries `segment_ids` (1 on the conversation, 0 on the fill) so that the trainer never
+  attends to it either: the released runs train one row per device, so no padding exists.
 
 `llada_plain` (stage 1, projector pre-training on captions): LLaDA-V's `preprocess_plain` with
 `conv_llada_plain`: `<image>` + caption + `\\n`, no BOS, no chat template, the instruction
@@ -590,6 +591,11 @@ class MultimodalRows:
             handle_bad_record(error, self.bad_records)
             return None
         row = {"tokens": tokens, "maskable": maskable, "fill": fill}
+        if not fill_labelled:
+            # The released stage-2 runs train one row per device: nothing follows a row's last
+            # token. Segment 0 makes the EOS fill exactly that (never attended, noised or
+            # counted); attending to it would also tell the model where every answer ends.
+            row["segment_ids"] = (~fill).astype(np.int32)
         row.update({k: v[0] for k, v in fields.items()})
         return row
 
@@ -602,7 +608,8 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     """This host's LLaDA-V batches as a grain IterDataset (checkpointable iterator).
 
     Batches: `tokens` int32 [b, L], `maskable` bool [b, L], `fill` bool [b, L] (the EOS padding
-    of each row) and `multimodal.IMAGE_FIELDS`, with b = batch_size / process_count. Defaults
+    of each row), `segment_ids` int32 [b, L] (llava_llada: 0 on the fill) and
+    `multimodal.IMAGE_FIELDS`, with b = batch_size / process_count. Defaults
     come from the config as in `pipeline.build_dataset`.
     """
     data, train = config.data, config.train
