@@ -77,6 +77,7 @@ def get_config(arg: str | None = None):
     c.data.image_folder = ""
     c.data.conversation_format = LLAVA_LLADA
     c.data.system_message = LLAVA_SYSTEM_MESSAGE
+    c.data.label_eos_padding = False   # stage 2: rows end at their last token (one per device)
     c.data.num_workers = 8        # image decoding and resizing are CPU-heavy
     # LLaDA-V sampling (REFERENCE.md section 5): EOS, BOS and the header tokens are never
     # generated at masked positions, and a row is done at its <|eot_id|> (early exit).
@@ -89,6 +90,7 @@ def get_config(arg: str | None = None):
     c.sampler.eot_token_id = 126348
     if stage == "stage1":
         c.data.conversation_format = LLADA_PLAIN
+        c.data.label_eos_padding = True   # the stage-1 collator pads labels with EOS
         c.vision.image_aspect_ratio = "square"   # one 384 px view (resized), 729 tokens, flat
         c.vision.max_views = 1
         c.train.objective = "sft"

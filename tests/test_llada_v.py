@@ -66,7 +66,8 @@ SYSTEM_LABELS = [True, True] + [False] * 6 + [True, False, False, True]
 def test_square_row_layout_by_hand():
     """One 32 px view of 4 x 4 patches: 16 tokens + 1 newline = 17 placeholders. Labelled: the
     whole assistant turn (header included), plus BOS, header and eot tokens of the system and
-    user turns; never the EOS padding (`fill`)."""
+    user turns; and, in the tiny preset only (`data.label_eos_padding=True`, a documented
+    deviation), the EOS padding (`fill`)."""
     c = _tiny_config()
     rows = md.MultimodalRows(TOK, md.ImageProcessor.from_config(c), seq_len=80, max_views=1,
                              bad_records="error")
@@ -80,8 +81,9 @@ def test_square_row_layout_by_hand():
     used = len(SYSTEM) + len(user) + len(answer)
     np.testing.assert_array_equal(row["tokens"], SYSTEM + user + answer + [EOS] * (80 - used))
     np.testing.assert_array_equal(row["maskable"], SYSTEM_LABELS + user_labels
-                                  + [True] * len(answer) + [False] * (80 - used))
+                                  + [True] * len(answer) + [True] * (80 - used))
     np.testing.assert_array_equal(row["fill"], [False] * used + [True] * (80 - used))
+    assert "segment_ids" not in row      # the labelled padding is attended to, as in SFT
     assert row["pixel_values"].shape == (1, 32, 32, 3) and row["pixel_values"].dtype == np.uint8
     np.testing.assert_array_equal(row["pixel_values"][0], image)   # 32 px: resize is the identity
     # The plan: placeholder k < 16 reads view token k with weight 1, the 17th is the newline.
@@ -93,38 +95,42 @@ def test_square_row_layout_by_hand():
 
 
 def test_anyres_expansion_counts_and_views(tmp_path):
-    """AnyRes with 32 px tiles of 4 x 4 tokens. A 64 x 32 image fits the 2x1 canvas exactly:
-    views = base + 2 tiles; token grid 4 x 8, no unpadding (same aspect), no downsampling
-    (sqrt(32 / 64) < 1.1): 16 + 4 * (8 + 1) = 52 tokens. A 32 x 32 image: 1x1 canvas, base +
-    1 tile, 16 + 4 * (4 + 1) = 36 tokens."""
+    """AnyRes (single-image records) with 32 px tiles of 4 x 4 tokens. A 64 x 32 image fits the
+    2x1 canvas exactly: views = base + 2 tiles; token grid 4 x 8, no unpadding (same aspect), no
+    downsampling (sqrt(32 / 64) < 1.1): 16 + 4 * (8 + 1) = 52 tokens. A 32 x 32 image: 1x1
+    canvas, base + 1 tile, 16 + 4 * (4 + 1) = 36 tokens. (Multi-image records get one padded
+    square view per image instead: tests/test_llava_format.py.)"""
     c = _tiny_config(image_aspect_ratio="anyres_max_4", max_views=6)
     wide = _write_png(tmp_path / "wide.png", 64, 32)
     square = _write_png(tmp_path / "square.png", 32, 32, (20, 200, 20))
     processor = md.ImageProcessor.from_config(c)
     assert processor.num_tokens((64, 32)) == 52 and processor.num_tokens((32, 32)) == 36
     rows = md.MultimodalRows(TOK, processor, seq_len=160, max_views=6, bad_records="error")
-    row = rows({"image": [wide, square], ORIGIN_KEY: "r", "conversations": [
-        {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "ok"}]})
-    positions = np.flatnonzero(row["tokens"] == P)
-    assert positions.size == 52 + 36
-    # Two runs of placeholders separated by the text " and ".
-    assert np.all(np.diff(positions[:52]) == 1) and np.all(np.diff(positions[52:]) == 1)
-    assert positions[52] - positions[51] == 1 + len(" and ")
-    assert not row["maskable"][positions].any()
-    # Views: [base, tile, tile] of the wide image, then [base, tile] of the square one, 1 padding.
-    pixels = row["pixel_values"]
-    assert pixels.shape == (6, 32, 32, 3)
-    np.testing.assert_array_equal(pixels[3, 0, 0], (20, 200, 20))
-    np.testing.assert_array_equal(pixels[5], 0)
-    # Row-local indices: the square image's tokens read views 3 and 4 only.
-    second = row["image_source_index"][positions[52:]][~row["image_is_newline"][positions[52:]]]
-    assert second[:, 0].min() >= 3 * 16 and second.max() < 5 * 16
+
+    def record(image):
+        return {"image": image, ORIGIN_KEY: "r", "conversations": [
+            {"from": "human", "value": "What? <image>"}, {"from": "gpt", "value": "ok"}]}
+
+    for image, tokens, views in ((wide, 52, 3), (square, 36, 2)):
+        row = rows(record(image))
+        positions = np.flatnonzero(row["tokens"] == P)
+        assert positions.size == tokens and np.all(np.diff(positions) == 1)
+        # Moved to the front of its message: "<image>\nWhat?".
+        np.testing.assert_array_equal(row["tokens"][positions[-1] + 1:positions[-1] + 7],
+                                      _chars("\nWhat?"))
+        assert not row["maskable"][positions].any()
+        pixels = row["pixel_values"]
+        assert pixels.shape == (6, 32, 32, 3)
+        assert pixels[:views].any(axis=(1, 2, 3)).all()
+        np.testing.assert_array_equal(pixels[views:], 0)
+        # Row-local indices: only this image's views are read.
+        assert row["image_source_index"][positions].max() < views * 16
+    np.testing.assert_array_equal(pixels[1, 0, 0], (20, 200, 20))   # the square's tile
     # Too many views for max_views is a bad record naming the limit.
-    small = md.MultimodalRows(TOK, processor, seq_len=160, max_views=4, bad_records="error")
-    with pytest.raises(BadRecordError, match=r"r: its images need 5 views, more than "
-                                             r"config.vision.max_views=4"):
-        small({"image": [wide, square], ORIGIN_KEY: "r", "conversations": [
-            {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "ok"}]})
+    small = md.MultimodalRows(TOK, processor, seq_len=160, max_views=2, bad_records="error")
+    with pytest.raises(BadRecordError, match=r"r: its images need 3 views, more than "
+                                             r"config.vision.max_views=2"):
+        small(record(wide))
 
 
 ORIGIN_KEY = "_origin"
@@ -147,7 +153,7 @@ def test_multiturn_maskable_is_every_answer_and_never_image_or_prompt():
                      + [True] * (13 + 3))
     padding = 120 - len(expected_tokens)
     np.testing.assert_array_equal(row["tokens"], expected_tokens + [EOS] * padding)
-    np.testing.assert_array_equal(row["maskable"], expected_mask + [False] * padding)
+    np.testing.assert_array_equal(row["maskable"], expected_mask + [True] * padding)
 
 
 def test_overlong_drops_last_exchange_then_fails():
@@ -157,9 +163,10 @@ def test_overlong_drops_last_exchange_then_fails():
         {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
         {"from": "human", "value": "Q2" * 20}, {"from": "gpt", "value": "A2"}]}
     # System turn 12 + user (8 + 17 + 3 + 1) + assistant (13 + 3) = 57 tokens for the first
-    # exchange alone; labelled: 4 + 3 structural tokens and the 16 of the assistant turn.
+    # exchange alone; labelled: 4 + 3 structural tokens, the 16 of the assistant turn and the
+    # 3 of EOS padding (the tiny preset trains on it).
     row = md.MultimodalRows(TOK, processor, seq_len=60, max_views=1, bad_records="error")(record)
-    assert row["maskable"].sum() == 4 + 3 + 16 and (row["tokens"] == P).sum() == 17
+    assert row["maskable"].sum() == 4 + 3 + 16 + 3 and (row["tokens"] == P).sum() == 17
     with pytest.raises(BadRecordError, match=r"rec:7: conversation too long: 57 tokens \(17 of "
                                              r"them image tokens\).*seq_len=56"):
         md.MultimodalRows(TOK, processor, seq_len=56, max_views=1, bad_records="error")(record)

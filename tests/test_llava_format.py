@@ -234,7 +234,9 @@ def test_presets_follow_the_released_stages():
     assert stage2.data.system_message == OFFICIAL_SYSTEM
     assert stage2.train.objective == "masked_response"
     assert stage2.vision.image_aspect_ratio == "anyres_max_4"
-    assert llada_v_tiny.get_config().train.objective == "masked_response"
+    assert stage1.data.label_eos_padding and not stage2.data.label_eos_padding
+    tiny = llada_v_tiny.get_config()
+    assert tiny.train.objective == "masked_response" and tiny.data.label_eos_padding
     source = md.open_multimodal_source(md.parse_multimodal_source("shapes"),
                                        llada_v_tiny.get_config("stage1"))
     record = source[0]

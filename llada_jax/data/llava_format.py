@@ -26,15 +26,20 @@ PLAIN_SEPARATOR = "\n"
 
 @dataclasses.dataclass(frozen=True)
 class ConversationTemplate:
-    """How a conversation becomes text: the format and the default system message.
+    """How a conversation becomes a row: the format, the default system message, and whether the
+    row's EOS padding is trained on.
 
-    Built from `config.data.conversation_format` (default 'llava_llada') and
-    `config.data.system_message` (default `LLAVA_SYSTEM_MESSAGE`); a config without these
-    fields gets the defaults.
+    Built from `config.data.conversation_format` (default 'llava_llada'),
+    `config.data.system_message` (default `LLAVA_SYSTEM_MESSAGE`) and
+    `config.data.label_eos_padding` (default None: as the released recipe does for the format,
+    i.e. stage 2 never, stage 1 up to the longest row; True is a deliberate deviation for models
+    that must still learn to stop, see configs/llada_v_tiny.py); a config without these fields
+    gets the defaults.
     """
 
     format: str = LLAVA_LLADA
     system_message: str = LLAVA_SYSTEM_MESSAGE
+    label_eos_padding: bool | None = None
 
     def __post_init__(self) -> None:
         if self.format not in CONVERSATION_FORMATS:
@@ -43,17 +48,24 @@ class ConversationTemplate:
         if not isinstance(self.system_message, str):
             raise ValueError(f"config.data.system_message: expected a string, found "
                              f"{self.system_message!r}")
+        if self.label_eos_padding not in (None, True, False):
+            raise ValueError(f"config.data.label_eos_padding: expected None (the released "
+                             f"recipe), True or False, found {self.label_eos_padding!r}")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ConversationTemplate:
         data = config.data
         return cls(data.get("conversation_format", LLAVA_LLADA),
-                   data.get("system_message", LLAVA_SYSTEM_MESSAGE))
+                   data.get("system_message", LLAVA_SYSTEM_MESSAGE),
+                   data.get("label_eos_padding", None))
 
     @property
     def fill_is_labelled(self) -> bool:
-        """Whether the EOS padding of a row is trained on (stage 1's collator; see the module)."""
-        return self.format == LLADA_PLAIN
+        """Whether the EOS padding of a row is trained on (and attended to): by default only in
+        stage 1, whose released collator pads the labels with EOS (see multimodal_data.py)."""
+        if self.label_eos_padding is None:
+            return self.format == LLADA_PLAIN
+        return self.label_eos_padding
 
 
 DEFAULT_TEMPLATE = ConversationTemplate()
