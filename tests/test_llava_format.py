@@ -130,6 +130,10 @@ def test_leading_answer_dropped_and_record_system_turn_kept():
     ids = [BOS, *system, *user, *answer]
     np.testing.assert_array_equal(row["tokens"][:len(ids)], ids)
     assert row["fill"][len(ids):].all() and not row["fill"][:len(ids)].any()
+    with pytest.raises(BadRecordError, match=r"the system message holds <image>"):
+        rows({"image": image, "conversations": [
+            {"from": "system", "value": "<image>"}, {"from": "human", "value": "Q"},
+            {"from": "gpt", "value": "A"}]})
 
 
 def test_generation_prompt_official_inference_template():

@@ -465,6 +465,9 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
     messages = [dict(m) for m in messages]
     system = template.system_message
     if messages and messages[0]["role"] == "system":
+        if marks[0]:
+            raise BadRecordError(origin, f"the system message holds {IMAGE_MARK}; images belong "
+                                 f"in user turns")
         system = messages.pop(0)["content"]
         marks = marks[1:]
     if add_generation_prompt:     # the released chat template trims every message
