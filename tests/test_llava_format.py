@@ -343,3 +343,83 @@ def test_expand_to_square_offsets_by_hand():
     assert (pixels[:, 1:3] == RED).all() and (pixels[:, [0, 3, 4]] == 127).all()
     square = Image.new("RGB", (3, 3), RED)
     assert images.expand_to_square(square) is square
+
+
+# --- parity with the released preprocessing on a byte-level BPE (transformers) ----------------
+def _official_rows(hf_tokenizer, conversations, system_message):
+    """LLaDA-V's `preprocess_multimodal` + `preprocess_llada`, restated with transformers'
+    `apply_chat_template` and the reference's own training template: (input_ids, labels),
+    -200 at the (single) image token, -100 where not labelled."""
+    template = ("{% for message in messages %}{{'<|startoftext|>' + '<|start_header_id|>' + "
+                "message['role'] + '<|end_header_id|>' + '\n\n' + message['content'] + "
+                "'<|eot_id|>'}}{% endfor %}{% if add_generation_prompt %}{{ "
+                "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    hf_tokenizer.chat_template = template
+    image_index = hf_tokenizer.convert_tokens_to_ids("<image>")
+    unmask = {hf_tokenizer.convert_tokens_to_ids(t) for t in
+              ["<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+               "\n\n"]}
+    for sentence in conversations:          # preprocess_multimodal
+        value = sentence["value"]
+        if value.count("<image>") == 1 and not value.startswith("<image>"):
+            value = ("<image>" + "\n" + value.replace("<image>", "").strip()).strip()
+        sentence["value"] = value
+    def apply(messages):       # newer transformers return a dict of fields
+        out = hf_tokenizer.apply_chat_template(messages)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    input_id = apply([{"role": "system", "content": system_message}])
+    target = [-100] * len(input_id)
+    for turn in conversations:
+        role = {"human": "user", "gpt": "assistant"}[turn["from"]]
+        encode_id = apply([{"role": role, "content": turn["value"]}])[1:]
+        input_id += encode_id
+        target += [-100] * len(encode_id) if role == "user" else encode_id
+    for i, token in enumerate(input_id):
+        if token in unmask:
+            target[i] = token
+        if token == image_index:
+            input_id[i] = -200
+    return input_id, target
+
+
+def test_rows_match_the_released_preprocessing_on_a_bpe_tokenizer(tmp_path):
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|eot_id|>", "<|startoftext|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|mdm_mask|>", "<image>"]
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(
+        [OFFICIAL_SYSTEM, "What is this?\n\nA red circle.", "Tell me a joke about cats.",
+         "  Why did the cat sit on the computer?\n"] * 3,
+        trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    from llada_jax.data.tokenizer import HFTokenizer
+
+    ours = HFTokenizer(str(tmp_path))
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    conversation = [{"from": "human", "value": "  What is this? <image>\n"},
+                    {"from": "gpt", "value": "A red circle. "},
+                    {"from": "human", "value": "\n\nTell me a joke about cats."},
+                    {"from": "gpt", "value": "  Why did the cat sit on the computer?\n"}]
+    expected_ids, expected_labels = _official_rows(reference, [dict(t) for t in conversation],
+                                                   OFFICIAL_SYSTEM)
+    rows = md.MultimodalRows(ours, _default_processor(), seq_len=200, max_views=1,
+                             bad_records="error")
+    row = rows({"image": np.zeros((32, 32, 3), np.uint8), "conversations": conversation})
+    used = int((~row["fill"]).sum())
+    ids, labelled = row["tokens"][:used].tolist(), row["maskable"][:used].tolist()
+    first = ids.index(P)     # our 17 image positions are the reference's one image token
+    assert ids[first:first + 17] == [P] * 17
+    ids, labelled = ids[:first + 1] + ids[first + 17:], labelled[:first + 1] + labelled[first + 17:]
+    assert ids == expected_ids
+    assert labelled == [t != -100 for t in expected_labels]
