@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("llada_v") / "run")
     result = _run("train.py", "--config=configs/llada_v_tiny.py", f"--workdir={workdir}",
                   "--config.train.steps=300", "--config.train.log_every=100",
-                  "--config.train.checkpoint_every=0")
+                  "--config.train.checkpoint_every=0", timeout=900)  # a loaded CI machine
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 300/300 | loss" in result.stderr
     return workdir
