@@ -36,6 +36,8 @@ one row of `train.seq_len`:
 * `fill` (bool [L]) marks the EOS padding up to `seq_len`; it is never maskable, and the row
   also carries `segment_ids` (1 on the conversation, 0 on the fill) so that the trainer never
   attends to it either: the released runs train one row per device, so no padding exists.
+  `data.label_eos_padding=True` (a deliberate deviation, used by the tiny preset) instead makes
+  the fill maskable and attended, as in LLaDA's SFT.
 
 `llada_plain` (stage 1, projector pre-training on captions): LLaDA-V's `preprocess_plain` with
 `conv_llada_plain`: `<image>` + caption + `\\n`, no BOS, no chat template, the instruction
