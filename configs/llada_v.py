@@ -17,10 +17,19 @@ downsampled to about 4 tiles' worth of tokens. `vision.max_views = 37` (1 + 6 * 
 number of views per example, so no image is ever refused; lower it (with
 `data.bad_records=skip`) to spend less compute on padding views.
 
-Stages (selected by the argument):
-  * `stage1`: projector only (everything else frozen, bit-identical) on caption data, lr 1e-3;
+Stages (selected by the argument), as LLaDA-V's `llada_v_pretrain.sh` / `llada_v_finetune.sh`:
+  * `stage1`: projector only (everything else frozen, bit-identical) on caption data, lr 1e-3,
+    in the `llada_plain` format (`<image>` + caption + `\n`, no chat template, the instruction
+    dropped), one square 729-token view per image merged flat (no newline token, no AnyRes).
+    Objective `sft`: it is the released stage-1 loss exactly (per row sum CE/p over the noised
+    tokens divided by the row's labelled tokens, mean over rows; the EOS padding up to the
+    longest row of a batch is labelled, because the stage-1 collator pads labels with EOS).
   * `stage2` (default): everything, language model and projector at 1e-5, vision tower 2e-6,
-    cosine schedule with 3% warmup, on instruction data.
+    cosine schedule with 3% warmup, on instruction data in the `llava_llada` chat format (BOS,
+    the LLaVA system turn, then the conversation; `llada_jax/data/multimodal_data.py`), AnyRes
+    for single images and one padded square view per image of multi-image records. Objective
+    `masked_response`: answers (whole assistant turns) and the structural tokens are noised,
+    padding is never labelled, the loss divides by the labelled tokens.
 bf16 compute, float32 master weights, full rematerialisation, FSDP over every device.
 `train.init_from` takes a params checkpoint holding all three parts: make one from a LLaDA-V
 Hugging Face checkpoint with `llada_jax.interop.siglip.import_llada_v` (+ `save_params`).
@@ -31,6 +40,7 @@ import dataclasses
 import ml_collections
 
 from llada_jax.config import ModelConfig, default_config
+from llada_jax.data.llava_format import LLADA_PLAIN, LLAVA_LLADA, LLAVA_SYSTEM_MESSAGE
 
 
 def get_config(arg: str | None = None):
@@ -54,7 +64,7 @@ def get_config(arg: str | None = None):
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
 
-    c.train.objective = "sft"     # the masked-response loss: responses noised with one t
+    c.train.objective = "masked_response"   # stage 1 below: "sft"
     c.train.seq_len = 8192
     c.train.schedule = "cosine"
     c.train.min_lr_ratio = 0.0
@@ -65,6 +75,9 @@ def get_config(arg: str | None = None):
     c.data.tokenizer = "hf:LLaDA-8B-Instruct"
     c.data.source = "files:llava_data/*.json"
     c.data.image_folder = ""
+    c.data.conversation_format = LLAVA_LLADA
+    c.data.system_message = LLAVA_SYSTEM_MESSAGE
+    c.data.label_eos_padding = False   # stage 2: rows end at their last token (one per device)
     c.data.num_workers = 8        # image decoding and resizing are CPU-heavy
     # LLaDA-V sampling (REFERENCE.md section 5): EOS, BOS and the header tokens are never
     # generated at masked positions, and a row is done at its <|eot_id|> (early exit).
@@ -76,6 +89,11 @@ def get_config(arg: str | None = None):
     c.sampler.early_exit = True
     c.sampler.eot_token_id = 126348
     if stage == "stage1":
+        c.data.conversation_format = LLADA_PLAIN
+        c.data.label_eos_padding = True   # the stage-1 collator pads labels with EOS
+        c.vision.image_aspect_ratio = "square"   # one 384 px view (resized), 729 tokens, flat
+        c.vision.max_views = 1
+        c.train.objective = "sft"
         c.train.trainable = "projector"
         c.train.learning_rate = 1e-3
         c.train.batch_size = 256

@@ -244,8 +244,10 @@ def generate_text(params: Any, model: nn.Module, tokenizer: Tokenizer, prompts: 
 def image_conversation(tokenizer: Tokenizer, config: ml_collections.ConfigDict, image: Any,
                        question: str):
     """One user turn `<image>\\n{question}` about `image` (a path, a PIL image or uint8
-    [H, W, 3]), rendered for LLaDA-V up to the assistant header: a
-    `multimodal_data.EncodedConversation` (its `ids` hold the image's placeholder positions)."""
+    [H, W, 3]), rendered for LLaDA-V up to the assistant header in the config's conversation
+    template (`data.conversation_format`; by default BOS, the LLaVA system turn, then the turn,
+    as LLaDA-V prompts at inference): a `multimodal_data.EncodedConversation` (its `ids` hold
+    the image's placeholder positions)."""
     from llada_jax.data import multimodal_data
 
     messages = [{"role": "user", "content": f"{multimodal_data.IMAGE_MARK}\n{question}"}]

@@ -57,9 +57,17 @@ def _write_png(path, width, height, colour=(200, 30, 30)):
 
 
 # --- data ---------------------------------------------------------------------------------------
+# The tiny preset's system turn (its system message is empty): BOS <sh>system<eh>\n\n<eot>,
+# labelled (LLaDA-V's preprocess_llada) on BOS and the header / eot tokens only.
+SYSTEM = [BOS, START, *_chars("system"), END, *_chars("\n\n"), EOT]
+SYSTEM_LABELS = [True, True] + [False] * 6 + [True, False, False, True]
+
+
 def test_square_row_layout_by_hand():
-    """One 32 px view of 4 x 4 patches: 16 tokens + 1 newline = 17 placeholders; only the
-    answer, its <|eot_id|> and the EOS padding are maskable."""
+    """One 32 px view of 4 x 4 patches: 16 tokens + 1 newline = 17 placeholders. Labelled: the
+    whole assistant turn (header included), plus BOS, header and eot tokens of the system and
+    user turns; and, in the tiny preset only (`data.label_eos_padding=True`, a documented
+    deviation), the EOS padding (`fill`)."""
     c = _tiny_config()
     rows = md.MultimodalRows(TOK, md.ImageProcessor.from_config(c), seq_len=80, max_views=1,
                              bad_records="error")
@@ -67,12 +75,15 @@ def test_square_row_layout_by_hand():
     image[:, 16:] = 255
     row = rows({"image": image, "conversations": [
         {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]})
-    prompt = ([BOS, *_header("user"), *[P] * 17, *_chars("\nColour?"), EOT, *_header("assistant")])
-    answer = [*_chars("red"), EOT]
-    expected = prompt + answer + [EOS] * (80 - len(prompt) - len(answer))
-    np.testing.assert_array_equal(row["tokens"], expected)
-    np.testing.assert_array_equal(row["maskable"],
-                                  [False] * len(prompt) + [True] * (80 - len(prompt)))
+    user = [START, *_chars("user"), END, *_chars("\n\n"), *[P] * 17, *_chars("\nColour?"), EOT]
+    user_labels = [True] + [False] * 4 + [True] + [False] * (2 + 17 + 8) + [True]
+    answer = [START, *_chars("assistant"), END, *_chars("\n\nred"), EOT]
+    used = len(SYSTEM) + len(user) + len(answer)
+    np.testing.assert_array_equal(row["tokens"], SYSTEM + user + answer + [EOS] * (80 - used))
+    np.testing.assert_array_equal(row["maskable"], SYSTEM_LABELS + user_labels
+                                  + [True] * len(answer) + [True] * (80 - used))
+    np.testing.assert_array_equal(row["fill"], [False] * used + [True] * (80 - used))
+    assert "segment_ids" not in row      # the labelled padding is attended to, as in SFT
     assert row["pixel_values"].shape == (1, 32, 32, 3) and row["pixel_values"].dtype == np.uint8
     np.testing.assert_array_equal(row["pixel_values"][0], image)   # 32 px: resize is the identity
     # The plan: placeholder k < 16 reads view token k with weight 1, the 17th is the newline.
@@ -84,38 +95,42 @@ def test_square_row_layout_by_hand():
 
 
 def test_anyres_expansion_counts_and_views(tmp_path):
-    """AnyRes with 32 px tiles of 4 x 4 tokens. A 64 x 32 image fits the 2x1 canvas exactly:
-    views = base + 2 tiles; token grid 4 x 8, no unpadding (same aspect), no downsampling
-    (sqrt(32 / 64) < 1.1): 16 + 4 * (8 + 1) = 52 tokens. A 32 x 32 image: 1x1 canvas, base +
-    1 tile, 16 + 4 * (4 + 1) = 36 tokens."""
+    """AnyRes (single-image records) with 32 px tiles of 4 x 4 tokens. A 64 x 32 image fits the
+    2x1 canvas exactly: views = base + 2 tiles; token grid 4 x 8, no unpadding (same aspect), no
+    downsampling (sqrt(32 / 64) < 1.1): 16 + 4 * (8 + 1) = 52 tokens. A 32 x 32 image: 1x1
+    canvas, base + 1 tile, 16 + 4 * (4 + 1) = 36 tokens. (Multi-image records get one padded
+    square view per image instead: tests/test_llava_format.py.)"""
     c = _tiny_config(image_aspect_ratio="anyres_max_4", max_views=6)
     wide = _write_png(tmp_path / "wide.png", 64, 32)
     square = _write_png(tmp_path / "square.png", 32, 32, (20, 200, 20))
     processor = md.ImageProcessor.from_config(c)
     assert processor.num_tokens((64, 32)) == 52 and processor.num_tokens((32, 32)) == 36
     rows = md.MultimodalRows(TOK, processor, seq_len=160, max_views=6, bad_records="error")
-    row = rows({"image": [wide, square], ORIGIN_KEY: "r", "conversations": [
-        {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "ok"}]})
-    positions = np.flatnonzero(row["tokens"] == P)
-    assert positions.size == 52 + 36
-    # Two runs of placeholders separated by the text " and ".
-    assert np.all(np.diff(positions[:52]) == 1) and np.all(np.diff(positions[52:]) == 1)
-    assert positions[52] - positions[51] == 1 + len(" and ")
-    assert not row["maskable"][positions].any()
-    # Views: [base, tile, tile] of the wide image, then [base, tile] of the square one, 1 padding.
-    pixels = row["pixel_values"]
-    assert pixels.shape == (6, 32, 32, 3)
-    np.testing.assert_array_equal(pixels[3, 0, 0], (20, 200, 20))
-    np.testing.assert_array_equal(pixels[5], 0)
-    # Row-local indices: the square image's tokens read views 3 and 4 only.
-    second = row["image_source_index"][positions[52:]][~row["image_is_newline"][positions[52:]]]
-    assert second[:, 0].min() >= 3 * 16 and second.max() < 5 * 16
+
+    def record(image):
+        return {"image": image, ORIGIN_KEY: "r", "conversations": [
+            {"from": "human", "value": "What? <image>"}, {"from": "gpt", "value": "ok"}]}
+
+    for image, tokens, views in ((wide, 52, 3), (square, 36, 2)):
+        row = rows(record(image))
+        positions = np.flatnonzero(row["tokens"] == P)
+        assert positions.size == tokens and np.all(np.diff(positions) == 1)
+        # Moved to the front of its message: "<image>\nWhat?".
+        np.testing.assert_array_equal(row["tokens"][positions[-1] + 1:positions[-1] + 7],
+                                      _chars("\nWhat?"))
+        assert not row["maskable"][positions].any()
+        pixels = row["pixel_values"]
+        assert pixels.shape == (6, 32, 32, 3)
+        assert pixels[:views].any(axis=(1, 2, 3)).all()
+        np.testing.assert_array_equal(pixels[views:], 0)
+        # Row-local indices: only this image's views are read.
+        assert row["image_source_index"][positions].max() < views * 16
+    np.testing.assert_array_equal(pixels[1, 0, 0], (20, 200, 20))   # the square's tile
     # Too many views for max_views is a bad record naming the limit.
-    small = md.MultimodalRows(TOK, processor, seq_len=160, max_views=4, bad_records="error")
-    with pytest.raises(BadRecordError, match=r"r: its images need 5 views, more than "
-                                             r"config.vision.max_views=4"):
-        small({"image": [wide, square], ORIGIN_KEY: "r", "conversations": [
-            {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "ok"}]})
+    small = md.MultimodalRows(TOK, processor, seq_len=160, max_views=2, bad_records="error")
+    with pytest.raises(BadRecordError, match=r"r: its images need 3 views, more than "
+                                             r"config.vision.max_views=2"):
+        small(record(wide))
 
 
 ORIGIN_KEY = "_origin"
@@ -128,12 +143,14 @@ def test_multiturn_maskable_is_every_answer_and_never_image_or_prompt():
     row = rows({"image": np.full((32, 32, 3), 9, np.uint8), "conversations": [
         {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
         {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]})
-    expected_tokens = ([BOS, *_header("user"), *[P] * 17, *_chars("\nQ1"), EOT,
-                        *_header("assistant"), *_chars("A1"), EOT,
-                        *_header("user"), *_chars("Q2"), EOT, *_header("assistant"),
-                        *_chars("A2"), EOT])
-    expected_mask = ([False] * (1 + 8 + 17 + 3 + 1 + 13) + [True] * 3
-                     + [False] * (8 + 2 + 1 + 13) + [True] * 3)
+    expected_tokens = [*SYSTEM, *_header("user"), *[P] * 17, *_chars("\nQ1"), EOT,
+                       *_header("assistant"), *_chars("A1"), EOT,
+                       *_header("user"), *_chars("Q2"), EOT, *_header("assistant"),
+                       *_chars("A2"), EOT]
+    user_labels = [True] + [False] * 4 + [True] + [False] * 2
+    expected_mask = (SYSTEM_LABELS + user_labels + [False] * (17 + 3) + [True]
+                     + [True] * (8 + 5 + 3) + user_labels + [False] * 2 + [True]
+                     + [True] * (13 + 3))
     padding = 120 - len(expected_tokens)
     np.testing.assert_array_equal(row["tokens"], expected_tokens + [EOS] * padding)
     np.testing.assert_array_equal(row["maskable"], expected_mask + [True] * padding)
@@ -145,13 +162,15 @@ def test_overlong_drops_last_exchange_then_fails():
     record = {"image": np.zeros((32, 32, 3), np.uint8), ORIGIN_KEY: "rec:7", "conversations": [
         {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
         {"from": "human", "value": "Q2" * 20}, {"from": "gpt", "value": "A2"}]}
-    # BOS + 8 + 17 + 3 + 1 + 13 + 3 = 46 tokens for the first exchange alone.
-    row = md.MultimodalRows(TOK, processor, seq_len=50, max_views=1, bad_records="error")(record)
-    assert row["maskable"].sum() == 3 + 4 and (row["tokens"] == P).sum() == 17
-    with pytest.raises(BadRecordError, match=r"rec:7: conversation too long: 46 tokens \(17 of "
-                                             r"them image tokens\).*seq_len=45"):
-        md.MultimodalRows(TOK, processor, seq_len=45, max_views=1, bad_records="error")(record)
-    assert md.MultimodalRows(TOK, processor, seq_len=45, max_views=1,
+    # System turn 12 + user (8 + 17 + 3 + 1) + assistant (13 + 3) = 57 tokens for the first
+    # exchange alone; labelled: 4 + 3 structural tokens, the 16 of the assistant turn and the
+    # 3 of EOS padding (the tiny preset trains on it).
+    row = md.MultimodalRows(TOK, processor, seq_len=60, max_views=1, bad_records="error")(record)
+    assert row["maskable"].sum() == 4 + 3 + 16 + 3 and (row["tokens"] == P).sum() == 17
+    with pytest.raises(BadRecordError, match=r"rec:7: conversation too long: 57 tokens \(17 of "
+                                             r"them image tokens\).*seq_len=56"):
+        md.MultimodalRows(TOK, processor, seq_len=56, max_views=1, bad_records="error")(record)
+    assert md.MultimodalRows(TOK, processor, seq_len=56, max_views=1,
                              bad_records="skip")(record) is None
 
 
@@ -173,7 +192,13 @@ def test_llava_files_json_list_jsonl_and_image_folder(tmp_path):
     _write_jsonl(tmp_path / "more.jsonl", [{"image": "a.png", "conversations": conversation}])
     src = md.LlavaFilesSource(str(tmp_path / "data.json"))
     assert len(src) == 2 and src[0]["image"] == str(tmp_path / "imgs" / "a.png")
-    assert src[0][ORIGIN_KEY] == f"{tmp_path / 'data.json'}[0]"
+    # Records of a JSON list are named by the line they start on: indent=1 puts each record's
+    # opening brace alone on a line indented by one space ("[" is line 1).
+    starts = [i + 1 for i, line in enumerate((tmp_path / "data.json").read_text().splitlines())
+              if line == " {"]
+    assert starts[0] == 2 and len(starts) == 2
+    assert src[0][ORIGIN_KEY] == f"{tmp_path / 'data.json'}:2"
+    assert src[1][ORIGIN_KEY] == f"{tmp_path / 'data.json'}:{starts[1]}"
     src = md.LlavaFilesSource(str(tmp_path / "more.jsonl"), image_folder=str(folder))
     assert src[0]["image"] == str(folder / "a.png")
 
@@ -230,8 +255,8 @@ def test_config_validation_names_fields():
             ("vision.image_aspect_ratio", "anyres", r"config.vision.image_aspect_ratio: expected "
                                                     r"'square' or 'anyres_max_N'"),
             ("train.trainable", "projector,decoder", r"config.train.trainable: expected 'all' or"),
-            ("train.objective", "pretrain", r"config.train.objective: expected 'sft' with "
-                                            r"vision.enabled=True"),
+            ("train.objective", "pretrain", r"config.train.objective: expected one of \('sft', "
+                                            r"'masked_response'\) with vision.enabled=True"),
             ("vision.n_heads", 5, r"config.vision: .*n_heads: expected a divisor of width=64"),
             ("train.group_learning_rates.vision_tower", -1.0,
              r"config.train.group_learning_rates.vision_tower: expected a learning rate >= 0")]:
@@ -496,7 +521,7 @@ def test_image_forward_windows_match_the_full_pass():
     def run(tokens, images):
         forward = mm.image_conditioned_forward(model, params, images)
         full, cache = forward(tokens, attention_mask=mask, positions=positions, return_kv=True)
-        start, width = 5, 24        # covers the 17 image tokens (positions 9 to 25)
+        start, width = 16, 24       # covers the 17 image tokens (positions 20 to 36)
         window = forward(tokens[:, start:start + width], attention_mask=mask,
                          positions=positions[:, start:start + width], kv_cache=cache,
                          cache_index=start)
@@ -505,7 +530,8 @@ def test_image_forward_windows_match_the_full_pass():
         return full, window, twins
 
     full, window, twins = run(jnp.asarray(tokens), images)
-    np.testing.assert_allclose(np.asarray(window), np.asarray(full[:, 5:29]), rtol=1e-5,
+    assert np.flatnonzero(tokens[0] == P).tolist() == list(range(20, 37))
+    np.testing.assert_allclose(np.asarray(window), np.asarray(full[:, 16:40]), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(np.asarray(twins), np.repeat(np.asarray(full), 2, 0), rtol=1e-6,
                                atol=1e-6)

@@ -24,13 +24,14 @@ def _run(name, *args, stdin=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """The tiny preset trained for 300 steps (colours are learnt by then)."""
+    """The tiny preset trained for its 500 steps (with the released labelled set, 300 steps
+    still confused colours now and then)."""
     workdir = str(tmp_path_factory.mktemp("llada_v") / "run")
     result = _run("train.py", "--config=configs/llada_v_tiny.py", f"--workdir={workdir}",
-                  "--config.train.steps=300", "--config.train.log_every=100",
-                  "--config.train.checkpoint_every=0")
+                  "--config.train.log_every=100", "--config.train.checkpoint_every=0",
+                  timeout=900)  # minutes on a loaded CI machine
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 300/300 | loss" in result.stderr
+    assert "step 500/500 | loss" in result.stderr
     return workdir
 
 

@@ -46,6 +46,9 @@ MAX_NUM_TILES = 4         # the 4 of "anyres_max_4"
 DOWNSAMPLE_THRESHOLD = 1.1
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+# The background LLaDA-V pads multi-image views to a square with: the image mean in 8 bits,
+# `tuple(int(x * 255) for x in image_mean)` = (127, 127, 127).
+PAD_BACKGROUND = tuple(int(m * 255) for m in IMAGE_MEAN)
 
 # Modes `convert("RGB")` maps to 8-bit RGB without guessing a value range. 16-bit and float
 # images ("I", "I;16", "F", ...) would be clipped to 0..255 silently, so they are refused.
@@ -58,7 +61,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Opens and fully decodes an image file as RGB (alpha dropped, as LLaDA-V's loader does).
 
     Raises FileNotFoundError for a missing file and ValueError naming the file for anything
-    that is not a decodable, non-empty image with a convertible mode.
+    that is not a decodable, non-empty image with a convertible mode, including truncated data
+    and images larger than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS` x 2).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -73,6 +77,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             return rgb.copy() if rgb is image else rgb
     except UnidentifiedImageError as e:
         raise ValueError(f"cannot read image {path}: not a recognised image format") from e
+    except Image.DecompressionBombError as e:   # not an OSError: would escape as a traceback
+        raise ValueError(f"cannot read image {path}: too large to decode safely ({e})") from e
     except (OSError, SyntaxError) as e:   # truncated or corrupt data; PIL uses both
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -119,6 +125,27 @@ def square_pixels(image: Image.Image | str | os.PathLike[str], size: int = TILE_
     """One view: the whole image resized (aspect ratio not kept) to size x size -> uint8
     [size, size, 3]."""
     return np.asarray(resize(_as_rgb(image), (size, size)), dtype=np.uint8)
+
+
+def expand_to_square(image: Image.Image,
+                     background: tuple[int, int, int] = PAD_BACKGROUND) -> Image.Image:
+    """The image centred on a square canvas of its longer side filled with `background`
+    (LLaDA-V's `expand2square`: offset `(long - short) // 2`); a square image is returned as is."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, (0, (width - height) // 2) if width > height else
+                 ((height - width) // 2, 0))
+    return canvas
+
+
+def padded_square_pixels(image: Image.Image | str | os.PathLike[str],
+                         size: int = TILE_SIZE) -> np.ndarray:
+    """One view of a multi-image record: padded to a square with the mean colour
+    (`expand_to_square`), then resized to size x size -> uint8 [size, size, 3]."""
+    return square_pixels(expand_to_square(_as_rgb(image)), size)
 
 
 def preprocess_square(image: Image.Image | str | os.PathLike[str],

@@ -2,8 +2,10 @@
 
 Each example is an RGB image (uint8 [size, size, 3]) of one filled shape of one colour on a grey
 background, and a LLaVA-style conversation asking about it ("Colour?" -> "red", "Shape?" ->
-"circle"). The answer can only be read from the image, so accuracy above chance proves the
-vision path works. Everything is generated from the example index: deterministic, no downloads.
+"circle"), or with `task="caption"` (the captions of LLaDA-V's stage-1 projector pre-training)
+an image and its caption ("red circle"). The answer can only be read from the image, so accuracy
+above chance proves the vision path works. Everything is generated from the example index:
+deterministic, no downloads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230),
 SHAPES = ("square", "circle", "triangle")
 # Short questions: every character is a token of the tiny CPU models that train on this set.
 QUESTIONS = {"colour": "Colour?", "shape": "Shape?"}
+TASKS = ("question", "caption")
 BACKGROUND = (128, 128, 128)
 
 
@@ -49,14 +52,17 @@ class ShapesDataset:
 
     `conversations` follow the LLaVA format used by LLaDA-V: a list of
     `{"from": "human"|"gpt", "value": str}` with an `<image>` placeholder in the first turn.
-    Split 'train' and 'test' draw from disjoint index streams.
+    Split 'train' and 'test' draw from disjoint index streams. `task="caption"`: the human turn
+    is just `<image>` and the answer is the caption "{colour} {shape}" (the same pictures).
     """
 
     def __init__(self, size: int = 32, num_examples: int = 4096, split: str = "train",
-                 seed: int = 0) -> None:
+                 seed: int = 0, task: str = "question") -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', found {split!r}")
-        self.size, self.num_examples = size, num_examples
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, found {task!r}")
+        self.size, self.num_examples, self.task = size, num_examples, task
         self._seed = (seed, 0 if split == "train" else 1)
 
     def __len__(self) -> int:
@@ -70,9 +76,12 @@ class ShapesDataset:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         kind = "colour" if rng.random() < 0.5 else "shape"
         answer = colour if kind == "colour" else shape
+        question = "<image>\n" + QUESTIONS[kind]
+        if self.task == "caption":
+            kind, question, answer = "caption", "<image>", f"{colour} {shape}"
         return {
             "image": draw_shape(shape, colour, self.size, rng),
-            "conversations": [{"from": "human", "value": "<image>\n" + QUESTIONS[kind]},
+            "conversations": [{"from": "human", "value": question},
                               {"from": "gpt", "value": answer}],
             "answer": answer,
             "question_kind": kind,

@@ -1,0 +1,71 @@
+"""LLaDA-V's conversation formats and system message: the constants and the template choice.
+
+Kept apart from `multimodal_data.py` (which imports grain, PIL and the model) so that presets
+in `configs/` can name them without importing the data pipeline. What the formats produce is
+described in `llada_jax/data/multimodal_data.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+# LLaDA-V's conversation formats (its `--version`): chat for stage 2, captions for stage 1.
+LLAVA_LLADA = "llava_llada"
+LLADA_PLAIN = "llada_plain"
+CONVERSATION_FORMATS = (LLAVA_LLADA, LLADA_PLAIN)
+# The system turn every `llava_llada` conversation starts with, in training and at inference
+# (`conv_llava_llada.system` and the default of `preprocess_llada`, character for character).
+LLAVA_SYSTEM_MESSAGE = ("You are a helpful language and vision assistant. You are able to "
+                        "understand the visual content that the user provides, and assist the "
+                        "user with a variety of tasks using natural language.")
+# `conv_llada_plain.sep`: what ends a stage-1 caption.
+PLAIN_SEPARATOR = "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationTemplate:
+    """How a conversation becomes a row: the format, the default system message, and whether the
+    row's EOS padding is trained on.
+
+    Built from `config.data.conversation_format` (default 'llava_llada'),
+    `config.data.system_message` (default `LLAVA_SYSTEM_MESSAGE`) and
+    `config.data.label_eos_padding` (default None: as the released recipe does for the format,
+    i.e. stage 2 never, stage 1 up to the longest row; True is a deliberate deviation for models
+    that must still learn to stop, see configs/llada_v_tiny.py); a config without these fields
+    gets the defaults.
+    """
+
+    format: str = LLAVA_LLADA
+    system_message: str = LLAVA_SYSTEM_MESSAGE
+    label_eos_padding: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in CONVERSATION_FORMATS:
+            raise ValueError(f"config.data.conversation_format: expected one of "
+                             f"{CONVERSATION_FORMATS}, found {self.format!r}")
+        if not isinstance(self.system_message, str):
+            raise ValueError(f"config.data.system_message: expected a string, found "
+                             f"{self.system_message!r}")
+        if self.label_eos_padding not in (None, True, False):
+            raise ValueError(f"config.data.label_eos_padding: expected None (the released "
+                             f"recipe), True or False, found {self.label_eos_padding!r}")
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ConversationTemplate:
+        data = config.data
+        return cls(data.get("conversation_format", LLAVA_LLADA),
+                   data.get("system_message", LLAVA_SYSTEM_MESSAGE),
+                   data.get("label_eos_padding", None))
+
+    @property
+    def fill_is_labelled(self) -> bool:
+        """Whether the EOS padding of a row is trained on (and attended to): by default only in
+        stage 1, whose released collator pads the labels with EOS (see multimodal_data.py)."""
+        if self.label_eos_padding is None:
+            return self.format == LLADA_PLAIN
+        return self.label_eos_padding
+
+
+DEFAULT_TEMPLATE = ConversationTemplate()
