@@ -17,12 +17,13 @@ read-only workdir). Committed checkpoints are never touched by a failure.
 
 from __future__ import annotations
 
+import inspect
 import logging as py_logging
 import re
 import sys
 
 import program
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config preset, e.g. configs/tiny.py",
@@ -83,9 +84,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 class _QuietLibraries(py_logging.Filter):
     """Drops INFO records of orbax, grain and JAX's backend probing (one line per checkpoint
-    event or missing platform); warnings and errors always pass."""
+    event or missing platform), and orbax's ERROR records: those are the tracebacks of its
+    background save threads, whose failure the trainer raises again as one line."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.levelno == py_logging.ERROR:
+            return False
         noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "xla_bridge"))
         return record.levelno >= py_logging.WARNING or not noisy
 
@@ -142,7 +146,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # Flags are parsed here first so that a bad flag or config field is one line (exit 2);
-    # program.run (the runner every program shares) then parses the same argv again.
-    _parse_flags(sys.argv)
-    program.run(main)
+    if "flags_parser" in inspect.signature(program.run).parameters:
+        program.run(main, flags_parser=_parse_flags)
+    else:  # a runner without a flags_parser hook: absl's, with the same parser
+        app.run(main, flags_parser=_parse_flags)

@@ -25,8 +25,10 @@ take either.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -58,7 +60,24 @@ _NO_LOSS = sys.float_info.max
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, no permission, ...)."""
+    """A checkpoint could not be written (disk full, no permission, ...); `errno` is set when
+    the cause names one."""
+
+
+def _write_error(message: str, cause: BaseException) -> CheckpointWriteError:
+    """`message: reason`, the reason being the operating-system error buried in a tensorstore or
+    orbax message (`... No space left on device [os_error_code='28']`) when there is one."""
+    code = getattr(cause, "errno", None)
+    reason = getattr(cause, "strerror", None)
+    found = re.search(r"([^:\[\]]+?) \[os_error_code='(\d+)'\]", str(cause))
+    if found and not reason:
+        reason, code = found.group(1).strip(), int(found.group(2))
+    if reason and code:
+        error = CheckpointWriteError(f"{message}: {reason} ({errno.errorcode.get(code, code)})")
+    else:
+        error = CheckpointWriteError(f"{message}: {first_line(cause)}")
+    error.errno = code
+    return error
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -163,8 +182,8 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=_item_handlers())
         except OSError as e:
-            raise CheckpointWriteError(f"cannot use checkpoint directory {self.directory}: "
-                                       f"{first_line(e)}") from e
+            raise _write_error(f"cannot create checkpoint directory {self.directory}", e) from e
+        self._pending_step: int | None = None
 
     def latest_step(self) -> int | None:
         """The newest *complete* checkpoint's step (unfinished saves are ignored), or None."""
@@ -195,12 +214,14 @@ class Checkpointer:
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(_JsonSafeIterator(data_iterator))
         metrics = {LOSS_METRIC: _NO_LOSS if loss is None else float(loss)}
+        self.wait()  # the previous save's failure is reported as that step's
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                                force=True)
         except Exception as e:  # orbax and tensorstore report write failures in many types
-            raise CheckpointWriteError(f"could not write checkpoint step {step} in "
-                                       f"{self.directory}: {first_line(e)}") from e
+            raise _write_error(f"could not write checkpoint step {step} in {self.directory}",
+                               e) from e
+        self._pending_step = step
 
     def saved_config(self, step: int) -> ml_collections.ConfigDict:
         """The config a checkpoint was written with (reads only its small JSON item)."""
@@ -234,11 +255,12 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is on disk; raises CheckpointWriteError
         if it failed."""
+        step, self._pending_step = self._pending_step, None
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointWriteError(f"could not write a checkpoint in {self.directory}: "
-                                       f"{first_line(e)}") from e
+            raise _write_error(f"could not write checkpoint step {step} in {self.directory} "
+                               f"(the committed steps {self.all_steps()} are intact)", e) from e
 
     def close(self) -> None:
         self._manager.close()
