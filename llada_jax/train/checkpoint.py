@@ -252,6 +252,25 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE], config_from_json(restored[CONFIG])
 
+    def set_aside(self, step: int) -> str:
+        """Renames a (damaged) step directory to `damaged-<step>[-n]`, which no step listing
+        matches, so that the run can save that step again; returns the new path. Process 0
+        renames, every process then re-reads the directory."""
+        source = self.directory / str(step)
+        target = self.directory / f"damaged-{step}"
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = self.directory / f"damaged-{step}-{suffix}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"llada_jax_set_aside_{step}")
+        self._manager.reload()
+        return str(target)
+
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is on disk; raises CheckpointWriteError
         if it failed."""

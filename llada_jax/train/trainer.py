@@ -247,11 +247,14 @@ def restore_newest_intact(config: ml_collections.ConfigDict,
             damaged.append((step, checkpoint_lib.first_line(e, 160)))
             continue
         if damaged:
+            # Set aside, not deleted: the run will save these steps again, and a person may want
+            # to look at what went wrong.
+            moved = [checkpointer.set_aside(s) for s, _ in damaged]
             logging.warning(
                 "CHECKPOINT DAMAGED: %s could not be restored (%s); resuming from step %d "
-                "instead, the newest intact checkpoint",
+                "instead, the newest intact checkpoint; the damaged one(s) moved to %s",
                 ", ".join(f"step {s}" for s, _ in damaged),
-                "; ".join(f"step {s}: {error}" for s, error in damaged), step)
+                "; ".join(f"step {s}: {error}" for s, error in damaged), step, ", ".join(moved))
         return state, step
     if damaged:
         raise ValueError(f"no intact checkpoint in {checkpointer.directory} to resume from: "
@@ -405,7 +408,8 @@ def _run(config, workdir, state, model, tx, mesh, shardings, tokenizer, iterator
             raise TrainingDiverged(
                 f"training diverged: the state after step {done} holds non-finite values "
                 f"({len(bad)} arrays, e.g. {bad[0]}); it was not saved; "
-                f"{checkpoints_left()}")
+                f"{checkpoints_left()} (lower train.learning_rate (now "
+                f"{train_cfg.learning_rate:g}))")
         losses = [h["loss"] for h in history if h["step"] >= last_saved
                   and math.isfinite(h["loss"])]
         checkpointer.save(done, state, config, iterator,
