@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging as py_logging
+import os
 import re
 import sys
 
@@ -38,8 +39,17 @@ EXIT_USAGE = 2    # a bad flag or config value: nothing was started
 
 
 def _fail(message: object, status: int = EXIT_USAGE) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    """Prints `error: ...` as the last line and exits. A run that stopped exits at once
+    (os._exit): storage threads of a failed save may still be unwinding, and must neither keep
+    the process alive nor print after the error line."""
+    line = f"error: {' '.join(str(message).split())}"
+    if status == EXIT_USAGE:
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(status)
+    py_logging.disable(py_logging.CRITICAL)
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(status)
 
 
 def _one_line(error: BaseException) -> str:
@@ -84,14 +94,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 class _QuietLibraries(py_logging.Filter):
     """Drops INFO records of orbax, grain and JAX's backend probing (one line per checkpoint
-    event or missing platform), and orbax's ERROR records: those are the tracebacks of its
-    background save threads, whose failure the trainer raises again as one line."""
+    event or missing platform), and the ERROR records of a failed asynchronous save (orbax's
+    and asyncio's tracebacks from background threads): the trainer raises that failure again,
+    as one line."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        if "/orbax/" in record.pathname and record.levelno == py_logging.ERROR:
+        if record.levelno == py_logging.ERROR and (
+                "/orbax/" in record.pathname or ("/asyncio/" in record.pathname and
+                                                 "never retrieved" in record.getMessage())):
             return False
         noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "xla_bridge"))
         return record.levelno >= py_logging.WARNING or not noisy
+
+
+def _without_closed_loop_reports(hook):
+    """After a failed asynchronous save, tensorstore's writer threads still call back into the
+    save's event loop, which orbax has closed; each call prints a `RuntimeError: Event loop is
+    closed` traceback (through sys.excepthook). They say nothing the error line does not."""
+    def excepthook(kind, value, traceback):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, traceback)
+    return excepthook
 
 
 def main(argv: list[str]) -> None:
@@ -105,6 +129,7 @@ def main(argv: list[str]) -> None:
     if not _LIBRARY_LOGS.value:
         for handler in py_logging.getLogger().handlers:  # absl's handler sits on the root logger
             handler.addFilter(_QuietLibraries())
+        sys.excepthook = _without_closed_loop_reports(sys.excepthook)
     try:
         config = _CONFIG.value
         config.train  # a config file that failed to load raises here  # noqa: B018
