@@ -119,6 +119,20 @@ def test_max_bad_steps_skips_non_finite_updates_then_gives_up():
     assert not isinstance(plain, optax.ApplyIfFiniteState)
 
 
+def test_max_bad_steps_in_the_trainer_warns_then_stops(tmp_path, caplog):
+    # The documented option end to end: each skipped update is a warning; the (N+1)-th bad
+    # update in a row stops the run, and nothing of it is saved.
+    config = _config(steps=20, learning_rate=1e6, max_bad_steps=2, checkpoint_every=0)
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            trainer.TrainingDiverged, match=r"^training diverged: loss \S+, grad norm \S+ at "
+                                            r"step \d+ after 2 skipped updates in a row"):
+        trainer.train(config, str(tmp_path), devices=ONE_DEVICE)
+    skipped = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    counts = [re.search(r"\((\d+) in a row", m).group(1) for m in skipped]
+    assert counts[-2:] == ["1", "2"], skipped
+    assert not (tmp_path / "checkpoints").exists() or _steps(tmp_path) == []
+
+
 def _damage(step_dir):
     """Overwrites every file of the step's train state with zeros (sizes kept)."""
     for root, _, files in os.walk(step_dir / "state"):
