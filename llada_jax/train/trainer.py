@@ -139,6 +139,9 @@ _RESUME_OPTIMISER_FIELDS = (
     "train.grad_clip", "train.group_learning_rates.", "train.trainable", "train.max_bad_steps",
     "train.mask_eps", "train.random_length_prob", "train.seed")
 _MODEL_SECTIONS = ("model.", "vision.")
+# Fields that only say how long and how often: never worth mentioning.
+_RUN_LENGTH_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
+                      "train.keep_checkpoints", "train.eval_every", "train.eval_batches")
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -230,6 +233,7 @@ def restore_newest_intact(config: ml_collections.ConfigDict,
     there is no checkpoint. Damaged newer steps are skipped with a warning naming them and the
     step resumed from; if none is intact, a ValueError lists each step's error."""
     damaged: list[tuple[int, str]] = []
+    changed: dict[str, tuple[Any, Any]] = {}  # settings that differ from the newest readable
     for step in reversed(checkpointer.all_steps()):
         where = f"{checkpointer.directory}/{step}"
         try:
@@ -238,6 +242,8 @@ def restore_newest_intact(config: ml_collections.ConfigDict,
             damaged.append((step, checkpoint_lib.first_line(e, 160)))
             continue
         check_resume_config(saved, config, abstract_state.params, where)
+        changed = changed or {k: v for k, v in config_differences(saved, config).items()
+                              if not _matches(k, _RUN_LENGTH_FIELDS)}
         try:
             state, _ = checkpointer.restore(abstract_state, data_iterator, step)
             bad = state_lib.non_finite_paths(state)
@@ -259,6 +265,9 @@ def restore_newest_intact(config: ml_collections.ConfigDict,
     if damaged:
         raise ValueError(f"no intact checkpoint in {checkpointer.directory} to resume from: "
                          + "; ".join(f"step {s}: {error}" for s, error in damaged)
+                         + (f" (this run's settings differ from the checkpoint's: "
+                            f"{_describe(changed)}; restore them if they change the data "
+                            f"pipeline)" if changed else "")
                          + " (move the directory away to start afresh)")
     return None
 
