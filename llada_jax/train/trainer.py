@@ -324,7 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                 _progress(f"initialised params from {train_cfg.init_from}")
         if is_chief:
             writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        result = _run(config, workdir, state, model, tx, mesh, shardings, tokenizer, iterator,
+        result = _run(config, state, model, tx, mesh, shardings, tokenizer, iterator,
                       checkpointer, writer, stop_after)
         checkpointer.wait()  # the final save, committed (or its error raised) before returning
     except BaseException:
@@ -344,8 +344,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return result
 
 
-def _run(config, workdir, state, model, tx, mesh, shardings, tokenizer, iterator, checkpointer,
-         writer, stop_after) -> TrainResult:
+def _run(config, state, model, tx, mesh, shardings, tokenizer, iterator, checkpointer, writer,
+         stop_after) -> TrainResult:
     """The loop of `train`, from the state it restored or created."""
     train_cfg = config.train
     max_bad_steps = int(train_cfg.max_bad_steps)
