@@ -2,9 +2,13 @@
 
     python launch/train.py --config=configs/tiny.py --workdir=/tmp/tiny
 
-learns visibly within two to three minutes on two CPU cores (masked-token loss from about 4.5
-to about 1.5, accuracy from about 0.14 to about 0.5); no downloads. `get_config("quick")`
-shortens the run to 100 steps for smoke tests.
+takes about two and a half minutes on two idle CPU cores, of which start-up and compilation are
+the first ~30 s (measured: 13 s to the first log line, 29 s to step 50, then ~0.12 s a step;
+on a machine shared with other jobs it takes longer). The log, every 50 steps, shows the
+masked-token loss falling from about 3.3 at step 50 (the very first step is about ln 128 ~ 4.9)
+to about 1.4 at step 1000, and the accuracy rising from about 0.18 to about 0.5; the evaluation
+at step 1000 is about the same (loss ~1.4, accuracy ~0.5). No downloads.
+`get_config("quick")` shortens the run to 100 steps for smoke tests.
 """
 
 from llada_jax.config import default_config

@@ -119,6 +119,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
+    # A non-finite loss or gradient stops training (no checkpoint of it is written). With N > 0,
+    # up to N consecutive non-finite updates are skipped instead (optax.apply_if_finite: params
+    # and optimizer state stay as they were) before training stops.
+    c.train.max_bad_steps = 0
     c.train.eval_every = 0           # 0: no periodic eval
     c.train.eval_batches = 4
     c.train.init_from = ""           # a checkpoint directory to take params from (fine-tuning)
@@ -248,26 +252,34 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with a -1 axis filled so that the product is `num_devices`."""
+    """(data, fsdp, tensor) with a -1 axis filled so that the product is `num_devices`.
+
+    Errors about the product name all three axes with their values: the culprit is whichever
+    axis the user set, which this function cannot know (fsdp is -1 by default).
+    """
     sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+    shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+    for k, v in sizes.items():
+        if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            _fail(f"mesh.{k}", "a positive integer or -1", v)
     fill = [k for k, v in sizes.items() if v == -1]
     if len(fill) > 1:
-        _fail(f"mesh.{fill[1]}", "at most one mesh axis set to -1", -1)
-    for k, v in sizes.items():
-        if v != -1 and (not isinstance(v, int) or v <= 0):
-            _fail(f"mesh.{k}", "a positive integer or -1", v)
+        raise ValueError(f"config.mesh: at most one axis may be -1 (take the devices left "
+                         f"over), found {shown}")
     known = 1
     for v in sizes.values():
         if v != -1:
             known *= v
     if fill:
         if num_devices % known:
-            _fail(f"mesh.{fill[0]}", f"a fill of {num_devices} devices, but the other axes "
-                  f"multiply to {known}, which does not divide it", -1)
+            set_axes = " * ".join(f"{k}={v}" for k, v in sizes.items() if v != -1)
+            raise ValueError(f"config.mesh: {set_axes} = {known} does not divide the "
+                             f"{num_devices} devices (mesh.{fill[0]}=-1 takes the rest); "
+                             f"found {shown}")
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(f"config.mesh: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*"
-                         f"{sizes['tensor']} = {known}, but there are {num_devices} devices")
+        raise ValueError(f"config.mesh: data * fsdp * tensor = {known} must equal the "
+                         f"{num_devices} devices; found {shown}")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
@@ -481,9 +493,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for name in ("log_every", "keep_checkpoints", "eval_batches"):
         if not isinstance(t[name], int) or t[name] <= 0:
             _fail(f"train.{name}", "a positive integer", t[name])
-    for name in ("checkpoint_every", "eval_every"):
+    for name in ("checkpoint_every", "eval_every", "max_bad_steps"):
         if not isinstance(t[name], int) or t[name] < 0:
-            _fail(f"train.{name}", "an integer >= 0 (0: never)", t[name])
+            _fail(f"train.{name}", "an integer >= 0 (0: none)", t[name])
     if t.eval_every > 0 and not config.data.eval_source:
         _fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="
               f"{t.eval_every} > 0", config.data.eval_source)
@@ -505,7 +517,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if num_devices is not None:
         data, fsdp, tensor = mesh_shape(config, num_devices)
         if t.batch_size % (data * fsdp * t.grad_accum_steps):
-            _fail("train.batch_size", f"a multiple of data*fsdp*grad_accum_steps = "
+            _fail("train.batch_size", f"a multiple of mesh.data * mesh.fsdp * "
+                  f"train.grad_accum_steps = {data} * {fsdp} * {t.grad_accum_steps} = "
                   f"{data * fsdp * t.grad_accum_steps}", t.batch_size)
         for name in ("n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
             if getattr(m, name) % tensor:

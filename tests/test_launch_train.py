@@ -68,6 +68,13 @@ def test_train_end_to_end_then_resume(tmp_path):
     assert "step 6/6 | loss" in result.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
+    # Once more: the run is complete, says so (where, at which step) and exits 0.
+    result = _run("train.py", *args[:2], "--config.train.steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"training already complete: step 6 of 6, checkpoint {workdir}/checkpoints/6"
+            in result.stderr)
+    assert "step 7/" not in result.stderr
+
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.train.steps=-3", "error: config.train.steps: expected a positive integer, "
@@ -75,6 +82,15 @@ def test_train_end_to_end_then_resume(tmp_path):
     ("--config.train.schedule=linear", "error: config.train.schedule: expected one of"),
     ("--config.train.steps=many", "error: flag --config.train.steps=many:"),
     ("--config.train.no_such_field=1", "error: unknown config field 'no_such_field'"),
+    # Before: `unknown config field '\\'learnig_rate\\'\\nDid you mean...` (an escaped repr).
+    ("--config.train.learnig_rate=1", "error: unknown config field 'learnig_rate' in "
+                                      "--config.train.learnig_rate; did you mean "
+                                      "'learning_rate'? (fields are listed in "),
+    # Before: the error named mesh.fsdp (-1 by default), not the axis the user set.
+    ("--config.mesh.data=3", "error: config.mesh: data=3 * tensor=1 = 3 does not divide the 1 "
+                             "devices (mesh.fsdp=-1 takes the rest); found mesh.data=3, "
+                             "mesh.fsdp=-1, mesh.tensor=1"),
+    ("--config.mesh.tensor=-1", "error: config.mesh: at most one axis may be -1"),
     ("--config.model.mask_token_id=5", "error: config.model.mask_token_id: expected 3"),
     ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
 ])

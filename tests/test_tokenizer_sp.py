@@ -100,3 +100,30 @@ def test_launch_program_trains_from_files(tmp_path):
     assert report["vocab_size"] == 350 and report["special_ids"]["mask"] == 4
     tok = SentencePieceTokenizer(str(output))
     assert tok.decode(tok.encode("über question")) == "über question"
+
+
+def test_failed_training_keeps_the_existing_model_and_says_why(tmp_path):
+    # A good model first; then a run that must fail (the corpus has a few dozen distinct
+    # pieces, far fewer than 5000): the old file stays byte-identical and no staging file is
+    # left behind. Before: the model was truncated to 0 bytes and a C++ check was printed.
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for text in _corpus(300):
+            f.write(json.dumps({"text": text}) + "\n")
+    output = tmp_path / "sp.model"
+    SentencePieceTokenizer.train(_corpus(300), str(output), vocab_size=350)
+    good = output.read_bytes()
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train_tokenizer.py"),
+         f"--source=files:{corpus}", f"--output={output}", "--vocab_size=5000",
+         "--num_threads=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: vocab_size=5000 is larger than this corpus supports: at most "
+                           ), result.stderr[-2000:]
+    assert "trainer_interface" not in result.stderr
+    assert output.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl", "sp.model"]
+    with pytest.raises(ValueError, match=r"^no text to train on"):
+        SentencePieceTokenizer.train([], str(output), vocab_size=350)
+    assert output.read_bytes() == good

@@ -16,7 +16,9 @@ from __future__ import annotations
 import abc
 import json
 import os
+import re
 import string
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
@@ -173,17 +175,30 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"model_type must be 'bpe' or 'unigram', found {model_type!r}")
         directory = os.path.dirname(os.path.abspath(model_path))
         os.makedirs(directory, exist_ok=True)
-        with open(model_path, "wb") as model_file:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(texts), model_writer=model_file, vocab_size=vocab_size,
-                model_type=model_type, character_coverage=character_coverage,
-                user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1,
-                pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                add_dummy_prefix=False, byte_fallback=True, split_digits=True,
-                allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_length,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=input_sentence_size > 0, num_threads=num_threads,
-                minloglevel=2)
+        # Written to a temporary file in the same directory and renamed over `model_path` only
+        # once training succeeded: a failed run never truncates an existing good model.
+        handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(model_path)}.",
+                                           suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(handle, "wb") as model_file:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(texts), model_writer=model_file,
+                    vocab_size=vocab_size, model_type=model_type,
+                    character_coverage=character_coverage,
+                    user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1,
+                    pad_id=-1, normalization_rule_name="identity",
+                    remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
+                    split_digits=True, allow_whitespace_only_pieces=True,
+                    max_sentence_length=max_sentence_length,
+                    input_sentence_size=input_sentence_size,
+                    shuffle_input_sentence=input_sentence_size > 0, num_threads=num_threads,
+                    minloglevel=2)
+            os.replace(staging, model_path)
+        except RuntimeError as e:  # SentencePiece reports every training failure this way
+            raise ValueError(_training_error(str(e), vocab_size)) from None
+        finally:
+            if os.path.exists(staging):
+                os.remove(staging)
         return cls(model_path)
 
     def encode(self, text: str) -> list[int]:
@@ -197,6 +212,23 @@ class SentencePieceTokenizer(Tokenizer):
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         return self._sp.decode(ids)
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """One line for a SentencePiece training failure (its message carries a C++ source
+    location and an internal check), with the limit on vocab_size when it gives one."""
+    limit = re.search(r"value <= (\d+)", message)
+    if "Vocabulary size too high" in message and limit:
+        return (f"vocab_size={vocab_size} is larger than this corpus supports: at most "
+                f"{limit.group(1)} pieces (265 of them reserved) can be learnt from it; lower "
+                f"vocab_size or add text")
+    if "Vocabulary size is smaller than required_chars" in message:
+        return (f"vocab_size={vocab_size} is smaller than the number of distinct characters "
+                f"of the corpus; raise vocab_size or lower character_coverage")
+    if "sentences_.empty()" in message:
+        return "no text to train on: the corpus yielded no non-empty text"
+    detail = " ".join(message.split("]")[-1].split()) if "]" in message else message
+    return f"SentencePiece training failed: {detail or message}"
 
 
 class HFTokenizer(Tokenizer):

@@ -11,6 +11,12 @@ Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp-<n>/`, then renames 
 object stores, writes `commit_success.txt` last). A save interrupted half-way therefore leaves
 a directory that `latest_step`/`restore` never consider (tests/test_checkpoint.py).
 
+Rotation keeps the newest `keep` checkpoints *and* the one with the lowest training loss (the
+`loss` metric given to `save`, orbax's `BestN` preservation policy): a run that goes bad after a
+resume (a learning rate far too high) can rotate out every earlier checkpoint, but never the best
+one. Save errors (a full disk, a read-only directory) surface as `CheckpointWriteError`, an
+OSError with one line naming the directory; the committed checkpoints stay as they were.
+
 Params-only checkpoints (`save_params` / `load_params`): `DIR/params/` (orbax PyTree) and
 `DIR/config.json`, written by checkpoint conversion; `load_params` reads those *and* trainer
 workdirs (the params item of the latest or a given step), so sampling and evaluation programs
@@ -19,8 +25,11 @@ take either.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +39,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
@@ -42,6 +52,40 @@ CONFIG_FILE = "config.json"
 # Orbax writes this file into a step directory as the last act of a save, in both of its atomicity
 # modes (before the rename of the temporary directory, or as the commit on object stores).
 COMMIT_MARKER = "commit_success.txt"
+# The metric rotation protects the best checkpoint by: the mean training loss of the updates
+# since the previous save (lower is better).
+LOSS_METRIC = "loss"
+# Stands in for "no loss known" (e.g. every update since the last save was skipped): worst rank.
+_NO_LOSS = sys.float_info.max
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission, ...); `errno` is set when
+    the cause names one."""
+
+
+def _write_error(message: str, cause: BaseException) -> CheckpointWriteError:
+    """`message: reason`, the reason being the operating-system error buried in a tensorstore or
+    orbax message (`... No space left on device [os_error_code='28']`) when there is one."""
+    code = getattr(cause, "errno", None)
+    reason = getattr(cause, "strerror", None)
+    found = re.search(r"([^:\[\]]+?) \[os_error_code='(\d+)'\]", str(cause))
+    if found and not reason:
+        reason, code = found.group(1).strip(), int(found.group(2))
+    if reason and code:
+        error = CheckpointWriteError(f"{message}: {reason} ({errno.errorcode.get(code, code)})")
+    else:
+        error = CheckpointWriteError(f"{message}: {first_line(cause)}")
+    error.errno = code
+    return error
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (tensorstore and orbax errors run to pages),
+    prefixed by its type, at most `limit` characters."""
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _path(directory: str) -> epath.Path:
@@ -127,10 +171,19 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True) -> None:
         self.directory = _path(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_handlers=_item_handlers())
+        policy = preservation_policy.AnyPreservationPolicy([
+            preservation_policy.LatestN(keep),
+            preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[LOSS_METRIC],
+                                      reverse=True, n=1, keep_checkpoints_without_metrics=False)])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda metrics: metrics[LOSS_METRIC],
+            best_mode="min", create=True, enable_async_checkpointing=async_save)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_handlers=_item_handlers())
+        except OSError as e:
+            raise _write_error(f"cannot create checkpoint directory {self.directory}", e) from e
+        self._pending_step: int | None = None
 
     def latest_step(self) -> int | None:
         """The newest *complete* checkpoint's step (unfinished saves are ignored), or None."""
@@ -141,14 +194,40 @@ class Checkpointer:
         """Steps of the complete checkpoints, ascending."""
         return sorted(_complete_steps(self._manager, self.directory))
 
+    def best_step(self) -> int | None:
+        """The complete checkpoint with the lowest recorded training loss (rotation keeps it),
+        or None."""
+        best = self._manager.best_step()
+        return best if best in self.all_steps() else self.latest_step()
+
     def save(self, step: int, state: state_lib.TrainState, config: ml_collections.ConfigDict,
-             data_iterator: grain.DatasetIterator | None = None) -> None:
-        """Starts an (asynchronous) save of everything needed to resume at `step`."""
+             data_iterator: grain.DatasetIterator | None = None,
+             loss: float | None = None) -> None:
+        """Starts an (asynchronous) save of everything needed to resume at `step`.
+
+        `loss` (the recent training loss) ranks the checkpoint for rotation: the lowest is kept
+        even when it is older than the newest `keep`. Raises CheckpointWriteError when this or
+        the previous (asynchronous) save could not be written.
+        """
         items = {STATE: ocp.args.StandardSave(state),
                  CONFIG: ocp.args.JsonSave(config_to_json(config))}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(_JsonSafeIterator(data_iterator))
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        metrics = {LOSS_METRIC: _NO_LOSS if loss is None else float(loss)}
+        self.wait()  # the previous save's failure is reported as that step's
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                               force=True)
+        except Exception as e:  # orbax and tensorstore report write failures in many types
+            raise _write_error(f"could not write checkpoint step {step} in {self.directory}",
+                               e) from e
+        self._pending_step = step
+
+    def saved_config(self, step: int) -> ml_collections.ConfigDict:
+        """The config a checkpoint was written with (reads only its small JSON item)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{CONFIG: ocp.args.JsonRestore()}))
+        return config_from_json(restored[CONFIG])
 
     def restore(self, abstract_state: state_lib.TrainState,
                 data_iterator: grain.DatasetIterator | None = None,
@@ -173,9 +252,34 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE], config_from_json(restored[CONFIG])
 
+    def set_aside(self, step: int) -> str:
+        """Renames a (damaged) step directory to `damaged-<step>[-n]`, which no step listing
+        matches, so that the run can save that step again; returns the new path. Process 0
+        renames, every process then re-reads the directory."""
+        source = self.directory / str(step)
+        target = self.directory / f"damaged-{step}"
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = self.directory / f"damaged-{step}-{suffix}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"llada_jax_set_aside_{step}")
+        self._manager.reload()
+        return str(target)
+
     def wait(self) -> None:
-        """Blocks until the pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the pending asynchronous save is on disk; raises CheckpointWriteError
+        if it failed."""
+        step, self._pending_step = self._pending_step, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise _write_error(f"could not write checkpoint step {step} in {self.directory} "
+                               f"(the committed steps {self.all_steps()} are intact)", e) from e
 
     def close(self) -> None:
         self._manager.close()
@@ -249,6 +353,7 @@ def load_params(directory: str, step: int | None = None, mesh: Mesh | None = Non
         checkpointer = ocp.StandardCheckpointer()
         params = checkpointer.restore(params_dir, _param_targets(config, mesh, rules))
         checkpointer.close()
+        _check_finite_params(params, str(directory))
         return config, params
 
     manager_dir = _trainer_checkpoint_dir(directory)
@@ -273,4 +378,15 @@ def load_params(directory: str, step: int | None = None, mesh: Mesh | None = Non
         item={"params": targets}, restore_args={"params": restore_args},
         partial_restore=True)}))
     manager.close()
-    return config, restored[STATE]["params"]
+    params = restored[STATE]["params"]
+    _check_finite_params(params, f"{manager_dir}/{step}")
+    return config, params
+
+
+def _check_finite_params(params: Any, source: str) -> None:
+    """A checkpoint of a diverged run (NaN/Inf weights) samples garbage: refuse it by name."""
+    bad = state_lib.non_finite_paths(params)
+    if bad:
+        raise ValueError(f"checkpoint {source} holds non-finite params ({len(bad)} tensors, "
+                         f"e.g. {bad[0]}): it was written by a diverged run; use an earlier "
+                         f"step")

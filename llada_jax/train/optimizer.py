@@ -21,6 +21,12 @@
   has its own AdamW whose schedule has the shape of `train.schedule` and the peak
   `train.group_learning_rates.<group>` (0: `train.learning_rate`), via `optax.multi_transform`.
   With every group trainable at one learning rate the optimizer is the plain AdamW above.
+* Non-finite updates: with `train.max_bad_steps = N > 0` the whole chain is wrapped in
+  `optax.apply_if_finite`: an update whose gradients hold a NaN or an Inf leaves params and
+  optimizer state exactly as they were (the step counter still advances, so the next step draws
+  new noise), up to N in a row; the (N+1)-th is applied, and the trainer stops on the non-finite
+  state it makes. The wrapper adds counters to the optimizer state, so N = 0 (the default: the
+  trainer stops at the first non-finite step) keeps the plain layout.
 * Gradient accumulation runs *inside* the jitted step as a `lax.scan` over micro-batches (see
   `accumulate_gradients`), not with `optax.MultiSteps`: one call of the step is one optimizer
   update, so the step counter, the schedule, logging and checkpoints all count updates; there
@@ -118,7 +124,8 @@ def stop_frozen_gradients(params: Any, trainable: tuple[str, ...]) -> Any:
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Global-norm clipping (skipped when grad_clip <= 0) followed by AdamW on the schedule;
     per-group AdamW and frozen groups when `train.trainable` / `train.group_learning_rates` ask
-    for them (see the module docstring)."""
+    for them; skipping of non-finite updates when `train.max_bad_steps` > 0 (see the module
+    docstring)."""
     def adamw(schedule):
         return optax.adamw(schedule, b1=float(train.b1), b2=float(train.b2),
                            eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
@@ -139,7 +146,10 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
              for g in PARAM_GROUPS}, param_group_labels)
     if train.grad_clip and train.grad_clip > 0:
         steps.append(optax.clip_by_global_norm(float(train.grad_clip)))
-    return optax.chain(*steps, update) if steps else update
+    tx = optax.chain(*steps, update) if steps else update
+    if train.max_bad_steps > 0:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=int(train.max_bad_steps))
+    return tx
 
 
 def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:

@@ -119,3 +119,21 @@ def create_train_state(model: Transformer, tx: optax.GradientTransformation, mes
     init = jax.jit(_init_state_fn(model, tx, seed, mesh), out_shardings=shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return init()
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def non_finite_paths(tree: Any) -> list[str]:
+    """Key paths (`['blocks']['ff_out']['kernel']`) of the floating-point arrays of `tree` that
+    hold a NaN or an Inf; [] when all are finite. One jitted reduction on the arrays' devices;
+    only booleans come back to the host."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return []
+    flags = jax.device_get(_finite_flags([x for _, x in leaves]))
+    return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, flags, strict=True)
+            if not ok]

@@ -1,0 +1,59 @@
+"""Config errors a user can cause name what the user set (issue 12): mesh axes, new fields."""
+
+import pytest
+
+from llada_jax import config as config_lib
+
+
+def _mesh(data, fsdp, tensor):
+    c = config_lib.default_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+    return c
+
+
+@pytest.mark.parametrize("axes,devices,expected", [
+    ((1, -1, 1), 8, (1, 8, 1)),
+    ((2, -1, 2), 8, (2, 2, 2)),
+    ((-1, 2, 1), 8, (4, 2, 1)),
+    ((2, 2, 2), 8, (2, 2, 2)),
+])
+def test_mesh_shape_fills_the_minus_one_axis(axes, devices, expected):
+    assert config_lib.mesh_shape(_mesh(*axes), devices) == expected
+
+
+@pytest.mark.parametrize("axes,message", [
+    # The user set mesh.data (fsdp is -1 by default): the message names data and its value.
+    # Before: "config.mesh.fsdp: expected a fill of 8 devices ...".
+    ((3, -1, 1), "config.mesh: data=3 * tensor=1 = 3 does not divide the 8 devices "
+                 "(mesh.fsdp=-1 takes the rest); found mesh.data=3, mesh.fsdp=-1, mesh.tensor=1"),
+    ((1, -1, 3), "config.mesh: data=1 * tensor=3 = 3 does not divide the 8 devices"),
+    # Two -1 axes: both named with their values. Before: "config.mesh.fsdp: expected at most
+    # one mesh axis set to -1, found -1" after the user typed --config.mesh.data=-1.
+    ((-1, -1, 1), "config.mesh: at most one axis may be -1 (take the devices left over), found "
+                  "mesh.data=-1, mesh.fsdp=-1, mesh.tensor=1"),
+    ((1, 1, 3), "config.mesh: data * fsdp * tensor = 3 must equal the 8 devices; found "
+                "mesh.data=1, mesh.fsdp=1, mesh.tensor=3"),
+    ((0, -1, 1), "config.mesh.data: expected a positive integer or -1, found 0"),
+    ((1, -1, True), "config.mesh.tensor: expected a positive integer or -1, found True"),
+])
+def test_mesh_errors_name_the_axes_the_user_set(axes, message):
+    with pytest.raises(ValueError) as caught:
+        config_lib.mesh_shape(_mesh(*axes), 8)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_batch_size_error_shows_the_mesh_product():
+    c = _mesh(2, -1, 1)
+    c.train.batch_size = 6
+    with pytest.raises(ValueError, match=r"^config.train.batch_size: expected a multiple of "
+                                         r"mesh.data \* mesh.fsdp \* train.grad_accum_steps = "
+                                         r"2 \* 4 \* 1 = 8, found 6$"):
+        config_lib.validate(c, 8)
+
+
+def test_max_bad_steps_is_validated():
+    c = config_lib.default_config()
+    c.train.max_bad_steps = -1
+    with pytest.raises(ValueError, match=r"^config.train.max_bad_steps: expected an integer >= 0"):
+        config_lib.validate(c)
