@@ -17,14 +17,13 @@ read-only workdir). Committed checkpoints are never touched by a failure.
 
 from __future__ import annotations
 
-import inspect
 import logging as py_logging
 import os
 import re
 import sys
 
 import program
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config preset, e.g. configs/tiny.py",
@@ -171,7 +170,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if "flags_parser" in inspect.signature(program.run).parameters:
-        program.run(main, flags_parser=_parse_flags)
-    else:  # a runner without a flags_parser hook: absl's, with the same parser
-        app.run(main, flags_parser=_parse_flags)
+    program.run(main, flags_parser=_parse_flags)

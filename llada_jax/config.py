@@ -456,6 +456,9 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
               "prompts never)", t.objective)
     if not isinstance(config.data.image_folder, str):
         _fail("data.image_folder", "a directory or ''", config.data.image_folder)
+    from llada_jax.data.llava_format import ConversationTemplate
+
+    ConversationTemplate.from_config(config)  # format, system message, EOS-padding labels
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
