@@ -161,7 +161,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampler.cfg_scale = 0.0
     c.sampler.remasking = "low_confidence"
     c.sampler.logits_eos_inf = False         # EOS logit -inf: EOS is never generated
-    c.sampler.confidence_eos_eot_inf = False  # EOS/EoT committed only when nothing else is left
+    # EOS/EoT logits -inf before the confidence softmax (others renormalised), at every T
+    c.sampler.confidence_eos_eot_inf = False
     c.sampler.eot_token_id = -1      # <|eot_id|> for confidence_eos_eot_inf; -1: the tokenizer's
     c.sampler.seed = 0
     # Fast sampling (REFERENCE.md section 6): KV caches, parallel decoding, early exit.
@@ -174,6 +175,7 @@ def default_config() -> ml_collections.ConfigDict:
     # every masked position; LLaDA-V bans EOS, BOS and the header ids) and `<|eot_id|>` as a
     # finishing token for early_exit as well as EOS.
     c.sampler.banned_ids = []
+    # LLaDA-V: once an EoT is committed, later commits only before it; the row ends there
     c.sampler.stop_at_eot = False
 
     # LLaDA-V (REFERENCE.md section 5): a SigLIP vision tower and an mlp2x_gelu projector in front
