@@ -11,6 +11,7 @@ padded with EOS up to the longest one; the answer length counts everything after
 that EOS padding included.
 """
 
+import collections
 import json
 import os
 import re
@@ -369,21 +370,29 @@ def test_synthetic_chat_set():
     train = synthetic_chat.SyntheticChatSource("train", 2000)
     test = synthetic_chat.SyntheticChatSource("test", 2000)
     assert len(train) == 2000 and len(test) == 200
-    questions = {}
+    plain_questions, openers = {}, collections.Counter()
     for source in (train, test):
         for i in range(len(source)):
             record = source[i]
             user, assistant = record["messages"]
             q, a = user["content"], assistant["content"]
-            verb, word = q.rsplit(" ", 1)
+            match = re.fullmatch(r"(|Hi! |Now: |Task: |Please: )"
+                                 r"(Repeat|Uppercase|Reverse|First letter of|Last letter of) "
+                                 r"([a-z]{3})", q)
+            assert match, q
+            opener, verb, word = match.groups()
             rule = {"Repeat": word, "Uppercase": word.upper(), "Reverse": word[::-1],
                     "First letter of": word[0], "Last letter of": word[-1]}[verb]
-            assert a == rule and word.isalpha() and word.islower() and len(word) == 3
+            assert a == rule
             assert all(0 <= t < TOK.vocab_size and t != TOK.unk_id for t in TOK.encode(q + a))
-            questions.setdefault(source.split, set()).add(q)
-    assert not questions["train"] & questions["test"]  # held-out questions are unseen
+            plain_questions.setdefault(source.split, set()).add(f"{verb} {word}")
+            openers[opener] += 1
+    # Held-out (task, word) pairs are unseen in training, whatever the opener.
+    assert not plain_questions["train"] & plain_questions["test"]
     assert train[17] == synthetic_chat.SyntheticChatSource("train", 2000)[17]  # deterministic
-    assert len(questions["train"]) > 1000  # not a handful of repeated questions
+    assert len(plain_questions["train"]) > 1000  # not a handful of repeated questions
+    # About half of the questions have no opener; each opener is used.
+    assert 0.4 < openers[""] / 2200 < 0.6 and len(openers) == 5
 
 
 def _held_out_accuracy(params, model, config, count=100):
