@@ -8,10 +8,13 @@
 The argument is the directory of the released Hugging Face tokenizer (as for
 `configs/llada_8b.py`, whose architecture, mesh and precision this preset reuses). Each JSONL line
 is `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`. Rows are
-`seq_len` tokens: the prompt (never masked), the answer with its <|eot_id|>, then EOS padding,
-which is trained on (REFERENCE.md section 2); multi-turn conversations train one sampled
-assistant turn each (`data.sft_multiturn='sample_turn'`, the reference). Bad lines stop the run
-with their `path:line` (`--config.data.bad_records=skip` logs and counts them instead).
+`seq_len` tokens: the prompt (never masked), the answer with its <|eot_id|>, then EOS padding
+marked as `fill`. As in the official recipe the EOS padding is trained on and counts in the
+answer length only up to the longest conversation of the (micro-)batch: the train step ignores
+fill beyond that row (REFERENCE.md section 2). Multi-turn conversations train one sampled
+assistant turn each (`data.sft_multiturn='sample_turn'`, the reference). Local files are checked
+line by line before training: a bad line stops the run with its `path:line` and the problem
+(`--config.data.bad_records=skip` drops it and logs how many were skipped).
 
 Optimisation as reported for LLaDA-8B-Instruct: AdamW, weight decay 0.1, global batch 256,
 learning rate warmed up linearly to 2.5e-5 over 50 steps, constant, then decayed linearly to

@@ -6,9 +6,17 @@ Conversations such as "Uppercase kfb" -> "KFB" or "Last letter of kfb" -> "b"
 (`llada_jax.data.synthetic_chat`), rendered in the LLaDA chat format with the built-in
 character tokenizer; the SFT loss trains the answer, its <|eot_id|> and the EOS padding, never
 the prompt. Evaluation uses the held-out `synthetic_chat@test` questions. No downloads. In about
-a minute and a half on two CPU cores the model goes from no correct answer to about 75% exact
-answers on held-out questions (tests/test_chat_sft.py measures it with the sampler).
+a minute and a half on two idle CPU cores the model goes from no correct answer to 20-40% exact
+answers on held-out questions (see below; tests/test_chat_sft.py measures it with the sampler).
 Add `--config.train.init_from=/tmp/tiny/checkpoints` to start from a `configs/tiny.py` run.
+
+How well it learns depends on the training trajectory, which depends on the machine (XLA's CPU
+code differs by instruction set, so the float results and from them the whole run differ).
+Measured held-out exact-answer accuracy (200 test questions, sampler as below, after 4000 steps;
+one run each, 2-core box): seed 0 0.375 (AVX2); without the question openers of the chat set
+0.215 (seed 0, AVX2) and 0.315 (seed 0, `--xla_cpu_max_isa=SSE4_2`). One-letter answers ("First
+letter of ...") are right most of the time, three-letter ones ("Reverse ...") rarely: the model
+is undertrained for those. tests/test_chat_sft.py asserts learning (>= 0.1 from 0.0), not more.
 `get_config("quick")` is a short run for smoke tests.
 """
 
@@ -22,7 +30,7 @@ def get_config(arg: str | None = None):
     # on a CPU (the step time hardly grows with the batch at this size, the updates do).
     c.train.steps = 4000
     c.train.batch_size = 16
-    c.train.seq_len = 48            # the longest synthetic conversation is 45 tokens
+    c.train.seq_len = 52            # the longest synthetic conversation is 52 tokens
     c.train.learning_rate = 3e-3
     c.train.schedule = "wsd"
     c.train.warmup_steps = 200

@@ -7,16 +7,28 @@ of `seq_len` tokens:
 
     tokens    <BOS> prompt turns ... <assistant header> answer <|eot_id|> <EOS> <EOS> ...
     maskable    F   F ...              F ...              T ...  T           T     T   ...
+    fill        F   F ...              F ...              F ...  F           T     T   ...
 
-`maskable` is True on the trained tokens: the answer, its `<|eot_id|>` and the EOS padding (the
-model learns to stop by predicting that padding; the SFT loss divides by the number of maskable
-tokens of each row, padding included). Prompt tokens are never maskable.
+The example itself ends with the answer's `<|eot_id|>` (the released template closes every turn
+with it, and the Instruct model emits `<|eot_id|>` and then EOS). `fill` marks the EOS padding
+that exists only because the row was padded to the static `seq_len`: always a suffix.
+
+The official recipe (LLaDA paper, appendix B.1; GUIDELINES.md) pads each example with EOS only
+up to the longest example of its **mini-batch**, trains on that padding (the model learns to
+stop) and counts it in the example's answer length. Rows here keep a static length and say where
+the padding is; the train step treats fill positions beyond the longest row of the micro-batch
+as absent, so the loss equals the official one on the batch trimmed to its longest row.
+
+* objective `sft`: `maskable` is True on the answer, its `<|eot_id|>` and the fill (the SFT loss
+  divides by the number of maskable tokens of each row, the EOS padding up to the batch's
+  longest row included). Prompt tokens are never maskable.
+* objective `masked_response` (LLaDA-V): padding is never labelled, so fill is not maskable.
 
 Multi-turn conversations (`config.data.sft_multiturn`):
 
 * `sample_turn` (the LLaDA reference): one assistant turn is drawn uniformly as the target;
   everything before it is prompt and everything after it is dropped.
-* `all_responses` (LLaDA-V): every assistant answer (and the final EOS padding) is maskable and
+* `all_responses` (LLaDA-V): every assistant answer (and, for `sft`, the fill) is maskable and
   the trainer noises them all with one `t`; user turns in between stay clean. Trailing
   non-assistant turns are dropped.
 
@@ -49,6 +61,11 @@ class BadRecordError(ValueError):
         self.origin = origin
         self.reason = reason
         self.kind = kind  # short category for skip counts: unreadable, invalid, empty, overlong
+
+    def __reduce__(self):
+        # Errors raised in grain's worker processes are pickled back to the main process; the
+        # default exception pickling would call __init__ with the message only (a TypeError).
+        return (type(self), (self.origin, self.reason, self.kind))
 
 
 def parse_messages(record: dict[str, Any], messages_field: str = "messages") -> list[dict]:
@@ -133,11 +150,13 @@ def _fit_turns(turns: list[tuple[str, list[int], list[bool]]], seq_len: int,
 
 def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: int,
                       multiturn: str = "sample_turn", rng: np.random.Generator | None = None,
-                      origin: str = "") -> dict[str, np.ndarray]:
-    """One SFT row: `tokens` int32 [seq_len] and `maskable` bool [seq_len].
+                      origin: str = "", fill_maskable: bool = True) -> dict[str, np.ndarray]:
+    """One SFT row: `tokens` int32 [seq_len], `maskable` bool [seq_len], `fill` bool [seq_len].
 
     `messages` must already be valid (`parse_messages`). `rng` draws the target turn in
-    `sample_turn` mode (required when there is more than one assistant turn).
+    `sample_turn` mode (required when there is more than one assistant turn). `fill_maskable`:
+    whether the EOS padding is trained on (True for objective 'sft', False for
+    'masked_response').
     """
     if multiturn not in MULTITURN_MODES:
         raise ValueError(f"config.data.sft_multiturn: expected one of {MULTITURN_MODES}, "
@@ -159,8 +178,10 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
     turns = _render(used, trained, tokenizer)
     header_length = len(tokenizer.header("assistant"))
     ids, mask = _fit_turns(turns, seq_len, header_length, origin)
-    padding = seq_len - 1 - len(ids)
+    example_length = 1 + len(ids)  # BOS + turns; the rest of the row is fill
+    padding = seq_len - example_length
     tokens = np.array([tokenizer.bos_id, *ids, *([tokenizer.eos_id] * padding)], np.int32)
-    maskable = np.array([False, *mask, *([True] * padding)], bool)
-    return {"tokens": tokens, "maskable": maskable}
+    maskable = np.array([False, *mask, *([fill_maskable] * padding)], bool)
+    fill = np.arange(seq_len) >= example_length
+    return {"tokens": tokens, "maskable": maskable, "fill": fill}
 

@@ -30,9 +30,10 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -42,6 +43,8 @@ ORIGIN = "_origin"     # record field: where the record came from
 ERROR = "_error"       # record field: why the record could not be read (malformed JSON, ...)
 
 _WHITESPACE_BYTES = (9, 10, 11, 12, 13, 32)
+_JSON_TYPE_NAMES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+                    type(None): "null"}
 _INDEX_CHUNK_BYTES = 1 << 23
 
 
@@ -166,6 +169,7 @@ class FileLinesSource:
         self._line_numbers = np.concatenate(lines)
         self._file_ids = np.concatenate(file_ids)
         self._is_json = [p.endswith((".jsonl", ".json")) for p in paths]
+        self.total_bytes = sum(os.path.getsize(p) for p in paths)
         self._descriptors: dict[int, int] = {}
         self._open_lock = threading.Lock()  # grain reads records from several threads
         if len(self._starts) == 0:
@@ -195,25 +199,55 @@ class FileLinesSource:
                     self._descriptors[file_id] = descriptor
         return os.pread(descriptor, end - start, start)  # pread: no shared file position
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index) % len(self)
-        file_id = int(self._file_ids[index])
-        origin = f"{self.paths[file_id]}:{int(self._line_numbers[index])}"
-        raw = self._read(file_id, int(self._starts[index]), int(self._ends[index]))
+    def _record(self, file_id: int, line_number: int, raw: bytes) -> dict[str, Any]:
+        """One line's record, or `{"_error": reason}` for a line that cannot be one."""
+        origin = f"{self.paths[file_id]}:{line_number}"
         try:
             line = raw.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError as e:
             return {ORIGIN: origin, ERROR: f"not valid UTF-8 ({e})"}
+        if line_number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if not self._is_json[file_id]:
             return {"text": line, ORIGIN: origin}
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            return {ORIGIN: origin, ERROR: f"malformed JSON ({e})"}
+            hint = (" (files: reads one JSON object per line; this looks like a file holding one "
+                    "JSON list)" if line.strip() in ("[", "[{") else "")
+            return {ORIGIN: origin, ERROR: f"malformed JSON ({e}){hint}"}
         if not isinstance(record, dict):
-            return {ORIGIN: origin, ERROR: f"expected a JSON object, found {type(record).__name__}"}
+            return {ORIGIN: origin, ERROR: f"expected a JSON object, found a JSON "
+                    f"{_JSON_TYPE_NAMES.get(type(record), type(record).__name__)}"}
         record[ORIGIN] = origin
         return record
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index) % len(self)
+        file_id = int(self._file_ids[index])
+        raw = self._read(file_id, int(self._starts[index]), int(self._ends[index]))
+        return self._record(file_id, int(self._line_numbers[index]), raw)
+
+    def iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(index, record) of every record in index order, read sequentially (for pre-scans)."""
+        for file_id, path in enumerate(self.paths):
+            (indices,) = np.nonzero(self._file_ids == file_id)
+            if not len(indices):
+                continue
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for index in indices.tolist():
+                    raw = data[int(self._starts[index]):int(self._ends[index])]
+                    yield index, self._record(file_id, int(self._line_numbers[index]), raw)
+
+    def without(self, indices: Sequence[int]) -> FileLinesSource:
+        """A copy of this source without the records at `indices` (e.g. bad lines)."""
+        keep = np.ones((len(self),), bool)
+        keep[np.asarray(indices, np.int64)] = False
+        copy = FileLinesSource.__new__(FileLinesSource)
+        copy.__setstate__(self.__getstate__())
+        for name in ("_starts", "_ends", "_line_numbers", "_file_ids"):
+            setattr(copy, name, getattr(self, name)[keep])
+        return copy
 
     def __del__(self) -> None:
         for descriptor in getattr(self, "_descriptors", {}).values():
@@ -272,8 +306,8 @@ def open_source(spec: SourceSpec, *, tfds_data_dir: str = "",
 
 def record_dataset(components: Sequence[SourceSpec], *, tfds_data_dir: str = "",
                    synthetic_size: int = 20000, process_index: int = 0, process_count: int = 1,
-                   shuffle: bool = True, seed: int = 0,
-                   num_epochs: int | None = None) -> grain.MapDataset:
+                   shuffle: bool = True, seed: int = 0, num_epochs: int | None = None,
+                   screen: Callable[[SourceSpec, Any], Any] | None = None) -> grain.MapDataset:
     """The records this host reads, in order, as a grain MapDataset.
 
     Every host builds the same global stream: each component shuffled (a fresh permutation every
@@ -282,14 +316,19 @@ def record_dataset(components: Sequence[SourceSpec], *, tfds_data_dir: str = "",
     more often instead of ending the mixture). Host `i` of `n` then reads elements i, i+n, i+2n,
     ... of that stream: the hosts' records are disjoint and together they are the whole stream,
     and a global batch draws from the whole shuffled epoch rather than from n fixed shards.
+
+    `screen(spec, source) -> source`, if given, sees every opened source first (the pipeline's
+    pre-scan for bad records, which may return the source without them).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count="
                          f"{process_count})")
     datasets = []
     for i, spec in enumerate(components):
-        records = grain.MapDataset.source(open_source(spec, tfds_data_dir=tfds_data_dir,
-                                                      synthetic_size=synthetic_size))
+        source = open_source(spec, tfds_data_dir=tfds_data_dir, synthetic_size=synthetic_size)
+        if screen is not None:
+            source = screen(spec, source)
+        records = grain.MapDataset.source(source)
         if len(records) < process_count:
             raise ValueError(f"config.data.source: {spec.kind}:{spec.argument or spec.split} has "
                              f"{len(records)} records, fewer than the {process_count} hosts")

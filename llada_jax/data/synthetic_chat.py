@@ -6,14 +6,16 @@ Each conversation is one user question and one assistant answer about a three-le
     First letter of kfb -> k          Last letter of kfb -> b
 
 Every task is a rule that holds for any word, so a model that learned it answers *held-out*
-questions too. The `test` split holds questions that never occur in `train`: a question belongs
-to `test` exactly when the CRC32 of its text is divisible by `TEST_MODULUS`. Record `i` of a split
-is a pure function of (split, i), so every process and every run sees the same conversations.
+questions too. The `test` split holds (task, word) pairs that never occur in `train`: a pair
+belongs to `test` exactly when the CRC32 of its plain question ("Reverse kfb") is divisible by
+`TEST_MODULUS`. Record `i` of a split is a pure function of (split, i), so every process and
+every run sees the same conversations.
 
-All words have the same length, so every letter an answer needs sits at a fixed distance before
-it, which RoPE attention learns quickly: the default tiny model answers about 75% of held-out
-questions exactly after about 60k conversations (`configs/sft_tiny.py`: 4000 steps of 16, about
-a minute and a half on two CPU cores).
+All words have the same length and end the question, so every letter an answer needs sits at a
+fixed distance before it, which RoPE attention can learn. Half of the questions start with a
+short opener ("Task: Reverse kfb"), so the prompt length varies within each task: the model has
+to find the word relative to the answer, not relative to the row's start or end (which move at
+generation time, where the generated region is `sampler.gen_length` long).
 
 Everything is ASCII, so the built-in `CharTokenizer` (vocabulary 109) covers it.
 """
@@ -29,6 +31,8 @@ from llada_jax.data.sources import ORIGIN
 
 TASKS = ("repeat", "uppercase", "reverse", "first", "last")
 WORD_LENGTH = 3
+# Drawn uniformly for every question; "" (no opener) half of the time.
+OPENERS = ("", "", "", "", "Hi! ", "Now: ", "Task: ", "Please: ")
 TEST_MODULUS = 10
 _SEED = 20240917
 
@@ -49,7 +53,8 @@ def task_question_answer(task: str, word: str) -> tuple[str, str]:
 
 
 def split_of(question: str) -> str:
-    """`test` or `train`: which split a question belongs to (a fixed function of its text)."""
+    """`test` or `train`: which split a plain question (no opener) belongs to (a fixed function
+    of its text)."""
     return "test" if zlib.crc32(question.encode("utf-8")) % TEST_MODULUS == 0 else "train"
 
 
@@ -63,7 +68,7 @@ def question_answer(split: str, index: int) -> tuple[str, str]:
         word = "".join(chr(ord("a") + int(c)) for c in rng.integers(26, size=WORD_LENGTH))
         question, answer = task_question_answer(task, word)
         if split_of(question) == split:
-            return question, answer
+            return OPENERS[int(rng.integers(len(OPENERS)))] + question, answer
 
 
 class SyntheticChatSource:
