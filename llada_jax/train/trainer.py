@@ -464,4 +464,8 @@ def _run(config, state, model, tx, mesh, shardings, tokenizer, iterator, checkpo
 
     if end > last_saved:
         save(end)
+    from llada_jax.data.pipeline import skipped_summary  # data.bad_records='skip': say how many
+
+    if skipped := skipped_summary():
+        _progress(skipped)
     return TrainResult(state, history, eval_history)
