@@ -111,17 +111,25 @@ def _join_chunks(x: jax.Array, position_axis: int, length: int) -> jax.Array:
     return jax.lax.slice_in_dim(x, 0, length, axis=axis - 1)
 
 
-def _mesh_axes() -> tuple[str, ...]:
-    """The axes (of size > 1) of the mesh the caller is traced under; () without one."""
+def _mesh_axes(size: int | None = None) -> tuple[str, ...]:
+    """The axes (of size > 1) of the mesh the caller is traced under; () without one. With
+    `size`, only the leading axes whose product divides it (an even split of that dim)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    return tuple(name for name in mesh.axis_names if mesh.shape[name] > 1)
+    axes, product = [], 1
+    for name in mesh.axis_names:
+        if mesh.shape[name] > 1:
+            if size is not None and size % (product * mesh.shape[name]):
+                break
+            axes.append(name)
+            product *= mesh.shape[name]
+    return tuple(axes)
 
 
 def _vocab_parallel(x: jax.Array, vocab_axis: int) -> jax.Array:
-    """Constrains x to be split along `vocab_axis` over every mesh axis, replicated otherwise."""
-    axes = _mesh_axes()
+    """Constrains x to be split along `vocab_axis` over the mesh axes, replicated otherwise."""
+    axes = _mesh_axes(x.shape[vocab_axis])
     if not axes:
         return x
     spec = [None] * x.ndim
