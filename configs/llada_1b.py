@@ -8,7 +8,7 @@ embedding and the LM head. bf16 compute, float32 master weights, sequences of 20
 argument is the Hugging Face tokenizer directory (for training; benchmarks need none).
 
 Memory (benchmarks/memory.py, XLA's compiled analysis): full rematerialisation and the LM head +
-cross-entropy in chunks of 512 positions (`train.loss_chunk_size`) keep batch 8 x 2048 with
+cross-entropy in chunks of 256 positions (`train.loss_chunk_size`) keep batch 8 x 2048 with
 AdamW in float32 under 26 GiB on one device. On an accelerator with more memory (H200: 141 GB)
 `--config.model.remat_policy=save_dots_no_batch` recomputes less (see benchmarks/RESULTS.md).
 """
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
     c.mesh.tensor = 1
     c.train.seq_len = 2048
     c.train.batch_size = 8
-    c.train.loss_chunk_size = 512      # the [B, L, 126464] logits never exist at once
+    c.train.loss_chunk_size = 256      # the [B, L, 126464] logits never exist at once
     c.train.steps = 10_000
     c.train.learning_rate = 4e-4
     c.train.warmup_steps = 500

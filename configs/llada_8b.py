@@ -8,7 +8,9 @@ The argument is the directory of the released Hugging Face tokenizer (`tokenizer
 128, SwiGLU 12288, vocabulary 126464, RoPE theta 500000, RMSNorm eps 1e-5, mask 126336,
 EOS/pad 126081, BOS 126080; 8,015,581,184 parameters. bf16 compute with float32 master weights,
 full rematerialisation, fully sharded (FSDP) over every device, the LM head and cross-entropy in
-chunks of 512 positions (`train.loss_chunk_size`: the [B, L, 126464] logits never exist).
+chunks of 512 positions (`train.loss_chunk_size`: the [B, L, 126464] logits never exist;
+the LM head and embedding gradients stay sharded): 19.8 GiB per device at batch 8 x 4096 on 8
+devices (benchmarks/RESULTS.md).
 Optimisation follows the paper: AdamW (0.9, 0.95, weight decay 0.1), clip 1.0,
 warmup-stable-decay with peak 4e-4, 2000 warmup steps, linear decay to 1e-5 over the last 0.3T
 of 2.3T tokens (1280 x 4096 tokens per step).

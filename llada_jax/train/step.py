@@ -34,7 +34,8 @@ Objectives (`train.objective`): 'pretrain' (sum of CE / p over batch * seq_len),
 released `modeling_llada.py` normalises by the row's labelled count exactly like LLaDA's SFT, so
 the two differ only in which tokens the data marks maskable). With `train.loss_chunk_size` > 0
 the network returns its final hidden states and the LM head + cross-entropy run a chunk of the
-sequence at a time (losses.chunked_cross_entropy): the [B, L, V] logits never exist.
+sequence at a time (losses.lm_head_cross_entropy, whose backward keeps the LM head's
+gradient split over the mesh): the [B, L, V] logits never exist.
 
 Metrics: `loss`, `accuracy` (argmax = clean token, over noised positions), `grad_norm` (before
 clipping), `learning_rate` (of this update), `noised_tokens`, `cut_length`.
@@ -55,6 +56,7 @@ from jax.sharding import Mesh
 from llada_jax import parallel
 from llada_jax.config import PARAM_GROUPS, trainable_groups
 from llada_jax.diffusion import losses, noise
+from llada_jax.model.layers import dtype_of
 from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
 from llada_jax.train.optimizer import (
@@ -150,6 +152,15 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     return prepared
 
 
+def lm_head_kernel(params: Any) -> jax.Array | None:
+    """The LM-head kernel [d, V] of Transformer (`lm_head`) or LLaDAV (`language_model/lm_head`)
+    params; None for another parameter tree."""
+    for scope in (params, params.get("language_model", {})):
+        if "lm_head" in scope:
+            return nn.unbox(scope["lm_head"]["kernel"])  # boxed (logical axes) or plain
+    return None
+
+
 def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Callable:
     """(params, prepared batch) -> (loss, {correct, noised}) for `train.objective`.
 
@@ -168,9 +179,15 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Calla
                       segment_ids=micro.get("segment_ids"), **images)
         if chunk_size > 0:
             hidden = model.apply(variables, micro["noisy_tokens"], return_hidden=True, **inputs)
-            ce, hits = losses.chunked_cross_entropy(
-                lambda h: model.apply(variables, h, method="logits_from_hidden"), hidden,
-                micro["tokens"], chunk_size)
+            head_kernel = lm_head_kernel(params)
+            if head_kernel is not None:  # the LM head with its sharded, hand-written backward
+                ce, hits = losses.lm_head_cross_entropy(
+                    hidden, head_kernel, micro["tokens"], chunk_size,
+                    dtype_of(model.config.dtype))
+            else:
+                ce, hits = losses.chunked_cross_entropy(
+                    lambda h: model.apply(variables, h, method="logits_from_hidden"), hidden,
+                    micro["tokens"], chunk_size)
         else:
             logits = model.apply(variables, micro["noisy_tokens"], **inputs)
             ce = losses.token_cross_entropy(logits, micro["tokens"])
