@@ -65,6 +65,7 @@ def get_config(arg: str | None = None):
     c.mesh.tensor = 1
 
     c.train.objective = "masked_response"   # stage 1 below: "sft"
+    c.train.loss_chunk_size = 512           # 40.4 -> 35.6 GiB per device on 8 devices
     c.train.seq_len = 8192
     c.train.schedule = "cosine"
     c.train.min_lr_ratio = 0.0
