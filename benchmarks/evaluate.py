@@ -20,17 +20,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from lm_eval.api.instance import Instance
 
-from llada_jax.config import default_config  # noqa: E402
-from llada_jax.data.tokenizer import CharTokenizer  # noqa: E402
-from llada_jax.evaluation.lm import LladaJaxLM  # noqa: E402
-from llada_jax.train import state as state_lib  # noqa: E402
+from llada_jax.config import default_config
+from llada_jax.data.tokenizer import CharTokenizer
+from llada_jax.evaluation.lm import LladaJaxLM
+from llada_jax.train import state as state_lib
 
 _QUESTIONS = flags.DEFINE_integer("questions", 64, "multiple-choice questions (4 options each)")
 _MC_NUM = flags.DEFINE_integer("mc_num", 8, "Monte Carlo samples per option")

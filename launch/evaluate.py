@@ -45,8 +45,8 @@ from llada_jax import parallel
 from llada_jax.config import default_config
 from llada_jax.data.eval_records import encode_requests, read_eval_records
 from llada_jax.data.tokenizer import load_tokenizer
-from llada_jax.evaluation.batching import round_up
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
+from llada_jax.evaluation.batching import round_up
 from llada_jax.train import checkpoint, state
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
