@@ -37,7 +37,7 @@ from llada_jax.train import state as state_lib
 
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_tasks")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-STEPS = 400
+STEPS = 250
 
 
 def tiny_config():
@@ -47,6 +47,7 @@ def tiny_config():
     config.sampler.gen_length = 2
     config.sampler.block_length = 2
     config.sampler.steps = 2
+    config.model.init_std = 0.1   # larger than the default 0.02: learns the copy in ~200 steps
     return config
 
 
@@ -134,7 +135,7 @@ def test_one_token_continuation_is_the_exact_log_prob(cfg):
         expected = numpy_log_prob(lm.params, lm.model, tok.encode(context), tok.encode(answer)[0])
         np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-4)
     # The trained model knows the copy: the right letter is far likelier than a wrong one.
-    assert got[0] > got[1] + 1 and got[2] > got[3] + 1
+    assert got[0] > -0.5 > -3 > got[1] and got[2] > -0.5 > -3 > got[3]
 
 
 def test_batch_composition_does_not_change_results():
@@ -154,8 +155,8 @@ def run_tasks(lm, limit=None):
 
 def test_local_tasks_through_lm_eval_trained_and_untrained():
     results = run_tasks(make_lm())
-    assert results["copy_letter_mc"]["acc,none"] >= 0.75
-    assert results["copy_letter_gen"]["exact_match,none"] >= 0.6
+    assert results["copy_letter_mc"]["acc,none"] >= 0.9
+    assert results["copy_letter_gen"]["exact_match,none"] >= 0.9
     untrained = run_tasks(make_lm(steps=0))
     # 24 questions, 4 choices: 0.25 expected; 0.6 is over 3.5 standard deviations above it.
     assert untrained["copy_letter_mc"]["acc,none"] <= 0.6
