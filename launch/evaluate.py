@@ -159,6 +159,7 @@ def run_benchmarks() -> None:
         limit = int(limit)
     lm = LladaJaxLM(checkpoint=_CHECKPOINT.value, step=_STEP.value, tokenizer=_TOKENIZER.value,
                     cache_path=_CACHE.value, mesh=mesh, **model_args)
+    lm.row_multiple = rows
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(lm.config)):
         out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                               task_manager=TaskManager(include_path=include),

@@ -2,8 +2,9 @@
 
 Every distinct array shape is one XLA compilation, so requests are grouped by a bucket key made
 of their lengths rounded up to a multiple (`round_up`); inside a bucket they are cut into batches
-of a fixed number of rows, the last one padded by repeating its final request (its outputs are
-dropped). Sorting by length first keeps the padding small. Pure Python; no model work.
+of at most a fixed number of rows, a short last one padded (to the next power of two,
+`padded_size`) by repeating its final request (its outputs are dropped). Sorting by length
+first keeps the padding small. Pure Python; no model work.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def bucketed_batches(items: Sequence[Item], bucket_of: Callable[[Item], Hashable
         for start in range(0, len(indices), batch_size):
             batches.append((key, indices[start:start + batch_size]))
     return batches
+
+
+def padded_size(n: int, batch_size: int, multiple: int = 1) -> int:
+    """Rows a batch of `n` requests is padded to: the next power of two, rounded up to
+    `multiple` (the mesh's batch axes), at most `batch_size`. A few shapes per bucket instead
+    of one, but a short last batch no longer computes a full batch of padding."""
+    power = 1 << max(n - 1, 0).bit_length()
+    return min(batch_size, round_up(power, multiple))
 
 
 def pad_batch(indices: list[int], batch_size: int) -> list[int]:

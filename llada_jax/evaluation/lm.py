@@ -50,7 +50,7 @@ from llada_jax.data.eval_records import encode_pair
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
 from llada_jax.diffusion.sampler import SamplerConfig, generate
-from llada_jax.evaluation.batching import bucketed_batches, pad_batch, round_up
+from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
 from llada_jax.train import checkpoint as checkpoint_lib
 from llada_jax.train import state as state_lib
@@ -171,6 +171,8 @@ class LladaJaxLM(LM):
             sort_keys=True, default=str)
         self.request_cache = RequestCache(cache_path)
         self.model_calls = 0   # compiled-program invocations (tests count them)
+        # Batches are padded to a multiple of this (the mesh's batch axes; launch/evaluate.py).
+        self.row_multiple = 1
 
     # ----------------------------------------------------------------- shared machinery
     def _run_cached(self, kind: str, requests: list, prepare: Callable[[Any], Any],
@@ -240,7 +242,8 @@ class LladaJaxLM(LM):
             raise ValueError(f"loglikelihood: a context + continuation of {longest} tokens "
                              f"(padded to {width_p + width_a}) exceeds the model's "
                              f"max_sequence_length={self.max_length}")
-        rows = [pairs[i] for i in pad_batch(list(range(len(pairs))), self.pairs_per_call)]
+        size = padded_size(len(pairs), self.pairs_per_call, self.row_multiple)
+        rows = [pairs[i] for i in pad_batch(list(range(len(pairs))), size)]
         packed = [pack_pairs([p], [a], self.tokenizer.pad_id, self.pad_multiple) for p, a in rows]
         arrays = {k: np.concatenate([b[k] for b in packed]) for k in packed[0]}
         # pair_rng then fold_in(., 0): the key `log_likelihood` would use for this pair alone.
@@ -317,7 +320,8 @@ class LladaJaxLM(LM):
 
     def _generate_batch(self, bucket: tuple[int, SamplerConfig], items: list) -> list[str]:
         width, sampler = bucket
-        rows = [items[i] for i in pad_batch(list(range(len(items))), self.gen_batch_size)]
+        size = padded_size(len(items), self.gen_batch_size, self.row_multiple)
+        rows = [items[i] for i in pad_batch(list(range(len(items))), size)]
         tokens = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
         mask = np.zeros(tokens.shape, bool)
         for r, (ids, _, _) in enumerate(rows):
