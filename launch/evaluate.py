@@ -1,7 +1,18 @@
-"""Likelihood and multiple-choice evaluation of a checkpoint (Monte Carlo ELBO, REFERENCE.md s. 4).
+"""Evaluation of a checkpoint: lm-eval benchmarks (--tasks) or a file of prompts (--data).
 
+    python launch/evaluate.py --checkpoint=/ckpt/llada --tasks=arc_challenge,gsm8k --limit=100
+    python launch/evaluate.py --checkpoint=/ckpt/llada \
+        --preset=configs/eval/llada_base.py:arc_challenge --cache=/tmp/arc.jsonl
     python launch/evaluate.py --checkpoint=/ckpt/llada --data=eval.jsonl --mc_num=128
 
+Benchmarks (`--tasks` or `--preset`): lm-eval task names and/or local task YAML files run through
+lm-evaluation-harness with the `llada_jax` model (llada_jax/evaluation/lm.py). `--preset` takes a
+task's official settings from configs/eval/ and prints the published score next to ours.
+`--model_args=k=v,...` sets any model argument (sampler fields too); `--cache` keeps finished
+requests so an interrupted run continues where it stopped; progress lines give requests/s and
+the ETA; the results table goes to stdout and `--results_json` gets the whole result.
+
+Prompt file (`--data`):
 `--data` is a JSON-lines file; each line is either
   {"prompt": "...", "answer": "..."}                       -> log-likelihood of the answer, or
   {"question": "...", "choices": ["...", ...], "label": i}  -> multiple choice (highest wins).
@@ -35,12 +46,24 @@ from llada_jax.config import default_config
 from llada_jax.data.eval_records import encode_requests, read_eval_records
 from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
+from llada_jax.evaluation.batching import round_up
 from llada_jax.train import checkpoint, state
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
                                   required=True)
 _STEP = flags.DEFINE_integer("step", None, "trainer step to load (default: the latest)")
-_DATA = flags.DEFINE_string("data", None, "JSON-lines evaluation file", required=True)
+_DATA = flags.DEFINE_string("data", None, "JSON-lines evaluation file (prompt-file mode)")
+_TASKS = flags.DEFINE_string("tasks", None, "comma-separated lm-eval task names and/or local "
+                             "task YAML files (benchmark mode)")
+_PRESET = flags.DEFINE_string("preset", None, "official task settings, configs/eval/<file>.py:"
+                              "<task> (benchmark mode; --tasks and flags override it)")
+_LIMIT = flags.DEFINE_float("limit", None, "documents per task (a fraction when below 1)")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "few-shot examples (default: the "
+                                    "preset's, else the task's)")
+_MODEL_ARGS = flags.DEFINE_string("model_args", "", "extra llada_jax model arguments k=v,... "
+                                  "(e.g. gen_length=256,block_length=8,steps=256)")
+_CACHE = flags.DEFINE_string("cache", None, "JSONL cache of finished requests (resumable)")
+_RESULTS_JSON = flags.DEFINE_string("results_json", None, "write the lm-eval results as JSON")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
                                  "tokenizer spec (default: the checkpoint's config.data.tokenizer)")
 _MC_NUM = flags.DEFINE_integer("mc_num", 128, "Monte Carlo samples per answer")
@@ -73,8 +96,97 @@ def mc_batch_size(mc_num: int, batch_size: int) -> int:
     return batch_size
 
 
+def parse_model_args(text: str) -> dict:
+    """`k=v,k2=v2` -> dict with ints, floats and booleans converted (one error line per item)."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model_args: expected key=value, found {item!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def run_benchmarks() -> None:
+    """Benchmark mode: lm-eval tasks through the llada_jax model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    from llada_jax.evaluation.lm import LladaJaxLM
+    from llada_jax.evaluation.presets import load_preset
+    from llada_jax.evaluation.tasks import local_task_folder, split_tasks
+
+    preset = load_preset(_PRESET.value) if _PRESET.value else None
+    names, files = split_tasks((_TASKS.value or (preset.tasks if preset else "")).split(","))
+    include = None
+    if files:
+        include, local_names = local_task_folder(files)
+        names += local_names
+    model_args = dict(preset.model_args) if preset else {}
+    if preset is not None and preset.get("chat"):
+        model_args["chat"] = True
+    for flag, arg in ((_MC_NUM, "mc_num"), (_MC_BATCH_SIZE, "mc_batch_size"),
+                      (_CFG_SCALE, "cfg"), (_PAIRS_PER_CALL, "pairs_per_call"),
+                      (_PAD_MULTIPLE, "pad_multiple"), (_CHAT, "chat"), (_ADD_BOS, "add_bos"),
+                      (_SEED, "seed")):
+        if flags.FLAGS[flag.name].present:
+            model_args[arg] = flag.value
+    model_args.update(parse_model_args(_MODEL_ARGS.value))
+    mesh_config = default_config()
+    mesh_config.mesh.fsdp = _MESH_FSDP.value
+    mesh = parallel.make_mesh(mesh_config)
+    rows = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+    for arg, default in (("pairs_per_call", 8), ("gen_batch_size", 8)):
+        # Batches are split over the batch axes of the mesh: a multiple of their size.
+        model_args[arg] = round_up(int(model_args.get(arg, default)), rows)
+    num_fewshot = _NUM_FEWSHOT.value
+    if num_fewshot is None and preset is not None:
+        num_fewshot = preset.get("num_fewshot")
+    limit = _LIMIT.value
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    lm = LladaJaxLM(checkpoint=_CHECKPOINT.value, step=_STEP.value, tokenizer=_TOKENIZER.value,
+                    cache_path=_CACHE.value, mesh=mesh, **model_args)
+    lm.row_multiple = rows
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(lm.config)):
+        out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                              task_manager=TaskManager(include_path=include),
+                              log_samples=False)
+    if out is None:   # not the main process of a multi-host run
+        return
+    print(make_table(out), flush=True)
+    summary = {"results": out["results"], "n-shot": out.get("n-shot"),
+               "model_args": {k: v for k, v in model_args.items()},
+               "checkpoint": _CHECKPOINT.value, "limit": limit}
+    if preset is not None:
+        summary["preset"] = preset.to_dict()
+        print(f"published ({preset.get('model', 'model')}, {preset.tasks}): "
+              f"{preset.published}", flush=True)
+    if _RESULTS_JSON.value:
+        with open(_RESULTS_JSON.value, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if bool(_DATA.value) == bool(_TASKS.value or _PRESET.value):
+        raise ValueError("give either --data (a prompt file) or --tasks / --preset (lm-eval "
+                         "benchmarks), not both and not neither")
+    if _TASKS.value or _PRESET.value:
+        run_benchmarks()
+        return
     located = read_eval_records(_DATA.value)
     records = [record for _, record in located]
     batch_size = mc_batch_size(_MC_NUM.value, _MC_BATCH_SIZE.value)

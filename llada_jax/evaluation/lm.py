@@ -1,0 +1,359 @@
+"""The lm-evaluation-harness model of this project, registered as ``llada_jax``.
+
+    lm_eval --model llada_jax --model_args checkpoint=/ckpt/llada,mc_num=128,cfg=0.5 \
+        --tasks arc_challenge     (or launch/evaluate.py --tasks=arc_challenge)
+
+* `loglikelihood(context, continuation)`: the Monte Carlo estimate of REFERENCE.md section 4
+  (`diffusion.likelihood.elbo_estimate`: `mc_num` samples in Monte Carlo batches of
+  `mc_batch_size`, stratified mask counts, optional CFG), context and continuation tokenised
+  jointly the official way (`data.eval_records.encode_pair`). A one-token continuation is scored
+  by a single forward pass: every Monte Carlo row then masks exactly that token with weight
+  L / n = 1, so all `mc_num` samples are the same exact log-probability and one pass gives it.
+  The "is greedy" flag is always False, like the official evaluation with is_check_greedy=False
+  (no published number uses it).
+* `loglikelihood_rolling(text)`: the ELBO of the whole text (the continuation of an empty
+  context, or of BOS with `add_bos`), in disjoint windows of the model's length when longer.
+* `generate_until(context, gen_kwargs)`: the project's sampler (every mode of `SamplerConfig`:
+  semi-AR blocks, CFG, prefix/dual cache, threshold/factor decoding, early exit); the generated
+  ids are cut at the first EOS / EoT, decoded, then cut at the first stop sequence. The
+  generation length is `gen_length` when set (the official evaluation's fixed length), else the
+  request's `max_gen_toks` rounded up to the block length (steps scaled in proportion).
+
+Batching: each request is packed alone to widths rounded up to `pad_multiple` (likelihood) or
+`prompt_bucket` (generation); requests with the same widths share one compiled program and run
+`pairs_per_call` / `gen_batch_size` at a time, sorted by length. A likelihood request draws its
+Monte Carlo noise from its own key (the seed folded with a hash of its token ids), so its estimate
+does not depend on which other requests share its batch or on their order. (Generation at
+temperature 0 is deterministic; at T > 0 one key serves a batch.)
+
+Finished requests go to a `RequestCache` (JSONL, keyed by request hash and a fingerprint of the
+settings): an interrupted evaluation resumes without recomputing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from llada_jax.data.eval_records import encode_pair
+from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
+from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
+from llada_jax.diffusion.sampler import SamplerConfig, generate
+from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
+from llada_jax.evaluation.cache import RequestCache, request_key
+from llada_jax.train import checkpoint as checkpoint_lib
+from llada_jax.train import state as state_lib
+
+# Sampler fields a model argument may set (the rest come from the checkpoint's config.sampler).
+SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking",
+                  "logits_eos_inf", "confidence_eos_eot_inf", "cache", "refresh_every",
+                  "threshold", "factor", "early_exit")
+
+
+def pair_rng(seed: int, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> jax.Array:
+    """The key a (context, continuation) pair's estimate is drawn from: `key(seed)` folded with
+    a 31-bit hash of its ids (the same in every batch, order and process)."""
+    digest = hashlib.sha256(json.dumps([list(map(int, context_ids)),
+                                        list(map(int, continuation_ids))]).encode()).digest()
+    return jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest[:4], "little") >> 1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mc_num", "batch_size", "cfg_scale",
+                                             "mask_id"))
+def _pair_estimates(params, tokens, attention_mask, positions, answer_mask, keys, *, model,
+                    mc_num, batch_size, cfg_scale, mask_id):
+    """Estimates [P] of P pairs [P, L], each from its own key (vmapped, so independent)."""
+    forward = functools.partial(model.apply, {"params": params})
+
+    def one(t, m, pos, a, key):
+        return elbo_estimate(forward, t[None], m[None], pos[None], a[None], key, mc_num=mc_num,
+                             batch_size=batch_size, cfg_scale=cfg_scale, mask_id=mask_id)[0]
+
+    return jax.vmap(one)(tokens, attention_mask, positions, answer_mask, keys)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"llada_jax model argument {name}: expected true or false, found {value!r}")
+
+
+@register_model("llada_jax")
+class LladaJaxLM(LM):
+    """lm-eval model over a checkpoint of this project (see the module docstring).
+
+    Give `checkpoint` (a params checkpoint, trainer workdir or imported HF checkpoint directory
+    made by `launch/convert.py`), or `params` + `config` directly (tests, the trainer's
+    evaluators). `tokenizer` is a spec for `load_tokenizer` or a `Tokenizer` (default: the
+    config's `data.tokenizer`). `batch_size` from the lm-eval command line means the Monte Carlo
+    batch, as in the official LLaDA evaluation.
+    """
+
+    def __init__(self, checkpoint: str | None = None, step: int | None = None, *,
+                 params: Any = None, config: Any = None, tokenizer: str | Tokenizer | None = None,
+                 mc_num: int = 128, mc_batch_size: int | None = None, cfg: float = 0.0,
+                 add_bos: bool = False, chat: bool = False, pairs_per_call: int = 8,
+                 pad_multiple: int = 16, gen_batch_size: int = 8, prompt_bucket: int = 32,
+                 seed: int = 0, cache_path: str | None = None, progress: bool = True,
+                 mesh: Any = None, batch_size: int | str | None = None,
+                 **sampler_overrides: Any) -> None:
+        super().__init__()
+        for ignored in ("max_batch_size", "device"):   # lm-eval passes these to every model
+            sampler_overrides.pop(ignored, None)
+        unknown = sorted(set(sampler_overrides) - set(SAMPLER_FIELDS))
+        if unknown:
+            raise ValueError(f"llada_jax model arguments {unknown} are unknown; expected "
+                             f"checkpoint, step, tokenizer, mc_num, mc_batch_size, cfg, add_bos, "
+                             f"chat, pairs_per_call, pad_multiple, gen_batch_size, "
+                             f"prompt_bucket, seed, cache_path or a sampler field "
+                             f"{list(SAMPLER_FIELDS)}")
+        if checkpoint is not None:
+            config, params = checkpoint_lib.load_params(str(checkpoint), step, mesh=mesh)
+        elif params is None or config is None:
+            raise ValueError("llada_jax model: give checkpoint=<directory>, or params and config")
+        if mc_batch_size is None:
+            mc_batch_size = 16 if batch_size in (None, "auto") else int(batch_size)
+        mc_num, mc_batch_size = int(mc_num), int(mc_batch_size)
+        if mc_num <= 0 or mc_batch_size <= 0:
+            raise ValueError(f"llada_jax model: mc_num={mc_num} and mc_batch_size="
+                             f"{mc_batch_size} must be positive integers")
+        mc_batch_size = min(mc_batch_size, mc_num)
+        if mc_num % mc_batch_size:
+            raise ValueError(f"llada_jax model: mc_num={mc_num} must be a multiple of "
+                             f"mc_batch_size={mc_batch_size} (stratified counts are per batch)")
+        for name, value in (("pairs_per_call", pairs_per_call), ("pad_multiple", pad_multiple),
+                            ("gen_batch_size", gen_batch_size),
+                            ("prompt_bucket", prompt_bucket)):
+            if int(value) <= 0:
+                raise ValueError(f"llada_jax model argument {name}: expected a positive "
+                                 f"integer, found {value}")
+        if float(cfg) < 0:
+            raise ValueError(f"llada_jax model argument cfg: expected >= 0, found {cfg}")
+        self.config, self.params = config, params
+        self.model = state_lib.make_model(config)
+        self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
+                          else load_tokenizer(tokenizer or config.data.tokenizer))
+        if self.tokenizer.pad_id == config.model.mask_token_id:
+            raise ValueError(f"llada_jax model: the tokenizer's pad id {self.tokenizer.pad_id} "
+                             f"equals the mask id; padding would be read as masks")
+        self.mc_num, self.mc_batch_size, self.cfg = mc_num, mc_batch_size, float(cfg)
+        self.add_bos, self.chat = _as_bool(add_bos, "add_bos"), _as_bool(chat, "chat")
+        self.pairs_per_call, self.pad_multiple = int(pairs_per_call), int(pad_multiple)
+        self.gen_batch_size, self.prompt_bucket = int(gen_batch_size), int(prompt_bucket)
+        self.seed, self.progress = int(seed), _as_bool(progress, "progress")
+        self.max_length = int(config.model.max_sequence_length)
+        sampler_overrides = {k: (_as_bool(v, k) if isinstance(
+            getattr(SamplerConfig, k, None), bool) else v) for k, v in sampler_overrides.items()}
+        self.fixed_gen_length = "gen_length" in sampler_overrides
+        self.sampler = SamplerConfig.from_config(
+            config, eot_id=self.tokenizer.eot_id, cfg_scale=self.cfg,
+            vocab_limit=self.tokenizer.vocab_size, **sampler_overrides)
+        self.fingerprint = json.dumps({
+            "checkpoint": str(checkpoint), "step": step, "mc_num": mc_num,
+            "mc_batch_size": mc_batch_size, "cfg": self.cfg, "add_bos": self.add_bos,
+            "chat": self.chat, "seed": self.seed,
+            "sampler": dataclasses.asdict(self.sampler) | {"fixed": self.fixed_gen_length}},
+            sort_keys=True, default=str)
+        self.request_cache = RequestCache(cache_path)
+        self.model_calls = 0   # compiled-program invocations (tests count them)
+        # Batches are padded to a multiple of this (the mesh's batch axes; launch/evaluate.py).
+        self.row_multiple = 1
+
+    # ----------------------------------------------------------------- shared machinery
+    def _run_cached(self, kind: str, requests: list, prepare: Callable[[Any], Any],
+                    length_of: Callable[[Any], int], bucket_of: Callable[[Any], Any],
+                    batch_size: int, run_batch: Callable[[Any, list], list]) -> list:
+        """Results of `requests` (cached ones read back, the others computed bucket by bucket;
+        each finished batch is written to the cache at once)."""
+        keys = [request_key(kind, _jsonable(r.args), self.fingerprint) for r in requests]
+        results: list = [None] * len(requests)
+        todo = []
+        for i, key in enumerate(keys):
+            if key in self.request_cache:
+                results[i] = self.request_cache.get(key)
+            else:
+                todo.append(i)
+        prepared = [prepare(requests[i]) for i in todo]
+        batches = bucketed_batches(prepared, bucket_of, length_of, batch_size)
+        done, start = len(requests) - len(todo), time.perf_counter()
+        total = len(requests)
+        for bucket, members in batches:
+            outputs = run_batch(bucket, [prepared[m] for m in members])
+            finished = []
+            for m, output in zip(members, outputs, strict=True):
+                results[todo[m]] = output
+                finished.append((keys[todo[m]], output))
+            self.request_cache.put_many(finished)
+            done += len(members)
+            self._report(kind, done, total, len(todo), start)
+        for request, result in zip(requests, results, strict=True):
+            self.cache_hook.add_partial(kind, request.args, _from_json(kind, result))
+        return [_from_json(kind, r) for r in results]
+
+    def _report(self, kind: str, done: int, total: int, computed: int, start: float) -> None:
+        if not self.progress:
+            return
+        elapsed = time.perf_counter() - start
+        fresh = computed - (total - done)
+        rate = fresh / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        print(f"{kind}: {done}/{total} requests, {rate:.2f} requests/s, ETA {eta:.0f} s",
+              file=sys.stderr, flush=True)
+
+    # ----------------------------------------------------------------- likelihood
+    def _encode_context(self, context: str) -> list[int]:
+        prefix = [self.tokenizer.bos_id] if self.add_bos else []
+        return prefix + self.tokenizer.encode(context)
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if self.chat:
+            return (self.tokenizer.render_chat([{"role": "user", "content": context}]),
+                    self.tokenizer.encode(continuation))
+        prefix = [self.tokenizer.bos_id] if self.add_bos else []
+        context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation,
+                                                    where=f"request {context[-40:]!r}")
+        return prefix + context_ids, continuation_ids
+
+    def _likelihood_bucket(self, pair: tuple[list[int], list[int]]) -> tuple[int, int, bool]:
+        context_ids, continuation_ids = pair
+        return (round_up(len(context_ids), self.pad_multiple),
+                round_up(len(continuation_ids), self.pad_multiple), len(continuation_ids) == 1)
+
+    def _estimate_pairs(self, bucket: tuple[int, int, bool],
+                        pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        width_p, width_a, single = bucket
+        if width_p + width_a > self.max_length:
+            longest = max(len(p) + len(a) for p, a in pairs)
+            raise ValueError(f"loglikelihood: a context + continuation of {longest} tokens "
+                             f"(padded to {width_p + width_a}) exceeds the model's "
+                             f"max_sequence_length={self.max_length}")
+        size = padded_size(len(pairs), self.pairs_per_call, self.row_multiple)
+        rows = [pairs[i] for i in pad_batch(list(range(len(pairs))), size)]
+        packed = [pack_pairs([p], [a], self.tokenizer.pad_id, self.pad_multiple) for p, a in rows]
+        arrays = {k: np.concatenate([b[k] for b in packed]) for k in packed[0]}
+        # pair_rng then fold_in(., 0): the key `log_likelihood` would use for this pair alone.
+        keys = jax.numpy.stack([jax.random.fold_in(pair_rng(self.seed, p, a), 0) for p, a in rows])
+        mc_num, mc_batch = (1, 1) if single else (self.mc_num, self.mc_batch_size)
+        self.model_calls += 1
+        out = _pair_estimates(self.params, arrays["tokens"], arrays["attention_mask"],
+                              arrays["positions"], arrays["answer_mask"], keys, model=self.model,
+                              mc_num=mc_num, batch_size=mc_batch, cfg_scale=self.cfg,
+                              mask_id=int(self.config.model.mask_token_id))
+        return [float(v) for v in np.asarray(out)[:len(pairs)]]
+
+    def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+        return self._run_cached(
+            "loglikelihood", requests, lambda r: self._pair(*r.args),
+            lambda pair: len(pair[0]) + len(pair[1]), self._likelihood_bucket,
+            self.pairs_per_call,
+            lambda bucket, pairs: [[v, False] for v in self._estimate_pairs(bucket, pairs)])
+
+    def loglikelihood_rolling(self, requests: list) -> list[float]:
+        def windows(request) -> list[tuple[list[int], list[int]]]:
+            prefix = [self.tokenizer.bos_id] if self.add_bos else []
+            ids = self.tokenizer.encode(request.args[0])
+            room = self.max_length - round_up(len(prefix), self.pad_multiple)
+            room -= room % self.pad_multiple
+            if room <= 0:
+                raise ValueError(f"loglikelihood_rolling: max_sequence_length="
+                                 f"{self.max_length} leaves no room for text")
+            return [(prefix, ids[s:s + room]) for s in range(0, len(ids), room)]
+
+        def run(bucket, items):
+            flat = [w for windows_of in items for w in windows_of]
+            scores = []
+            for b, members in bucketed_batches(flat, self._likelihood_bucket,
+                                               lambda w: len(w[1]), self.pairs_per_call):
+                scores.extend(zip(members, self._estimate_pairs(b, [flat[m] for m in members]),
+                                  strict=True))
+            by_window = dict(scores)
+            out, n = [], 0
+            for windows_of in items:
+                out.append(float(sum(by_window[n + k] for k in range(len(windows_of)))))
+                n += len(windows_of)
+            return out
+
+        return self._run_cached("loglikelihood_rolling", requests, windows,
+                                lambda w: sum(len(a) for _, a in w), lambda w: 0,
+                                self.pairs_per_call, run)
+
+    # ----------------------------------------------------------------- generation
+    def sampler_for(self, max_gen_toks: int | None) -> SamplerConfig:
+        """The sampler of one request: the fixed `gen_length`, or `max_gen_toks` rounded up to
+        the block length with the steps scaled by the same factor."""
+        base = self.sampler
+        if self.fixed_gen_length or not max_gen_toks:
+            return base
+        gen_length = round_up(int(max_gen_toks), base.block_length)
+        num_blocks = gen_length // base.block_length
+        steps = round_up(-(-gen_length * base.steps // base.gen_length), num_blocks)
+        return dataclasses.replace(base, gen_length=gen_length, steps=steps)
+
+    def _prompt(self, request) -> tuple[list[int], SamplerConfig, list[str]]:
+        context, gen_kwargs = request.args
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        if self.chat:
+            ids = self.tokenizer.render_chat([{"role": "user", "content": context}])
+        else:
+            ids = self._encode_context(context)
+        if not ids:
+            raise ValueError(f"generate_until: the context {context[:40]!r} has no tokens "
+                             f"(set add_bos=true for empty contexts)")
+        return ids, self.sampler_for(gen_kwargs.get("max_gen_toks")), until
+
+    def _generate_batch(self, bucket: tuple[int, SamplerConfig], items: list) -> list[str]:
+        width, sampler = bucket
+        size = padded_size(len(items), self.gen_batch_size, self.row_multiple)
+        rows = [items[i] for i in pad_batch(list(range(len(items))), size)]
+        tokens = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros(tokens.shape, bool)
+        for r, (ids, _, _) in enumerate(rows):
+            tokens[r, width - len(ids):] = ids
+            mask[r, width - len(ids):] = True
+        rng = pair_rng(self.seed, rows[0][0], [sampler.gen_length])
+        self.model_calls += 1
+        out = np.asarray(generate(self.params, self.model, tokens, mask, sampler, rng))
+        texts = []
+        stops = {self.tokenizer.eos_id, self.tokenizer.eot_id}
+        for r, (_, _, until) in enumerate(items):
+            generated = [int(t) for t in out[r, width:]]
+            end = next((i for i, t in enumerate(generated) if t in stops), len(generated))
+            text = self.tokenizer.decode(generated[:end], skip_special=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            texts.append(text)
+        return texts
+
+    def generate_until(self, requests: list) -> list[str]:
+        return self._run_cached(
+            "generate_until", requests, self._prompt, lambda item: len(item[0]),
+            lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
+            self.gen_batch_size, self._generate_batch)
+
+
+def _jsonable(args: Any) -> Any:
+    return json.loads(json.dumps(args, default=str))
+
+
+def _from_json(kind: str, value: Any) -> Any:
+    if kind == "loglikelihood":
+        return (float(value[0]), bool(value[1]))
+    return value

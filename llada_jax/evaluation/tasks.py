@@ -1,0 +1,85 @@
+"""Task selection for lm-eval: registered task names and local task YAML files.
+
+`--tasks=gsm8k,tests/data/eval_tasks/copy_letter_mc.yaml` mixes both kinds. A local YAML may name
+its data with paths relative to the YAML's own folder (``dataset_kwargs.data_files``): they are
+resolved here and the YAML is written, resolved, into a private include folder, so a task folder
+can be moved or shipped with the project and still run with no downloads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+
+def _resolve_files(value: Any, base: str) -> Any:
+    if isinstance(value, str):
+        return value if os.path.isabs(value) or "://" in value else os.path.join(base, value)
+    if isinstance(value, list):
+        return [_resolve_files(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_files(v, base) for k, v in value.items()}
+    return value
+
+
+def split_tasks(specs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(registered task names, local YAML paths) of a `--tasks` list; a missing YAML is a
+    FileNotFoundError naming it."""
+    names, files = [], []
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        if spec.endswith((".yaml", ".yml")):
+            if not os.path.isfile(spec):
+                raise FileNotFoundError(f"--tasks: task file not found: {spec}")
+            files.append(spec)
+        else:
+            names.append(spec)
+    if not names and not files:
+        raise ValueError("--tasks: expected at least one task name or task YAML file")
+    return names, files
+
+
+def local_task_folder(files: Sequence[str]) -> tuple[str, list[str]]:
+    """(include folder for lm-eval's TaskManager, the task names the files define).
+
+    Each YAML is read, its relative data files resolved against its folder, and written into
+    a new temporary folder. Errors name the file.
+    """
+    folder = tempfile.mkdtemp(prefix="llada_jax_tasks_")
+    names = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            try:
+                task = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(task, dict) or not isinstance(task.get("task"), str):
+            raise ValueError(f"{path}: a task YAML must be a mapping with a 'task' name")
+        kwargs = task.get("dataset_kwargs") or {}
+        if "data_files" in kwargs:
+            base = os.path.dirname(os.path.abspath(path))
+            kwargs["data_files"] = _resolve_files(kwargs["data_files"], base)
+            for file in _flatten(kwargs["data_files"]):
+                if not os.path.isfile(file):
+                    raise FileNotFoundError(f"{path}: data file not found: {file}")
+            task["dataset_kwargs"] = kwargs
+        with open(os.path.join(folder, os.path.basename(path)), "w", encoding="utf-8") as f:
+            yaml.safe_dump(task, f)
+        names.append(task["task"])
+    return folder, names
+
+
+def _flatten(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [f for v in value for f in _flatten(v)]
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _flatten(v)]
+    return []

@@ -1,0 +1,150 @@
+"""Pluggable evaluators the trainer runs every `eval_every` steps (held-out ELBO, task accuracy).
+
+An evaluator is any object with a `name` and `run(params, step) -> {metric: float}`; the trainer
+keeps a list of them (`make_evaluators`) and calls `run_evaluators`, which prefixes each metric
+with ``eval/<name>/`` for TensorBoard, next to the training curves. Two kinds ship:
+
+* `HeldOutElbo`: the Monte Carlo ELBO (REFERENCE.md section 4) of held-out (prompt, answer)
+  records of a JSONL file (`data/eval_records.py` format): negative log-likelihood bound per
+  answer token, and multiple-choice accuracy when the file holds choice records;
+* `TaskAccuracy`: local lm-eval task YAML files run through lm-eval's evaluator with the
+  `llada_jax` model on the current params (generation accuracy, e.g. exact match).
+
+Specs are plain dicts, so a config can hold them:
+``{"kind": "elbo", "data": "heldout.jsonl", "mc_num": 16}`` or
+``{"kind": "tasks", "tasks": "my_task.yaml", "limit": 50, "model_args": {"gen_length": 32}}``.
+Evaluators do no I/O besides reading their data; writing metrics is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from llada_jax.data.eval_records import encode_requests, read_eval_records
+from llada_jax.data.tokenizer import Tokenizer
+from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
+from llada_jax.train import state as state_lib
+
+
+class Evaluator(Protocol):
+    name: str
+
+    def run(self, params: Any, step: int) -> dict[str, float]:
+        """Metrics of `params` at training step `step`."""
+
+
+class HeldOutElbo:
+    """ELBO per answer token (and multiple-choice accuracy) of a held-out JSONL file."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, data: str, *,
+                 name: str = "elbo", mc_num: int = 16, mc_batch_size: int = 16,
+                 add_bos: bool = True, seed: int = 0, pairs_per_call: int = 8) -> None:
+        self.name, self.config = name, config
+        self.model = state_lib.make_model(config)
+        located = read_eval_records(data)
+        prefix = [tokenizer.bos_id] if add_bos else []
+        plain = [(w, r) for w, r in located if "answer" in r]
+        self.contexts, self.answers = encode_requests(
+            tokenizer, [r["prompt"] for _, r in plain], [r["answer"] for _, r in plain],
+            prefix, [w for w, _ in plain]) if plain else ([], [])
+        self.questions, self.options, self.labels = [], [], []
+        for where, record in ((w, r) for w, r in located if "choices" in r):
+            contexts, choices = encode_requests(
+                tokenizer, [record["question"]] * len(record["choices"]), record["choices"],
+                prefix, [f"{where} (choice {n})" for n in range(len(record["choices"]))])
+            self.questions.append(contexts[0])
+            self.options.append(choices)
+            self.labels.append(record["label"])
+        self.options_kwargs = {"mc_num": mc_num, "batch_size": min(mc_batch_size, mc_num),
+                               "pad_id": tokenizer.pad_id, "pairs_per_call": pairs_per_call}
+        self.rng = jax.random.key(seed)   # the same noise at every step: comparable curves
+
+    def run(self, params: Any, step: int) -> dict[str, float]:
+        del step
+        metrics = {}
+        if self.answers:
+            estimates = log_likelihood(params, self.model, self.contexts, self.answers,
+                                       jax.random.fold_in(self.rng, 0), **self.options_kwargs)
+            tokens = sum(len(a) for a in self.answers)
+            metrics["nll_per_token"] = -float(np.sum(estimates)) / tokens
+        if self.questions:
+            result = multiple_choice(params, self.model, self.questions, self.options,
+                                     jax.random.fold_in(self.rng, 1), labels=self.labels,
+                                     **self.options_kwargs)
+            metrics["choice_accuracy"] = result["accuracy"]
+        return metrics
+
+
+class TaskAccuracy:
+    """Local lm-eval task YAML files on the current params (every metric of every task)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 tasks: str | Sequence[str], *, name: str = "tasks", limit: int | None = None,
+                 model_args: Mapping[str, Any] | None = None) -> None:
+        from llada_jax.evaluation.tasks import local_task_folder, split_tasks
+
+        specs = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+        names, files = split_tasks(specs)
+        self.include, local_names = local_task_folder(files) if files else (None, [])
+        self.task_names = names + local_names
+        self.name, self.config, self.tokenizer, self.limit = name, config, tokenizer, limit
+        self.model_args = dict(model_args or {})
+
+    def run(self, params: Any, step: int) -> dict[str, float]:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        from llada_jax.evaluation.lm import LladaJaxLM
+
+        lm = LladaJaxLM(params=params, config=self.config, tokenizer=self.tokenizer,
+                        progress=False, **({"seed": step} | self.model_args))
+        out = simple_evaluate(model=lm, tasks=self.task_names, limit=self.limit,
+                              task_manager=TaskManager(include_path=self.include),
+                              log_samples=False, bootstrap_iters=0)
+        metrics = {}
+        for task, values in (out or {}).get("results", {}).items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
+                    metrics[f"{task}/{key.split(',')[0]}"] = float(value)
+        return metrics
+
+
+def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
+                    tokenizer: Tokenizer) -> list[Evaluator]:
+    """Evaluators from plain-dict specs (see the module docstring); errors name the spec."""
+    evaluators: list[Evaluator] = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        kind = spec.pop("kind", None)
+        if kind == "elbo":
+            if "data" not in spec:
+                raise ValueError(f"evaluator {i} (elbo): expected a 'data' JSONL file")
+            evaluators.append(HeldOutElbo(config, tokenizer, **spec))
+        elif kind == "tasks":
+            if "tasks" not in spec:
+                raise ValueError(f"evaluator {i} (tasks): expected 'tasks' (task YAML files or "
+                                 f"names)")
+            evaluators.append(TaskAccuracy(config, tokenizer, **spec))
+        else:
+            raise ValueError(f"evaluator {i}: 'kind' must be 'elbo' or 'tasks', found {kind!r}")
+    names = [e.name for e in evaluators]
+    if len(set(names)) != len(names):
+        raise ValueError(f"evaluators need distinct names (their metric prefixes), found {names}")
+    return evaluators
+
+
+def run_evaluators(evaluators: Sequence[Evaluator], params: Any, step: int
+                   ) -> dict[str, float]:
+    """Every evaluator's metrics, keyed ``eval/<evaluator name>/<metric>``."""
+    metrics = {}
+    for evaluator in evaluators:
+        for key, value in evaluator.run(params, step).items():
+            metrics[f"eval/{evaluator.name}/{key}"] = value
+    return metrics
