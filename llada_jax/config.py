@@ -125,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.max_bad_steps = 0
     c.train.eval_every = 0           # 0: no periodic eval
     c.train.eval_batches = 4
+    # Pluggable evaluators run every eval_every steps (llada_jax/train/evaluators.py), as dicts:
+    # {"kind": "elbo", "data": "heldout.jsonl", "mc_num": 16} or {"kind": "tasks", "tasks": ...}
+    c.train.evaluators = []
     c.train.init_from = ""           # a checkpoint directory to take params from (fine-tuning)
     # Cross-entropy in chunks of this many sequence positions, so the [B, L, vocab] logits never
     # exist at once (the LM head runs per chunk, recomputed in the backward pass); 0: one chunk.

@@ -126,7 +126,8 @@ def _progress(message: str) -> None:
 # same maths is computed.
 _RESUME_FREE_FIELDS = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.eval_every", "train.eval_batches", "train.init_from", "train.loss_chunk_size",
+    "train.eval_every", "train.eval_batches", "train.evaluators", "train.init_from",
+    "train.loss_chunk_size",
     "train.grad_accum_steps", "data.eval_source", "data.num_workers", "data.read_threads",
     "data.prefetch_buffer_size", "data.worker_buffer_size", "data.tfds_data_dir",
     "data.bad_records", "model.dtype", "model.remat_policy", "model.attention_backend",
@@ -356,9 +357,13 @@ def _run(config, state, model, tx, mesh, shardings, tokenizer, iterator, checkpo
               f"{train_cfg.batch_size * train_cfg.seq_len} tokens per step")
 
     train_step = step_lib.make_train_step(config, model, tx, mesh, shardings)
-    eval_step = None
+    eval_step, evaluators = None, []
     if train_cfg.eval_every > 0:
         eval_step = step_lib.make_eval_step(config, model, mesh, shardings.params)
+        if train_cfg.evaluators:  # pluggable evaluators (train/evaluators.py), built once
+            from llada_jax.train.evaluators import make_evaluators
+
+            evaluators = make_evaluators(list(train_cfg.evaluators), config, tokenizer)
         eval_base = jax.random.fold_in(jax.random.key(train_cfg.seed), 2)
         eval_keys = [jax.random.key_data(jax.random.fold_in(eval_base, i))
                      for i in range(train_cfg.eval_batches)]
@@ -451,6 +456,13 @@ def _run(config, state, model, tx, mesh, shardings, tokenizer, iterator, checkpo
         if eval_step is not None and done % train_cfg.eval_every == 0:
             fetch_metrics()  # never evaluate (or report) a diverged state
             result = _evaluate(config, eval_step, state.params, tokenizer, mesh, eval_keys)
+            if evaluators:
+                from llada_jax.train.evaluators import run_evaluators
+
+                extra = run_evaluators(evaluators, state.params, done)
+                result.update({key.removeprefix("eval/"): value for key, value in extra.items()})
+                _progress(f"evaluators at step {done} | " + " | ".join(
+                    f"{key} {value:.4f}" for key, value in extra.items()))
             eval_history.append({"step": step, **result})
             if writer:
                 writer.scalars(step, {f"eval/{k}": v for k, v in result.items()})
