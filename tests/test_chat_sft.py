@@ -445,8 +445,8 @@ def test_tiny_sft_end_to_end_answers_held_out_questions(tmp_path):
                                                   jnp.zeros((1, 8), jnp.int32)))["params"]
     before = _held_out_accuracy(untrained, model, config)
     after = _held_out_accuracy(trained, model, config)
-    # Measured (200 questions, 4000 steps of 16): 0.0 before; after 0.215 to 0.375 over seeds
-    # and XLA CPU instruction sets (configs/sft_tiny.py). The threshold checks that learning
-    # happened with a margin that holds for every trajectory measured; it is not a quality bar.
+    # Measured (200 questions, 3000 steps of 16, init_std 0.1): 0.0 before; after 1.0, 1.0, 0.89
+    # and 0.395 over 2 seeds x 2 XLA CPU instruction sets (configs/sft_tiny.py). The bar sits
+    # well below the worst run so a different trajectory on another machine still passes.
     assert before <= 0.05
-    assert after >= 0.1 and after >= before + 0.08, (before, after)
+    assert after >= 0.2 and after >= before + 0.15, (before, after)
