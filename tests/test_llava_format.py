@@ -286,7 +286,7 @@ def test_bad_images_and_records_are_one_line_with_file_and_line(tmp_path, monkey
         2: f"cannot read image {tmp_path / 'truncated.png'}: ",
         3: f"cannot read image {tmp_path / 'huge.png'}: too large to decode safely",
         4: "malformed JSON",
-        5: "expected a JSON object, found list",
+        5: "expected a JSON object, found a JSON list",
         6: "field 'image' must be a path or a list of paths, found 5",
         7: "needs a string 'content'",
         8: "not valid UTF-8"}
