@@ -219,7 +219,9 @@ def test_mesh_product_must_equal_device_count():
         validate(config, num_devices=8)
     config.mesh.fsdp = -1
     config.mesh.tensor = 3
-    with pytest.raises(ValueError, match="config.mesh.fsdp"):
+    # The axes the user set are named with their values (not only the fsdp fill).
+    with pytest.raises(ValueError, match=r"config.mesh: data=2 \* tensor=3 = 6 does not divide "
+                                         r"the 8 devices.*mesh.tensor=3"):
         validate(config, num_devices=8)
 
 
