@@ -137,9 +137,11 @@ def test_chat_jsonl_and_multiple_choice_set(tmp_path):
         # The five tasks' answers to the word, by their definitions, duplicates removed.
         expected = list(dict.fromkeys([word, word.upper(), word[::-1], word[0], word[-1]]))
         assert list(item.choices) == expected
-        verb = item.question.split()[0]
-        right = {"Repeat": word, "Uppercase": word.upper(), "Reverse": word[::-1],
-                 "First": word[0], "Last": word[-1]}[verb]
+        answers = {"Repeat": word, "Uppercase": word.upper(), "Reverse": word[::-1],
+                   "First": word[0], "Last": word[-1]}
+        # Questions may start with an opener ("Now: ", "Task: ", ...): the task verb follows it.
+        verb = next(w for w in item.question.split() if w in answers)
+        right = answers[verb]
         assert item.choices[item.label] == right
     with pytest.raises(ValueError, match="num_questions"):
         nu.synthetic_multiple_choice(0)
