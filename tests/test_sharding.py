@@ -122,7 +122,8 @@ def test_sharded_step_matches_one_device(fsdp, tensor, accum, batches, one_devic
 
 def test_batch_not_divisible_by_the_mesh_is_a_config_error():
     config = _config(fsdp=8, tensor=1, grad_accum_steps=4)  # 16 rows over 8 * 4
-    with pytest.raises(ValueError, match="config.train.batch_size: expected a multiple of "
-                                         "data\\*fsdp\\*grad_accum_steps = 32"):
+    with pytest.raises(ValueError, match=r"config.train.batch_size: expected a multiple of "
+                                         r"mesh.data \* mesh.fsdp \* train.grad_accum_steps = "
+                                         r"1 \* 8 \* 4 = 32, found 16"):
         config_lib.validate(config, 8)
     assert isinstance(parallel.batch_sharding(parallel.make_mesh(config), 2), NamedSharding)
