@@ -29,8 +29,8 @@ REMASKING = ("low_confidence", "random")
 # Logical axis name -> mesh axes. Parameters use the plain names, activations the `activation_*`
 # names. A logical name that is missing here is replicated.
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("activation_batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -42,6 +42,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    # Mixture of experts: the expert dimension of expert weights and dispatched tokens.
+    ("experts", "expert"),
+    ("activation_experts", "expert"),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
@@ -94,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1     # -1: take every device left over
+    c.mesh.expert = 1    # expert parallelism (mixture-of-experts models); also a batch axis
     c.mesh.tensor = 1
     c.mesh.logical_axis_rules = [list(r) for r in DEFAULT_LOGICAL_AXIS_RULES]
 
@@ -256,14 +260,19 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         _fail(f"{prefix}.rope_theta", "a positive number", m.rope_theta)
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with a -1 axis filled so that the product is `num_devices`.
+def mesh_shape(config: ml_collections.ConfigDict,
+               num_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, expert, tensor) with a -1 axis filled so that the product is `num_devices`.
 
-    Errors about the product name all three axes with their values: the culprit is whichever
-    axis the user set, which this function cannot know (fsdp is -1 by default).
+    Errors about the product name the axes with their values (`expert` only when it is not 1):
+    the culprit is whichever axis the user set, which this function cannot know (fsdp is -1 by
+    default). Configs saved before the expert axis existed have expert 1.
     """
-    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
-    shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+    expert = config.mesh.get("expert", 1)
+    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "expert": expert,
+             "tensor": config.mesh.tensor}
+    named = {k: v for k, v in sizes.items() if k != "expert" or v != 1}
+    shown = ", ".join(f"mesh.{k}={v}" for k, v in named.items())
     for k, v in sizes.items():
         if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             _fail(f"mesh.{k}", "a positive integer or -1", v)
@@ -277,15 +286,16 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
             known *= v
     if fill:
         if num_devices % known:
-            set_axes = " * ".join(f"{k}={v}" for k, v in sizes.items() if v != -1)
+            set_axes = " * ".join(f"{k}={v}" for k, v in named.items() if v != -1)
             raise ValueError(f"config.mesh: {set_axes} = {known} does not divide the "
                              f"{num_devices} devices (mesh.{fill[0]}=-1 takes the rest); "
                              f"found {shown}")
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(f"config.mesh: data * fsdp * tensor = {known} must equal the "
+        product = " * ".join(named)
+        raise ValueError(f"config.mesh: {product} = {known} must equal the "
                          f"{num_devices} devices; found {shown}")
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return sizes["data"], sizes["fsdp"], sizes["expert"], sizes["tensor"]
 
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -523,11 +533,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     validate_sampler(config.sampler)
     validate_data(config)
     if num_devices is not None:
-        data, fsdp, tensor = mesh_shape(config, num_devices)
-        if t.batch_size % (data * fsdp * t.grad_accum_steps):
-            _fail("train.batch_size", f"a multiple of mesh.data * mesh.fsdp * "
-                  f"train.grad_accum_steps = {data} * {fsdp} * {t.grad_accum_steps} = "
-                  f"{data * fsdp * t.grad_accum_steps}", t.batch_size)
+        data, fsdp, expert, tensor = mesh_shape(config, num_devices)
+        axes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert,
+                "train.grad_accum_steps": t.grad_accum_steps}
+        if expert == 1:
+            del axes["mesh.expert"]
+        multiple = 1
+        for size in axes.values():
+            multiple *= size
+        if t.batch_size % multiple:
+            _fail("train.batch_size", f"a multiple of {' * '.join(axes)} = "
+                  f"{' * '.join(map(str, axes.values()))} = {multiple}", t.batch_size)
         for name in ("n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
             if getattr(m, name) % tensor:
                 _fail(f"model.{name}", f"a multiple of mesh.tensor={tensor}", getattr(m, name))

@@ -1,6 +1,6 @@
 """Meshes, logical-axis rules, shardings, and host-local <-> global arrays.
 
-One mesh with axes (`data`, `fsdp`, `tensor`) serves every job, from one CPU to a TPU pod slice.
+One mesh with axes (`data`, `fsdp`, `expert`, `tensor`) serves every job, from one CPU to a TPU pod slice.
 Parameters and activations carry logical axis names; the config's rule table maps them onto mesh
 axes. Axes are `AxisType.Auto` because Linen's logical constraints are sharding *hints* that the
 default Explicit axes reject.
@@ -21,10 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from llada_jax.config import mesh_shape
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Set to 1 by launch/tpu_pod.py on every worker of a pod: this process is one of several.
 DISTRIBUTED_ENV = "LLADA_JAX_DISTRIBUTED"
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def maybe_initialize_distributed() -> None:
@@ -49,10 +49,10 @@ def maybe_initialize_distributed() -> None:
 
 def make_mesh(config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh` over `devices` (default: all devices)."""
+    """The (data, fsdp, expert, tensor) mesh of `config.mesh` over `devices` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
@@ -76,7 +76,7 @@ def _is_spec_tree(tree: Any) -> bool:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array: leading axis over (data, fsdp), the rest replicated."""
+    """Sharding of a batch array: leading axis over the batch axes, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 

@@ -12,13 +12,28 @@ def _mesh(data, fsdp, tensor):
 
 
 @pytest.mark.parametrize("axes,devices,expected", [
-    ((1, -1, 1), 8, (1, 8, 1)),
-    ((2, -1, 2), 8, (2, 2, 2)),
-    ((-1, 2, 1), 8, (4, 2, 1)),
-    ((2, 2, 2), 8, (2, 2, 2)),
+    ((1, -1, 1), 8, (1, 8, 1, 1)),
+    ((2, -1, 2), 8, (2, 2, 1, 2)),
+    ((-1, 2, 1), 8, (4, 2, 1, 1)),
+    ((2, 2, 2), 8, (2, 2, 1, 2)),
 ])
 def test_mesh_shape_fills_the_minus_one_axis(axes, devices, expected):
     assert config_lib.mesh_shape(_mesh(*axes), devices) == expected
+
+
+def test_expert_axis_fills_and_is_named_when_set():
+    c = _mesh(1, -1, 1)
+    c.mesh.expert = 4
+    assert config_lib.mesh_shape(c, 8) == (1, 2, 4, 1)
+    c.mesh.expert = 3
+    with pytest.raises(ValueError, match=r"^config.mesh: data=1 \* expert=3 \* tensor=1 = 3 "
+                                         r"does not divide the 8 devices"):
+        config_lib.mesh_shape(c, 8)
+    c.mesh.expert, c.train.batch_size = 2, 12
+    with pytest.raises(ValueError, match=r"mesh.data \* mesh.fsdp \* mesh.expert \* "
+                                         r"train.grad_accum_steps = 1 \* 4 \* 2 \* 1 = 8, "
+                                         r"found 12$"):
+        config_lib.validate(c, 8)
 
 
 @pytest.mark.parametrize("axes,message", [

@@ -70,8 +70,8 @@ def test_lm_head_cross_entropy_matches_the_plain_gradient(dtype, chunk, tol):
 
 
 def _fsdp_mesh():
-    return jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.make_mesh((1, 8, 1, 1), ("data", "fsdp", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
 RULES = (("embed", "fsdp"), ("vocab", "tensor"))

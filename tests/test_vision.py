@@ -229,8 +229,8 @@ def test_logical_axes_and_fsdp_sharding():
 
     # Initialise sharded over every device on the fsdp axis with the default rule table.
     devices = jax.devices()
-    mesh = jax.make_mesh((1, len(devices), 1), ("data", "fsdp", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((1, len(devices), 1, 1), ("data", "fsdp", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
                                             DEFAULT_LOGICAL_AXIS_RULES)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES):
