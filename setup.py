@@ -32,10 +32,14 @@ setup(
         # The CPU wheel of torch is pinned: an unpinned torch pulls several GB of CUDA packages.
         "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "jinja2==3.1.6",
                  "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
-                 "matplotlib==3.11.2", "lm_eval==0.4.13"],
+                 "matplotlib==3.11.2", "lm_eval==0.4.13", "fastapi==0.165.0",
+                 "uvicorn==0.54.0", "openai==3.57.0", "import-linter==2.17",
+                 "pytest-xdist==3.8.0"],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],
         # Benchmarks through lm-evaluation-harness (llada_jax.evaluation, launch/evaluate.py).
         "eval": ["lm_eval==0.4.13"],
+        # The OpenAI-compatible server (launch/serve.py).
+        "serve": ["fastapi==0.165.0", "uvicorn==0.54.0"],
         # TPU VMs: the TPU build of the pinned jax, and gcsfs for gs:// workdirs.
         "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1"],
         "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "nbformat==5.11.1",
