@@ -137,27 +137,20 @@ def main(argv: list[str]) -> None:
 
     # Imported after flag parsing so that `--help` and flag errors are instant.
     from llada_jax import config as config_lib
-    from llada_jax.data.tokenizer import load_tokenizer
 
     try:
-        config_lib.validate(config)  # everything that does not need the devices, first
-        tokenizer = load_tokenizer(config.data.tokenizer)
-    except (ValueError, FileNotFoundError) as e:
+        config_lib.validate(config)  # everything that does not need JAX or the devices, first
+    except ValueError as e:
         _fail(e)
 
-    import jax
-
-    from llada_jax import parallel
     from llada_jax.train import trainer
 
     try:
-        trainer.check_tokenizer(config, tokenizer)
-        parallel.maybe_initialize_distributed()
-        config_lib.validate(config, jax.device_count())
+        setup = trainer.prepare(config)  # devices, tokenizer, mesh: still nothing started
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     try:
-        result = trainer.train(config, _WORKDIR.value)
+        result = trainer.train(config, _WORKDIR.value, setup=setup)
     except (ValueError, OSError, trainer.TrainingDiverged) as e:
         # A bad init_from or data file, a workdir of another config, divergence, a full disk:
         # one line. The trainer has already finished or abandoned its pending save and closed

@@ -5,8 +5,15 @@ presets in `configs/` start from it and change what they need; absl flags overri
 (`--config.train.steps=10`). `validate(config)` runs before anything is built and raises a
 `ValueError` that names the offending field, the expected and the found value.
 
-The network itself is configured by the frozen `ModelConfig` dataclass (hashable, so it can be a
-Linen module attribute); `model_config(config)` builds it from the `model` section.
+The `model`, `sampler` and `vision` sections are derived from frozen dataclasses (hashable, so
+they can be Linen module attributes or static jit arguments): `ModelConfig`, `SamplerConfig` and
+`VisionConfig` are each the one schema of their section, and `model_config`,
+`SamplerConfig.from_config` and `vision_config` build them back from a config.
+
+What this module is not: it imports nothing from `llada_jax.data` or `llada_jax.model` (it is
+the bottom layer, see docs/architecture.md). Checks that need the devices (mesh sizes, batch
+rows per device) are `parallel.validate_mesh`; checks that open files or parse data-source
+specs belong to the data layer.
 """
 
 from __future__ import annotations
@@ -25,6 +32,15 @@ SCHEDULES = ("wsd", "cosine", "constant")
 OBJECTIVES = ("pretrain", "sft", "masked_response")
 CONVERSATION_OBJECTIVES = ("sft", "masked_response")
 REMASKING = ("low_confidence", "random")
+# Metadata of a dataclass field that is not a field of its config section (see `section`).
+NOT_IN_SECTION = {"in_section": False}
+# Mesh axis sizes (`parallel.MESH_AXES`); -1: take every device left over.
+MESH_AXIS_DEFAULTS = {
+    "data": 1,
+    "fsdp": -1,
+    "expert": 1,   # expert parallelism (mixture-of-experts models); also a batch axis
+    "tensor": 1,
+}
 
 # Logical axis name -> mesh axes. Parameters use the plain names, activations the `activation_*`
 # names. A logical name that is missing here is replicated.
@@ -89,16 +105,12 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field of the schema with its default (a tiny CPU-sized model)."""
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(
-        vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16,
-        mlp_hidden_size=128, rope_theta=10000.0, max_sequence_length=128,
-        mask_token_id=3, eos_token_id=2, bos_token_id=1, pad_token_id=2)))
+    c.model = section(
+        ModelConfig, vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+        head_dim=16, mlp_hidden_size=128, rope_theta=10000.0, max_sequence_length=128,
+        mask_token_id=3, eos_token_id=2, bos_token_id=1, pad_token_id=2)
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1
-    c.mesh.fsdp = -1     # -1: take every device left over
-    c.mesh.expert = 1    # expert parallelism (mixture-of-experts models); also a batch axis
-    c.mesh.tensor = 1
+    c.mesh = ml_collections.ConfigDict(dict(MESH_AXIS_DEFAULTS))
     c.mesh.logical_axis_rules = [list(r) for r in DEFAULT_LOGICAL_AXIS_RULES]
 
     c.train = ml_collections.ConfigDict()
@@ -160,48 +172,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.messages_field = "messages"
     c.data.sft_multiturn = "sample_turn"  # sample_turn (reference) | all_responses (LLaDA-V)
 
-    c.sampler = ml_collections.ConfigDict()
-    c.sampler.gen_length = 32
-    c.sampler.block_length = 32
-    c.sampler.steps = 32
-    c.sampler.temperature = 0.0
-    c.sampler.cfg_scale = 0.0
-    c.sampler.remasking = "low_confidence"
-    c.sampler.logits_eos_inf = False         # EOS logit -inf: EOS is never generated
-    # EOS/EoT logits -inf before the confidence softmax (others renormalised), at every T
-    c.sampler.confidence_eos_eot_inf = False
+    # The fields of `SamplerConfig` (its token ids excepted), with a short default generation
+    # for the tiny model (the dataclass keeps LLaDA's 128 tokens in 128 steps).
+    c.sampler = section(SamplerConfig, gen_length=32, steps=32)
+    # Settings of the programs around the sampler, not of the compiled reverse process:
     c.sampler.eot_token_id = -1      # <|eot_id|> for confidence_eos_eot_inf; -1: the tokenizer's
     c.sampler.seed = 0
-    # Fast sampling (REFERENCE.md section 6): KV caches, parallel decoding, early exit.
-    c.sampler.cache = "none"         # none | prefix (cache before the block) | dual (and after it)
-    c.sampler.refresh_every = 0      # with a cache: full pass every n steps of a block (0: first)
-    c.sampler.threshold = 0.0        # > 0: commit every block candidate with confidence >= it
-    c.sampler.factor = 0.0           # > 0: commit the largest n with c_k >= 1 - factor / (k + 1)
-    c.sampler.early_exit = False     # stop once every row has an EOS with nothing masked before it
-    # LLaDA-V sampling (REFERENCE.md section 5): ids never generated (their logits are -inf at
-    # every masked position; LLaDA-V bans EOS, BOS and the header ids) and `<|eot_id|>` as a
-    # finishing token for early_exit as well as EOS.
-    c.sampler.banned_ids = []
-    # LLaDA-V: once an EoT is committed, later commits only before it; the row ends there
-    c.sampler.stop_at_eot = False
 
     # LLaDA-V (REFERENCE.md section 5): a SigLIP vision tower and an mlp2x_gelu projector in front
     # of the language model. `vision.enabled = False` (the default) is plain LLaDA and ignores the
-    # rest of this section. Defaults: SigLIP2 so400m/14 at 384 px, features of block 26.
-    c.vision = ml_collections.ConfigDict()
-    c.vision.enabled = False
-    c.vision.image_size = 384
-    c.vision.patch_size = 14
-    c.vision.width = 1152
-    c.vision.n_layers = 27           # blocks of the pretrained tower (before any is dropped)
-    c.vision.n_heads = 16
-    c.vision.mlp_dim = 4304
-    c.vision.layer_norm_eps = 1e-6
-    c.vision.feature_layer = -2      # -2: drop the last block, as LLaDA-V does
-    c.vision.use_post_layernorm = False
-    c.vision.dtype = "float32"
-    c.vision.param_dtype = "float32"
-    c.vision.remat_policy = "none"
+    # rest of this section: the fields of `VisionConfig` (SigLIP2 so400m/14 at 384 px, features
+    # of block 26) and the image layout below.
+    c.vision = ml_collections.ConfigDict({"enabled": False, **section(VisionConfig)})
     # How an image becomes views and tokens: 'square' (one image_size view: tokens + a newline)
     # or 'anyres_max_N' (base view + tiles of a grid up to max_grid x max_grid, downsampled to
     # about N tiles' worth of tokens; llada_jax/data/images.py).
@@ -217,6 +199,15 @@ def default_config() -> ml_collections.ConfigDict:
         {"vision_tower": 0.0, "projector": 0.0, "language_model": 0.0})
 
     return c
+
+
+def section(schema: type, **overrides: Any) -> ml_collections.ConfigDict:
+    """The config section of a dataclass schema: its fields with their defaults (`overrides`
+    replace some), less those marked `NOT_IN_SECTION`; tuples become lists, as flags give them."""
+    values = dataclasses.asdict(schema(**overrides))
+    return ml_collections.ConfigDict({
+        f.name: list(values[f.name]) if isinstance(values[f.name], tuple) else values[f.name]
+        for f in dataclasses.fields(schema) if f.metadata.get("in_section", True)})
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -260,45 +251,106 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         _fail(f"{prefix}.rope_theta", "a positive number", m.rope_theta)
 
 
-def mesh_shape(config: ml_collections.ConfigDict,
-               num_devices: int) -> tuple[int, int, int, int]:
-    """(data, fsdp, expert, tensor) with a -1 axis filled so that the product is `num_devices`.
-
-    Errors about the product name the axes with their values (`expert` only when it is not 1):
-    the culprit is whichever axis the user set, which this function cannot know (fsdp is -1 by
-    default). Configs saved before the expert axis existed have expert 1.
-    """
-    expert = config.mesh.get("expert", 1)
-    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "expert": expert,
-             "tensor": config.mesh.tensor}
-    named = {k: v for k, v in sizes.items() if k != "expert" or v != 1}
-    shown = ", ".join(f"mesh.{k}={v}" for k, v in named.items())
-    for k, v in sizes.items():
-        if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            _fail(f"mesh.{k}", "a positive integer or -1", v)
-    fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1 (take the devices left "
-                         f"over), found {shown}")
-    known = 1
-    for v in sizes.values():
-        if v != -1:
-            known *= v
-    if fill:
-        if num_devices % known:
-            set_axes = " * ".join(f"{k}={v}" for k, v in named.items() if v != -1)
-            raise ValueError(f"config.mesh: {set_axes} = {known} does not divide the "
-                             f"{num_devices} devices (mesh.{fill[0]}=-1 takes the rest); "
-                             f"found {shown}")
-        sizes[fill[0]] = num_devices // known
-    elif known != num_devices:
-        product = " * ".join(named)
-        raise ValueError(f"config.mesh: {product} = {known} must equal the "
-                         f"{num_devices} devices; found {shown}")
-    return sizes["data"], sizes["fsdp"], sizes["expert"], sizes["tensor"]
-
-
 CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Settings of the reverse process: the schema of the `sampler` section, plus token ids.
+
+    `threshold` / `factor` > 0 switch from the fixed step schedule to parallel decoding (then
+    `steps` is not used). `eot_id < 0` means there is no end-of-turn token. `vocab_limit > 0`
+    restricts candidates to ids below it (the tokenizer's size, when the embedding is padded).
+    `banned_ids` are never candidates. `stop_at_eot` (LLaDA-V): once a row holds an EoT, only
+    masked positions before its first EoT are committed, the row is finished when none is left
+    (what follows is returned as EOS), and early exit finishes a row on EoT as well as EOS.
+    The ids (`NOT_IN_SECTION`) come from the model and the tokenizer, not from the section.
+    """
+
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int = 128
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    logits_eos_inf: bool = False          # EOS logit -inf: EOS is never generated
+    # EOS/EoT logits -inf before the confidence softmax (others renormalised), at every T
+    confidence_eos_eot_inf: bool = False
+    # Fast sampling (REFERENCE.md section 6): KV caches, parallel decoding, early exit.
+    cache: str = "none"           # none | prefix (cache before the block) | dual (and after it)
+    refresh_every: int = 0        # with a cache: full pass every n steps of a block (0: first)
+    threshold: float = 0.0        # > 0: commit every block candidate with confidence >= it
+    factor: float = 0.0           # > 0: commit the largest n with c_k >= 1 - factor / (k + 1)
+    early_exit: bool = False      # stop once every row has an EOS with nothing masked before it
+    mask_id: int = dataclasses.field(default=126336, metadata=NOT_IN_SECTION)
+    eos_id: int = dataclasses.field(default=126081, metadata=NOT_IN_SECTION)
+    eot_id: int = dataclasses.field(default=126348, metadata=NOT_IN_SECTION)
+    vocab_limit: int = dataclasses.field(default=0, metadata=NOT_IN_SECTION)
+    # LLaDA-V sampling (REFERENCE.md section 5): ids never generated (their logits are -inf at
+    # every masked position; LLaDA-V bans EOS, BOS and the header ids) and `<|eot_id|>` as a
+    # finishing token for early_exit as well as EOS.
+    banned_ids: tuple[int, ...] = ()
+    # LLaDA-V: once an EoT is committed, later commits only before it; the row ends there
+    stop_at_eot: bool = False
+
+    def __post_init__(self):
+        validate_sampler(self, prefix="sampler")
+        if self.stop_at_eot and self.eot_id < 0:
+            raise ValueError("config.sampler.stop_at_eot: expected False when there is no EoT id "
+                             "(sampler.eot_token_id and the tokenizer give none), found True")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that finish a row for early exit: EOS, and EoT with `stop_at_eot`."""
+        return (self.eos_id, self.eot_id) if self.stop_at_eot else (self.eos_id,)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict,
+                    eot_id: int | None = None, **overrides: Any) -> SamplerConfig:
+        """From `config.sampler` and the mask / EOS ids of `config.model`.
+
+        The EoT id is `config.sampler.eot_token_id` when >= 0, else `eot_id` (pass the
+        tokenizer's), else none. `overrides` replace single fields (e.g. from flags).
+        """
+        s = config.sampler
+        fields = {f.name: _as_field_type(f, s[f.name]) for f in dataclasses.fields(cls)
+                  if f.metadata.get("in_section", True)}
+        fields.update(
+            mask_id=config.model.mask_token_id, eos_id=config.model.eos_token_id,
+            eot_id=s.eot_token_id if s.eot_token_id >= 0 else (-1 if eot_id is None else eot_id))
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def parallel(self) -> bool:
+        """True for threshold / factor decoding (a variable number of tokens per step)."""
+        return self.threshold > 0 or self.factor > 0
+
+    @property
+    def schedule_steps(self) -> int:
+        """Columns of the fixed schedule: steps per block (1, unused, for parallel decoding)."""
+        return 1 if self.parallel else self.steps // self.num_blocks
+
+    @property
+    def max_steps_per_block(self) -> int:
+        """Fixed schedule: steps / num_blocks; parallel decoding: one token per step at worst."""
+        return self.block_length if self.parallel else self.steps // self.num_blocks
+
+
+def _as_field_type(field: dataclasses.Field, value: Any) -> Any:
+    """A section value as its dataclass field takes it: floats and flags cast (a flag may give
+    `1` for `1.0`), lists of ids as tuples; other values as they are, for validation to judge."""
+    if field.type == "float":
+        return float(value)
+    if field.type == "bool":
+        return bool(value)
+    if field.type.startswith("tuple"):
+        return tuple(int(i) for i in value)
+    return value
 
 
 def validate_sampler(s: Any, prefix: str = "sampler") -> None:
@@ -399,10 +451,88 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
 PARAM_GROUPS = ("vision_tower", "projector", "language_model")
 
 
-def vision_config(config: ml_collections.ConfigDict):
-    """The frozen `VisionConfig` of the `vision` section (None when vision is disabled)."""
-    from llada_jax.model.vision import VisionConfig
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Architecture of the SigLIP vision encoder (defaults: so400m/14 at 384 px, as LLaDA-V);
+    the schema of the `vision` section but for its switch (`enabled`) and the image layout."""
 
+    image_size: int = 384
+    patch_size: int = 14
+    width: int = 1152
+    n_layers: int = 27           # blocks of the pretrained model (before any is dropped)
+    n_heads: int = 16
+    mlp_dim: int = 4304
+    layer_norm_eps: float = 1e-6
+    # Index into Hugging Face's `hidden_states` (0 = embeddings, k = output of block k, negative
+    # counts from the end): -2 is LLaDA-V's choice (drop the last block), -1 the full depth.
+    feature_layer: int = -2
+    use_post_layernorm: bool = False
+    num_channels: int = dataclasses.field(default=3, metadata=NOT_IN_SECTION)  # RGB pixels
+    dtype: str = "float32"         # compute dtype of activations
+    param_dtype: str = "float32"   # storage dtype of parameters
+    remat_policy: str = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per image (27 * 27 = 729 for so400m/14 at 384 px)."""
+        return self.patches_per_side ** 2
+
+    @property
+    def num_layers_used(self) -> int:
+        """Blocks that are built and run: the ones up to `feature_layer`."""
+        if self.feature_layer < 0:
+            return self.n_layers + 1 + self.feature_layer
+        return self.feature_layer
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the blocks that are built (see the test for the derivation)."""
+        w, m, p, c = self.width, self.mlp_dim, self.patch_size, self.num_channels
+        embeddings = p * p * c * w + w + self.num_patches * w
+        per_layer = 4 * (w * w + w) + (w * m + m) + (m * w + w) + 2 * 2 * w
+        post = 2 * w if self.use_post_layernorm else 0
+        return embeddings + self.num_layers_used * per_layer + post
+
+
+def validate_vision_tower(cfg: VisionConfig) -> None:
+    """Checks a VisionConfig; raises ValueError naming the offending field."""
+    def fail(field: str, expected: str, found: Any) -> None:
+        raise ValueError(f"vision config field {field}: expected {expected}, found {found!r}")
+
+    for name in ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim",
+                 "num_channels"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(name, "a positive integer", value)
+    if cfg.patch_size > cfg.image_size:
+        fail("patch_size", f"at most image_size={cfg.image_size}", cfg.patch_size)
+    if cfg.width % cfg.n_heads:
+        fail("n_heads", f"a divisor of width={cfg.width}", cfg.n_heads)
+    if not isinstance(cfg.feature_layer, int) or not (
+            -cfg.n_layers <= cfg.feature_layer <= -1 or 1 <= cfg.feature_layer <= cfg.n_layers):
+        fail("feature_layer", f"an index of a block output in [1, {cfg.n_layers}] or "
+             f"[-{cfg.n_layers}, -1] (0, the embedding output, is not a feature layer)",
+             cfg.feature_layer)
+    if not cfg.layer_norm_eps > 0:
+        fail("layer_norm_eps", "a positive number", cfg.layer_norm_eps)
+    if cfg.dtype not in DTYPES:
+        fail("dtype", f"one of {DTYPES}", cfg.dtype)
+    if cfg.param_dtype not in DTYPES:
+        fail("param_dtype", f"one of {DTYPES}", cfg.param_dtype)
+    if cfg.remat_policy not in REMAT_POLICIES:
+        fail("remat_policy", f"one of {REMAT_POLICIES}", cfg.remat_policy)
+
+
+def vision_config(config: ml_collections.ConfigDict) -> VisionConfig | None:
+    """The frozen `VisionConfig` of the `vision` section (None when vision is disabled)."""
     if not config.vision.enabled:
         return None
     fields = {f.name for f in dataclasses.fields(VisionConfig)}
@@ -422,9 +552,9 @@ def anyres_max_tiles(image_aspect_ratio: str) -> int | None:
           "(e.g. 'anyres_max_4')", image_aspect_ratio)
 
 
-def trainable_groups(train: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The parameter groups `train.trainable` names ('all': every group)."""
-    spec = train.trainable
+def parse_trainable(spec: str) -> tuple[str, ...]:
+    """The parameter groups a `train.trainable` spec names ('all': every group); what the
+    optimizer does with them is `train/optimizer.py`."""
     if not isinstance(spec, str) or not spec.strip():
         _fail("train.trainable", f"'all' or a comma-separated list of {PARAM_GROUPS}", spec)
     if spec.strip() == "all":
@@ -439,7 +569,7 @@ def trainable_groups(train: ml_collections.ConfigDict) -> tuple[str, ...]:
 def validate_vision(config: ml_collections.ConfigDict) -> None:
     """Checks the `vision` section and the multimodal training fields; raises ValueError."""
     t = config.train
-    groups = trainable_groups(t)
+    groups = parse_trainable(t.trainable)
     for group in PARAM_GROUPS:
         value = t.group_learning_rates.get(group)
         if not isinstance(value, (int, float)) or value < 0:
@@ -454,10 +584,8 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
             _fail("train.trainable", "'all' or 'language_model' without a vision tower "
                   "(vision.enabled=False)", t.trainable)
         return
-    from llada_jax.model.vision import validate_vision as validate_tower
-
     try:
-        validate_tower(vision_config(config))
+        validate_vision_tower(vision_config(config))
     except ValueError as e:  # re-worded with the config path of the field
         raise ValueError(f"config.vision: {e}") from None
     anyres_max_tiles(v.image_aspect_ratio)
@@ -476,8 +604,12 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
     ConversationTemplate.from_config(config)  # format, system message, EOS-padding labels
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Validates the whole config early; raises ValueError naming the field."""
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Validates the whole config early; raises ValueError naming the field.
+
+    Nothing here depends on the devices: `parallel.validate_mesh(config, num_devices)` checks
+    the mesh sizes and the batch rows against them.
+    """
     m = model_config(config)
     validate_model(m)
     validate_vision(config)
@@ -532,18 +664,3 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _fail("train.init_from", "a checkpoint directory or ''", t.init_from)
     validate_sampler(config.sampler)
     validate_data(config)
-    if num_devices is not None:
-        data, fsdp, expert, tensor = mesh_shape(config, num_devices)
-        axes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert,
-                "train.grad_accum_steps": t.grad_accum_steps}
-        if expert == 1:
-            del axes["mesh.expert"]
-        multiple = 1
-        for size in axes.values():
-            multiple *= size
-        if t.batch_size % multiple:
-            _fail("train.batch_size", f"a multiple of {' * '.join(axes)} = "
-                  f"{' * '.join(map(str, axes.values()))} = {multiple}", t.batch_size)
-        for name in ("n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
-            if getattr(m, name) % tensor:
-                _fail(f"model.{name}", f"a multiple of mesh.tensor={tensor}", getattr(m, name))

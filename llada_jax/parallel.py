@@ -1,15 +1,18 @@
 """Meshes, logical-axis rules, shardings, and host-local <-> global arrays.
 
-One mesh with axes (`data`, `fsdp`, `expert`, `tensor`) serves every job, from one CPU to a TPU pod slice.
+One mesh with axes (`data`, `fsdp`, `expert`, `tensor`) serves every job, from one CPU to a TPU
+pod slice: `make_mesh` builds it from a config's `mesh` section or from plain axis sizes, and
+`validate_mesh` checks a config against the devices (the device-dependent part of validation).
 Parameters and activations carry logical axis names; the config's rule table maps them onto mesh
-axes. Axes are `AxisType.Auto` because Linen's logical constraints are sharding *hints* that the
-default Explicit axes reject.
+axes (`logical_rules`, built once per program and passed on). Axes are `AxisType.Auto` because
+Linen's logical constraints are sharding *hints* that the default Explicit axes reject.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,9 +22,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llada_jax.config import mesh_shape
+from llada_jax.config import MESH_AXIS_DEFAULTS, model_config
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = tuple(MESH_AXIS_DEFAULTS)  # data, fsdp, expert, tensor
 # Set to 1 by launch/tpu_pod.py on every worker of a pod: this process is one of several.
 DISTRIBUTED_ENV = "LLADA_JAX_DISTRIBUTED"
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -47,12 +50,76 @@ def maybe_initialize_distributed() -> None:
             process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
-def make_mesh(config: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, expert, tensor) mesh of `config.mesh` over `devices` (default: all)."""
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, expert, tensor) of `sizes` (a `mesh` section or a dict; a missing axis has
+    its default size) with a -1 axis filled so that the product is `num_devices`.
+
+    Errors about the product name the axes with their values (`expert` only when it is not 1):
+    the culprit is whichever axis the user set, which this function cannot know (fsdp is -1 by
+    default). Configs saved before the expert axis existed have expert 1.
+    """
+    sizes = {axis: sizes.get(axis, default) for axis, default in MESH_AXIS_DEFAULTS.items()}
+    named = {k: v for k, v in sizes.items() if k != "expert" or v != 1}
+    shown = ", ".join(f"mesh.{k}={v}" for k, v in named.items())
+    for k, v in sizes.items():
+        if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"config.mesh.{k}: expected a positive integer or -1, found {v!r}")
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1 (take the devices left "
+                         f"over), found {shown}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if num_devices % known:
+            set_axes = " * ".join(f"{k}={v}" for k, v in named.items() if v != -1)
+            raise ValueError(f"config.mesh: {set_axes} = {known} does not divide the "
+                             f"{num_devices} devices (mesh.{fill[0]}=-1 takes the rest); "
+                             f"found {shown}")
+        sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+        product = " * ".join(named)
+        raise ValueError(f"config.mesh: {product} = {known} must equal the "
+                         f"{num_devices} devices; found {shown}")
+    return sizes["data"], sizes["fsdp"], sizes["expert"], sizes["tensor"]
+
+
+def validate_mesh(config: ml_collections.ConfigDict,
+                  num_devices: int) -> tuple[int, int, int, int]:
+    """Checks what of a config depends on the devices: the mesh sizes fit `num_devices`, the
+    global batch splits over the batch axes and micro-batches, the tensor axis divides the sharded
+    model dimensions. Returns the mesh shape; raises ValueError naming the field."""
+    data, fsdp, expert, tensor = mesh_shape(config.mesh, num_devices)
+    t, m = config.train, model_config(config)
+    axes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert,
+            "train.grad_accum_steps": t.grad_accum_steps}
+    if expert == 1:
+        del axes["mesh.expert"]
+    multiple = math.prod(axes.values())
+    if t.batch_size % multiple:
+        raise ValueError(f"config.train.batch_size: expected a multiple of {' * '.join(axes)} = "
+                         f"{' * '.join(map(str, axes.values()))} = {multiple}, found "
+                         f"{t.batch_size!r}")
+    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
+        if getattr(m, name) % tensor:
+            raise ValueError(f"config.model.{name}: expected a multiple of mesh.tensor={tensor}, "
+                             f"found {getattr(m, name)!r}")
+    return data, fsdp, expert, tensor
+
+
+def make_mesh(config: ml_collections.ConfigDict | None = None,
+              devices: Sequence[jax.Device] | None = None, **sizes: int) -> Mesh:
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: all), of `config.mesh`
+    or of plain axis sizes: `make_mesh(fsdp=-1, tensor=2)` (an axis not named has its default
+    size: fsdp -1, the others 1). Size errors are `mesh_shape`'s."""
+    if config is not None and sizes:
+        raise TypeError("make_mesh: pass a config or axis sizes, not both")
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise TypeError(f"make_mesh: unknown mesh axes {unknown}; the axes are {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    shape = mesh_shape(sizes if config is None else config.mesh, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:

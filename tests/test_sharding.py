@@ -125,5 +125,5 @@ def test_batch_not_divisible_by_the_mesh_is_a_config_error():
     with pytest.raises(ValueError, match=r"config.train.batch_size: expected a multiple of "
                                          r"mesh.data \* mesh.fsdp \* train.grad_accum_steps = "
                                          r"1 \* 8 \* 4 = 32, found 16"):
-        config_lib.validate(config, 8)
+        parallel.validate_mesh(config, 8)
     assert isinstance(parallel.batch_sharding(parallel.make_mesh(config), 2), NamedSharding)

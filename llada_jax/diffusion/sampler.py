@@ -59,7 +59,6 @@ This module does not tokenize, load checkpoints or print: see `launch/generate.p
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -68,10 +67,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from llada_jax.config import validate_sampler
+from llada_jax.config import SamplerConfig
 
 # forward(tokens [R, Lw], *, attention_mask [R, L] bool, positions [R, Lw] int, kv_cache=None,
 #         cache_index=None, return_kv=False[, return_hidden=True]) -> logits [R, Lw, V], or
@@ -83,92 +81,6 @@ Head = Callable[[jax.Array], jax.Array]
 # Prefix cache: windows [start, end) are rounded up so that at most this many distinct window
 # lengths (each its own compiled loop) exist; the cost is at most one window quantum of extra work.
 _MAX_PREFIX_WINDOW_LENGTHS = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    """Settings of the reverse process (the `sampler` config section plus the token ids).
-
-    `threshold` / `factor` > 0 switch from the fixed step schedule to parallel decoding (then
-    `steps` is not used). `eot_id < 0` means there is no end-of-turn token. `vocab_limit > 0`
-    restricts candidates to ids below it (the tokenizer's size, when the embedding is padded).
-    `banned_ids` are never candidates. `stop_at_eot` (LLaDA-V): once a row holds an EoT, only
-    masked positions before its first EoT are committed, the row is finished when none is left
-    (what follows is returned as EOS), and early exit finishes a row on EoT as well as EOS.
-    """
-
-    gen_length: int = 128
-    block_length: int = 32
-    steps: int = 128
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    remasking: str = "low_confidence"
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    cache: str = "none"
-    refresh_every: int = 0
-    threshold: float = 0.0
-    factor: float = 0.0
-    early_exit: bool = False
-    mask_id: int = 126336
-    eos_id: int = 126081
-    eot_id: int = 126348
-    vocab_limit: int = 0
-    banned_ids: tuple[int, ...] = ()
-    stop_at_eot: bool = False
-
-    def __post_init__(self):
-        validate_sampler(self, prefix="sampler")
-        if self.stop_at_eot and self.eot_id < 0:
-            raise ValueError("config.sampler.stop_at_eot: expected False when there is no EoT id "
-                             "(sampler.eot_token_id and the tokenizer give none), found True")
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Tokens that finish a row for early exit: EOS, and EoT with `stop_at_eot`."""
-        return (self.eos_id, self.eot_id) if self.stop_at_eot else (self.eos_id,)
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict,
-                    eot_id: int | None = None, **overrides) -> SamplerConfig:
-        """From `config.sampler` and the mask / EOS ids of `config.model`.
-
-        The EoT id is `config.sampler.eot_token_id` when >= 0, else `eot_id` (pass the
-        tokenizer's), else none. `overrides` replace single fields (e.g. from flags).
-        """
-        s = config.sampler
-        eot = s.eot_token_id if s.eot_token_id >= 0 else (-1 if eot_id is None else eot_id)
-        fields = {
-            "gen_length": s.gen_length, "block_length": s.block_length, "steps": s.steps,
-            "temperature": float(s.temperature), "cfg_scale": float(s.cfg_scale),
-            "remasking": s.remasking, "logits_eos_inf": bool(s.logits_eos_inf),
-            "confidence_eos_eot_inf": bool(s.confidence_eos_eot_inf), "cache": s.cache,
-            "refresh_every": s.refresh_every, "threshold": float(s.threshold),
-            "factor": float(s.factor), "early_exit": bool(s.early_exit),
-            "mask_id": config.model.mask_token_id, "eos_id": config.model.eos_token_id,
-            "eot_id": eot, "banned_ids": tuple(int(i) for i in s.banned_ids),
-            "stop_at_eot": bool(s.stop_at_eot)}
-        fields.update(overrides)
-        return cls(**fields)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def parallel(self) -> bool:
-        """True for threshold / factor decoding (a variable number of tokens per step)."""
-        return self.threshold > 0 or self.factor > 0
-
-    @property
-    def schedule_steps(self) -> int:
-        """Columns of the fixed schedule: steps per block (1, unused, for parallel decoding)."""
-        return 1 if self.parallel else self.steps // self.num_blocks
-
-    @property
-    def max_steps_per_block(self) -> int:
-        """Fixed schedule: steps / num_blocks; parallel decoding: one token per step at worst."""
-        return self.block_length if self.parallel else self.steps // self.num_blocks
 
 
 class SampleOutput(NamedTuple):

@@ -35,96 +35,18 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llada_jax.config import DTYPES, REMAT_POLICIES
+# The schema lives with the other config sections; imported from here by the tower's users.
+from llada_jax.config import VisionConfig
+from llada_jax.config import validate_vision_tower as validate_vision
 from llada_jax.model.transformer import REMAT_POLICIES as REMAT_POLICY_FUNCTIONS
 
 # Logical axis names of the activations between blocks.
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """Architecture of the SigLIP vision encoder (defaults: so400m/14 at 384 px, as LLaDA-V)."""
-
-    image_size: int = 384
-    patch_size: int = 14
-    width: int = 1152
-    n_layers: int = 27           # blocks of the pretrained model (before any is dropped)
-    n_heads: int = 16
-    mlp_dim: int = 4304
-    layer_norm_eps: float = 1e-6
-    # Index into Hugging Face's `hidden_states` (0 = embeddings, k = output of block k, negative
-    # counts from the end): -2 is LLaDA-V's choice (drop the last block), -1 the full depth.
-    feature_layer: int = -2
-    use_post_layernorm: bool = False
-    num_channels: int = 3
-    dtype: str = "float32"         # compute dtype of activations
-    param_dtype: str = "float32"   # storage dtype of parameters
-    remat_policy: str = "none"
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.n_heads
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """Tokens per image (27 * 27 = 729 for so400m/14 at 384 px)."""
-        return self.patches_per_side ** 2
-
-    @property
-    def num_layers_used(self) -> int:
-        """Blocks that are built and run: the ones up to `feature_layer`."""
-        if self.feature_layer < 0:
-            return self.n_layers + 1 + self.feature_layer
-        return self.feature_layer
-
-    @property
-    def num_params(self) -> int:
-        """Parameters of the blocks that are built (see the test for the derivation)."""
-        w, m, p, c = self.width, self.mlp_dim, self.patch_size, self.num_channels
-        embeddings = p * p * c * w + w + self.num_patches * w
-        per_layer = 4 * (w * w + w) + (w * m + m) + (m * w + w) + 2 * 2 * w
-        post = 2 * w if self.use_post_layernorm else 0
-        return embeddings + self.num_layers_used * per_layer + post
-
-
 def so400m_patch14_384(**overrides: Any) -> VisionConfig:
     """SigLIP2 so400m/14 at 384 px as LLaDA-V uses it (27 blocks, features of block 26)."""
     return dataclasses.replace(VisionConfig(), **overrides)
-
-
-def _fail(field: str, expected: str, found: Any) -> None:
-    raise ValueError(f"vision config field {field}: expected {expected}, found {found!r}")
-
-
-def validate_vision(cfg: VisionConfig) -> None:
-    """Checks a VisionConfig; raises ValueError naming the offending field."""
-    for name in ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim",
-                 "num_channels"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            _fail(name, "a positive integer", value)
-    if cfg.patch_size > cfg.image_size:
-        _fail("patch_size", f"at most image_size={cfg.image_size}", cfg.patch_size)
-    if cfg.width % cfg.n_heads:
-        _fail("n_heads", f"a divisor of width={cfg.width}", cfg.n_heads)
-    if not isinstance(cfg.feature_layer, int) or not (
-            -cfg.n_layers <= cfg.feature_layer <= -1 or 1 <= cfg.feature_layer <= cfg.n_layers):
-        _fail("feature_layer", f"an index of a block output in [1, {cfg.n_layers}] or "
-              f"[-{cfg.n_layers}, -1] (0, the embedding output, is not a feature layer)",
-              cfg.feature_layer)
-    if not cfg.layer_norm_eps > 0:
-        _fail("layer_norm_eps", "a positive number", cfg.layer_norm_eps)
-    if cfg.dtype not in DTYPES:
-        _fail("dtype", f"one of {DTYPES}", cfg.dtype)
-    if cfg.param_dtype not in DTYPES:
-        _fail("param_dtype", f"one of {DTYPES}", cfg.param_dtype)
-    if cfg.remat_policy not in REMAT_POLICIES:
-        _fail("remat_policy", f"one of {REMAT_POLICIES}", cfg.remat_policy)
 
 
 def _param_init(init: Callable[..., Any], axes: tuple[str, ...]) -> Callable[..., Any]:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llada_jax.config import PARAM_GROUPS, trainable_groups
+from llada_jax.config import PARAM_GROUPS, parse_trainable
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
@@ -86,6 +86,12 @@ def weight_decay_mask(params: Any) -> Any:
     def decayed(path, _):
         return not any(getattr(entry, "key", None) == "scale" for entry in path)
     return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def trainable_groups(train: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The parameter groups that train (`train.trainable`; 'all': every group). The groups
+    and the spec's grammar are schema (`config.PARAM_GROUPS`, `config.parse_trainable`)."""
+    return parse_trainable(train.trainable)
 
 
 def param_group(path: tuple[Any, ...]) -> str:

@@ -54,7 +54,7 @@ import optax
 from jax.sharding import Mesh
 
 from llada_jax import parallel
-from llada_jax.config import PARAM_GROUPS, trainable_groups
+from llada_jax.config import PARAM_GROUPS
 from llada_jax.diffusion import losses, noise
 from llada_jax.model.layers import dtype_of
 from llada_jax.model.multimodal import IMAGE_FIELDS
@@ -64,6 +64,7 @@ from llada_jax.train.optimizer import (
     make_schedule,
     split_micro_batches,
     stop_frozen_gradients,
+    trainable_groups,
 )
 from llada_jax.train.state import TrainState
 

@@ -1,12 +1,15 @@
 """The training loop: data -> step -> metrics -> checkpoints -> evals, from one CPU to a pod.
 
-`train(config, workdir)` validates the config, builds the mesh, the sharded state (fresh,
-restored from `WORKDIR/checkpoints`, or with params taken from `train.init_from`), the input
-iterator (restored to its checkpointed position on resume) and the jitted step, then runs
-`train.steps` optimizer updates. Side effects stay here: progress lines (step, loss, tokens/s,
-ETA; printed on stderr by process 0, so they show whatever the logging level), TensorBoard
-scalars in `WORKDIR/tensorboard`, checkpoints every `train.checkpoint_every` updates and at the
-end. Multi-host runs call `parallel.maybe_initialize_distributed()` first.
+Set-up happens once, in `prepare(config)`: it starts distributed mode (multi-host runs), checks
+the config against the devices, loads and checks the tokenizer, and builds the mesh and the
+logical-axis rules, which everything after it takes from the returned `TrainSetup`.
+`train(config, workdir)` validates and prepares (or takes the `setup` a program already made),
+builds the sharded state (fresh, restored from `WORKDIR/checkpoints`, or with params taken from
+`train.init_from`), the input iterator (restored to its checkpointed position on resume) and the
+jitted step, then runs `train.steps` optimizer updates. Side effects stay here: progress lines
+(step, loss, tokens/s, ETA; printed on stderr by process 0, so they show whatever the logging
+level), TensorBoard scalars in `WORKDIR/tensorboard`, checkpoints every
+`train.checkpoint_every` updates and at the end.
 
 Device-to-host transfers happen once per `train.log_every` steps (the metrics of every step are
 kept on device until then), and before every checkpoint and evaluation.
@@ -38,6 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
@@ -48,6 +52,8 @@ from llada_jax.train import state as state_lib
 from llada_jax.train import step as step_lib
 from llada_jax.train.optimizer import make_optimizer
 from llada_jax.train.summary import SummaryWriter
+
+LogicalRules = tuple[tuple[str, Any], ...]
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,6 +68,29 @@ class TrainResult(NamedTuple):
     # (the state's step before it).
     history: list[dict[str, float]]
     eval_history: list[dict[str, float]]  # one entry per evaluation, `step` as above
+
+
+class TrainSetup(NamedTuple):
+    """What training needs before it builds anything; made once, by `prepare`."""
+
+    mesh: Mesh
+    rules: LogicalRules   # the config's logical-axis rules, as Linen takes them
+    tokenizer: Tokenizer
+
+
+def prepare(config: ml_collections.ConfigDict,
+            devices: Sequence[jax.Device] | None = None) -> TrainSetup:
+    """Starts distributed mode (when this process is one of several), loads the tokenizer and
+    checks it against the model, checks the config against `devices` (default: all), and builds
+    the mesh and the rules. Expects `config_lib.validate(config)` to have passed (programs run it
+    before JAX is imported). Raises ValueError / FileNotFoundError naming the field or file."""
+    parallel.maybe_initialize_distributed()
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_tokenizer(config, tokenizer)
+    devices = list(jax.devices() if devices is None else devices)
+    parallel.validate_mesh(config, len(devices))
+    return TrainSetup(parallel.make_mesh(config, devices), parallel.logical_rules(config),
+                      tokenizer)
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
@@ -275,25 +304,26 @@ def restore_newest_intact(config: ml_collections.ConfigDict,
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None,
-          devices: Sequence[jax.Device] | None = None) -> TrainResult:
+          devices: Sequence[jax.Device] | None = None,
+          setup: TrainSetup | None = None) -> TrainResult:
     """Trains (or resumes training) until `train.steps` updates, or `stop_after` more of them.
 
     `stop_after` ends this call early, with a checkpoint, as a preempted job would; calling
     `train` again with the same workdir continues on exactly the same batches and noise.
-    `devices` (default: all) are the devices of the mesh. Raises TrainingDiverged when the run
-    diverges (see the module docstring), ValueError for a workdir of another config or without
-    an intact checkpoint, OSError (CheckpointWriteError) when a checkpoint cannot be written.
+    `setup` is what `prepare` made of this config (a program that validated and prepared first,
+    to tell config errors from a run that stopped); without it the config is validated and
+    prepared here, over `devices` (default: all). Raises TrainingDiverged when the run diverges
+    (see the module docstring), ValueError for a workdir of another config or without an intact
+    checkpoint, OSError (CheckpointWriteError) when a checkpoint cannot be written.
     """
-    parallel.maybe_initialize_distributed()
-    devices = list(jax.devices() if devices is None else devices)
-    config_lib.validate(config, len(devices))
+    if setup is None:
+        config_lib.validate(config)
+        setup = prepare(config, devices)
+    elif devices is not None:
+        raise TypeError("train: the devices are the setup's mesh; pass devices or setup, not both")
+    mesh, rules, tokenizer = setup
     train_cfg = config.train
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    check_tokenizer(config, tokenizer)
     is_chief = jax.process_index() == 0
-
-    mesh = parallel.make_mesh(config, devices)
-    rules = parallel.logical_rules(config)
     model = state_lib.make_model(config)
     tx = make_optimizer(train_cfg)
     shardings = state_lib.state_shardings(model, tx, mesh, rules)
@@ -325,8 +355,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                 _progress(f"initialised params from {train_cfg.init_from}")
         if is_chief:
             writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        result = _run(config, state, model, tx, mesh, shardings, tokenizer, iterator,
-                      checkpointer, writer, stop_after)
+        result = _run(config, state, model, tx, setup, shardings, iterator, checkpointer,
+                      writer, stop_after)
         checkpointer.wait()  # the final save, committed (or its error raised) before returning
     except BaseException:
         # Whatever stopped the run: a save of the last good state still in flight is finished
@@ -345,9 +375,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return result
 
 
-def _run(config, state, model, tx, mesh, shardings, tokenizer, iterator, checkpointer, writer,
+def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, writer,
          stop_after) -> TrainResult:
     """The loop of `train`, from the state it restored or created."""
+    mesh, tokenizer = setup.mesh, setup.tokenizer
     train_cfg = config.train
     max_bad_steps = int(train_cfg.max_bad_steps)
     start = int(state.step)
