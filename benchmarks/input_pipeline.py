@@ -56,7 +56,8 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     try:
-        config_lib.validate(config, jax.device_count())
+        config_lib.validate(config)
+        parallel.validate_mesh(config, jax.device_count())
     except ValueError as e:
         sys.exit(f"error: {e}")
     tokenizer = load_tokenizer(config.data.tokenizer)

@@ -99,7 +99,8 @@ def measure(case: dict) -> dict:
     if train.batch_size % per_micro:
         train.batch_size = per_micro
     train.grad_accum_steps = train.batch_size // per_micro
-    config_lib.validate(config, devices)
+    config_lib.validate(config)
+    parallel.validate_mesh(config, devices)
     mesh = parallel.make_mesh(config, jax.devices()[:devices])
     rules = parallel.logical_rules(config)
     model = state_lib.make_model(config)

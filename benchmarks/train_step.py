@@ -127,7 +127,8 @@ def main(argv: list[str]) -> None:
     if _N_LAYERS.value:
         config.model.n_layers = _N_LAYERS.value
     try:
-        config_lib.validate(config, jax.device_count())
+        config_lib.validate(config)
+        parallel.validate_mesh(config, jax.device_count())
     except ValueError as e:
         sys.exit(f"error: {e}")
     model_config = config_lib.model_config(config)

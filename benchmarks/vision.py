@@ -86,7 +86,8 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     try:
-        config_lib.validate(config, jax.device_count())
+        config_lib.validate(config)
+        parallel.validate_mesh(config, jax.device_count())
         if not config.vision.enabled:
             raise ValueError("config.vision.enabled: expected True for the LLaDA-V benchmark")
     except ValueError as e:

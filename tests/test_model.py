@@ -12,6 +12,7 @@ import torch
 from llada_jax.config import ModelConfig, default_config, model_config, validate
 from llada_jax.model.layers import RMSNorm, rotary_embedding
 from llada_jax.model.transformer import KVCache, Transformer
+from llada_jax.parallel import validate_mesh
 from tests.torch_reference import RefConfig, random_reference
 
 
@@ -216,13 +217,13 @@ def test_mesh_product_must_equal_device_count():
     config = default_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 3
     with pytest.raises(ValueError, match="config.mesh"):
-        validate(config, num_devices=8)
+        validate_mesh(config, 8)
     config.mesh.fsdp = -1
     config.mesh.tensor = 3
     # The axes the user set are named with their values (not only the fsdp fill).
     with pytest.raises(ValueError, match=r"config.mesh: data=2 \* tensor=3 = 6 does not divide "
                                          r"the 8 devices.*mesh.tensor=3"):
-        validate(config, num_devices=8)
+        validate_mesh(config, 8)
 
 
 def test_unknown_model_field_is_an_error():
