@@ -127,3 +127,22 @@ def test_batch_not_divisible_by_the_mesh_is_a_config_error():
                                          r"1 \* 8 \* 4 = 32, found 16"):
         parallel.validate_mesh(config, 8)
     assert isinstance(parallel.batch_sharding(parallel.make_mesh(config), 2), NamedSharding)
+
+
+def test_mesh_from_plain_axis_sizes():
+    """Programs pass the sizes they have (flags) instead of a whole config; an axis not named has
+    the config's default size (fsdp -1, the others 1), and the errors are the config's."""
+    assert dict(parallel.make_mesh().shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert dict(parallel.make_mesh(data=2, tensor=2).shape) == {
+        "data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    mesh = parallel.make_mesh(fsdp=1, tensor=-1, devices=jax.devices()[:4])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 4}
+    assert parallel.make_mesh(_config(fsdp=2, tensor=4)).shape == parallel.make_mesh(
+        fsdp=2, tensor=4).shape
+    with pytest.raises(ValueError, match=r"^config.mesh: data=3 \* tensor=1 = 3 does not divide "
+                                         r"the 8 devices"):
+        parallel.make_mesh(data=3)
+    with pytest.raises(TypeError, match=r"unknown mesh axes \['dta'\]"):
+        parallel.make_mesh(dta=2)
+    with pytest.raises(TypeError, match="not both"):
+        parallel.make_mesh(_config(fsdp=8, tensor=1), tensor=1)
