@@ -51,7 +51,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llada_jax import config as config_lib
-from llada_jax.interop import hf, siglip
+from llada_jax.interop import hf, llada_v
 
 _MODE = flags.DEFINE_enum("mode", None, ["import", "export"], "conversion direction",
                           required=True)
@@ -188,7 +188,7 @@ def save_params_or_exit(out: str, created: bool, config, params) -> None:
 
 def set_image_layout(config, hf_config: dict, tile: int) -> None:
     """config.vision's image_aspect_ratio / max_grid from a LLaDA-V config.json (what
-    `siglip.llada_v_config_fields` writes on export), when it names a layout we support."""
+    `llada_v.llada_v_config_fields` writes on export), when it names a layout we support."""
     ratio = hf_config.get("image_aspect_ratio")
     if isinstance(ratio, str) and (ratio == "square" or ratio.startswith("anyres_max_")):
         config.vision.image_aspect_ratio = ratio
@@ -271,7 +271,7 @@ def import_into(out: str, created: bool) -> None:
     from llada_jax import parallel
 
     start = time.perf_counter()
-    is_llada_v = any(name.startswith(siglip.LLADA_V_MULTIMODAL_PREFIXES)
+    is_llada_v = any(name.startswith(llada_v.LLADA_V_MULTIMODAL_PREFIXES)
                      for name in hf.list_tensors(_HF_DIR.value))
     config = base_config(is_llada_v)
     mesh = parallel.make_mesh(config)
@@ -279,10 +279,10 @@ def import_into(out: str, created: bool) -> None:
     rules = parallel.logical_rules(config)
     skip = tuple(_SKIP_PREFIXES.value)
     if is_llada_v:  # a whole LLaDA-V checkpoint: Llama-named tower + vision tower + projector
-        skip += tuple(siglip.LLADA_V_MULTIMODAL_PREFIXES)
+        skip += tuple(llada_v.LLADA_V_MULTIMODAL_PREFIXES)
     checkpoint = hf.inspect_hf_checkpoint(_HF_DIR.value, overrides, skip)
     if is_llada_v:
-        model, vision, params = siglip.import_llada_v(_HF_DIR.value, mesh=mesh, rules=rules,
+        model, vision, params = llada_v.import_llada_v(_HF_DIR.value, mesh=mesh, rules=rules,
                                                       param_dtype=_PARAM_DTYPE.value)
         model = dataclasses.replace(model, **overrides)
         config.vision.enabled = True
@@ -342,7 +342,7 @@ def run_export() -> None:
             print(f"note: tokenizer directory {candidate} not found; no tokenizer files copied")
     if config.vision.enabled:  # LLaDA-V: always the Llama-named layout LLaDA-V releases
         naming = "llama"
-        summary = siglip.export_llada_v(params, model, config_lib.vision_config(config),
+        summary = llada_v.export_llada_v(params, model, config_lib.vision_config(config),
                                         _OUT.value, dtype=_DTYPE.value,
                                         image_aspect_ratio=config.vision.image_aspect_ratio,
                                         max_grid=config.vision.max_grid,
