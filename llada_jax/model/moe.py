@@ -30,8 +30,9 @@ reduce-scatter) of the expert weights; an all-to-all dispatch (shard_map) is the
 expert weights per layer outgrow the activations they would replace.
 
 Router statistics (`RouterStats`, per layer): `load` [E] (assignments per expert; they sum to
-T x k, nothing is dropped), `aux_loss` (Switch load balancing E * sum_e f_e P_e, f_e = load_e /
-(T k), P_e = the mean router probability of expert e; for the sigmoid router the per-token
+T x k, nothing is dropped), `aux_loss` (Switch load balancing E * sum_e f_e P_e with f_e =
+load_e / T as in the official (HF) loss, so k at perfect balance; P_e = the mean router
+probability of expert e; for the sigmoid router the per-token
 normalised scores), `z_loss` (mean over tokens of logsumexp(logits)^2). The train step weights
 them with `train.moe_aux_loss_weight` / `train.moe_z_loss_weight` and uses `load` for the
 auxiliary-loss-free expert-bias update (`expert_bias_update`).
@@ -95,9 +96,9 @@ def route(logits: jax.Array, config: ModelConfig, expert_bias: jax.Array | None 
 
 def router_stats(logits: jax.Array, routing: Routing, num_experts: int) -> RouterStats:
     """Load per expert and the two auxiliary losses of one layer (module docstring)."""
-    assignments = routing.experts.size
+    tokens = routing.experts.shape[0]
     load = jnp.zeros((num_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
-    fraction = load / assignments
+    fraction = load / tokens      # as the official loss: k at perfect balance, not 1
     mean_prob = jnp.mean(routing.probs, axis=0)
     aux = num_experts * jnp.sum(fraction * mean_prob)
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
@@ -133,7 +134,7 @@ class MoE(nn.Module):
         dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
         num_experts, d, f = c.num_experts, c.d_model, c.expert_mlp_hidden_size
         batch, length, _ = x.shape
-        tokens = x.reshape(batch * length, d)
+        tokens = jnp.asarray(x).reshape(batch * length, d)
 
         logits = Projection((num_experts,), ("embed",), (None,), dtype=jnp.float32,
                             param_dtype=param_dtype, init_std=c.init_std, name="router")(tokens)

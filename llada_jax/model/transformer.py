@@ -229,7 +229,7 @@ class Transformer(nn.Module):
                 kv_cache = KVCache(kv_cache.k[first:], kv_cache.v[first:])
         h, (kv, stats) = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
         kv_parts.append(kv)
-        if stats is not None:
+        if stats is not None and not self.is_initializing():
             self.sow("moe_stats", "router", stats, init_fn=lambda: None,
                      reduce_fn=lambda _, new: new)
         if not return_kv:
