@@ -1,7 +1,8 @@
 """Hugging Face checkpoints of the language tower <-> llada_jax params: the entry points.
 
 `import_hf` / `export_hf` / `inspect_hf_checkpoint` find the model family of a checkpoint (one
-table file each: `interop/llada.py` for LLaDA-8B, iLLaDA and LLaDA-V's Llama-named tower) and run
+table file each: `interop/llada.py` for LLaDA-8B, iLLaDA and LLaDA-V's Llama-named tower,
+`interop/llada_moe.py` for LLaDA-MoE, `interop/llada2.py` for LLaDA2.x) and run
 the generic streamed conversion of `interop.mapping` over its table, with the file handling of
 `interop.safetensors_io`. Adding a family means adding its table file to `FAMILIES`.
 
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 
 from llada_jax.config import ModelConfig
-from llada_jax.interop import llada, mapping
+from llada_jax.interop import llada, llada2, llada_moe, mapping
 from llada_jax.interop.safetensors_io import (  # noqa: F401  (the public names of interop)
     DTYPES,
     INDEX_FILE,
@@ -42,11 +43,19 @@ from llada_jax.interop.safetensors_io import (  # noqa: F401  (the public names 
 )
 
 # Model families, most specific first: the first whose `matches(config.json)` holds reads it.
-FAMILIES: tuple[ModuleType, ...] = (llada,)
+FAMILIES: tuple[ModuleType, ...] = (llada_moe, llada2, llada)
 NAMINGS = tuple(naming for family in FAMILIES for naming in family.LAYOUTS)
 abstract_params = mapping.abstract_params
 # Buffers some PyTorch checkpoints carry that are not parameters (recomputed from rope_theta).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def default_naming(config: ModelConfig) -> str:
+    """The layout a model is released in: LLaDA2 for the sigmoid router, LLaDA-MoE for the
+    softmax one, the released LLaDA layout for a dense model."""
+    if config.is_moe:
+        return "llada2" if config.router == "sigmoid_grouped" else "llada_moe"
+    return "llada"
 
 
 def _family(naming: str) -> ModuleType:

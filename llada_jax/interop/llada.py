@@ -74,13 +74,13 @@ def matches(hf_config: Mapping) -> bool:
     return True
 
 
-def _require(hf_config: Mapping, field: str, source: str) -> Any:
+def require(hf_config: Mapping, field: str, source: str) -> Any:
     if hf_config.get(field) is None:
         raise ValueError(f"{source}: field {field!r} is missing (needed to build the model)")
     return hf_config[field]
 
 
-def _reject(source: str, field: str, found: Any, supported: str) -> None:
+def reject(source: str, field: str, found: Any, supported: str) -> None:
     raise ValueError(f"{source}: {field}={found!r} is not supported by llada_jax "
                      f"(expected {supported})")
 
@@ -89,7 +89,6 @@ def _first_id(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):
         return int(value[0]) if value else None
     return None if value is None else int(value)
-
 
 
 def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
@@ -110,6 +109,18 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     else:
         raise ValueError(f"{source}: neither 'd_model' (LLaDA/OLMo style) nor 'hidden_size' "
                          f"(Llama style) found; is this a LLaDA config?")
+    fields["tie_embeddings"] = tied(c)
+    return finish_config(fields, c, generation_config, overrides, source,
+                         {"mask_token_id": LLADA_MASK_ID, "bos_token_id": LLADA_BOS_ID,
+                          "eos_token_id": LLADA_EOS_ID}, "LLaDA")
+
+
+def finish_config(fields: dict, c: Mapping, generation_config: Mapping | None,
+                  overrides: Mapping[str, Any] | None, source: str, default_ids: Mapping,
+                  family: str) -> ModelConfig:
+    """The `ModelConfig` of architecture `fields` read from config.json `c` by a family:
+    sizes checked, head_dim defaulted, token ids picked (`generation_config`, then `c`, then
+    the family's `default_ids`), `overrides` applied last, and validated."""
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
                  "vocab_size"):
         if not isinstance(fields[name], int) or fields[name] <= 0:
@@ -130,15 +141,14 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
         "eos_token_id": [("generation_config", generation.get("eos_token_id")),
                          ("config", c.get("eos_token_id"))],
     }
-    defaults = {"mask_token_id": LLADA_MASK_ID, "bos_token_id": LLADA_BOS_ID,
-                "eos_token_id": LLADA_EOS_ID}
     overrides = dict(overrides or {})
     for name, candidates in ids.items():
         if name not in overrides:
-            fields[name] = _pick_id(name, candidates, defaults[name], vocab, source)
+            fields[name] = _pick_id(name, candidates, default_ids[name], vocab, source,
+                                    family)
     pad = _first_id(c.get("pad_token_id"))
     if pad is None or not 0 <= pad < vocab:
-        pad = overrides.get("eos_token_id", fields.get("eos_token_id"))   # LLaDA pads with EOS
+        pad = overrides.get("eos_token_id", fields.get("eos_token_id"))   # pad with EOS
     fields["pad_token_id"] = pad
 
     fields.update(overrides)
@@ -153,7 +163,8 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     return config
 
 
-def _pick_id(name: str, candidates, default: int, vocab: int, source: str) -> int:
+def _pick_id(name: str, candidates, default: int, vocab: int, source: str,
+             family: str) -> int:
     for where, value in candidates:
         value = _first_id(value)
         if value is None:
@@ -164,7 +175,7 @@ def _pick_id(name: str, candidates, default: int, vocab: int, source: str) -> in
                        source, where, name, value, vocab, default)
         break
     if not 0 <= default < vocab:
-        raise ValueError(f"{source}: {name} is not given and LLaDA's {default} is outside the "
+        raise ValueError(f"{source}: {name} is not given and {family}'s {default} is outside the "
                          f"vocabulary [0, {vocab}); add it to config.json or pass it in overrides")
     return default
 
@@ -184,61 +195,81 @@ def _olmo_fields(c: Mapping, source: str) -> dict:
               "activation_type": ("silu",)}
     for field, allowed in checks.items():
         if c.get(field) is not None and c[field] not in allowed:
-            _reject(source, field, c[field], " or ".join(map(repr, allowed)))
+            reject(source, field, c[field], " or ".join(map(repr, allowed)))
     for field in ("include_bias", "include_qkv_bias", "alibi", "scale_logits", "input_emb_norm",
                   "attention_layer_norm"):
         if c.get(field):
-            _reject(source, field, c[field], "false")
+            reject(source, field, c[field], "false")
     if c.get("rope") is False:
-        _reject(source, "rope", False, "true (rotary embeddings)")
+        reject(source, "rope", False, "true (rotary embeddings)")
     if c.get("clip_qkv") is not None:
-        _reject(source, "clip_qkv", c["clip_qkv"], "null")
-    d_model = int(_require(c, "d_model", source))
-    n_heads = int(_require(c, "n_heads", source))
+        reject(source, "clip_qkv", c["clip_qkv"], "null")
+    d_model = int(require(c, "d_model", source))
+    n_heads = int(require(c, "n_heads", source))
     n_kv_heads = c.get("n_kv_heads")
     if n_kv_heads is None:
         n_kv_heads = 1 if c.get("multi_query_attention") else n_heads
     mlp = c.get("mlp_hidden_size")
     if mlp is None:
-        mlp = int(_require(c, "mlp_ratio", source)) * d_model
-    vocab = int(_require(c, "vocab_size", source))
+        mlp = int(require(c, "mlp_ratio", source)) * d_model
+    vocab = int(require(c, "vocab_size", source))
     embedding_size = c.get("embedding_size")
     if embedding_size is not None:
         if embedding_size < vocab:
             raise ValueError(f"{source}: embedding_size={embedding_size} is smaller than "
                              f"vocab_size={vocab}")
         vocab = int(embedding_size)   # the embedding (and LM head) has embedding_size rows
-    return {"d_model": d_model, "n_layers": int(_require(c, "n_layers", source)),
+    return {"d_model": d_model, "n_layers": int(require(c, "n_layers", source)),
             "n_heads": n_heads, "n_kv_heads": int(n_kv_heads), "head_dim": None,
             "mlp_hidden_size": int(mlp), "vocab_size": vocab,
             "rope_theta": _rope_theta(c, source),
-            "rms_norm_eps": float(_require(c, "rms_norm_eps", source)),
+            "rms_norm_eps": float(require(c, "rms_norm_eps", source)),
             "max_sequence_length": int(c.get("max_sequence_length") or 4096)}
 
 
 def _llama_fields(c: Mapping, source: str) -> dict:
     """Fields of a Llama-style config.json (LLaDA-V's re-saved tower)."""
+    return {**llama_attention_fields(c, source),
+            "n_layers": int(require(c, "num_hidden_layers", source)),
+            "mlp_hidden_size": int(require(c, "intermediate_size", source))}
+
+
+def llama_attention_fields(c: Mapping, source: str) -> dict:
+    """The fields every Llama-style config.json has (sizes, heads, RoPE, norms), after refusing
+    what we lack; head_dim defaults to hidden_size / num_attention_heads."""
     if c.get("hidden_act") not in (None, "silu"):
-        _reject(source, "hidden_act", c["hidden_act"], "'silu'")
+        reject(source, "hidden_act", c["hidden_act"], "'silu'")
     for field in ("attention_bias", "mlp_bias"):
         if c.get(field):
-            _reject(source, field, c[field], "false")
+            reject(source, field, c[field], "false")
     if c.get("rope_scaling") is not None:
-        _reject(source, "rope_scaling", c["rope_scaling"], "null (plain RoPE)")
+        reject(source, "rope_scaling", c["rope_scaling"], "null (plain RoPE)")
     rope_type = (c.get("rope_parameters") or {}).get("rope_type", "default")
     if rope_type != "default":
-        _reject(source, "rope_parameters.rope_type", rope_type, "'default'")
-    n_heads = int(_require(c, "num_attention_heads", source))
+        reject(source, "rope_parameters.rope_type", rope_type, "'default'")
+    d_model = int(require(c, "hidden_size", source))
+    n_heads = int(require(c, "num_attention_heads", source))
     head_dim = c.get("head_dim")
-    return {"d_model": int(_require(c, "hidden_size", source)),
-            "n_layers": int(_require(c, "num_hidden_layers", source)),
-            "n_heads": n_heads, "n_kv_heads": int(c.get("num_key_value_heads") or n_heads),
+    if head_dim is None and n_heads > 0 and d_model % n_heads == 0:
+        head_dim = d_model // n_heads
+    return {"d_model": d_model, "n_heads": n_heads,
+            "n_kv_heads": int(c.get("num_key_value_heads") or n_heads),
             "head_dim": None if head_dim is None else int(head_dim),
-            "mlp_hidden_size": int(_require(c, "intermediate_size", source)),
-            "vocab_size": int(_require(c, "vocab_size", source)),
+            "vocab_size": int(require(c, "vocab_size", source)),
             "rope_theta": _rope_theta(c, source),
-            "rms_norm_eps": float(_require(c, "rms_norm_eps", source)),
+            "rms_norm_eps": float(require(c, "rms_norm_eps", source)),
             "max_sequence_length": int(c.get("max_position_embeddings") or 4096)}
+
+
+def llama_attention_dict(config: ModelConfig) -> dict:
+    """The Llama-style config.json fields `llama_attention_fields` reads."""
+    return {"hidden_size": config.d_model, "num_attention_heads": config.n_heads,
+            "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_sequence_length,
+            "rope_theta": config.rope_theta, "rope_scaling": None,
+            "rms_norm_eps": config.rms_norm_eps, "hidden_act": "silu",
+            "attention_bias": False, "initializer_range": config.init_std}
 
 
 def tied(hf_config: Mapping) -> bool:
@@ -275,7 +306,8 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
             "layer_norm_with_affine": True, "bias_for_layer_norm": False,
             "attention_layer_norm": False, "attention_layer_norm_with_affine": False,
             "activation_type": "silu", "block_type": "llama", "block_group_size": 1,
-            "include_bias": False, "include_qkv_bias": False, "weight_tying": False,
+            "include_bias": False, "include_qkv_bias": False,
+            "weight_tying": config.tie_embeddings,
             "alibi": False, "alibi_bias_max": 8.0, "multi_query_attention": None,
             "input_emb_norm": False, "scale_logits": False, "clip_qkv": None,
             "flash_attention": False, "attention_dropout": 0.0, "residual_dropout": 0.0,
@@ -292,14 +324,15 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
             "rope_theta": config.rope_theta, "rope_scaling": None,
             "rms_norm_eps": config.rms_norm_eps, "hidden_act": "silu",
             "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "tie_word_embeddings": False, "initializer_range": config.init_std,
+            "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
             "pretraining_tp": 1,
         }
     return {**common, **fields}
 
 
 def check_exportable(config: ModelConfig, naming: str) -> None:
-    """Refuses, before anything is written, a head_dim the `naming` layout cannot express.
+    """Refuses, before anything is written, what the dense layouts cannot express: experts,
+    QK-norm or partial rotary, and (``llada``) a head_dim other than d_model / n_heads.
 
     The released LLaDA config.json (OLMo style) has no head_dim: its model class builds q_proj
     as [d_model, d_model] and splits heads as d_model / n_heads, so another head_dim would
@@ -307,6 +340,10 @@ def check_exportable(config: ModelConfig, naming: str) -> None:
     config.json carries `head_dim` (our importer and transformers' Llama-family configs read
     it; LLaDA-V's own modeling code requires d_model / n_heads as well).
     """
+    if config.is_moe or config.qk_norm or config.rotary_dim:
+        raise ValueError(f"cannot export this model in the dense '{naming}' layout: it has "
+                         f"num_experts={config.num_experts}, qk_norm={config.qk_norm}, "
+                         f"rotary_dim={config.rotary_dim}; use --naming=llada_moe or llada2")
     if naming == "llada" and config.n_heads * config.head_dim != config.d_model:
         raise ValueError(
             f"cannot export head_dim={config.head_dim} with n_heads={config.n_heads} and "

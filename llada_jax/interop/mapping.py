@@ -183,11 +183,11 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     if missing:
         raise ValueError(f"this checkpoint layout cannot store param(s) "
                          f"{['/'.join(p) for p in missing]} of the model")
-    by_key: dict[str, list[TensorRule]] = {}
+    by_key: dict[tuple[str, str], list[TensorRule]] = {}   # (key, stack): fused when shared
     for rule in present:
-        by_key.setdefault(rule.key, []).append(rule)
+        by_key.setdefault((rule.key, rule.path[0] if rule.stacked else ""), []).append(rule)
     out = []
-    for key, members in by_key.items():
+    for (key, _), members in by_key.items():
         shapes = [_hf_shape(r, abstract) for r in members]
         rows = tuple(s[0][0] for s in shapes)
         shape = shapes[0][0] if len(members) == 1 else (sum(rows), *shapes[0][0][1:])
