@@ -1,6 +1,7 @@
 """Converts Hugging Face LLaDA checkpoints to llada_jax params checkpoints and back.
 
-Import (released LLaDA-8B layout or LLaDA-V's Llama-named tower, bf16 or fp32 shards):
+Import (released LLaDA-8B / iLLaDA layout, LLaDA-V's Llama-named tower, LLaDA-MoE or LLaDA2.x;
+bf16 or fp32 shards; the family is read from config.json):
 
     python launch/convert.py --mode=import --hf_dir=/ckpt/LLaDA-8B-Instruct --out=/ckpt/llada_jax
         [--config=configs/llada_8b.py] [--param_dtype=bfloat16]
@@ -22,7 +23,8 @@ and projector; the written config then has `vision.enabled` and the tower's arch
 Export (a params checkpoint or a trainer workdir; LLaDA-V params export as a LLaDA-V checkpoint):
 
     python launch/convert.py --mode=export --checkpoint=/runs/sft --out=/ckpt/hf_export \\
-        --naming=llada --dtype=bfloat16 [--step=N] [--tokenizer_dir=DIR] [--code_dir=DIR]
+        [--naming=llada|llama|llada_moe|llada2] --dtype=bfloat16 [--step=N] [--tokenizer_dir=DIR]
+        [--code_dir=DIR]
 
 writes safetensors shards + index + config.json + generation_config.json (+ tokenizer files,
 by default from the checkpoint's `data.tokenizer = 'hf:DIR'`), loadable by PyTorch users.
@@ -60,9 +62,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "export: params checkpoint or trainer workdir")
 _STEP = flags.DEFINE_integer("step", None, "export: trainer step (default: the latest)")
 _OUT = flags.DEFINE_string("out", None, "directory to write", required=True)
-_NAMING = flags.DEFINE_enum("naming", "llada", list(hf.NAMINGS),
-                            "export: key layout (llada: model.transformer.*, "
-                            "llama: model.layers.*)")
+_NAMING = flags.DEFINE_enum("naming", None, list(hf.NAMINGS),
+                            "export: key layout (llada: model.transformer.*, llama: "
+                            "model.layers.*, llada_moe: LLaDA-MoE, llada2: LLaDA2.x; default: "
+                            "llada2 / llada_moe for an MoE model by its router, else llada)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                            "export: dtype of the written weights")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["bfloat16", "float32", "float16"],
@@ -348,7 +351,7 @@ def run_export() -> None:
                                         max_grid=config.vision.max_grid,
                                         tokenizer_dir=tokenizer_dir, overwrite=_OVERWRITE.value)
     else:
-        naming = _NAMING.value
+        naming = _NAMING.value or hf.default_naming(model)
         summary = hf.export_hf(params, model, _OUT.value, naming=naming, dtype=_DTYPE.value,
                                max_shard_bytes=int(_MAX_SHARD_GB.value * 1024 ** 3),
                                tokenizer_dir=tokenizer_dir, code_dir=_CODE_DIR.value,
