@@ -39,8 +39,32 @@ LLADA2 = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=3, n_heads=HEADS, n_k
                      rope_theta=600000.0, rms_norm_eps=1e-6, max_sequence_length=64, **IDS)
 ILLADA = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=HEADS, n_kv_heads=2,
                      head_dim=HEAD_DIM, mlp_hidden_size=MLP, tie_embeddings=True,
-                     max_sequence_length=64, **IDS)
+                     rope_theta=10000.0, max_sequence_length=64, **IDS)
 LAYOUTS = [(LLADA_MOE, "llada_moe"), (LLADA2, "llada2"), (ILLADA, "llada"), (ILLADA, "llama")]
+
+
+# The tiny configs as config.json files of each family, written by hand.
+LLADA2_JSON = {"model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"],
+             "hidden_size": D, "num_hidden_layers": 3, "num_attention_heads": HEADS,
+             "num_key_value_heads": 2, "head_dim": HEAD_DIM, "intermediate_size": MLP,
+             "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2,
+             "num_shared_experts": 1, "n_group": 4, "topk_group": 2,
+             "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
+             "partial_rotary_factor": 0.5, "rope_theta": 600000.0, "rms_norm_eps": 1e-6,
+             "max_position_embeddings": 64, "vocab_size": VOCAB, "use_qkv_bias": False,
+             "use_bias": False, "tie_word_embeddings": False, **IDS}
+LLADA_MOE_JSON = {"model_type": "llada_moe", "hidden_size": D, "num_hidden_layers": 2,
+             "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+             "dense_intermediate_size": MLP, "expert_intermediate_size": 16,
+             "num_experts": 4, "num_experts_per_tok": 2, "qk_layernorm": True,
+             "moe_router_score_function": "softmax", "norm_topk_prob": None,
+             "shared_expert_intermediate_size": None, "rope_theta": 50000.0,
+             "partial_rotary_factor": 1.0, "rms_norm_eps": 1e-5,
+             "max_position_embeddings": 64, "vocab_size": VOCAB, **IDS}
+ILLADA_JSON = {"d_model": D, "n_heads": HEADS, "n_kv_heads": 2, "n_layers": 2,
+               "mlp_hidden_size": MLP, "vocab_size": VOCAB, "embedding_size": VOCAB,
+               "weight_tying": True, "max_sequence_length": 64, "rope_theta": 10000.0,
+               "rms_norm_eps": 1e-5, **IDS}
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -126,15 +150,7 @@ def test_llada2_checkpoint_from_the_facts(tmp_path):
         for name, shape in (("gate_proj", (16, D)), ("up_proj", (16, D)),
                             ("down_proj", (D, 16))):
             state[p + f"mlp.shared_experts.{name}.weight"] = t(rng, *shape)
-    hf_config = {"model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"],
-                 "hidden_size": D, "num_hidden_layers": 3, "num_attention_heads": HEADS,
-                 "num_key_value_heads": 2, "head_dim": HEAD_DIM, "intermediate_size": MLP,
-                 "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2,
-                 "num_shared_experts": 1, "n_group": 4, "topk_group": 2,
-                 "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
-                 "partial_rotary_factor": 0.5, "rope_theta": 600000.0, "rms_norm_eps": 1e-6,
-                 "max_position_embeddings": 64, "vocab_size": VOCAB, "use_qkv_bias": False,
-                 "use_bias": False, "tie_word_embeddings": False, **IDS}
+    hf_config = LLADA2_JSON
     write_checkpoint(tmp_path / "hf", state, hf_config)
     config, params = hf.import_hf(str(tmp_path / "hf"))
     assert config == LLADA2
@@ -200,14 +216,7 @@ def test_llada_moe_checkpoint_from_the_facts(tmp_path):
             state[p + f"mlp.experts.{j}.gate_proj.weight"] = t(rng, 16, D)
             state[p + f"mlp.experts.{j}.up_proj.weight"] = t(rng, 16, D)
             state[p + f"mlp.experts.{j}.down_proj.weight"] = t(rng, D, 16)
-    hf_config = {"model_type": "llada_moe", "hidden_size": D, "num_hidden_layers": 2,
-                 "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
-                 "dense_intermediate_size": MLP, "expert_intermediate_size": 16,
-                 "num_experts": 4, "num_experts_per_tok": 2, "qk_layernorm": True,
-                 "moe_router_score_function": "softmax", "norm_topk_prob": None,
-                 "shared_expert_intermediate_size": None, "rope_theta": 50000.0,
-                 "partial_rotary_factor": 1.0, "rms_norm_eps": 1e-5,
-                 "max_position_embeddings": 64, "vocab_size": VOCAB, **IDS}
+    hf_config = LLADA_MOE_JSON
     write_checkpoint(tmp_path / "hf", state, hf_config)
     config, params = hf.import_hf(str(tmp_path / "hf"))
     assert config == LLADA_MOE
@@ -357,3 +366,50 @@ def test_launch_convert_round_trips_llada2(tmp_path):
     for name in before:
         if name.endswith(".safetensors"):
             assert before[name] == after[name], name
+
+
+REFERENCE_CASES = [("llada_moe", LLADA_MOE, LLADA_MOE_JSON), ("llada2", LLADA2, LLADA2_JSON),
+                   ("illada", ILLADA, ILLADA_JSON)]
+
+
+@pytest.mark.parametrize("layout,config,config_json", REFERENCE_CASES,
+                         ids=[c[0] for c in REFERENCE_CASES])
+def test_reference_checkpoint_imports_and_reloads_strictly(tmp_path, layout, config, config_json):
+    """The PyTorch reference's own state_dict (its module names are the released keys) imports
+    into a model with the reference's logits, and our export loads back into a fresh reference
+    with load_state_dict(strict=True), every tensor unchanged."""
+    from safetensors.torch import load_file
+
+    from tests.moe_torch_reference import MoERefConfig, RefMoEModel, random_reference
+
+    c = config
+    ref_config = MoERefConfig(
+        layout=layout, vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.n_layers,
+        n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+        mlp_hidden_size=c.mlp_hidden_size, num_experts=c.num_experts,
+        experts_per_token=c.experts_per_token, expert_mlp_hidden_size=c.expert_mlp_hidden_size,
+        num_shared_experts=c.num_shared_experts, first_k_dense=c.first_k_dense,
+        n_group=c.router_groups, topk_group=c.router_top_groups, routed_scaling=c.routed_scaling,
+        qk_norm=c.qk_norm, rotary_dim=c.rotary_dim, rope_theta=c.rope_theta,
+        rms_norm_eps=c.rms_norm_eps)
+    ref = random_reference(ref_config, seed=3, bias_scale=0.05)
+    state = ref.state_dict()
+    write_checkpoint(tmp_path / "hf", state, config_json)
+    imported_config, params = hf.import_hf(str(tmp_path / "hf"))
+    assert imported_config == config
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 10))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(tokens)).numpy()
+    logits = Transformer(config).apply({"params": params}, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+
+    naming = "llada" if layout == "illada" else layout
+    hf.export_hf(params, config, str(tmp_path / "out"), naming=naming, dtype="float32")
+    written = {}
+    for name in sorted(os.listdir(tmp_path / "out")):
+        if name.endswith(".safetensors"):
+            written.update(load_file(str(tmp_path / "out" / name)))
+    fresh = RefMoEModel(ref_config)
+    fresh.load_state_dict(written, strict=True)
+    for key, value in state.items():
+        torch.testing.assert_close(written[key], value, rtol=0, atol=0)
