@@ -182,6 +182,11 @@ def test_tied_embeddings_use_wte_as_lm_head(tmp_path):
     state = {k: v for k, v in ref.state_dict().items() if k != "model.transformer.ff_out.weight"}
     save_checkpoint(tmp_path, state, olmo_config(4, weight_tying=True))
     config, params = hf.import_hf(str(tmp_path))
+    assert config.tie_embeddings and "lm_head" not in params   # the head is wte itself
+    np.testing.assert_allclose(our_logits(config, params, TOKENS),
+                               reference_logits(ref, TOKENS), rtol=2e-5, atol=2e-5)
+    # A model with its own head (an override) gets wte as the head's initial value.
+    config, params = hf.import_hf(str(tmp_path), overrides={"tie_embeddings": False})
     np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]),
                                   np.asarray(params["wte"]).T)
     np.testing.assert_allclose(our_logits(config, params, TOKENS),
