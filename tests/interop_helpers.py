@@ -1,8 +1,9 @@
-"""Test helpers for interop that are not part of the library: reading a SigLIP tower from a
-directory of safetensors files, and assembling stage-1 LLaDA-V params from separate towers."""
+"""Test helpers for interop that are not part of the library: reading a whole safetensors file
+or a SigLIP tower from a directory of them, and assembling stage-1 LLaDA-V params from separate
+towers."""
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +14,17 @@ import numpy as np
 from llada_jax.interop import safetensors_io, siglip
 from llada_jax.model.multimodal import LLaDAV, Projector
 from llada_jax.model.vision import VisionConfig
+
+
+def read_safetensors(path: str, select: Callable[[str], bool] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The checked tensors of one safetensors file whose name passes `select`."""
+    reader = safetensors_io.ShardReader(os.path.dirname(path))
+    names = [n for n in safetensors_io.read_header(path)[0] if select is None or select(n)]
+    try:
+        return {name: reader.read(name, os.path.basename(path)) for name in names}
+    finally:
+        reader.close()
 
 
 def import_vision_from_safetensors(directory: str | os.PathLike[str], cfg: VisionConfig,
@@ -31,7 +43,7 @@ def import_vision_from_safetensors(directory: str | os.PathLike[str], cfg: Visio
         prefix = siglip.detect_vision_prefix(names)
     tensors = {}
     for path in paths:
-        tensors.update(safetensors_io.read_safetensors(path, lambda n: n.startswith(prefix)))
+        tensors.update(read_safetensors(path, lambda n: n.startswith(prefix)))
     return siglip.import_vision(tensors, cfg, prefix, dtype)
 
 

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from llada_jax.config import ModelConfig
-from llada_jax.interop import hf, llada_v, safetensors_io
+from llada_jax.interop import hf, llada_v
 from llada_jax.model.transformer import Transformer
+from tests.interop_helpers import read_safetensors
 from tests.test_evaluate_tokenisation import write_bpe_tokenizer
 from tests.test_interop import (
     BOS,
@@ -278,16 +279,16 @@ def test_vision_reader_checks_size_checksum_and_finiteness(tmp_path):
     weights = np.arange(12, dtype=np.float32).reshape(3, 4)
     hf.write_safetensors(path, [("w", np.dtype(np.float32), (3, 4), lambda: weights)],
                          {"format": "pt"})
-    np.testing.assert_array_equal(safetensors_io.read_safetensors(path)["w"], weights)
+    np.testing.assert_array_equal(read_safetensors(path)["w"], weights)
     offset, _, _ = tensor_offset(path, "w")
     poke(path, offset + 4, struct.pack("<f", 1.5))          # 1.0 -> 1.5
     with pytest.raises(ValueError, match=r"v\.safetensors: tensor 'w' is corrupted"):
-        safetensors_io.read_safetensors(path)
+        read_safetensors(path)
     with open(path, "ab") as f:
         f.write(b"\0" * 8)
     with pytest.raises(ValueError, match=r"v\.safetensors is damaged: its header describes 48 "
                                          r"bytes of tensor data, the file holds 56"):
-        safetensors_io.read_safetensors(path)
+        read_safetensors(path)
 
 
 # ------------------------------------------------------------------------------------------

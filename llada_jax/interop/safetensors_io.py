@@ -230,17 +230,6 @@ class ShardReader:
         self._files.clear()
 
 
-def read_safetensors(path: str, select: Callable[[str], bool] | None = None
-                     ) -> dict[str, np.ndarray]:
-    """The checked tensors of one safetensors file whose name passes `select`."""
-    reader = ShardReader(os.path.dirname(path))
-    names = [n for n in read_header(path)[0] if select is None or select(n)]
-    try:
-        return {name: reader.read(name, os.path.basename(path)) for name in names}
-    finally:
-        reader.close()
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing.
 
