@@ -57,7 +57,7 @@ LAYOUTS = {"llada2": (
 
 
 def matches(hf_config: Mapping) -> bool:
-    return hf_config.get("model_type") in ("llada2_moe", "bailing_moe_v2")
+    return hf_config.get("model_type") == "llada2_moe"
 
 
 def naming_of(hf_config: Mapping, keys: Sequence[str], hf_dir: str) -> str:
