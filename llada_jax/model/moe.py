@@ -14,12 +14,16 @@ Dispatch is capacity-free (no token is ever dropped): the T x k (token, expert) 
 sorted by expert, each expert's contiguous run of token rows goes through its SwiGLU in one
 grouped matmul (`jax.lax.ragged_dot`, three per layer), and the rows are put back in token order
 and summed with the routing weights. No [T, E, d] tensor and no all-experts einsum exist; the
-compute is that of the k chosen experts only.
+compute is that of the k chosen experts only. (On TPU and GPU `ragged_dot` lowers to XLA's
+native ragged dot; XLA:CPU has none, and jax lowers it there as a dense masked dot over every
+expert: right, and fine for tests, but E times the work and memory, so CPU compiles, including
+AOT memory analyses on fake CPU devices, overstate the MoE layers' cost.)
 
 Sharding. Expert weights [E, d, f] are stored sharded over the `expert` mesh axis (logical
 `experts`) and d over `fsdp` (`embed`), f over `tensor` (`mlp`); tokens stay sharded over the
-batch axes (data, fsdp, expert). We let the partitioner gather each layer's expert weights for
-the grouped matmuls (ZeRO-3 style, as FSDP already does for every dense kernel) rather than
+batch axes (data, fsdp, expert), and each device sorts and computes only its own tokens
+(`dispatch`, a shard_map over the batch axes). Each layer's expert weights are gathered for the
+grouped matmuls (ZeRO-3 style, as FSDP already does for every dense kernel) rather than
 move tokens to experts with an all-to-all: an all-to-all needs static per-device buffers, i.e.
 a capacity factor that drops tokens or a worst-case T x k buffer per peer, and the unbalanced
 routing of an untrained or fine-grained (256-expert) model makes both bad trades on small
@@ -123,6 +127,45 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, wi_gate: jax.Array, wi_up: 
     return out[inverse].reshape(tokens, k, -1)
 
 
+def _batch_mesh_axes(tokens: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the token rows are split over, when a mesh and rule table
+    are active and split them evenly; () otherwise (no mesh, one device, or an odd batch)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    spec = nn.logical_to_mesh_axes(("activation_batch",))
+    names = spec[0] if spec else None
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    axes = tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return axes if axes and tokens % size == 0 else ()
+
+
+def dispatch(x: jax.Array, experts: jax.Array, wi_gate: jax.Array, wi_up: jax.Array,
+             wo: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`grouped_swiglu` with each device sorting only its own token rows.
+
+    Under a mesh the token rows [T, d] are split over the batch axes; a global argsort would
+    gather every token onto every device. Instead the sort, the grouped matmuls and the unsort
+    run per device in a `shard_map` over the batch axes, with the expert weights replicated
+    over those axes inside it: the partitioner all-gathers them (and reduce-scatters their
+    gradients) as for any FSDP weight, see the module docstring. The other mesh axes (tensor)
+    stay under automatic partitioning.
+    """
+    axes = _batch_mesh_axes(x.shape[0])
+    if not axes:
+        return grouped_swiglu(x, experts, wi_gate, wi_up, wo, dtype)
+    rows = jax.sharding.PartitionSpec(axes)
+    local = jax.shard_map(
+        lambda *args: grouped_swiglu(*args, dtype=dtype), axis_names=set(axes),
+        in_specs=(rows, rows, jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(),
+                  jax.sharding.PartitionSpec()),
+        out_specs=rows)
+    return local(x, experts, wi_gate, wi_up, wo)
+
+
 class MoE(nn.Module):
     """The MoE feed-forward of one block: x [B, L, d] -> (y [B, L, d], RouterStats)."""
 
@@ -152,7 +195,7 @@ class MoE(nn.Module):
         wi_gate = expert_weight("wi_gate", (num_experts, d, f), ("experts", "embed", "mlp"))
         wi_up = expert_weight("wi_up", (num_experts, d, f), ("experts", "embed", "mlp"))
         wo = expert_weight("wo", (num_experts, f, d), ("experts", "mlp", "embed"))
-        per_expert = grouped_swiglu(tokens, routing.experts, wi_gate, wi_up, wo, dtype)
+        per_expert = dispatch(tokens, routing.experts, wi_gate, wi_up, wo, dtype)
         y = jnp.einsum("tkd,tk->td", per_expert.astype(jnp.float32), routing.weights)
         y = y.astype(dtype).reshape(batch, length, d)
         if c.num_shared_experts:
