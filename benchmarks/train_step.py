@@ -4,6 +4,9 @@
     python benchmarks/train_step.py --config=configs/llada_1b.py            # one accelerator
     python benchmarks/train_step.py --config=configs/llada_8b.py --abstract \\
         --config.train.batch_size=8 [--n_layers=4]
+    python benchmarks/train_step.py --config=configs/moe_tiny.py            # tiny MoE on CPU
+    python benchmarks/train_step.py --config=configs/llada2_mini.py --abstract \\
+        --config.mesh.fsdp=2 --config.mesh.expert=4 --config.train.batch_size=8
 
 Measured mode builds the sharded state on the real devices, runs `--warmup` steps, then times
 `--steps` steps (on device, synchronised at the end). `--abstract` allocates nothing: it
@@ -12,7 +15,8 @@ mesh of `--devices` fake CPU devices and reports XLA's memory analysis per devic
 the 8B configuration is sized on a laptop.
 
 Model FLOPs per step are `llada_jax.flops.train_flops_per_step` (6 N tokens plus the full
-bidirectional attention; no causal halving, remat not counted).
+bidirectional attention; no causal halving, remat not counted); for mixture-of-experts models
+N is the active parameters (router, experts_per_token routed and the shared experts).
 MFU = model FLOPs per second / (devices * peak bf16 FLOP/s of one device), with the peak from
 `--peak_tflops` or `llada_jax.flops.PEAK_TFLOPS` (null on CPU).
 
@@ -86,6 +90,8 @@ def _cost(compiled, model_config, train, devices: int) -> dict[str, Any]:
         "compiled_flops_per_byte": round(flops / bytes_accessed, 3) if bytes_accessed else None,
     }
     other_loops = []
+    if model_config.is_moe and model_config.first_k_dense:
+        other_loops.append("a second layer scan (first_k_dense)")
     if train.grad_accum_steps > 1:
         other_loops.append("grad_accum_steps > 1")
     if 0 < train.loss_chunk_size < train.seq_len:
@@ -144,7 +150,9 @@ def main(argv: list[str]) -> None:
     flops = flops_lib.train_flops_per_step(model_config, train.batch_size, train.seq_len)
     report = {
         "config": {"n_layers": model_config.n_layers, "d_model": model_config.d_model,
-                   "params": model_config.num_params, "dtype": model_config.dtype,
+                   "params": model_config.num_params,
+                   "active_matmul_params": model_config.num_matmul_params,
+                   "experts": model_config.num_experts, "dtype": model_config.dtype,
                    "param_dtype": model_config.param_dtype, "remat": model_config.remat_policy,
                    "batch_size": train.batch_size, "seq_len": train.seq_len,
                    "grad_accum_steps": train.grad_accum_steps},

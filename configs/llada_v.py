@@ -32,7 +32,7 @@ Stages (selected by the argument), as LLaDA-V's `llada_v_pretrain.sh` / `llada_v
     padding is never labelled, the loss divides by the labelled tokens.
 bf16 compute, float32 master weights, full rematerialisation, FSDP over every device.
 `train.init_from` takes a params checkpoint holding all three parts: make one from a LLaDA-V
-Hugging Face checkpoint with `llada_jax.interop.siglip.import_llada_v` (+ `save_params`).
+Hugging Face checkpoint with `llada_jax.interop.llada_v.import_llada_v` (+ `save_params`).
 """
 
 import dataclasses

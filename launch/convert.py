@@ -1,6 +1,7 @@
 """Converts Hugging Face LLaDA checkpoints to llada_jax params checkpoints and back.
 
-Import (released LLaDA-8B layout or LLaDA-V's Llama-named tower, bf16 or fp32 shards):
+Import (released LLaDA-8B / iLLaDA layout, LLaDA-V's Llama-named tower, LLaDA-MoE or LLaDA2.x;
+bf16 or fp32 shards; the family is read from config.json):
 
     python launch/convert.py --mode=import --hf_dir=/ckpt/LLaDA-8B-Instruct --out=/ckpt/llada_jax
         [--config=configs/llada_8b.py] [--param_dtype=bfloat16]
@@ -22,7 +23,8 @@ and projector; the written config then has `vision.enabled` and the tower's arch
 Export (a params checkpoint or a trainer workdir; LLaDA-V params export as a LLaDA-V checkpoint):
 
     python launch/convert.py --mode=export --checkpoint=/runs/sft --out=/ckpt/hf_export \\
-        --naming=llada --dtype=bfloat16 [--step=N] [--tokenizer_dir=DIR] [--code_dir=DIR]
+        [--naming=llada|llama|llada_moe|llada2] --dtype=bfloat16 [--step=N] [--tokenizer_dir=DIR]
+        [--code_dir=DIR]
 
 writes safetensors shards + index + config.json + generation_config.json (+ tokenizer files,
 by default from the checkpoint's `data.tokenizer = 'hf:DIR'`), loadable by PyTorch users.
@@ -51,7 +53,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llada_jax import config as config_lib
-from llada_jax.interop import hf, siglip
+from llada_jax.interop import hf, llada_v
 
 _MODE = flags.DEFINE_enum("mode", None, ["import", "export"], "conversion direction",
                           required=True)
@@ -60,9 +62,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "export: params checkpoint or trainer workdir")
 _STEP = flags.DEFINE_integer("step", None, "export: trainer step (default: the latest)")
 _OUT = flags.DEFINE_string("out", None, "directory to write", required=True)
-_NAMING = flags.DEFINE_enum("naming", "llada", list(hf.NAMINGS),
-                            "export: key layout (llada: model.transformer.*, "
-                            "llama: model.layers.*)")
+_NAMING = flags.DEFINE_enum("naming", None, list(hf.NAMINGS),
+                            "export: key layout (llada: model.transformer.*, llama: "
+                            "model.layers.*, llada_moe: LLaDA-MoE, llada2: LLaDA2.x; default: "
+                            "llada2 / llada_moe for an MoE model by its router, else llada)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                            "export: dtype of the written weights")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["bfloat16", "float32", "float16"],
@@ -188,7 +191,7 @@ def save_params_or_exit(out: str, created: bool, config, params) -> None:
 
 def set_image_layout(config, hf_config: dict, tile: int) -> None:
     """config.vision's image_aspect_ratio / max_grid from a LLaDA-V config.json (what
-    `siglip.llada_v_config_fields` writes on export), when it names a layout we support."""
+    `llada_v.llada_v_config_fields` writes on export), when it names a layout we support."""
     ratio = hf_config.get("image_aspect_ratio")
     if isinstance(ratio, str) and (ratio == "square" or ratio.startswith("anyres_max_")):
         config.vision.image_aspect_ratio = ratio
@@ -271,7 +274,7 @@ def import_into(out: str, created: bool) -> None:
     from llada_jax import parallel
 
     start = time.perf_counter()
-    is_llada_v = any(name.startswith(siglip.LLADA_V_MULTIMODAL_PREFIXES)
+    is_llada_v = any(name.startswith(llada_v.LLADA_V_MULTIMODAL_PREFIXES)
                      for name in hf.list_tensors(_HF_DIR.value))
     config = base_config(is_llada_v)
     mesh = parallel.make_mesh(config)
@@ -279,10 +282,10 @@ def import_into(out: str, created: bool) -> None:
     rules = parallel.logical_rules(config)
     skip = tuple(_SKIP_PREFIXES.value)
     if is_llada_v:  # a whole LLaDA-V checkpoint: Llama-named tower + vision tower + projector
-        skip += tuple(siglip.LLADA_V_MULTIMODAL_PREFIXES)
+        skip += tuple(llada_v.LLADA_V_MULTIMODAL_PREFIXES)
     checkpoint = hf.inspect_hf_checkpoint(_HF_DIR.value, overrides, skip)
     if is_llada_v:
-        model, vision, params = siglip.import_llada_v(_HF_DIR.value, mesh=mesh, rules=rules,
+        model, vision, params = llada_v.import_llada_v(_HF_DIR.value, mesh=mesh, rules=rules,
                                                       param_dtype=_PARAM_DTYPE.value)
         model = dataclasses.replace(model, **overrides)
         config.vision.enabled = True
@@ -342,13 +345,13 @@ def run_export() -> None:
             print(f"note: tokenizer directory {candidate} not found; no tokenizer files copied")
     if config.vision.enabled:  # LLaDA-V: always the Llama-named layout LLaDA-V releases
         naming = "llama"
-        summary = siglip.export_llada_v(params, model, config_lib.vision_config(config),
+        summary = llada_v.export_llada_v(params, model, config_lib.vision_config(config),
                                         _OUT.value, dtype=_DTYPE.value,
                                         image_aspect_ratio=config.vision.image_aspect_ratio,
                                         max_grid=config.vision.max_grid,
                                         tokenizer_dir=tokenizer_dir, overwrite=_OVERWRITE.value)
     else:
-        naming = _NAMING.value
+        naming = _NAMING.value or hf.default_naming(model)
         summary = hf.export_hf(params, model, _OUT.value, naming=naming, dtype=_DTYPE.value,
                                max_shard_bytes=int(_MAX_SHARD_GB.value * 1024 ** 3),
                                tokenizer_dir=tokenizer_dir, code_dir=_CODE_DIR.value,

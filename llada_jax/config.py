@@ -90,15 +90,70 @@ class ModelConfig:
     remat_policy: str = "none"
     attention_backend: str = "xla"
     init_std: float = 0.02
+    # Mixture of experts (model/moe.py). num_experts 0: the dense SwiGLU FFN in every layer.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_mlp_hidden_size: int = 0
+    num_shared_experts: int = 0      # always-on experts, one SwiGLU of n * expert_mlp_hidden_size
+    first_k_dense: int = 0           # leading layers with the dense FFN of mlp_hidden_size
+    router: str = "softmax"          # softmax (LLaDA-MoE) | sigmoid_grouped (LLaDA2)
+    router_groups: int = 1           # sigmoid_grouped: experts split into this many groups,
+    router_top_groups: int = 1       # of which the best this many may be chosen from
+    routed_scaling: float = 1.0      # factor on the routed experts' weights
+    normalize_top_k: bool = False    # renormalise the chosen experts' weights to sum to 1
+    qk_norm: bool = False            # RMSNorm over head_dim on q and k, before RoPE
+    rotary_dim: int = 0              # RoPE on the first rotary_dim dims of a head (0: all)
+    tie_embeddings: bool = False     # logits = h @ wte^T, no lm_head parameter
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Layers with the MoE FFN (the last n_layers - first_k_dense; 0 for a dense model)."""
+        return self.n_layers - self.first_k_dense if self.is_moe else 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.n_layers - self.num_moe_layers
+
+    def _layer_params(self, experts_counted: int) -> tuple[int, int]:
+        """(parameters of a dense layer, of an MoE layer with `experts_counted` routed experts)."""
+        d, hd = self.d_model, self.head_dim
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        common = attention + 2 * d + (2 * hd if self.qk_norm else 0)
+        dense = common + 3 * d * self.mlp_hidden_size
+        f = self.expert_mlp_hidden_size
+        moe = (common + d * self.num_experts                       # router
+               + (self.num_experts if self.router == "sigmoid_grouped" else 0)  # expert_bias
+               + 3 * d * f * (experts_counted + self.num_shared_experts))
+        return dense, moe
+
+    def _total(self, experts_counted: int, embedding: bool) -> int:
+        dense, moe = self._layer_params(experts_counted)
+        # Vocabulary-sized matrices: the table and the LM head, one when tied (the table is the
+        # head's matmul) or when the lookup is not counted.
+        tables = 2 if embedding and not self.tie_embeddings else 1
+        return (self.num_dense_layers * dense + self.num_moe_layers * moe
+                + tables * self.vocab_size * self.d_model + self.d_model)
 
     @property
     def num_params(self) -> int:
-        """Number of parameters, from the architecture alone."""
-        d, hd = self.d_model, self.head_dim
-        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * d * self.mlp_hidden_size
-        per_layer = attention + mlp + 2 * d
-        return self.n_layers * per_layer + 2 * self.vocab_size * d + d
+        """Number of parameters, from the architecture alone (every expert counted)."""
+        return self._total(self.num_experts, embedding=True)
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token uses: routed experts counted `experts_per_token` times; the
+        embedding table is counted (a lookup; `num_matmul_params` leaves it out)."""
+        return self._total(self.experts_per_token, embedding=True)
+
+    @property
+    def num_matmul_params(self) -> int:
+        """Active parameters that enter a matmul per token: all but the embedding lookup (the
+        tied table counts once, as the LM head); what training FLOPs are 6 x tokens x of."""
+        return self._total(self.experts_per_token, embedding=False)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -249,6 +304,54 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         _fail(f"{prefix}.attention_backend", f"one of {ATTENTION_BACKENDS}", m.attention_backend)
     if m.rope_theta <= 0:
         _fail(f"{prefix}.rope_theta", "a positive number", m.rope_theta)
+    if not isinstance(m.rotary_dim, int) or not 0 <= m.rotary_dim <= m.head_dim or m.rotary_dim % 2:
+        _fail(f"{prefix}.rotary_dim", f"an even number in [0, head_dim={m.head_dim}] (0: all)",
+              m.rotary_dim)
+    validate_moe(m, prefix)
+
+
+ROUTERS = ("softmax", "sigmoid_grouped")
+
+
+def validate_moe(m: ModelConfig, prefix: str = "model") -> None:
+    """Checks the mixture-of-experts fields of a ModelConfig; raises ValueError naming the field."""
+    for name in ("num_experts", "experts_per_token", "expert_mlp_hidden_size",
+                 "num_shared_experts", "first_k_dense"):
+        value = getattr(m, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _fail(f"{prefix}.{name}", "an integer >= 0", value)
+    if not m.is_moe:
+        for name in ("experts_per_token", "num_shared_experts", "first_k_dense"):
+            if getattr(m, name):
+                _fail(f"{prefix}.{name}", f"0 when {prefix}.num_experts=0 (a dense model)",
+                      getattr(m, name))
+        return
+    if not 1 <= m.experts_per_token <= m.num_experts:
+        _fail(f"{prefix}.experts_per_token", f"in [1, num_experts={m.num_experts}]",
+              m.experts_per_token)
+    if m.expert_mlp_hidden_size <= 0:
+        _fail(f"{prefix}.expert_mlp_hidden_size", "a positive integer with num_experts > 0",
+              m.expert_mlp_hidden_size)
+    if m.first_k_dense >= m.n_layers:
+        _fail(f"{prefix}.first_k_dense", f"less than n_layers={m.n_layers} (some layer must "
+              f"be MoE)", m.first_k_dense)
+    if m.router not in ROUTERS:
+        _fail(f"{prefix}.router", f"one of {ROUTERS}", m.router)
+    if m.routed_scaling <= 0:
+        _fail(f"{prefix}.routed_scaling", "a positive number", m.routed_scaling)
+    if m.router == "sigmoid_grouped":
+        groups, top = m.router_groups, m.router_top_groups
+        if not isinstance(groups, int) or groups <= 0 or m.num_experts % groups:
+            _fail(f"{prefix}.router_groups", f"a positive divisor of num_experts="
+                  f"{m.num_experts}", groups)
+        if m.num_experts // groups < 2:
+            _fail(f"{prefix}.router_groups", "at most num_experts / 2 (a group is scored by "
+                  "its top-2 experts)", groups)
+        if not isinstance(top, int) or not 1 <= top <= groups:
+            _fail(f"{prefix}.router_top_groups", f"in [1, router_groups={groups}]", top)
+        if top * (m.num_experts // groups) < m.experts_per_token:
+            _fail(f"{prefix}.router_top_groups", f"enough groups to hold experts_per_token="
+                  f"{m.experts_per_token} experts ({m.num_experts // groups} per group)", top)
 
 
 CACHE_MODES = ("none", "prefix", "dual")

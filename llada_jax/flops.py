@@ -2,7 +2,9 @@
 
 Model FLOPs of one forward pass (`forward_flops`; 2 FLOPs per multiply-add):
   * the blocks' matmuls: 2 * W * tokens, W = the weights of q, k, v, attention-out and the three
-    SwiGLU projections of every layer (norm scales and the embedding lookup do no matmul);
+    SwiGLU projections of every layer (norm scales and the embedding lookup do no matmul); in a
+    mixture-of-experts layer the router and the experts a token uses (experts_per_token routed
+    plus the shared ones): the active parameters, not every expert;
   * attention: QK^T and AV, each query x key x (n_heads * head_dim) multiply-adds per layer,
     so 4 * n_layers * queries * keys * n_heads * head_dim per sequence (bidirectional: every
     query sees every key, no causal halving);
@@ -11,8 +13,9 @@ Model FLOPs of one forward pass (`forward_flops`; 2 FLOPs per multiply-add):
 
 Model FLOPs of one training step (rematerialisation's recomputation is not counted):
   * matmuls: 6 * N * tokens, N = parameters that enter a matmul (all but the embedding table,
-    which is a lookup; the untied LM head counts): 2 FLOPs per multiply-add, forward once and
-    backward twice;
+    which is a lookup; the untied LM head, or the tied table as the head, counts; for MoE the
+    active parameters, `ModelConfig.num_matmul_params`): 2 FLOPs per multiply-add, forward once
+    and backward twice;
   * attention: QK^T and AV are each L * L * (n_heads * head_dim) multiply-adds per layer and
     sequence, so 12 * n_layers * L^2 * n_heads * head_dim forward + backward. Bidirectional:
     the full L x L square, no causal halving.
@@ -60,10 +63,24 @@ def peak_bandwidth_per_device(device_kind: str,
 
 
 def block_weights(model: ModelConfig) -> int:
-    """Matmul weights of one transformer block: q, k, v, attention-out and the SwiGLU triple."""
+    """Matmul weights of one dense transformer block: q, k, v, attention-out and the SwiGLU
+    triple."""
     d, hd = model.d_model, model.head_dim
     attention = d * hd * (2 * model.n_heads + 2 * model.n_kv_heads)
     return attention + 3 * d * model.mlp_hidden_size
+
+
+def active_block_weights(model: ModelConfig) -> int:
+    """Matmul weights one token goes through in all the blocks together: dense blocks as
+    `block_weights`; a mixture-of-experts block counts its router, its `experts_per_token`
+    routed experts and its shared experts (the active parameters), not every expert."""
+    if not model.is_moe:
+        return model.n_layers * block_weights(model)
+    d, hd = model.d_model, model.head_dim
+    attention = d * hd * (2 * model.n_heads + 2 * model.n_kv_heads)
+    experts = model.experts_per_token + model.num_shared_experts
+    moe = attention + d * model.num_experts + 3 * d * model.expert_mlp_hidden_size * experts
+    return model.num_dense_layers * block_weights(model) + model.num_moe_layers * moe
 
 
 def forward_flops(model: ModelConfig, batch: int, queries: int, keys: int | None = None,
@@ -76,7 +93,7 @@ def forward_flops(model: ModelConfig, batch: int, queries: int, keys: int | None
     """
     keys = queries if keys is None else keys
     head_positions = queries if head_positions is None else head_positions
-    matmuls = 2 * model.n_layers * block_weights(model) * queries
+    matmuls = 2 * active_block_weights(model) * queries
     attention = 4 * model.n_layers * queries * keys * model.n_heads * model.head_dim
     head = 2 * model.d_model * model.vocab_size * head_positions
     return float(batch * (matmuls + attention + head))
@@ -94,6 +111,6 @@ def roofline_seconds(flops: float, bytes_moved: float, peak_flops: float | None,
 
 def train_flops_per_step(model: ModelConfig, batch_size: int, seq_len: int) -> float:
     """Model FLOPs of one training step of the language model (see the module docstring)."""
-    matmul_params = model.num_params - model.vocab_size * model.d_model
+    matmul_params = model.num_matmul_params
     attention = 12 * model.n_layers * seq_len ** 2 * model.n_heads * model.head_dim * batch_size
     return 6.0 * matmul_params * batch_size * seq_len + float(attention)

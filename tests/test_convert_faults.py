@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from llada_jax.config import ModelConfig
-from llada_jax.interop import hf, siglip
+from llada_jax.interop import hf, llada_v
 from llada_jax.model.transformer import Transformer
+from tests.interop_helpers import read_safetensors
 from tests.test_evaluate_tokenisation import write_bpe_tokenizer
 from tests.test_interop import (
     BOS,
@@ -211,7 +212,7 @@ def test_llada_v_export_refuses_unrelated_files(tmp_path):
     (out / "keep.txt").write_text("x")
     fake = {"language_model": {}, "vision_tower": {}, "projector": {}}
     with pytest.raises(FileExistsError, match="'keep.txt'"):
-        siglip.export_llada_v(fake, TEST_MODELS["test_interop"], None, str(out), overwrite=True)
+        llada_v.export_llada_v(fake, TEST_MODELS["test_interop"], None, str(out), overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
 
 
@@ -278,16 +279,16 @@ def test_vision_reader_checks_size_checksum_and_finiteness(tmp_path):
     weights = np.arange(12, dtype=np.float32).reshape(3, 4)
     hf.write_safetensors(path, [("w", np.dtype(np.float32), (3, 4), lambda: weights)],
                          {"format": "pt"})
-    np.testing.assert_array_equal(siglip.read_safetensors(path)["w"], weights)
+    np.testing.assert_array_equal(read_safetensors(path)["w"], weights)
     offset, _, _ = tensor_offset(path, "w")
     poke(path, offset + 4, struct.pack("<f", 1.5))          # 1.0 -> 1.5
     with pytest.raises(ValueError, match=r"v\.safetensors: tensor 'w' is corrupted"):
-        siglip.read_safetensors(path)
+        read_safetensors(path)
     with open(path, "ab") as f:
         f.write(b"\0" * 8)
     with pytest.raises(ValueError, match=r"v\.safetensors is damaged: its header describes 48 "
                                          r"bytes of tensor data, the file holds 56"):
-        siglip.read_safetensors(path)
+        read_safetensors(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_llada_v_import_without_config_fits_the_preset(tmp_path):
     rng = np.random.default_rng(7)
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), params)
     hf_in = tmp_path / "hf"
-    siglip.export_llada_v(params, model_cfg, vision, str(hf_in), dtype="float32",
+    llada_v.export_llada_v(params, model_cfg, vision, str(hf_in), dtype="float32",
                           image_aspect_ratio="square", max_grid=3)
     write_bpe_tokenizer(hf_in)
     ours = tmp_path / "ours"

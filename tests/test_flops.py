@@ -2,6 +2,7 @@
 
 from llada_jax.config import ModelConfig
 from llada_jax.flops import (
+    active_block_weights,
     block_weights,
     forward_flops,
     peak_bandwidth_per_device,
@@ -56,3 +57,33 @@ def test_bandwidth_lookup_and_roofline():
     assert roofline_seconds(7.317e12, 16e9, 989e12, 4.8e12) == 7.317e12 / 989e12
     assert roofline_seconds(1e9, 16e9, 989e12, 4.8e12) == 16e9 / 4.8e12
     assert roofline_seconds(1e9, 16e9, None, 4.8e12) is None
+
+
+def test_moe_flops_count_active_parameters_by_hand():
+    """LLaDA-MoE-7B-A1B (16 layers, 64 experts of 1024, 8 per token): per layer the attention
+    2048 x 128 x 64 = 16,777,216, the router 2048 x 64 = 131,072 and 8 experts of 3 x 2048 x 1024
+    = 50,331,648: 67,239,936 matmul weights per token, x 16 = 1,075,838,976."""
+    from configs.llada_moe_7b import LLADA_MOE_7B as moe
+
+    assert active_block_weights(moe) == 16 * (16_777_216 + 131_072 + 50_331_648) == 1_075_838_976
+    # Training: N = 1,397,823,488 active matmul params (the blocks' 1,075,838,976 plus the
+    # norm scales 16 x (2 x 2048 + 2 x 128) + 2048 and the untied head 157,184 x 2048).
+    n = 1_075_838_976 + 16 * (2 * 2048 + 2 * 128) + 2048 + 157_184 * 2048
+    assert n == moe.num_matmul_params == 1_397_823_488
+    flops = train_flops_per_step(moe, batch_size=4, seq_len=1024)
+    assert flops == 6 * n * 4 * 1024 + 12 * 16 * 1024 ** 2 * (16 * 128) * 4
+    # A sampler pass of 64 positions, head on all of them.
+    assert forward_flops(moe, 1, 64) == (2 * 1_075_838_976 * 64 + 4 * 16 * 64 * 64 * 2048
+                                         + 2 * 2048 * 157_184 * 64)
+
+
+def test_dense_and_tied_models_keep_their_counts():
+    """A dense model's active weights are all of its blocks; tying drops one vocab table from
+    the parameters but not from the training FLOPs (the table is the LM head's matmul)."""
+    import dataclasses
+
+    config = ModelConfig()
+    assert active_block_weights(config) == 32 * block_weights(config)
+    tied = dataclasses.replace(config, tie_embeddings=True)
+    assert tied.num_params == config.num_params - 126_464 * 4096
+    assert train_flops_per_step(tied, 8, 4096) == train_flops_per_step(config, 8, 4096)

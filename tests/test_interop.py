@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
 from llada_jax.config import ModelConfig, default_config
-from llada_jax.interop import hf
+from llada_jax.interop import hf, llada, mapping
 from llada_jax.model.transformer import Transformer
 from llada_jax.parallel import make_mesh
 from tests.torch_reference import RefConfig, RefLLaDA, random_reference
@@ -70,7 +70,7 @@ def llama_config(n_kv_heads: int, **changes) -> dict:
     return c
 
 
-# The test's own LLaDA -> Llama key renaming (independent of hf.PARAM_RULES).
+# The test's own LLaDA -> Llama key renaming (independent of llada.LAYOUTS).
 LLAMA_RENAMES = [
     (r"^model\.transformer\.wte\.weight$", "model.embed_tokens.weight"),
     (r"^model\.transformer\.ln_f\.weight$", "model.norm.weight"),
@@ -182,6 +182,11 @@ def test_tied_embeddings_use_wte_as_lm_head(tmp_path):
     state = {k: v for k, v in ref.state_dict().items() if k != "model.transformer.ff_out.weight"}
     save_checkpoint(tmp_path, state, olmo_config(4, weight_tying=True))
     config, params = hf.import_hf(str(tmp_path))
+    assert config.tie_embeddings and "lm_head" not in params   # the head is wte itself
+    np.testing.assert_allclose(our_logits(config, params, TOKENS),
+                               reference_logits(ref, TOKENS), rtol=2e-5, atol=2e-5)
+    # A model with its own head (an override) gets wte as the head's initial value.
+    config, params = hf.import_hf(str(tmp_path), overrides={"tie_embeddings": False})
     np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]),
                                   np.asarray(params["wte"]).T)
     np.testing.assert_allclose(our_logits(config, params, TOKENS),
@@ -364,15 +369,15 @@ def test_real_llada_v_config_and_index_map_onto_8b():
     abstract = jax.eval_shape(Transformer(config).init, jax.random.key(0),
                               jnp.zeros((1, 1), jnp.int32))["params"]
     covered = {}
-    for rule in hf.PARAM_RULES:
+    for rule in llada.LAYOUTS["llama"]:
         leaf = abstract
         for name in rule.path:
             leaf = leaf[name]
         full = leaf.value.shape
         per_layer = full[1:] if rule.stacked else full
-        convert = functools.partial(hf.param_from_hf, rule=rule, shape=per_layer)
+        convert = functools.partial(mapping.param_from_hf, rule=rule, shape=per_layer)
         for layer in (range(32) if rule.stacked else [None]):
-            key = rule.key("llama", layer)
+            key = rule.key.format(i=layer)
             converted = jax.eval_shape(
                 convert, jax.ShapeDtypeStruct(expected_8b_shape(key), jnp.bfloat16))
             assert converted.shape == per_layer, key

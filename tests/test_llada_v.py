@@ -24,8 +24,9 @@ from llada_jax.data import images
 from llada_jax.data import multimodal_data as md
 from llada_jax.data.chat import BadRecordError
 from llada_jax.data.tokenizer import CharTokenizer
-from llada_jax.interop import siglip
+from llada_jax.interop import llada_v
 from llada_jax.model import multimodal as mm
+from tests.interop_helpers import llada_v_init_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import llada_v_tiny
@@ -323,15 +324,15 @@ def test_llada_v_checkpoint_export_import_roundtrip_bit_identical(tmp_path):
     params = nn.unbox(model.init(jax.random.key(3), jnp.zeros((1, 2), jnp.int32)))["params"]
     model_cfg, vision = config_lib.model_config(c), config_lib.vision_config(c)
     out = tmp_path / "llada_v_hf"
-    summary = siglip.export_llada_v(params, model_cfg, vision, out, dtype="float32",
+    summary = llada_v.export_llada_v(params, model_cfg, vision, out, dtype="float32",
                                     image_aspect_ratio="square")
     with open(out / "model.safetensors.index.json") as f:
         weight_map = json.load(f)["weight_map"]
     # Llama-named language tower + LLaDA-V-named vision side, one index.
     assert weight_map["model.layers.0.self_attn.q_proj.weight"].startswith("model-0")
     assert weight_map["lm_head.weight"].startswith("model-0")
-    assert weight_map["model.mm_projector.0.weight"] == siglip.VISION_SHARD
-    assert weight_map["model.image_newline"] == siglip.VISION_SHARD
+    assert weight_map["model.mm_projector.0.weight"] == llada_v.VISION_SHARD
+    assert weight_map["model.image_newline"] == llada_v.VISION_SHARD
     tower_layers = {k.split(".")[6] for k in weight_map if ".encoder.layers." in k}
     assert tower_layers == {"0", "1"}                    # 3 blocks, the last one dropped
     assert summary.num_tensors == len(weight_map)
@@ -340,7 +341,7 @@ def test_llada_v_checkpoint_export_import_roundtrip_bit_identical(tmp_path):
     assert hf_config["mm_projector_type"] == "mlp2x_gelu" and hf_config["hidden_size"] == 64
     assert hf_config["mm_hidden_size"] == 64 and hf_config["mm_vision_select_layer"] == -2
 
-    model_back, vision_back, params_back = siglip.import_llada_v(out)
+    model_back, vision_back, params_back = llada_v.import_llada_v(out)
     assert model_back == model_cfg and vision_back == vision
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     back = dict(jax.tree_util.tree_flatten_with_path(params_back)[0])
@@ -350,7 +351,7 @@ def test_llada_v_checkpoint_export_import_roundtrip_bit_identical(tmp_path):
         assert found.dtype == np.asarray(value).dtype, path
         assert np.array_equal(found.view(np.uint32), np.asarray(value).view(np.uint32)), path
     with pytest.raises(FileExistsError, match="already exists"):
-        siglip.export_llada_v(params, model_cfg, vision, out)
+        llada_v.export_llada_v(params, model_cfg, vision, out)
 
 
 # --- the masked-response loss -------------------------------------------------------------------
@@ -632,12 +633,12 @@ def test_stage1_init_from_separate_towers():
     params = nn.unbox(jax.jit(_tiny_model(c).init)(jax.random.key(0), jnp.zeros((1, 2),
                                                                                  jnp.int32)))
     params = jax.device_get(params["params"])
-    combined = siglip.llada_v_init_params(params["language_model"], params["vision_tower"],
-                                          model_cfg, vision, seed=1)
+    combined = llada_v_init_params(params["language_model"], params["vision_tower"],
+                                   model_cfg, vision, seed=1)
     assert jax.tree.structure(combined) == jax.tree.structure(params)
     assert combined["language_model"]["wte"] is params["language_model"]["wte"]
     assert combined["projector"]["linear_1"]["kernel"].shape == (64, 64)
     assert np.abs(combined["projector"]["linear_1"]["kernel"]).max() > 0
     with pytest.raises(ValueError, match=r"vision_tower params do not fit the config"):
-        siglip.llada_v_init_params(params["language_model"], params["projector"], model_cfg,
-                                   vision)
+        llada_v_init_params(params["language_model"], params["projector"], model_cfg,
+                            vision)

@@ -16,7 +16,7 @@ import torch
 
 from llada_jax.config import ModelConfig
 from llada_jax.data import images
-from llada_jax.interop import siglip
+from llada_jax.interop import llada_v
 from llada_jax.model import multimodal as mm
 from llada_jax.model.vision import VisionConfig, VisionEncoder
 
@@ -35,7 +35,7 @@ def _torch_projector(vision_width: int, d_model: int) -> tuple[torch.nn.Module, 
 
 def test_projector_matches_torch_and_roundtrips():
     proj, state = _torch_projector(12, 20)
-    params = siglip.import_projector(state, vision_width=12, d_model=20)
+    params = llada_v.import_projector(state, vision_width=12, d_model=20)
     x = np.random.default_rng(0).normal(size=(3, 5, 12)).astype(np.float32) * 3
     with torch.no_grad():
         reference = proj(torch.from_numpy(x)).numpy()
@@ -43,7 +43,7 @@ def test_projector_matches_torch_and_roundtrips():
     np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5)
     newline = mm.Projector(20).apply({"params": params}, method=mm.Projector.newline)
     np.testing.assert_array_equal(np.asarray(newline), state["model.image_newline"])
-    back = siglip.export_projector(params)
+    back = llada_v.export_projector(params)
     assert sorted(back) == sorted(state)
     for k, v in state.items():
         assert np.array_equal(back[k], v), k
@@ -57,10 +57,10 @@ def test_projector_import_errors():
     _, state = _torch_projector(12, 20)
     with pytest.raises(ValueError, match=r"model\.mm_projector\.0\.weight: expected shape "
                                          r"\(16, 12\).*found \(20, 12\)"):
-        siglip.import_projector(state, vision_width=12, d_model=16)
+        llada_v.import_projector(state, vision_width=12, d_model=16)
     del state["model.image_newline"]
     with pytest.raises(ValueError, match=r"missing projector tensor\(s\): model\.image_newline"):
-        siglip.import_projector(state, vision_width=12, d_model=20)
+        llada_v.import_projector(state, vision_width=12, d_model=20)
 
 
 # --- AnyRes assembly ----------------------------------------------------------------------------
@@ -290,10 +290,10 @@ def test_llada_v_smoke():
     np.testing.assert_array_equal(np.asarray(emb[0, 6:]), wte[ids[0, 6:]])
 
     # The vision side of a LLaDA-V checkpoint imports into exactly these subtrees.
-    exported = siglip.export_llada_v_multimodal(
+    exported = llada_v.export_llada_v_multimodal(
         {"vision_tower": params["vision_tower"], "projector": params["projector"]}, vision)
     assert "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight" in exported
     assert "model.mm_projector.2.bias" in exported and "model.image_newline" in exported
-    imported = siglip.import_llada_v_multimodal(exported, vision, d_model=16)
+    imported = llada_v.import_llada_v_multimodal(exported, vision, d_model=16)
     jax.tree.map(np.testing.assert_array_equal, imported,
                  {"vision_tower": params["vision_tower"], "projector": params["projector"]})

@@ -21,6 +21,7 @@ from llada_jax.model.vision import (
     so400m_patch14_384,
     validate_vision,
 )
+from tests.interop_helpers import import_vision_from_safetensors
 
 TINY = {"image_size": 16, "patch_size": 4, "width": 32, "n_layers": 3, "n_heads": 4,
         "mlp_dim": 48}
@@ -171,19 +172,19 @@ def test_safetensors_directory_bf16(torch_tower, tmp_path):
     rest["model.layers.0.self_attn.q_proj.weight"] = torch.ones(4, 4, dtype=torch.bfloat16)
     save_file(rest, str(tmp_path / "model-00002-of-00002.safetensors"))
 
-    params = siglip.import_vision_from_safetensors(tmp_path, FULL)
+    params = import_vision_from_safetensors(tmp_path, FULL)
     rounded = {k: named[siglip.LLADA_V_VISION_PREFIX + k].float().numpy() for k in state}
     expected = siglip.import_vision(rounded, FULL)
     jax.tree.map(np.testing.assert_array_equal, params, expected)
     assert jax.tree.leaves(params)[0].dtype == np.float32
-    as_bf16 = siglip.import_vision_from_safetensors(tmp_path, FULL, dtype="bfloat16")
+    as_bf16 = import_vision_from_safetensors(tmp_path, FULL, dtype="bfloat16")
     assert jax.tree.leaves(as_bf16)[0].dtype == jnp.bfloat16
 
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
-        siglip.import_vision_from_safetensors(tmp_path / "nothing", FULL)
+        import_vision_from_safetensors(tmp_path / "nothing", FULL)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors file"):
-        siglip.import_vision_from_safetensors(tmp_path / "empty", FULL)
+        import_vision_from_safetensors(tmp_path / "empty", FULL)
 
 
 def test_remat_and_bf16(torch_tower):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.config import ModelConfig
-from llada_jax.model.layers import Projection, dtype_of, rotary_embedding
+from llada_jax.model.layers import Projection, RMSNorm, dtype_of, rotary_embedding
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -186,8 +186,12 @@ class Attention(nn.Module):
                        name="k_proj", **proj)(x)
         v = Projection((c.n_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
                        name="v_proj", **proj)(x)
-        q = rotary_embedding(q, positions, c.rope_theta)
-        k = rotary_embedding(k, positions, c.rope_theta)
+        if c.qk_norm:  # RMSNorm over head_dim of every query and key head, before RoPE
+            norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            q = RMSNorm(name="q_norm", **norm)(q)
+            k = RMSNorm(name="k_norm", **norm)(k)
+        q = rotary_embedding(q, positions, c.rope_theta, c.rotary_dim)
+        k = rotary_embedding(k, positions, c.rope_theta, c.rotary_dim)
         q = nn.with_logical_constraint(
             q, ("activation_batch", "activation_length", "activation_heads", None))
         window_kv = (k, v)

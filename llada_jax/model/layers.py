@@ -36,14 +36,19 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float,
+                     rotary_dim: int = 0) -> jax.Array:
     """Rotate-half (non-interleaved) RoPE, computed in float32.
 
     x: [batch, length, heads, head_dim]; positions: [batch, length] integer positions.
-    The first half of head_dim pairs with the second half: (x1, x2) -> (x1 cos - x2 sin,
-    x2 cos + x1 sin), with frequency theta^(-2i/head_dim) for pair i.
+    Over the first `rotary_dim` dims of a head (0: all of head_dim; LLaDA2 rotates 64 of 128 and
+    passes the rest through), the first half pairs with the second half: (x1, x2) ->
+    (x1 cos - x2 sin, x2 cos + x1 sin), with frequency theta^(-2i/rotary_dim) for pair i.
     """
     head_dim = x.shape[-1]
+    if rotary_dim and rotary_dim != head_dim:
+        rotated = rotary_embedding(x[..., :rotary_dim], positions, theta)
+        return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq      # [B, L, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, hd]
@@ -79,3 +84,16 @@ class Projection(nn.Module):
         return jax.lax.dot_general(
             x.astype(self.dtype), kernel.astype(self.dtype),
             ((contract, tuple(range(self.num_in_dims))), ((), ())))
+
+
+def swiglu(x: jax.Array, hidden: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+           init_std: float, d_model: int) -> jax.Array:
+    """The SwiGLU feed-forward ff_out(silu(ff_proj(x)) * up_proj(x)), created in the calling
+    module's scope (call it from inside a compact `__call__`): its kernels are that module's
+    `ff_proj`, `up_proj` and `ff_out`."""
+    proj = dict(dtype=dtype, param_dtype=param_dtype, init_std=init_std)
+    gate = Projection((hidden,), ("embed",), ("mlp",), name="ff_proj", **proj)(x)
+    up = Projection((hidden,), ("embed",), ("mlp",), name="up_proj", **proj)(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up,
+                                   ("activation_batch", "activation_length", "activation_mlp"))
+    return Projection((d_model,), ("mlp",), ("embed",), name="ff_out", **proj)(h)

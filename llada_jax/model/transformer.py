@@ -1,4 +1,4 @@
-"""The LLaDA mask predictor: embed -> scanned bidirectional blocks -> RMSNorm -> untied LM head.
+"""The LLaDA mask predictor: embed -> scanned bidirectional blocks -> RMSNorm -> LM head.
 
 `Transformer.apply(variables, tokens)` maps (noisy) token ids, or embeddings (LLaDA-V), to
 logits. It knows nothing about time, masking or sampling (that is `llada_jax.diffusion`).
@@ -24,7 +24,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.config import ModelConfig
 from llada_jax.model.attention import Attention, MaskInfo
-from llada_jax.model.layers import Projection, RMSNorm, dtype_of
+from llada_jax.model.layers import Projection, RMSNorm, dtype_of, swiglu
+from llada_jax.model.moe import MoE
 
 
 class KVCache(NamedTuple):
@@ -92,16 +93,20 @@ embedding_lookup.defvjp(_embedding_fwd, _embedding_bwd)
 
 
 class Block(nn.Module):
-    """One pre-norm block: h + attention(norm(h)), then h + SwiGLU(norm(h))."""
+    """One pre-norm block: h + attention(norm(h)), then h + FFN(norm(h)).
+
+    The FFN is the dense SwiGLU of `mlp_hidden_size`, or with `moe` the mixture of experts of
+    model/moe.py. Returns (h, (KVCache of the window or None, RouterStats or None)).
+    """
 
     config: ModelConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, h, positions, mask, cache, cache_index, return_kv):
         c = self.config
         dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
         norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        proj = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.init_std)
         layer_cache = None if cache is None else (cache.k, cache.v)
 
         a = RMSNorm(name="attn_norm", **norm)(h)
@@ -110,14 +115,30 @@ class Block(nn.Module):
         h = h + a
 
         f = RMSNorm(name="ff_norm", **norm)(h)
-        gate = Projection((c.mlp_hidden_size,), ("embed",), ("mlp",), name="ff_proj", **proj)(f)
-        up = Projection((c.mlp_hidden_size,), ("embed",), ("mlp",), name="up_proj", **proj)(f)
-        f = nn.with_logical_constraint(nn.silu(gate) * up,
-                                       ("activation_batch", "activation_length", "activation_mlp"))
-        h = h + Projection((c.d_model,), ("mlp",), ("embed",), name="ff_out", **proj)(f)
+        stats = None
+        if self.moe:
+            f, stats = MoE(c, name="moe")(f)
+        else:
+            f = swiglu(f, c.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype,
+                       init_std=c.init_std, d_model=c.d_model)
+        h = h + f
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
                                            "activation_embed"))
-        return h, (KVCache(k, v) if return_kv else None)
+        return h, ((KVCache(k, v) if return_kv else None), stats)
+
+
+def scanned_blocks(config: ModelConfig, length: int, moe: bool) -> nn.Module:
+    """`length` Blocks stacked by `nn.scan` (params with a leading `layers` axis), remat'd by
+    `config.remat_policy`."""
+    block = Block
+    if config.remat_policy != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False,
+                         static_argnums=(6,))
+    return nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+        length=length, metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, moe=moe)
 
 
 class Transformer(nn.Module):
@@ -133,17 +154,16 @@ class Transformer(nn.Module):
             (c.vocab_size, c.d_model), dtype_of(c.param_dtype))
         self.ln_f = RMSNorm(eps=c.rms_norm_eps, dtype=dtype_of(c.dtype),
                             param_dtype=dtype_of(c.param_dtype))
-        self.lm_head = Projection((c.vocab_size,), ("embed",), ("vocab",), dtype=dtype_of(c.dtype),
-                                  param_dtype=dtype_of(c.param_dtype), init_std=c.init_std)
-        block = Block
-        if c.remat_policy != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False,
-                             static_argnums=(6,))
-        self.blocks = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-            length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        if not c.tie_embeddings:
+            self.lm_head = Projection((c.vocab_size,), ("embed",), ("vocab",),
+                                      dtype=dtype_of(c.dtype),
+                                      param_dtype=dtype_of(c.param_dtype), init_std=c.init_std)
+        # A mixture-of-experts model's first_k_dense dense layers are a second scanned stack of
+        # the same Block (dense FFN), `dense_blocks`, in front of the MoE stack `blocks`.
+        if c.num_dense_layers and c.is_moe:
+            self.dense_blocks = scanned_blocks(c, c.num_dense_layers, False)
+        self.blocks = scanned_blocks(c, c.n_layers - (c.num_dense_layers if c.is_moe else 0),
+                                     c.is_moe)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings [B, L, d] in the compute dtype (no scaling, as in LLaDA)."""
@@ -189,16 +209,49 @@ class Transformer(nn.Module):
         mask = MaskInfo(attention_mask, segment_ids, segment_ids)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
                                            "activation_embed"))
-        h, window_kv = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
+        h, window_kv = self._run_blocks(h, positions, mask, kv_cache, cache_index, return_kv)
         out = self.ln_f(h) if return_hidden else self.logits_from_hidden(self.ln_f(h))
         return (out, window_kv) if return_kv else out
+
+    def _run_blocks(self, h, positions, mask, kv_cache, cache_index, return_kv):
+        """The scanned stacks; MoE router statistics are sown into the `moe_stats` collection
+        (`RouterStats` stacked over the MoE layers) when the caller makes it mutable."""
+        c = self.config
+        first = c.num_dense_layers if c.is_moe else 0
+        kv_parts = []
+        if first:
+            dense_cache = None if kv_cache is None else KVCache(kv_cache.k[:first],
+                                                                kv_cache.v[:first])
+            h, (kv, _) = self.dense_blocks(h, positions, mask, dense_cache, cache_index,
+                                           return_kv)
+            kv_parts.append(kv)
+            if kv_cache is not None:
+                kv_cache = KVCache(kv_cache.k[first:], kv_cache.v[first:])
+        h, (kv, stats) = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
+        kv_parts.append(kv)
+        if stats is not None and not self.is_initializing():
+            self.sow("moe_stats", "router", stats, init_fn=lambda: None,
+                     reduce_fn=lambda _, new: new)
+        if not return_kv:
+            return h, None
+        if len(kv_parts) == 1:
+            return h, kv_parts[0]
+        dense_kv, moe_kv = kv_parts
+        return h, KVCache(jnp.concatenate([dense_kv.k, moe_kv.k]),
+                          jnp.concatenate([dense_kv.v, moe_kv.v]))
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """The LM head: final normed hidden states [..., d] -> logits [..., vocab].
 
+        With `tie_embeddings` the head is the embedding table: logits = hidden @ wte^T.
         Call it as `model.apply(variables, hidden, method=Transformer.logits_from_hidden)`.
         """
-        logits = self.lm_head(hidden)
+        c = self.config
+        if c.tie_embeddings:
+            dtype = dtype_of(c.dtype)
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.wte.astype(dtype))
+        else:
+            logits = self.lm_head(hidden)
         if logits.ndim == 3:
             logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
                                                          "activation_vocab"))

@@ -32,17 +32,17 @@ import re
 import sys
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
+from llada_jax.interop import safetensors_io
 from llada_jax.train import state as state_lib
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -307,16 +307,9 @@ def save_params(directory: str, config: ml_collections.ConfigDict, params: Any) 
 
 def _param_targets(config: ml_collections.ConfigDict, mesh: Mesh | None, rules) -> Any:
     """Abstract params of the config's model, sharded on `mesh` (or on the first device)."""
-    model = state_lib.make_model(config)
-    boxed = state_lib.abstract_boxed_params(model, mesh)
-    if mesh is None:
-        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
-                                 nn.meta.unbox(boxed))
-    else:
-        rules = parallel.logical_rules(config) if rules is None else rules
-        shardings = parallel.logical_to_sharding(boxed, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.meta.unbox(boxed), shardings)
+    boxed = state_lib.abstract_boxed_params(state_lib.make_model(config), mesh)
+    rules = parallel.logical_rules(config) if rules is None and mesh is not None else rules
+    return safetensors_io.sharded_targets(boxed, mesh, rules)
 
 
 def _trainer_checkpoint_dir(directory: epath.Path) -> epath.Path | None:

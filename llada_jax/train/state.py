@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
+from llada_jax.interop import safetensors_io
 from llada_jax.model.multimodal import LLaDAV
 from llada_jax.model.transformer import Transformer
 
@@ -70,7 +71,7 @@ def abstract_boxed_params(model: Transformer, mesh: Mesh | None = None) -> Any:
 
 def param_shardings(model: Transformer, mesh: Mesh, rules) -> Any:
     """NamedSharding per parameter, from its logical axes and the rule table."""
-    return parallel.logical_to_sharding(abstract_boxed_params(model, mesh), mesh, rules)
+    return safetensors_io.param_shardings(abstract_boxed_params(model, mesh), mesh, rules)
 
 
 def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:

@@ -39,6 +39,13 @@ gradient split over the mesh): the [B, L, V] logits never exist.
 
 Metrics: `loss`, `accuracy` (argmax = clean token, over noised positions), `grad_norm` (before
 clipping), `learning_rate` (of this update), `noised_tokens`, `cut_length`.
+
+Mixture-of-experts models (model/moe.py) add the router losses to the loss (weights
+`train.moe_aux_loss_weight`, `train.moe_z_loss_weight`), report `lm_loss` (the diffusion loss
+alone), `moe_aux_loss`, `moe_z_loss` and `moe_load_max_over_mean` (the worst layer's max / mean
+expert load; no token is ever dropped), and, in the same jitted step, move every `expert_bias`
+by `train.moe_bias_update_rate` * sign(mean load - load) (the auxiliary-loss-free balancing of
+LLaDA2; the optimizer never changes it).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from llada_jax import parallel
 from llada_jax.config import PARAM_GROUPS
 from llada_jax.diffusion import losses, noise
 from llada_jax.model.layers import dtype_of
+from llada_jax.model.moe import RouterStats, expert_bias_update
 from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
 from llada_jax.train.optimizer import (
@@ -155,22 +163,53 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
 
 def lm_head_kernel(params: Any) -> jax.Array | None:
     """The LM-head kernel [d, V] of Transformer (`lm_head`) or LLaDAV (`language_model/lm_head`)
-    params; None for another parameter tree."""
+    params: with tied embeddings (no `lm_head`) the transposed table `wte`; None for another
+    parameter tree."""
     for scope in (params, params.get("language_model", {})):
         if "lm_head" in scope:
             return nn.unbox(scope["lm_head"]["kernel"])  # boxed (logical axes) or plain
+        if "wte" in scope and "blocks" in scope:         # tied: logits = h @ wte^T
+            return nn.unbox(scope["wte"]).T
     return None
 
 
-def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Callable:
+def _router_stats(moe_state: Any) -> RouterStats:
+    """The one RouterStats (stacked over MoE layers) sown by the model's apply."""
+    found = jax.tree.leaves(moe_state, is_leaf=lambda x: isinstance(x, RouterStats))
+    return found[0]
+
+
+def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
+                 moe_aux_loss_weight: float = 0.0, moe_z_loss_weight: float = 0.0) -> Callable:
     """(params, prepared batch) -> (loss, {correct, noised}) for `train.objective`.
 
     `chunk_size` > 0 (`train.loss_chunk_size`): the model returns its final hidden states and
     the LM head and cross-entropy run over chunks of that many positions (see the module
     docstring); 0 computes the full logits. Both give the same values and gradients.
+
+    Mixture-of-experts models add the router losses, averaged over MoE layers, to the loss
+    (`moe_aux_loss_weight` x load balancing + `moe_z_loss_weight` x z-loss) and return the
+    summable `lm_loss`, `moe_aux_loss`, `moe_z_loss` and `moe_load` [layers, experts] with the
+    counts.
     """
+    is_moe = bool(getattr(model.config, "is_moe", False))
+
+    def apply(*args, **kwargs):
+        """model.apply, collecting the MoE router statistics (None for a dense model)."""
+        if not is_moe:
+            return model.apply(*args, **kwargs), None
+        out, state = model.apply(*args, mutable=["moe_stats"], **kwargs)
+        return out, _router_stats(state)
 
     def loss_fn(params, micro: dict[str, jax.Array]):
+        loss, counts, stats = diffusion_loss_fn(params, micro)
+        if stats is None:
+            return loss, counts
+        aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
+        counts.update(lm_loss=loss, moe_aux_loss=aux, moe_z_loss=z, moe_load=stats.load)
+        return loss + moe_aux_loss_weight * aux + moe_z_loss_weight * z, counts
+
+    def diffusion_loss_fn(params, micro: dict[str, jax.Array]):
         images = {}
         if "pixel_values" in micro:  # LLaDA-V: image tokens at the (never noised) placeholders
             images = {"pixel_values": micro["pixel_values"], "image_sources": tuple(
@@ -179,7 +218,7 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Calla
         inputs = dict(attention_mask=micro.get("key_mask"),
                       segment_ids=micro.get("segment_ids"), **images)
         if chunk_size > 0:
-            hidden = model.apply(variables, micro["noisy_tokens"], return_hidden=True, **inputs)
+            hidden, stats = apply(variables, micro["noisy_tokens"], return_hidden=True, **inputs)
             head_kernel = lm_head_kernel(params)
             if head_kernel is not None:  # the LM head with its sharded, hand-written backward
                 ce, hits = losses.lm_head_cross_entropy(
@@ -190,7 +229,7 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Calla
                     lambda h: model.apply(variables, h, method="logits_from_hidden"), hidden,
                     micro["tokens"], chunk_size)
         else:
-            logits = model.apply(variables, micro["noisy_tokens"], **inputs)
+            logits, stats = apply(variables, micro["noisy_tokens"], **inputs)
             ce = losses.token_cross_entropy(logits, micro["tokens"])
             hits = jnp.argmax(logits, axis=-1) == micro["tokens"]
         if objective in ("sft", "masked_response"):
@@ -200,8 +239,25 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0) -> Calla
             loss = losses.pretrain_loss_from_ce(ce, micro["noised"], micro["mask_prob"],
                                                 micro["cut_length"][0])
         correct, noised = losses.hit_counts(hits, micro["noised"])
-        return loss, {"correct": correct, "noised": noised}
+        return loss, {"correct": correct, "noised": noised}, stats
     return loss_fn
+
+
+def moe_loss_weights(train: ml_collections.ConfigDict) -> dict[str, float]:
+    """The router-loss weights of `train` (defaults 0.01 / 0 where a config predates them)."""
+    return {"moe_aux_loss_weight": float(train.get("moe_aux_loss_weight", 0.01)),
+            "moe_z_loss_weight": float(train.get("moe_z_loss_weight", 0.0))}
+
+
+def moe_metrics(counts: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
+    """Router metrics of a step from its summed counts: the losses (means over micro-batches
+    and layers), and the worst layer's max / mean expert load (1 = perfectly balanced)."""
+    load = counts["moe_load"]
+    balance = jnp.max(jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))
+    return {"lm_loss": counts["lm_loss"] / num_micro,
+            "moe_aux_loss": counts["moe_aux_loss"] / num_micro,
+            "moe_z_loss": counts["moe_z_loss"] / num_micro,
+            "moe_load_max_over_mean": balance}
 
 
 def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
@@ -211,8 +267,10 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     train = config.train
     mask_id = int(config.model.mask_token_id)
     schedule = make_schedule(train)
-    loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size))
+    loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size),
+                           **moe_loss_weights(train))
     num_micro = int(train.grad_accum_steps)
+    bias_rate = float(train.get("moe_bias_update_rate", 0.0))
     trainable = trainable_groups(train)
     if trainable != PARAM_GROUPS:
         full_loss_fn = loss_fn
@@ -235,6 +293,12 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        moe = {}
+        if "moe_load" in counts:
+            # expert_bias is no trained parameter: it keeps its value through the optimizer
+            # (no weight decay) and moves only by the load-balancing update.
+            params = expert_bias_update(params, counts["moe_load"], bias_rate, state.params)
+            moe = moe_metrics(counts, num_micro)
         metrics = {
             "loss": loss,
             "accuracy": counts["correct"] / jnp.maximum(counts["noised"], 1),
@@ -242,6 +306,7 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
             "learning_rate": schedule(state.step),
             "noised_tokens": counts["noised"],
             "cut_length": prepared["cut_length"][0],
+            **moe,
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
@@ -275,6 +340,8 @@ def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Calla
         rng = jax.random.wrap_key_data(rng_data)
         prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=False)
         loss, counts = loss_fn(params, prepared)
+        if "lm_loss" in counts:  # MoE: evaluate the diffusion loss only (router weights 0)
+            counts = {"correct": counts["correct"], "noised": counts["noised"]}
         return {"loss": loss, **counts}
 
     return eval_step

@@ -1,0 +1,71 @@
+"""Test helpers for interop that are not part of the library: reading a whole safetensors file
+or a SigLIP tower from a directory of them, and assembling stage-1 LLaDA-V params from separate
+towers."""
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llada_jax.interop import safetensors_io, siglip
+from llada_jax.model.multimodal import LLaDAV, Projector
+from llada_jax.model.vision import VisionConfig
+
+
+def read_safetensors(path: str, select: Callable[[str], bool] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The checked tensors of one safetensors file whose name passes `select`."""
+    reader = safetensors_io.ShardReader(os.path.dirname(path))
+    names = [n for n in safetensors_io.read_header(path)[0] if select is None or select(n)]
+    try:
+        return {name: reader.read(name, os.path.basename(path)) for name in names}
+    finally:
+        reader.close()
+
+
+def import_vision_from_safetensors(directory: str | os.PathLike[str], cfg: VisionConfig,
+                                   prefix: str | None = None, dtype: str | None = None) -> dict:
+    """`siglip.import_vision` on every *.safetensors file of a directory (no index needed);
+    reads only the tensors under the tower's prefix."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    paths = [os.path.join(directory, f) for f in sorted(os.listdir(directory))
+             if f.endswith(".safetensors")]
+    if not paths:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+    if prefix is None:
+        names = [n for path in paths for n in safetensors_io.read_header(path)[0]]
+        prefix = siglip.detect_vision_prefix(names)
+    tensors = {}
+    for path in paths:
+        tensors.update(read_safetensors(path, lambda n: n.startswith(prefix)))
+    return siglip.import_vision(tensors, cfg, prefix, dtype)
+
+
+def llada_v_init_params(language_params: Mapping[str, Any], vision_params: Mapping[str, Any],
+                        model_cfg: Any, vision: VisionConfig, seed: int = 0) -> dict[str, Any]:
+    """`LLaDAV` params for stage 1 from separate checkpoints: a LLaDA language tower
+    (`interop.hf.import_hf`), a SigLIP vision tower (`siglip.import_vision` /
+    `import_vision_from_safetensors`) and a freshly initialised projector (from `seed`).
+    Shapes are checked against the configs; ValueError names the part."""
+    model = LLaDAV(model_cfg, vision)
+    abstract = nn.unbox(jax.eval_shape(
+        lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.key(0)))
+    parts = {"language_model": language_params, "vision_tower": vision_params}
+    for name, tree in parts.items():
+        expected = jax.tree.map(lambda a: tuple(a.shape), abstract[name])
+        found = jax.tree.map(lambda a: tuple(np.shape(a)), dict(tree))
+        if expected != found:
+            raise ValueError(f"{name} params do not fit the config: expected shapes {expected}, "
+                             f"found {found}")
+    projector = nn.unbox(Projector(model_cfg.d_model, param_dtype=model_cfg.param_dtype).init(
+        jax.random.key(seed), jnp.zeros((1, vision.width)))["params"])
+    projector = jax.tree.map(np.asarray, projector)
+    return {"vision_tower": dict(vision_params), "projector": projector,
+            "language_model": dict(language_params)}
+
