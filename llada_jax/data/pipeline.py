@@ -50,7 +50,6 @@ from llada_jax.data.bad_records import (  # noqa: F401  (re-exported: the traine
     skipped_records,
     skipped_summary,
 )
-from llada_jax.data.llava_format import LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.multimodal_data import ImageProcessor, MultimodalRows
 from llada_jax.data.schema import ORIGIN, BadRecordError
 from llada_jax.data.tokenizer import Tokenizer
@@ -211,15 +210,10 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  if conversations else
                  functools.partial(check_document, text_field=data.text_field))
         screen = functools.partial(prescan, check=check, policy=data.bad_records)
-    template = ConversationTemplate.from_config(config)
-    options = sources.SourceOptions(
-        tfds_data_dir=data.tfds_data_dir, synthetic_size=data.synthetic_size, seed=train.seed,
-        image_size=config.vision.image_size, image_folder=data.image_folder,
-        image_task="caption" if template.format == LLADA_PLAIN else "question")
     records = sources.record_dataset(
-        components, options, process_index=process_index, process_count=process_count,
-        shuffle=shuffle, seed=seed, num_epochs=num_epochs or None, screen=screen,
-        default_split=split)
+        components, sources.SourceOptions.from_config(config), process_index=process_index,
+        process_count=process_count, shuffle=shuffle, seed=seed, num_epochs=num_epochs or None,
+        screen=screen, default_split=split)
     read_options = grain.ReadOptions(num_threads=data.read_threads,
                                      prefetch_buffer_size=data.prefetch_buffer_size)
 

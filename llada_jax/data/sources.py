@@ -53,8 +53,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 
+from llada_jax.data.llava_format import LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.schema import ERROR, ORIGIN
 from llada_jax.data.synthetic_images import ShapesDataset
 
@@ -342,6 +344,14 @@ class SourceOptions:
     image_size: int = 32            # shapes
     image_task: str = "question"    # shapes: 'question' (stage 2) or 'caption' (stage 1)
     image_folder: str = ""          # llava: where relative image paths point ('': the file's)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> SourceOptions:
+        data = config.data
+        plain = ConversationTemplate.from_config(config).format == LLADA_PLAIN
+        return cls(data.tfds_data_dir, data.synthetic_size, config.train.seed,
+                   config.vision.image_size, "caption" if plain else "question",
+                   data.image_folder)
 
 
 def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
