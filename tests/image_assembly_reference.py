@@ -6,6 +6,7 @@ host-computed plans of `llada_jax.data.images`); tests compare the two paths.
 * `assemble_image_tokens`: one image's projected view features -> its token sequence (AnyRes
   `anyres_max_N` + `spatial_unpad`: base view, then the unpadded, maybe downsampled tile grid
   with a newline after each row).
+* `preprocess_square` / `anyres_views`: normalised float views of an image, computed eagerly.
 * `splice_image_features`: writes image tokens into the token embeddings at the placeholder
   positions and returns the mask of those positions.
 """
@@ -13,15 +14,34 @@ host-computed plans of `llada_jax.data.images`); tests compare the two paths.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from llada_jax.data import images as image_geometry
 from llada_jax.data.schema import IMAGE_PLACEHOLDER_ID
+
+
+# --- views ---------------------------------------------------------------------------------------
+def preprocess_square(image: Image.Image | str | os.PathLike[str],
+                      size: int = image_geometry.TILE_SIZE) -> np.ndarray:
+    """One view: the whole image resized (aspect ratio not kept) to size x size -> float32
+    [size, size, 3] in [-1, 1]."""
+    return image_geometry.normalize(image_geometry.square_pixels(image, size))
+
+
+def anyres_views(image: Image.Image | str | os.PathLike[str],
+                 tile_size: int = image_geometry.TILE_SIZE,
+                 max_grid: int = image_geometry.MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
+    """`anyres_pixels` normalised: (views [1 + cols * rows, tile, tile, 3] float32 in [-1, 1],
+    the image's (width, height))."""
+    views, size = image_geometry.anyres_pixels(image, tile_size, max_grid)
+    return image_geometry.normalize(views), size
 
 
 # --- one image's tokens -------------------------------------------------------------------------

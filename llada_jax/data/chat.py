@@ -1,53 +1,37 @@
 """Conversations -> token ids and the maskable vector: the one conversation encoder.
 
 `encode_conversation(messages, tokenizer, style=..., image_token_counts=..., max_length=...,
-truncation=...)` renders a validated conversation (`parse_messages`, or `llava_messages` for a
-LLaVA record) in one of three styles and fits it into `max_length` tokens with one named
-truncation policy. Images are counted, not seen: every `<image>` mark becomes as many
-`schema.IMAGE_PLACEHOLDER_ID`s as that image has tokens (`multimodal_data` computes the counts
-and the pixels).
+truncation=...)` renders validated messages (`parse_messages`; `llava_messages` for a LLaVA
+record); each `<image>` becomes as many `schema.IMAGE_PLACEHOLDER_ID`s as its token count
+(`multimodal_data` computes counts and pixels). Styles:
 
-Styles:
-
-* `llada` (text SFT; REFERENCE.md sections 1 and 2): `<BOS>` then each turn as the tokenizer's
-  LLaDA chat format renders it (`Tokenizer.render_turn`: header, stripped content, `<|eot_id|>`).
-  Maskable: the trained assistant turns after their header. `build_sft_example` chooses the
-  trained turns and pads the row:
-
-      tokens    <BOS> prompt turns ... <assistant header> answer <|eot_id|> <EOS> <EOS> ...
-      maskable    F   F ...              F ...              T ...  T           T     T   ...
-      fill        F   F ...              F ...              F ...  F           T     T   ...
-
-  `fill` marks the EOS padding that exists only because the row was padded to the static
-  `seq_len`: always a suffix. The official recipe (LLaDA paper, appendix B.1) pads each example
-  with EOS up to the longest example of its mini-batch and trains on that padding; the train
-  step treats fill beyond the longest row of the micro-batch as absent, so the loss equals the
-  official one on the trimmed batch. Objective `sft`: the fill is maskable; `masked_response`
-  (LLaDA-V): never. Multi-turn (`config.data.sft_multiturn`): `sample_turn` (the LLaDA
-  reference) draws one assistant turn as the target, everything after it is dropped;
-  `all_responses` (LLaDA-V) trains every answer with one `t`, trailing non-assistant turns are
-  dropped.
+* `llada` (text SFT, REFERENCE.md sections 1-2): `<BOS>` + `Tokenizer.render_turn` of each turn
+  (header, stripped content, `<|eot_id|>`); maskable: the trained answers after their header.
+  `build_sft_example` picks the trained turns (`data.sft_multiturn`: `sample_turn`, the LLaDA
+  reference, draws one answer and drops what follows; `all_responses`, LLaDA-V, trains every
+  answer with one `t`) and pads with EOS to `seq_len`; `fill` marks that padding (a suffix), which
+  objective `sft` trains on (the official recipe pads to the longest row of the mini-batch and
+  trains on it; the train step trims each micro-batch to its longest row) and
+  `masked_response` never does.
 * `llava_llada` (LLaDA-V stage 2, `preprocess_llada`): `<BOS>`, a system turn (the template's
-  `LLAVA_SYSTEM_MESSAGE` unless the conversation starts with its own), the turns, each
-  `<|start_header_id|>role<|end_header_id|>` + `"\\n\\n" + content` + `<|eot_id|>` with content
-  NOT stripped (the training template has no `| trim`; `add_generation_prompt` strips, as the
-  released chat template does at inference) and the text encoded piece by piece between the
-  special tokens and image marks. Maskable: every assistant turn whole plus every BOS,
-  `<|start_header_id|>`, `<|end_header_id|>` and `<|eot_id|>` (LLaDA-V's labels != -100).
-* `llada_plain` (LLaDA-V stage 1, `preprocess_plain`): image tokens + caption + `"\\n"`, no BOS
+  unless the conversation starts with one), then `<|start_header_id|>role<|end_header_id|>` +
+  `"\n\n" + content` + `<|eot_id|>` per turn, content NOT stripped in training (stripped with
+  `add_generation_prompt`, as the released chat template does at inference), text encoded piece
+  by piece between special tokens and image marks. Maskable: every answer whole plus every BOS,
+  header mark and `<|eot_id|>` (LLaDA-V's labels != -100).
+* `llada_plain` (LLaDA-V stage 1, `preprocess_plain`): image tokens + caption + `"\n"`, no BOS
   or template; the caption and its newline are maskable.
 
-Truncation (`TRUNCATIONS`; each style's official one is its default, `DEFAULT_TRUNCATION`):
+Truncation, one named policy (`TRUNCATIONS`; default: the style's official one):
 
-* `drop_oldest` (text SFT): drop whole exchanges from the oldest on (a leading system message
-  and the exchange of the last trained answer are kept); if still too long, cut the prompt from
-  the left, keeping BOS and at least the assistant header before the first trained token.
-* `drop_last_exchange` (LLaDA-V, as its data loader): drop the last exchange (user turn +
-  answer, with their images) while another answer is left.
+* `drop_oldest` (text SFT): drop whole exchanges from the oldest on, keeping a leading system
+  message and the last trained exchange; then cut the prompt from the left, keeping BOS and at
+  least the assistant header before the first trained token.
+* `drop_last_exchange` (LLaDA-V's loader): drop the last exchange (user turn + answer, with
+  their images) while another answer is left.
 
-Whatever does not fit then is a bad record (`BadRecordError`, kind 'overlong'), which the
-pipeline reports or skips by `config.data.bad_records`. The trained answer is never silently
-lost.
+What still does not fit is a bad record (`BadRecordError`, kind 'overlong'), reported or skipped
+by `config.data.bad_records`: the trained answer is never silently lost.
 """
 
 from __future__ import annotations

@@ -148,13 +148,6 @@ def padded_square_pixels(image: Image.Image | str | os.PathLike[str],
     return square_pixels(expand_to_square(_as_rgb(image)), size)
 
 
-def preprocess_square(image: Image.Image | str | os.PathLike[str],
-                      size: int = TILE_SIZE) -> np.ndarray:
-    """One view: the whole image resized (aspect ratio not kept) to size x size -> float32
-    [size, size, 3] in [-1, 1]."""
-    return normalize(square_pixels(image, size))
-
-
 # --- AnyRes geometry (pure Python) --------------------------------------------------------------
 def grid_resolutions(tile_size: int = TILE_SIZE, max_grid: int = MAX_GRID) -> list[tuple[int, int]]:
     """Candidate canvases (width, height) = (i * tile, j * tile), i outer, j inner, 1..max_grid.
@@ -307,14 +300,6 @@ def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = 
     return np.stack([np.asarray(v, dtype=np.uint8) for v in views]), rgb.size
 
 
-def anyres_views(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
-                 max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
-    """`anyres_pixels` normalised: (views [1 + cols * rows, tile, tile, 3] float32 in [-1, 1],
-    the image's (width, height))."""
-    views, size = anyres_pixels(image, tile_size, max_grid)
-    return normalize(views), size
-
-
 # --- gather plans (static shapes for jit) -------------------------------------------------------
 def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = None,
                          tile_size: int = TILE_SIZE, max_grid: int = MAX_GRID,
@@ -326,8 +311,9 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
 
     Token t is `sum_k weight[t, k] * views_flat[index[t, k]]` where `views_flat` is the image's
     view features flattened to [num_views * tokens_per_side**2, d] (base view first), or the
-    newline vector when `is_newline[t]`. The same tokens as `multimodal.assemble_image_tokens`,
-    as a table the host computes once, so the device does one gather whatever the geometry.
+    newline vector when `is_newline[t]`. The same tokens as the eager assembly of
+    tests/image_assembly_reference.py, as a table the host computes once, so the device does one
+    gather whatever the geometry.
     num_views: 1 for a plain (non-AnyRes) image (its tokens then one newline); default AnyRes.
     """
     per_view = tokens_per_side ** 2

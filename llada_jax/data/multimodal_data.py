@@ -184,19 +184,6 @@ def _process_images(image_list: Sequence[Any], processor: ImageProcessor, origin
     return processed
 
 
-def _process_images(image_list: Sequence[Any], processor: ImageProcessor, origin: str
-                    ) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Each image's (views, plan); a multi-image record gives one padded square view each."""
-    multi = len(image_list) > 1
-    processed = []
-    for image in image_list:
-        try:
-            processed.append(processor(image, pad_to_square=multi))
-        except (FileNotFoundError, ValueError) as e:
-            raise BadRecordError(origin, str(e), "unreadable") from e
-    return processed
-
-
 def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
                         tokenizer: Tokenizer, processor: ImageProcessor, *,
                         add_generation_prompt: bool = False, origin: str = "",
