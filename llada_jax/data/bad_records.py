@@ -80,6 +80,23 @@ def handle_bad_record(error: BadRecordError, policy: str) -> None:
                         "process %d: %s): %s", total, os.getpid(), _counts_text(_SKIPPED), error)
 
 
+class RowBuilder:
+    """Base of the record -> row transforms of the pipeline: `row(record[, rng])` may raise
+    BadRecordError, which `self.bad_records` ('error' | 'skip') raises or turns into None."""
+
+    bad_records = "error"
+
+    def row(self, record: dict[str, Any], *rng: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, record: dict[str, Any], *rng: Any) -> dict[str, Any] | None:
+        try:
+            return self.row(record, *rng)
+        except BadRecordError as error:
+            handle_bad_record(error, self.bad_records)
+            return None
+
+
 def check_document(record: dict[str, Any], text_field: str) -> str:
     """The record's text; BadRecordError if unreadable, missing, not a string or empty."""
     origin = str(record.get(ORIGIN, ""))

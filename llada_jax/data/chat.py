@@ -222,7 +222,9 @@ def _drop_oldest(head: list[int], turns: list[_Turn], max_length: int, header_le
     mask = [m for t in kept for m in t.maskable]
     if len(head) + len(ids) <= max_length:
         return ids, mask, kept
-    first_trained = mask.index(True)
+    # The first maskable token of the first trained turn (not a maskable prompt token).
+    first = next(i for i, t in enumerate(kept) if t.trained)
+    first_trained = sum(len(t.ids) for t in kept[:first]) + kept[first].maskable.index(True)
     rest_length = len(ids) - first_trained
     budget = max_length - len(head) - rest_length  # prompt tokens that fit after the head
     if budget < header_length:
@@ -372,8 +374,14 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
         used, trained = list(messages[:assistant_turns[-1] + 1]), set(assistant_turns)
     encoded = encode_conversation(used, tokenizer, trained_turns=trained, max_length=seq_len,
                                   origin=origin)
+    return pad_row(encoded, seq_len, tokenizer.eos_id, fill_maskable)
+
+
+def pad_row(encoded: EncodedIds, seq_len: int, eos_id: int,
+            fill_maskable: bool) -> dict[str, np.ndarray]:
+    """A conversation padded with EOS to `seq_len`: `tokens` int32, `maskable` bool (the fill:
+    `fill_maskable`) and `fill` bool (the padding, a suffix)."""
     padding = seq_len - len(encoded.ids)
-    tokens = np.array([*encoded.ids, *([tokenizer.eos_id] * padding)], np.int32)
-    maskable = np.array([*encoded.maskable, *([fill_maskable] * padding)], bool)
-    fill = np.arange(seq_len) >= len(encoded.ids)
-    return {"tokens": tokens, "maskable": maskable, "fill": fill}
+    return {"tokens": np.array([*encoded.ids, *([eos_id] * padding)], np.int32),
+            "maskable": np.array([*encoded.maskable, *([fill_maskable] * padding)], bool),
+            "fill": np.arange(seq_len) >= len(encoded.ids)}

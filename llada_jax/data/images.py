@@ -14,7 +14,7 @@ AnyRes, as LLaVA-OneVision and LLaDA-V do it (`image_aspect_ratio=anyres_max_4`,
 4. the canvas is cut into 384 px tiles, row by row; the views are the whole image squashed to
    384 x 384 first, then the tiles.
 
-Feature side (pure Python geometry here, the jnp assembly in `llada_jax/model/multimodal.py`):
+Feature side (pure Python geometry here; eager jnp assembly: tests/image_assembly_reference.py):
 each view gives 27 x 27 tokens. The tiles' tokens are laid out as one `rows*27 x cols*27` grid,
 the rows/columns that correspond to the black padding are cut off (`unpad`), the grid is
 bilinearly downsampled when `sqrt(h * w / (4 * 729)) > 1.1`, and a learned newline vector is

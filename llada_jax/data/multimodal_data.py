@@ -40,7 +40,7 @@ from PIL import Image
 
 from llada_jax import config as config_lib
 from llada_jax.data import chat, images
-from llada_jax.data.bad_records import handle_bad_record
+from llada_jax.data.bad_records import RowBuilder
 from llada_jax.data.chat import llava_messages, move_image_to_front
 from llada_jax.data.llava_format import DEFAULT_TEMPLATE, LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.schema import (
@@ -237,7 +237,7 @@ def image_inputs(tokens: np.ndarray, conversations: Sequence[EncodedConversation
     return dict(zip(IMAGE_FIELDS, (pixels, index, weight, newline), strict=True))
 
 
-class MultimodalRows:
+class MultimodalRows(RowBuilder):
     """record -> one training row (tokens, maskable, fill, image fields), or None when skipped."""
 
     def __init__(self, tokenizer: Tokenizer, processor: ImageProcessor, seq_len: int,
@@ -245,28 +245,19 @@ class MultimodalRows:
         self.tokenizer, self.processor, self.seq_len = tokenizer, processor, seq_len
         self.max_views, self.bad_records = max_views, bad_records
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    def row(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         origin = str(record.get(ORIGIN, ""))
-        try:
-            messages = llava_messages(record)
-            encoded = encode_conversation(messages, record_images(record), self.tokenizer,
-                                          self.processor, origin=origin, max_length=self.seq_len)
-            padding = self.seq_len - len(encoded.ids)
-            tokens = np.array(encoded.ids + [self.tokenizer.eos_id] * padding, np.int32)
-            fill = np.arange(self.seq_len) >= len(encoded.ids)
-            fill_labelled = self.processor.template.fill_is_labelled
-            maskable = np.array(encoded.maskable + [fill_labelled] * padding, bool)
-            fields = image_inputs(tokens[None], [encoded], self.max_views,
-                                  self.processor.image_size, self.processor.tokens_per_view,
-                                  [origin])
-        except BadRecordError as error:
-            handle_bad_record(error, self.bad_records)
-            return None
-        row = {"tokens": tokens, "maskable": maskable, "fill": fill}
+        encoded = encode_conversation(llava_messages(record), record_images(record),
+                                      self.tokenizer, self.processor, origin=origin,
+                                      max_length=self.seq_len)
+        fill_labelled = self.processor.template.fill_is_labelled
+        row = chat.pad_row(encoded, self.seq_len, self.tokenizer.eos_id, fill_labelled)
+        fields = image_inputs(row["tokens"][None], [encoded], self.max_views,
+                              self.processor.image_size, self.processor.tokens_per_view, [origin])
         if not fill_labelled:
             # The released stage-2 runs train one row per device: nothing follows a row's last
             # token. Segment 0 makes the EOS fill exactly that (never attended, noised or
             # counted); attending to it would also tell the model where every answer ends.
-            row["segment_ids"] = (~fill).astype(np.int32)
+            row["segment_ids"] = (~row["fill"]).astype(np.int32)
         row.update({k: v[0] for k, v in fields.items()})
         return row

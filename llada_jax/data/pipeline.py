@@ -43,21 +43,21 @@ import numpy as np
 from llada_jax.config import BAD_RECORDS, CONVERSATION_OBJECTIVES, PACKINGS
 from llada_jax.data import chat, sources
 from llada_jax.data.bad_records import (  # noqa: F401  (re-exported: the trainer and tests)
+    RowBuilder,
     check_document,
-    handle_bad_record,
     prescan,
     reset_skipped_records,
     skipped_records,
     skipped_summary,
 )
 from llada_jax.data.multimodal_data import ImageProcessor, MultimodalRows
-from llada_jax.data.schema import ORIGIN, BadRecordError
+from llada_jax.data.schema import ORIGIN
 from llada_jax.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "eval")
 
 
-class DocumentTokens:
+class DocumentTokens(RowBuilder):
     """record -> {"tokens": int32 [n]} = [BOS] + encode(text) + [EOS], or None when skipped."""
 
     def __init__(self, tokenizer: Tokenizer, text_field: str, add_bos: bool,
@@ -65,18 +65,13 @@ class DocumentTokens:
         self.tokenizer, self.text_field = tokenizer, text_field
         self.add_bos, self.bad_records = add_bos, bad_records
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        try:
-            text = check_document(record, self.text_field)
-        except BadRecordError as error:
-            handle_bad_record(error, self.bad_records)
-            return None
-        ids = self.tokenizer.encode(text)
+    def row(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(check_document(record, self.text_field))
         prefix = [self.tokenizer.bos_id] if self.add_bos else []
         return {"tokens": np.array([*prefix, *ids, self.tokenizer.eos_id], np.int32)}
 
 
-class ChatRows:
+class ChatRows(RowBuilder):
     """(record, rng) -> one chat row {"tokens", "maskable", "fill"}, or None when skipped.
 
     `fill_maskable`: whether the EOS padding is trained on (objective 'sft') or never labelled
@@ -89,17 +84,11 @@ class ChatRows:
         self.messages_field, self.bad_records = messages_field, bad_records
         self.fill_maskable = fill_maskable
 
-    def __call__(self, record: dict[str, Any],
-                 rng: np.random.Generator) -> dict[str, np.ndarray] | None:
-        try:
-            messages = chat.parse_messages(record, self.messages_field)
-            return chat.build_sft_example(messages, self.tokenizer, self.seq_len,
-                                          self.multiturn, rng,
-                                          origin=str(record.get(ORIGIN, "")),
-                                          fill_maskable=self.fill_maskable)
-        except BadRecordError as error:
-            handle_bad_record(error, self.bad_records)
-            return None
+    def row(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return chat.build_sft_example(chat.parse_messages(record, self.messages_field),
+                                      self.tokenizer, self.seq_len, self.multiturn, rng,
+                                      origin=str(record.get(ORIGIN, "")),
+                                      fill_maskable=self.fill_maskable)
 
 
 class SplitLongDocuments(grain.experimental.FlatMapTransform):
@@ -136,20 +125,15 @@ def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in batch.items()}
 
 
-def ensure_absl_flags_parsed() -> None:
-    """grain's worker processes read absl flags; a library caller may not have parsed any."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 def batch_and_prefetch(rows: grain.IterDataset, data: ml_collections.ConfigDict,
                        host_batch_size: int) -> grain.IterDataset:
     """Batches rows for this host and, with `data.num_workers`, prefetches in worker processes."""
     dataset = rows.batch(host_batch_size, drop_remainder=True)
     if data.num_workers > 0:
-        ensure_absl_flags_parsed()
+        from absl import flags  # grain's workers read absl flags; a library may parse none
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
         dataset = dataset.map(to_numpy)

@@ -58,6 +58,8 @@ import numpy as np
 
 from llada_jax.data.llava_format import LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.schema import ERROR, ORIGIN
+from llada_jax.data.synthetic import SyntheticTextSource
+from llada_jax.data.synthetic_chat import SyntheticChatSource
 from llada_jax.data.synthetic_images import ShapesDataset
 
 _WHITESPACE_BYTES = (9, 10, 11, 12, 13, 32)
@@ -368,13 +370,9 @@ def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
     if spec.kind == "llava":
         return LlavaFilesSource(spec.argument, options.image_folder)
     if spec.kind == "synthetic":
-        from llada_jax.data.synthetic import SyntheticTextSource
-
         return SyntheticTextSource(options.synthetic_size, seed=options.seed,
                                    split=spec.split or default_split)
     if spec.kind == "synthetic_chat":
-        from llada_jax.data.synthetic_chat import SyntheticChatSource
-
         return SyntheticChatSource(spec.split, options.synthetic_size)
     if spec.kind == "shapes":
         size = options.synthetic_size
