@@ -9,7 +9,7 @@ Used to prove that a restructure of `llada_jax/data/` leaves the batches unchang
 Paths: pre-training on the built-in corpus (concat) and on `files:` JSONL (concat and pack),
 SFT on synthetic_chat (sample_turn) and on a JSONL of multi-turn conversations (all_responses,
 masked_response), LLaDA-V on shapes (stage 2 and stage 1) and on LLaVA JSONL with image files,
-and the evaluation batches of each.
+and the evaluation batches of each; for one host and for host 1 of 2.
 """
 
 from __future__ import annotations
@@ -130,11 +130,22 @@ def _configs(files: dict[str, str]):
 
 
 def dump(path: str) -> None:
+    import jax
+
     from llada_jax.data.tokenizer import CharTokenizer
     from llada_jax.train import input as input_lib
 
     tokenizer = CharTokenizer()
     arrays = {}
+    # Host 1 of 2 as well: every builder reads jax.process_index() / process_count().
+    for host, hosts in ((0, 1), (1, 2)):
+        jax.process_index, jax.process_count = (lambda h=host: h), (lambda n=hosts: n)
+        _dump_host(arrays, "" if hosts == 1 else "host1of2/", tokenizer, input_lib)
+    np.savez(path, **arrays)
+    print(f"{len(arrays)} arrays -> {path}")
+
+
+def _dump_host(arrays: dict, prefix: str, tokenizer, input_lib) -> None:
     # A fixed folder that outlives the iterators: grain keeps prefetching in threads.
     folder = os.path.join(tempfile.gettempdir(), "datalayer_batches_inputs")
     os.makedirs(folder, exist_ok=True)
@@ -145,9 +156,7 @@ def dump(path: str) -> None:
                 iterator = make(config, tokenizer)
                 for b in range(BATCHES):
                     for field, value in next(iterator).items():
-                        arrays[f"{name}/{kind}/{b}/{field}"] = np.asarray(value)
-    np.savez(path, **arrays)
-    print(f"{len(arrays)} arrays -> {path}")
+                        arrays[f"{prefix}{name}/{kind}/{b}/{field}"] = np.asarray(value)
 
 
 def compare(before: str, after: str) -> int:
