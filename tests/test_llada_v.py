@@ -23,6 +23,7 @@ from llada_jax import config as config_lib
 from llada_jax.data import images, pipeline, sources
 from llada_jax.data import multimodal_data as md
 from llada_jax.data.chat import BadRecordError
+from llada_jax.data.synthetic_images import ShapesDataset
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.interop import siglip
 from llada_jax.model import multimodal as mm
@@ -594,7 +595,7 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
     train_seconds = time.time() - start
 
     processor = md.ImageProcessor.from_config(c)
-    test_set = sources.ShapesSource("test", 200, 32)
+    test_set = ShapesDataset(32, 200, "test")
     conversations, answers, kinds = [], [], []
     for i in range(96):
         record = test_set[i]

@@ -378,8 +378,8 @@ def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
         size = options.synthetic_size
         if spec.split == "test":
             size = max(size // 10, 1)
-        return ShapesSource(spec.split, size, options.image_size, options.seed,
-                            task=options.image_task)
+        return ShapesDataset(options.image_size, size, spec.split, options.seed,
+                             options.image_task)
     raise ValueError(f"unknown source kind {spec.kind!r}")
 
 
@@ -429,26 +429,6 @@ def record_dataset(components: Sequence[SourceSpec], options: SourceOptions | No
 
 
 # --- image-text records (LLaDA-V) ---------------------------------------------------------------
-class ShapesSource:
-    """The coloured-shapes set as LLaVA-style records (the image is a uint8 array); with
-    `task='caption'` the stage-1 caption records."""
-
-    def __init__(self, split: str, size: int, image_size: int, seed: int = 0,
-                 task: str = "question") -> None:
-        self.split = split
-        self._shapes = ShapesDataset(size=image_size, num_examples=size, split=split, seed=seed,
-                                     task=task)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index) % len(self)
-        record = self._shapes[index]
-        record[ORIGIN] = f"shapes@{self.split}[{index}]"
-        return record
-
-
 class LlavaFilesSource:
     """LLaVA-style records from `*.json` / `*.jsonl` files, image paths made absolute.
 
