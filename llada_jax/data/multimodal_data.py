@@ -158,13 +158,13 @@ def record_images(record: dict[str, Any]) -> list[Any]:
 
 
 @dataclasses.dataclass
-class EncodedConversation:
-    """A rendered conversation: ids (placeholders included), maskable, and its images' data."""
+class EncodedConversation(chat.EncodedIds):
+    """`chat.EncodedIds` with the kept images' data: per image its views (uint8
+    [n_views, S, S, 3]) and its gather plan."""
 
-    ids: list[int]
-    maskable: list[bool]
-    views: list[np.ndarray]                      # per image: uint8 [n_views, S, S, 3]
-    plans: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    views: list[np.ndarray] = dataclasses.field(default_factory=list)
+    plans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=list)
 
     @property
     def num_views(self) -> int:
@@ -208,8 +208,8 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
         system_message=template.system_message, add_generation_prompt=add_generation_prompt,
         max_length=max_length, origin=origin)
     kept = processed[:encoded.num_images]
-    return EncodedConversation(encoded.ids, encoded.maskable, [v for v, _ in kept],
-                               [p for _, p in kept])
+    return EncodedConversation(encoded.ids, encoded.maskable, encoded.num_images,
+                               [v for v, _ in kept], [p for _, p in kept])
 
 
 def image_inputs(tokens: np.ndarray, conversations: Sequence[EncodedConversation],
