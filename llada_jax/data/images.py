@@ -94,10 +94,19 @@ def to_rgb(image: Image.Image, source: str = "<image>") -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _as_rgb(image: Image.Image | str | os.PathLike[str]) -> Image.Image:
+def as_rgb(image: Image.Image | np.ndarray | str | os.PathLike[str]) -> Image.Image:
+    """A file path (`load_image`), a PIL image (`to_rgb`) or a uint8 [H, W, 3] array -> RGB."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image arrays must be uint8 [H, W, 3], found {image.dtype} "
+                             f"{image.shape}")
+        image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    return load_image(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise ValueError(f"an image must be a file path, a PIL image or a uint8 array, found "
+                     f"{type(image).__name__}")
 
 
 # --- pixels -------------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 def square_pixels(image: Image.Image | str | os.PathLike[str], size: int = TILE_SIZE) -> np.ndarray:
     """One view: the whole image resized (aspect ratio not kept) to size x size -> uint8
     [size, size, 3]."""
-    return np.asarray(resize(_as_rgb(image), (size, size)), dtype=np.uint8)
+    return np.asarray(resize(as_rgb(image), (size, size)), dtype=np.uint8)
 
 
 def expand_to_square(image: Image.Image,
@@ -145,7 +154,7 @@ def padded_square_pixels(image: Image.Image | str | os.PathLike[str],
                          size: int = TILE_SIZE) -> np.ndarray:
     """One view of a multi-image record: padded to a square with the mean colour
     (`expand_to_square`), then resized to size x size -> uint8 [size, size, 3]."""
-    return square_pixels(expand_to_square(_as_rgb(image)), size)
+    return square_pixels(expand_to_square(as_rgb(image)), size)
 
 
 # --- AnyRes geometry (pure Python) --------------------------------------------------------------
@@ -291,7 +300,7 @@ def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = 
     View 0 is the whole image resized to tile x tile; then the tiles of the padded canvas, row by
     row, left to right. Keep the returned size: the feature side needs it to unpad.
     """
-    rgb = _as_rgb(image)
+    rgb = as_rgb(image)
     canvas = select_best_resolution(rgb.size, grid_resolutions(tile_size, max_grid))
     padded = resize_and_pad(rgb, canvas)
     tiles = [padded.crop((x, y, x + tile_size, y + tile_size))

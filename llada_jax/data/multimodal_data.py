@@ -108,18 +108,7 @@ class ImageProcessor:
                  pad_to_square: bool = False
                  ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(views uint8 [n, S, S, 3], plan (index [T, 4], weight [T, 4], is_newline [T]))."""
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"image arrays must be uint8 [H, W, 3], found {image.dtype} "
-                                 f"{image.shape}")
-            image = Image.fromarray(image)
-        if isinstance(image, Image.Image):
-            image = images.to_rgb(image)
-        elif isinstance(image, (str, os.PathLike)):
-            image = images.load_image(image)
-        else:
-            raise ValueError(f"an image must be a file path, a PIL image or a uint8 array, "
-                             f"found {type(image).__name__}")
+        image = images.as_rgb(image)
         if pad_to_square:
             views = images.padded_square_pixels(image, self.image_size)[None]
             return views, self._single_view_plan(newline=True)

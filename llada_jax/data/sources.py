@@ -152,6 +152,16 @@ def parse_image_source_spec(spec: str, field: str = "data.source") -> SourceSpec
                      f"found {spec!r}")
 
 
+def matching_files(pattern: str) -> list[str]:
+    """The files a `files:` / `llava:` glob matches (`**` recurses), sorted; FileNotFoundError
+    if none."""
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"config.data.source: no files match 'files:{pattern}'")
+    return paths
+
+
 def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, line_numbers) of the non-blank lines of a file (byte offsets, 1-based lines).
 
@@ -198,10 +208,7 @@ class FileLinesSource:
     """
 
     def __init__(self, pattern: str) -> None:
-        paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                       if os.path.isfile(p))
-        if not paths:
-            raise FileNotFoundError(f"config.data.source: no files match 'files:{pattern}'")
+        paths = matching_files(pattern)
         self.paths = paths
         starts, ends, lines, file_ids = [], [], [], []
         for file_id, path in enumerate(paths):
@@ -438,10 +445,7 @@ class LlavaFilesSource:
     """
 
     def __init__(self, pattern: str, image_folder: str = "") -> None:
-        paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                       if os.path.isfile(p))
-        if not paths:
-            raise FileNotFoundError(f"config.data.source: no files match 'files:{pattern}'")
+        paths = matching_files(pattern)
         self.image_folder = image_folder
         # (path, list of (line, record) or a line source, length)
         self._parts: list[tuple[str, Any, int]] = []
