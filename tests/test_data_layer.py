@@ -56,6 +56,8 @@ def test_records_carry_their_origin():
     assert len(shapes) == 3 and shapes[2]["_origin"] == "shapes@test[2]"
     chats = sources.open_source(SourceSpec("synthetic_chat", "", "train"), synthetic_size=5)
     assert chats[4]["_origin"] == "synthetic_chat@train[4]"
+    corpus = sources.open_source(SourceSpec("synthetic", "", ""), default_split="eval")
+    assert corpus[7]["_origin"] == "synthetic@eval[7]"
 
 
 CONVERSATION = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
