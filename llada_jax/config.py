@@ -515,40 +515,10 @@ BAD_RECORDS = ("error", "skip")
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
-    """Checks the `data` section (spec syntax only; files are opened when the pipeline is built)."""
-    d = config.data
-    if d.packing not in PACKINGS:
-        _fail("data.packing", f"one of {PACKINGS}", d.packing)
-    if d.sft_multiturn not in SFT_MULTITURN:
-        _fail("data.sft_multiturn", f"one of {SFT_MULTITURN}", d.sft_multiturn)
-    if d.bad_records not in BAD_RECORDS:
-        _fail("data.bad_records", f"one of {BAD_RECORDS}", d.bad_records)
-    for name in ("num_workers", "num_epochs"):
-        if not isinstance(d[name], int) or d[name] < 0:
-            _fail(f"data.{name}", "an integer >= 0", d[name])
-    for name in ("pack_bins", "read_threads", "prefetch_buffer_size", "worker_buffer_size",
-                 "synthetic_size"):
-        if not isinstance(d[name], int) or d[name] <= 0:
-            _fail(f"data.{name}", "a positive integer", d[name])
-    if config.vision.enabled:  # image-text sources have their own specs (multimodal_data.py)
-        from llada_jax.data.multimodal_data import parse_multimodal_source
+    """Checks the `data` section (`llada_jax.data.validation.check_data`)."""
+    from llada_jax.data import validation  # TODO(lead): call from the trainer/launch instead
 
-        for name in ("source", "eval_source"):
-            if name == "source" or d[name]:
-                parse_multimodal_source(d[name], field=f"data.{name}")
-        return
-    if d.source != "synthetic":  # the built-in pre-training corpus is not a pipeline spec
-        from llada_jax.data.sources import parse_source_spec
-
-        parse_source_spec(d.source)
-    if d.eval_source and d.eval_source != "synthetic":
-        from llada_jax.data.sources import parse_source_spec
-
-        parse_source_spec(d.eval_source)
-    if config.train.objective in CONVERSATION_OBJECTIVES and d.source == "synthetic":
-        _fail("data.source", f"a source of conversations for train.objective="
-              f"'{config.train.objective}' (e.g. "
-              "'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)
+    validation.check_data(config)
 
 
 PARAM_GROUPS = ("vision_tower", "projector", "language_model")
@@ -691,20 +661,9 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
         validate_vision_tower(vision_config(config))
     except ValueError as e:  # re-worded with the config path of the field
         raise ValueError(f"config.vision: {e}") from None
-    anyres_max_tiles(v.image_aspect_ratio)
-    if not isinstance(v.max_grid, int) or v.max_grid <= 0:
-        _fail("vision.max_grid", "a positive integer", v.max_grid)
-    if not isinstance(v.max_views, int) or v.max_views <= 0:
-        _fail("vision.max_views", "a positive integer (pixel views per example)", v.max_views)
-    if t.objective not in CONVERSATION_OBJECTIVES:
-        _fail("train.objective", f"one of {CONVERSATION_OBJECTIVES} with vision.enabled=True "
-              "(LLaDA-V trains the masked-response loss: responses are noised, images and "
-              "prompts never)", t.objective)
-    if not isinstance(config.data.image_folder, str):
-        _fail("data.image_folder", "a directory or ''", config.data.image_folder)
-    from llada_jax.data.llava_format import ConversationTemplate
+    from llada_jax.data import validation  # TODO(lead): call from the trainer/launch instead
 
-    ConversationTemplate.from_config(config)  # format, system message, EOS-padding labels
+    validation.check_vision_data(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

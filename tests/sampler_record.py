@@ -79,6 +79,7 @@ def llada_v_case():
     from llada_jax.data import multimodal_data as md
     from llada_jax.data.tokenizer import CharTokenizer
     from llada_jax.model import multimodal as mm
+    from tests import llada_v_prompts
     from tests.test_llada_v import _tiny_config, _tiny_model
 
     c = _tiny_config()
@@ -90,7 +91,7 @@ def llada_v_case():
     conversation = md.encode_conversation([{"role": "user", "content": "<image>\nShape?"}],
                                           [picture], tok, md.ImageProcessor.from_config(c),
                                           add_generation_prompt=True)
-    batch = md.prompt_batch([conversation], 8, tok.pad_id, tok.mask_id, 1, 32, 16)
+    batch = llada_v_prompts.prompt_batch([conversation], 8, tok.pad_id, tok.mask_id, 1, 32, 16)
     config = sampler_config(gen_length=8, block_length=4, steps=8, mask_id=tok.mask_id,
                             eos_id=2, eot_id=tok.eot_id, banned_ids=(2, 1, 4, 5),
                             stop_at_eot=True, vocab_limit=tok.vocab_size)

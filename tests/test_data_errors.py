@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from llada_jax.config import default_config
-from llada_jax.data import pipeline, sources
-from llada_jax.data.chat import BadRecordError
+from llada_jax.data import bad_records, pipeline, sources
+from llada_jax.data.schema import BadRecordError
 from llada_jax.data.tokenizer import CharTokenizer
 
 TOK = CharTokenizer()
@@ -134,7 +134,7 @@ def test_every_record_bad_is_an_error_even_with_skip(tmp_path):
 def test_files_over_the_prescan_limit_are_checked_as_read(tmp_path, monkeypatch):
     path = tmp_path / "data.jsonl"
     _write(path, [GOOD_CHAT, GOOD_CHAT, b"{broken", GOOD_CHAT])
-    monkeypatch.setattr(pipeline, "PRESCAN_MAX_BYTES", 10)
+    monkeypatch.setattr(bad_records, "PRESCAN_MAX_BYTES", 10)
     dataset = pipeline.build_dataset(_config(path), TOK, process_index=0, process_count=1)
     iterator = iter(dataset)
     next(iterator)  # lines 1 and 2 are fine

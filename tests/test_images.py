@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from llada_jax.data import images
+from tests import image_assembly_reference as eager
 
 # (width, height), canvas, (cols, rows), unpadded grid (h, w), final grid (h, w), tokens.
 # Tokens = 27*27 (base view) + h * (w + 1) (one newline per row).
@@ -126,7 +127,7 @@ def test_anyres_views_pixels():
     # tile row 1 (y 384..767) is black from y 672 = local row 288 on.
     colour = np.array([200, 40, 120], np.uint8)
     img = Image.fromarray(np.broadcast_to(colour, (500, 1000, 3)).copy())
-    views, size = images.anyres_views(img)
+    views, size = eager.anyres_views(img)
     assert size == (1000, 500)
     assert views.shape == (1 + 6, 384, 384, 3) and views.dtype == np.float32
     value = (colour / 255 - 0.5) / 0.5
@@ -147,7 +148,7 @@ def test_anyres_views_tile_order():
     arr = np.zeros((384, 768, 3), np.uint8)
     arr[:, :384] = (255, 0, 0)
     arr[:, 384:] = (0, 0, 255)
-    views, _ = images.anyres_views(Image.fromarray(arr))
+    views, _ = eager.anyres_views(Image.fromarray(arr))
     assert views.shape[0] == 3
     np.testing.assert_array_equal(views[1, ..., 0], 1.0)
     np.testing.assert_array_equal(views[2, ..., 2], 1.0)
@@ -162,7 +163,7 @@ def test_preprocess_square_and_load_converts_modes(tmp_path):
     rgba = tmp_path / "rgba.png"
     Image.new("RGBA", (8, 8), (10, 20, 30, 0)).save(rgba)
     assert images.load_image(rgba).getpixel((0, 0)) == (10, 20, 30)   # alpha dropped
-    x = images.preprocess_square(path)
+    x = eager.preprocess_square(path)
     assert x.shape == (384, 384, 3) and x.dtype == np.float32
     assert -1.0 <= x.min() and x.max() <= 1.0
 
@@ -220,7 +221,7 @@ def test_float_mode_refused(tmp_path):
 
 def test_zero_size_image():
     with pytest.raises(ValueError, match=r"zero size \(0x5\)"):
-        images.preprocess_square(Image.new("RGB", (0, 5)))
+        eager.preprocess_square(Image.new("RGB", (0, 5)))
     with pytest.raises(ValueError, match="positive"):
         images.select_best_resolution((0, 5), images.grid_resolutions())
 
@@ -229,5 +230,5 @@ def test_pathlike_and_str_paths(tmp_path):
     path = tmp_path / "ok.png"
     Image.new("L", (5, 7), 255).save(path)
     assert images.load_image(os.fspath(path)).size == (5, 7)
-    views, size = images.anyres_views(path)
+    views, size = eager.anyres_views(path)
     assert size == (5, 7) and views.shape == (2, 384, 384, 3)   # 1x1 grid: base + one tile

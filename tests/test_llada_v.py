@@ -20,12 +20,14 @@ import pytest
 from PIL import Image
 
 from llada_jax import config as config_lib
-from llada_jax.data import images
+from llada_jax.data import images, pipeline, sources
 from llada_jax.data import multimodal_data as md
 from llada_jax.data.chat import BadRecordError
+from llada_jax.data.synthetic_images import ShapesDataset
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.interop import llada_v
 from llada_jax.model import multimodal as mm
+from tests import llada_v_prompts
 from tests.interop_helpers import llada_v_init_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -191,7 +193,7 @@ def test_llava_files_json_list_jsonl_and_image_folder(tmp_path):
                    {"conversations": [{"from": "human", "value": "text only"},
                                       {"from": "gpt", "value": "y"}]}], f, indent=1)
     _write_jsonl(tmp_path / "more.jsonl", [{"image": "a.png", "conversations": conversation}])
-    src = md.LlavaFilesSource(str(tmp_path / "data.json"))
+    src = sources.LlavaFilesSource(str(tmp_path / "data.json"))
     assert len(src) == 2 and src[0]["image"] == str(tmp_path / "imgs" / "a.png")
     # Records of a JSON list are named by the line they start on: indent=1 puts each record's
     # opening brace alone on a line indented by one space ("[" is line 1).
@@ -200,13 +202,13 @@ def test_llava_files_json_list_jsonl_and_image_folder(tmp_path):
     assert starts[0] == 2 and len(starts) == 2
     assert src[0][ORIGIN_KEY] == f"{tmp_path / 'data.json'}:2"
     assert src[1][ORIGIN_KEY] == f"{tmp_path / 'data.json'}:{starts[1]}"
-    src = md.LlavaFilesSource(str(tmp_path / "more.jsonl"), image_folder=str(folder))
+    src = sources.LlavaFilesSource(str(tmp_path / "more.jsonl"), image_folder=str(folder))
     assert src[0]["image"] == str(folder / "a.png")
 
     c = _tiny_config()
     c.data.source = f"files:{tmp_path}/data.json"
     c.data.shuffle = False
-    batch = next(iter(md.build_dataset(c, TOK, batch_size=2, process_index=0, process_count=1)))
+    batch = next(iter(pipeline.build_dataset(c, TOK, batch_size=2, process_index=0, process_count=1)))
     assert (batch["tokens"][0] == P).sum() == 17 and (batch["tokens"][1] == P).sum() == 0
     np.testing.assert_array_equal(batch["pixel_values"][1], 0)    # text-only row: no views
     # 40 x 20 red image squashed to 32 x 32 stays uniformly red.
@@ -221,13 +223,13 @@ def test_bad_image_path_names_the_file(tmp_path):
     c = _tiny_config()
     c.data.source = f"files:{tmp_path}/data.jsonl"
     c.data.shuffle = False
-    iterator = iter(md.build_dataset(c, TOK, batch_size=1, process_index=0, process_count=1))
+    iterator = iter(pipeline.build_dataset(c, TOK, batch_size=1, process_index=0, process_count=1))
     missing = str(tmp_path / "missing.png")
     with pytest.raises(BadRecordError, match=rf"data.jsonl:1: image file not found: {missing}"):
         next(iterator)
     rows = md.MultimodalRows(TOK, md.ImageProcessor.from_config(c), 80, 1, "error")
     with pytest.raises(BadRecordError, match=rf"cannot read image {tmp_path / 'broken.png'}"):
-        rows(md.LlavaFilesSource(str(tmp_path / "data.jsonl"))[1])
+        rows(sources.LlavaFilesSource(str(tmp_path / "data.jsonl"))[1])
 
 
 def test_malformed_records_and_source_specs(tmp_path):
@@ -242,7 +244,7 @@ def test_malformed_records_and_source_specs(tmp_path):
     with pytest.raises(BadRecordError, match=r"turn 0 must be an object with 'from'"):
         rows({"conversations": [{"from": "robot", "value": "hi"}]})
     with pytest.raises(ValueError, match=r"config.data.source: expected an image-text source"):
-        md.parse_multimodal_source("synthetic_chat")
+        sources.parse_image_source_spec("synthetic_chat")
     c = _tiny_config()
     c.data.eval_source = "shapes@valid"
     with pytest.raises(ValueError, match=r"config.data.eval_source: expected an image-text"):
@@ -294,7 +296,7 @@ def test_per_row_views_splice_the_right_image_and_uint8_normalises_like_the_host
         [{"role": "user", "content": "<image>" + q}], [pictures[b]], TOK,
         md.ImageProcessor.from_config(c), add_generation_prompt=True)
         for b, q in enumerate(["a", "longer question"])]
-    batch = md.prompt_batch(conversations, gen_length=4, pad_id=EOS, mask_id=3, max_views=1,
+    batch = llada_v_prompts.prompt_batch(conversations, gen_length=4, pad_id=EOS, mask_id=3, max_views=1,
                             image_size=32, tokens_per_view=16)
     canvas = np.concatenate([batch["tokens"], np.full((2, 4), 3, np.int32)], axis=1)
     sources = tuple(jnp.asarray(batch[k]) for k in mm.IMAGE_FIELDS[1:])
@@ -512,7 +514,7 @@ def test_image_forward_windows_match_the_full_pass():
     conversation = md.encode_conversation([{"role": "user", "content": "<image>\nShape?"}],
                                           [picture], TOK, md.ImageProcessor.from_config(c),
                                           add_generation_prompt=True)
-    batch = md.prompt_batch([conversation], 4, EOS, 3, 1, 32, 16)
+    batch = llada_v_prompts.prompt_batch([conversation], 4, EOS, 3, 1, 32, 16)
     tokens = np.concatenate([batch["tokens"], np.full((1, 4), 3, np.int32)], axis=1)
     images = [jnp.asarray(batch[k]) for k in mm.IMAGE_FIELDS]
     mask = jnp.ones(tokens.shape, bool)
@@ -537,7 +539,7 @@ def test_image_forward_windows_match_the_full_pass():
     np.testing.assert_allclose(np.asarray(twins), np.repeat(np.asarray(full), 2, 0), rtol=1e-6,
                                atol=1e-6)
     # The image matters: another picture changes the answer positions' logits.
-    other = md.prompt_batch([md.encode_conversation(
+    other = llada_v_prompts.prompt_batch([md.encode_conversation(
         [{"role": "user", "content": "<image>\nShape?"}], [255 - picture], TOK,
         md.ImageProcessor.from_config(c), add_generation_prompt=True)], 4, EOS, 3, 1, 32, 16)
     changed, _, _ = run(jnp.asarray(tokens), [jnp.asarray(other[k]) for k in mm.IMAGE_FIELDS])
@@ -594,7 +596,7 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
     train_seconds = time.time() - start
 
     processor = md.ImageProcessor.from_config(c)
-    test_set = md.ShapesSource("test", 200, 32)
+    test_set = ShapesDataset(32, 200, "test")
     conversations, answers, kinds = [], [], []
     for i in range(96):
         record = test_set[i]
@@ -605,7 +607,7 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
         answers.append(record["answer"])
         kinds.append(record["question_kind"])
     sampler = SamplerConfig.from_config(c, eot_id=TOK.eot_id, vocab_limit=TOK.vocab_size)
-    batch = md.prompt_batch(conversations, sampler.gen_length, TOK.pad_id, TOK.mask_id, 1, 32, 16)
+    batch = llada_v_prompts.prompt_batch(conversations, sampler.gen_length, TOK.pad_id, TOK.mask_id, 1, 32, 16)
     start = time.time()
     out = generate(result.state.params, state_lib.make_model(c), batch["tokens"], batch["mask"],
                    sampler, jax.random.key(0), images=[batch[k] for k in mm.IMAGE_FIELDS])

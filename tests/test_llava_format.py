@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from llada_jax.data import multimodal_data as md
-from llada_jax.data.chat import BadRecordError
+from llada_jax.data import pipeline, sources
 from llada_jax.data.llava_format import LLAVA_SYSTEM_MESSAGE
+from llada_jax.data.schema import BadRecordError
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.model.multimodal import IMAGE_PLACEHOLDER_ID as P
 
@@ -241,8 +242,8 @@ def test_presets_follow_the_released_stages():
     assert stage1.data.label_eos_padding and not stage2.data.label_eos_padding
     tiny = llada_v_tiny.get_config()
     assert tiny.train.objective == "masked_response" and tiny.data.label_eos_padding
-    source = md.open_multimodal_source(md.parse_multimodal_source("shapes"),
-                                       llada_v_tiny.get_config("stage1"))
+    source = sources.open_source(sources.parse_image_source_spec("shapes"),
+                                 sources.SourceOptions.from_config(llada_v_tiny.get_config("stage1")))
     record = source[0]
     assert record["conversations"][0]["value"] == "<image>"
     colour, shape = record["conversations"][1]["value"].split(" ")
@@ -279,7 +280,7 @@ def test_bad_images_and_records_are_one_line_with_file_and_line(tmp_path, monkey
     # PIL refuses images above 2 x MAX_IMAGE_PIXELS as decompression bombs: 64 x 64 > 2 x 1500
     # (and 32 x 32 is below the limit).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
-    source = md.LlavaFilesSource(str(path))
+    source = sources.LlavaFilesSource(str(path))
     rows = md.MultimodalRows(TOK, _processor(), 80, 1, "error")
     expected = {
         1: f"image file not found: {tmp_path / 'missing.png'}",
@@ -301,7 +302,7 @@ def test_bad_images_and_records_are_one_line_with_file_and_line(tmp_path, monkey
     c = llada_v_tiny.get_config()
     c.data.source = f"files:{path}"
     c.data.shuffle = False
-    iterator = iter(md.build_dataset(c, TOK, batch_size=1, process_index=0, process_count=1))
+    iterator = iter(pipeline.build_dataset(c, TOK, batch_size=1, process_index=0, process_count=1))
     with pytest.raises(BadRecordError) as caught:
         next(iterator)
     assert _one_line(caught.value) == f"{path}:1: image file not found: {tmp_path / 'missing.png'}"
@@ -311,23 +312,23 @@ def test_broken_json_list_files_name_file_and_line(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n {"image": "a.png",\n  "conversations": [}\n]\n')
     with pytest.raises(ValueError) as caught:
-        md.LlavaFilesSource(str(broken))
+        sources.LlavaFilesSource(str(broken))
     assert _one_line(caught.value).startswith(f"config.data.source: {broken}:3: not valid JSON")
     binary = tmp_path / "binary.json"
     binary.write_bytes(b'[\n {"a": 1},\n {"b": "\xff"}\n]\n')
     with pytest.raises(ValueError, match=rf"config.data.source: {binary}:3: not UTF-8 text"):
-        md.LlavaFilesSource(str(binary))
+        sources.LlavaFilesSource(str(binary))
     trailing = tmp_path / "trailing.json"
     trailing.write_text('[{"a": 1}]\n[]\n')
     with pytest.raises(ValueError, match=rf"{trailing}:1: unexpected data after the closing"):
-        md.LlavaFilesSource(str(trailing))
+        sources.LlavaFilesSource(str(trailing))
     listed = tmp_path / "records.json"
     listed.write_text('[{"id": 0},\n\n  {"id": 1}, {"id": 2},\n 7]')
-    assert [(line, r) for line, r in md.read_json_list(str(listed))] == [
+    assert [(line, r) for line, r in sources.read_json_list(str(listed))] == [
         (1, {"id": 0}), (3, {"id": 1}), (3, {"id": 2}), (4, 7)]
     empty = tmp_path / "empty.json"
     empty.write_text(" [ ] ")
-    assert md.read_json_list(str(empty)) == []
+    assert sources.read_json_list(str(empty)) == []
 
 
 def test_expand_to_square_offsets_by_hand():

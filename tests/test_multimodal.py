@@ -19,6 +19,7 @@ from llada_jax.data import images
 from llada_jax.interop import llada_v
 from llada_jax.model import multimodal as mm
 from llada_jax.model.vision import VisionConfig, VisionEncoder
+from tests import image_assembly_reference as eager
 
 P = mm.IMAGE_PLACEHOLDER_ID
 
@@ -102,7 +103,7 @@ def test_assemble_matches_reference_merge(size):
     feats = rng.normal(size=(1 + cols * rows, 729, 8)).astype(np.float32)
     newline = rng.normal(size=8).astype(np.float32)
     reference = _torch_merge(torch.from_numpy(feats), size, torch.from_numpy(newline)).numpy()
-    out = mm.assemble_image_tokens(jnp.asarray(feats), size, jnp.asarray(newline))
+    out = eager.assemble_image_tokens(jnp.asarray(feats), size, jnp.asarray(newline))
     assert out.shape == reference.shape == (images.anyres_num_tokens(size), 8)
     np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-6, atol=1e-6)
     # The gather plan gives the same tokens.
@@ -123,7 +124,7 @@ def test_assemble_layout_by_hand():
             for c in range(27):
                 feats[v, r * 27 + c] = (v, r, c)
     newline = np.array([-1, -1, -1], np.float32)
-    out = np.asarray(mm.assemble_image_tokens(jnp.asarray(feats), (1000, 500),
+    out = np.asarray(eager.assemble_image_tokens(jnp.asarray(feats), (1000, 500),
                                               jnp.asarray(newline)))
     assert out.shape == (729 + 40 * 82, 3)
     np.testing.assert_array_equal(out[:729], feats[0])
@@ -137,13 +138,13 @@ def test_assemble_layout_by_hand():
 
 def test_single_view_and_view_count_error():
     feats = jnp.ones((1, 729, 4))
-    out = mm.assemble_image_tokens(feats, (640, 480), jnp.zeros(4))
+    out = eager.assemble_image_tokens(feats, (640, 480), jnp.zeros(4))
     assert out.shape == (730, 4) and float(out[-1].sum()) == 0.0
     index, weight, is_newline = images.anyres_token_sources((640, 480), num_views=1)
     assert index.shape == weight.shape == (730, 4) and is_newline.sum() == 1 and is_newline[-1]
     np.testing.assert_array_equal(weight[:729, 0], 1.0)
     with pytest.raises(ValueError, match=r"2x2 tile grid, so 1 \+ 4 views are expected, found 3"):
-        mm.assemble_image_tokens(jnp.ones((3, 729, 4)), (640, 480), jnp.zeros(4))
+        eager.assemble_image_tokens(jnp.ones((3, 729, 4)), (640, 480), jnp.zeros(4))
 
 
 @pytest.mark.parametrize("out_size", [(38, 76), (54, 54), (22, 132), (80, 161), (1, 1)])
@@ -151,7 +152,7 @@ def test_bilinear_resize_matches_torch(out_size):
     x = np.random.default_rng(1).normal(size=(81, 162, 3)).astype(np.float32)
     reference = torch.nn.functional.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None],
                                                 list(out_size), mode="bilinear")[0]
-    out = mm.bilinear_resize(jnp.asarray(x), out_size)
+    out = eager.bilinear_resize(jnp.asarray(x), out_size)
     np.testing.assert_allclose(np.asarray(out), reference.permute(1, 2, 0).numpy(),
                                rtol=1e-6, atol=1e-6)
 
@@ -181,11 +182,11 @@ def test_splice_flat_and_list():
     ids, emb, feats = _batch()
     expected, mask = _expected(ids, emb, feats)
     for image_features in (feats, np.concatenate(feats)):
-        out, positions = mm.splice_image_features(jnp.asarray(ids), jnp.asarray(emb),
+        out, positions = eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb),
                                                   image_features)
         np.testing.assert_array_equal(np.asarray(out), expected)
         np.testing.assert_array_equal(np.asarray(positions), mask)
-    jitted = jax.jit(mm.splice_image_features)(jnp.asarray(ids), jnp.asarray(emb),
+    jitted = jax.jit(eager.splice_image_features)(jnp.asarray(ids), jnp.asarray(emb),
                                                 jnp.asarray(np.concatenate(feats)))
     np.testing.assert_array_equal(np.asarray(jitted[0]), expected)
 
@@ -196,21 +197,21 @@ def test_splice_per_row_with_padding():
     per_row = np.zeros((2, 6, 2), np.float32)        # row 0 has 5 tokens, row 1 has 4
     per_row[0, :5] = np.concatenate(feats[:2])
     per_row[1, :4] = feats[2]
-    out, _ = mm.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), per_row,
+    out, _ = eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), per_row,
                                       feature_counts=[5, 4])
     np.testing.assert_array_equal(np.asarray(out), expected)
     with pytest.raises(ValueError, match=r"row 0 has 5 image placeholder positions .* but 6"):
-        mm.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), per_row)
+        eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), per_row)
 
 
 def test_splice_count_mismatch_and_shapes():
     ids, emb, feats = _batch()
     with pytest.raises(ValueError, match=r"9 image placeholder positions .* but 8 image feature"):
-        mm.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), np.zeros((8, 2), np.float32))
+        eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), np.zeros((8, 2), np.float32))
     with pytest.raises(ValueError, match=r"image_features: expected \[N, 2\]"):
-        mm.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), np.zeros((9, 3), np.float32))
+        eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb), np.zeros((9, 3), np.float32))
     with pytest.raises(ValueError, match="embeddings: expected"):
-        mm.splice_image_features(jnp.asarray(ids), jnp.asarray(emb[:, :5]), feats)
+        eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb[:, :5]), feats)
 
 
 def test_text_ids_for_embedding():
@@ -245,9 +246,9 @@ def test_place_token_sources_batch():
                                     jnp.asarray(newline))
     nl = jnp.asarray(newline)
     expect = [
-        (0, slice(10, 1103), mm.assemble_image_tokens(jnp.asarray(views[0:2]), (100, 50), nl)),
-        (0, slice(1110, 1840), mm.assemble_image_tokens(jnp.asarray(views[2:3]), (9, 9), nl)),
-        (1, slice(3, 2932), mm.assemble_image_tokens(jnp.asarray(views[3:8]), (640, 480), nl)),
+        (0, slice(10, 1103), eager.assemble_image_tokens(jnp.asarray(views[0:2]), (100, 50), nl)),
+        (0, slice(1110, 1840), eager.assemble_image_tokens(jnp.asarray(views[2:3]), (9, 9), nl)),
+        (1, slice(3, 2932), eager.assemble_image_tokens(jnp.asarray(views[3:8]), (640, 480), nl)),
     ]
     for row, where, tokens_ref in expect:
         np.testing.assert_allclose(np.asarray(tokens[row, where]), np.asarray(tokens_ref),

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from llada_jax.config import default_config, model_config
 from llada_jax.data import pipeline
-from llada_jax.data.chat import BadRecordError
+from llada_jax.data.schema import BadRecordError
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.model.transformer import Transformer
 
@@ -238,9 +238,12 @@ def test_configuration_errors(tmp_path):
     c.data.packing = "bucket"
     with pytest.raises(ValueError, match="config.data.packing"):
         pipeline.build_dataset(c, TOK, process_index=0, process_count=1)
-    c.data.packing, c.data.source = "concat", "synthetic"
-    with pytest.raises(ValueError, match="llada_jax.train.input"):
+    c.data.packing, c.data.source = "pack", "synthetic"
+    with pytest.raises(ValueError, match="config.data.packing: expected 'concat' with "
+                                         "data.source='synthetic'"):
         pipeline.build_dataset(c, TOK, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="config.data.eval_source: expected a source spec"):
+        pipeline.build_dataset(c, TOK, "eval", process_index=0, process_count=1)
 
 
 def test_worker_processes_resume_on_the_same_batches():
@@ -276,8 +279,8 @@ def test_eval_batches_are_fixed_and_never_run_out(tmp_path):
     _write_lines(tmp_path / "eval.txt", docs)
     c = _config("files:/nonexistent/train/*.txt", seq_len=8, batch_size=2, shuffle=True)
     c.data.eval_source = f"files:{tmp_path / 'eval.txt'}"
-    batches = [list(itertools.islice(iter(pipeline.build_eval_dataset(
-        c, TOK, process_index=0, process_count=1)), 10)) for _ in range(2)]
+    batches = [list(itertools.islice(iter(pipeline.build_dataset(
+        c, TOK, "eval", process_index=0, process_count=1)), 10)) for _ in range(2)]
     # Unshuffled and repeated: the documents in file order, epoch after epoch, cut into windows;
     # ten batches are far more than the six short documents.
     stream = [t for d in docs for t in [*TOK.encode(d), TOK.eos_id]] * 20

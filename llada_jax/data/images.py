@@ -14,7 +14,7 @@ AnyRes, as LLaVA-OneVision and LLaDA-V do it (`image_aspect_ratio=anyres_max_4`,
 4. the canvas is cut into 384 px tiles, row by row; the views are the whole image squashed to
    384 x 384 first, then the tiles.
 
-Feature side (pure Python geometry here, the jnp assembly in `llada_jax/model/multimodal.py`):
+Feature side (pure Python geometry here; eager jnp assembly: tests/image_assembly_reference.py):
 each view gives 27 x 27 tokens. The tiles' tokens are laid out as one `rows*27 x cols*27` grid,
 the rows/columns that correspond to the black padding are cut off (`unpad`), the grid is
 bilinearly downsampled when `sqrt(h * w / (4 * 729)) > 1.1`, and a learned newline vector is
@@ -94,10 +94,19 @@ def to_rgb(image: Image.Image, source: str = "<image>") -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _as_rgb(image: Image.Image | str | os.PathLike[str]) -> Image.Image:
+def as_rgb(image: Image.Image | np.ndarray | str | os.PathLike[str]) -> Image.Image:
+    """A file path (`load_image`), a PIL image (`to_rgb`) or a uint8 [H, W, 3] array -> RGB."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image arrays must be uint8 [H, W, 3], found {image.dtype} "
+                             f"{image.shape}")
+        image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    return load_image(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise ValueError(f"an image must be a file path, a PIL image or a uint8 array, found "
+                     f"{type(image).__name__}")
 
 
 # --- pixels -------------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 def square_pixels(image: Image.Image | str | os.PathLike[str], size: int = TILE_SIZE) -> np.ndarray:
     """One view: the whole image resized (aspect ratio not kept) to size x size -> uint8
     [size, size, 3]."""
-    return np.asarray(resize(_as_rgb(image), (size, size)), dtype=np.uint8)
+    return np.asarray(resize(as_rgb(image), (size, size)), dtype=np.uint8)
 
 
 def expand_to_square(image: Image.Image,
@@ -145,14 +154,7 @@ def padded_square_pixels(image: Image.Image | str | os.PathLike[str],
                          size: int = TILE_SIZE) -> np.ndarray:
     """One view of a multi-image record: padded to a square with the mean colour
     (`expand_to_square`), then resized to size x size -> uint8 [size, size, 3]."""
-    return square_pixels(expand_to_square(_as_rgb(image)), size)
-
-
-def preprocess_square(image: Image.Image | str | os.PathLike[str],
-                      size: int = TILE_SIZE) -> np.ndarray:
-    """One view: the whole image resized (aspect ratio not kept) to size x size -> float32
-    [size, size, 3] in [-1, 1]."""
-    return normalize(square_pixels(image, size))
+    return square_pixels(expand_to_square(as_rgb(image)), size)
 
 
 # --- AnyRes geometry (pure Python) --------------------------------------------------------------
@@ -298,21 +300,13 @@ def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = 
     View 0 is the whole image resized to tile x tile; then the tiles of the padded canvas, row by
     row, left to right. Keep the returned size: the feature side needs it to unpad.
     """
-    rgb = _as_rgb(image)
+    rgb = as_rgb(image)
     canvas = select_best_resolution(rgb.size, grid_resolutions(tile_size, max_grid))
     padded = resize_and_pad(rgb, canvas)
     tiles = [padded.crop((x, y, x + tile_size, y + tile_size))
              for y in range(0, canvas[1], tile_size) for x in range(0, canvas[0], tile_size)]
     views = [resize(rgb, (tile_size, tile_size)), *tiles]
     return np.stack([np.asarray(v, dtype=np.uint8) for v in views]), rgb.size
-
-
-def anyres_views(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
-                 max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
-    """`anyres_pixels` normalised: (views [1 + cols * rows, tile, tile, 3] float32 in [-1, 1],
-    the image's (width, height))."""
-    views, size = anyres_pixels(image, tile_size, max_grid)
-    return normalize(views), size
 
 
 # --- gather plans (static shapes for jit) -------------------------------------------------------
@@ -326,8 +320,9 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
 
     Token t is `sum_k weight[t, k] * views_flat[index[t, k]]` where `views_flat` is the image's
     view features flattened to [num_views * tokens_per_side**2, d] (base view first), or the
-    newline vector when `is_newline[t]`. The same tokens as `multimodal.assemble_image_tokens`,
-    as a table the host computes once, so the device does one gather whatever the geometry.
+    newline vector when `is_newline[t]`. The same tokens as the eager assembly of
+    tests/image_assembly_reference.py, as a table the host computes once, so the device does one
+    gather whatever the geometry.
     num_views: 1 for a plain (non-AnyRes) image (its tokens then one newline); default AnyRes.
     """
     per_view = tokens_per_side ** 2

@@ -1,8 +1,7 @@
 """LLaDA-V's conversation formats and system message: the constants and the template choice.
 
-Kept apart from `multimodal_data.py` (which imports grain, PIL and the model) so that presets
-in `configs/` can name them without importing the data pipeline. What the formats produce is
-described in `llada_jax/data/multimodal_data.py`.
+Kept apart from the pipeline (grain, PIL) so that presets in `configs/` can name them cheaply.
+What the formats produce is described in `llada_jax/data/chat.py`.
 """
 
 from __future__ import annotations

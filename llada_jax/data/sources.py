@@ -1,7 +1,13 @@
-"""Where training records come from: tfds ArrayRecord datasets, local text/JSONL files, mixtures.
+"""Where records come from: one source grammar and one registry for every kind of data.
 
-A *source spec* (`config.data.source`) names the records:
+A *source spec* (`config.data.source`, `config.data.eval_source`) names the records:
 
+    synthetic[@train|@eval]    the built-in pre-training corpus (`llada_jax.data.synthetic`);
+                               without a split: `train` for training, `eval` for evaluation.
+    synthetic_chat[@SPLIT]     the built-in question/answer chat set (`train` or `test`), see
+                               `llada_jax.data.synthetic_chat`.
+    shapes[@train|@test]       the built-in coloured-shapes image set for LLaDA-V
+                               (`llada_jax.data.synthetic_images`), as LLaVA records.
     tfds:NAME[@SPLIT]          a prepared tensorflow-datasets dataset, read through
                                `tfds.data_source` (ArrayRecord, no TensorFlow needed). NAME may
                                carry a config and version (`c4/en:3.1.0`); SPLIT defaults to
@@ -11,16 +17,25 @@ A *source spec* (`config.data.source`) names the records:
                                per line. Any other file: one text document per line, stored as
                                `{"text": line}`. Blank lines are skipped; every other line is a
                                record, read by random access from an index of line offsets that
-                               is built once when the source is opened.
-    synthetic_chat[@SPLIT]     the built-in question/answer chat set (`train` or `test`), see
-                               `llada_jax.data.synthetic_chat`.
-    mix:SPEC=W,SPEC=W,...      a weighted mixture of the sources above, e.g.
+                               is built once when the source is opened. With `vision.enabled`,
+                               `files:` means `llava:`.
+    llava:GLOB                 LLaVA-style image-text records in `*.jsonl` (one per line) or
+                               `*.json` (one JSON list, as LLaVA's `llava_v1_5_mix665k.json`, or
+                               one record per line); relative image paths are taken from
+                               `config.data.image_folder` ('': the directory of the JSON file).
+    mix:SPEC=W,SPEC=W,...      a weighted mixture of tfds / files / synthetic_chat sources, e.g.
                                `mix:tfds:c4/en@train=0.7,files:/data/code/*.jsonl=0.3`.
 
-Every record is a dict with the fields of its source plus `_origin`, a string saying where it
-came from (`path:line` for files, `tfds:NAME@SPLIT[index]`), so a bad record can be reported
-precisely. Records are returned as stored; deciding whether a record is usable is the job of the
-pipeline (`llada_jax.data.pipeline`) and chat rendering (`llada_jax.data.chat`).
+Every record is a dict with the fields of its source plus `schema.ORIGIN`, a string saying where
+it came from (`path:line` for files, `tfds:NAME@SPLIT[index]`, `shapes@train[index]`), so a bad
+record can be reported precisely. Records are returned as stored; deciding whether a record is
+usable is the job of the pipeline (`llada_jax.data.pipeline`) and of conversation encoding
+(`llada_jax.data.chat`).
+
+Order (`record_dataset`): text and chat sources form one global stream that hosts read every
+n-th element of; the built-in pre-training corpus and image-text sources (`SHARD_FIRST_KINDS`)
+give each host a fixed shard first and shuffle within it, as LLaVA's sampler does. Both orders
+are kept exactly as they were when the three builders were separate, so batches are unchanged.
 
 This module only reads: it never writes next to the data and never downloads.
 """
@@ -32,15 +47,20 @@ import glob
 import json
 import mmap
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 
-ORIGIN = "_origin"     # record field: where the record came from
-ERROR = "_error"       # record field: why the record could not be read (malformed JSON, ...)
+from llada_jax.data.llava_format import LLADA_PLAIN, ConversationTemplate
+from llada_jax.data.schema import ERROR, ORIGIN
+from llada_jax.data.synthetic import SyntheticTextSource
+from llada_jax.data.synthetic_chat import SyntheticChatSource
+from llada_jax.data.synthetic_images import ShapesDataset
 
 _WHITESPACE_BYTES = (9, 10, 11, 12, 13, 32)
 _JSON_TYPE_NAMES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
@@ -48,9 +68,20 @@ _JSON_TYPE_NAMES = {list: "list", str: "string", int: "number", float: "number",
 _INDEX_CHUNK_BYTES = 1 << 23
 
 
+KINDS = ("synthetic", "synthetic_chat", "shapes", "tfds", "files", "llava")
+# Built-in sets named without ':' and the splits they offer ("" : chosen by the dataset split).
+BUILT_IN_SPLITS = {"synthetic": ("train", "eval"), "synthetic_chat": ("train", "test"),
+                   "shapes": ("train", "test")}
+IMAGE_KINDS = ("shapes", "llava")
+# Sharded per host before shuffling (see the module docstring); never part of a mixture.
+SHARD_FIRST_KINDS = ("synthetic", "shapes", "llava")
+_GRAMMAR = ("'tfds:NAME[@SPLIT]', 'files:GLOB', 'llava:GLOB', 'synthetic[@SPLIT]', "
+            "'synthetic_chat[@SPLIT]', 'shapes[@SPLIT]' or 'mix:SPEC=W,...'")
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One parsed source: `kind` in {tfds, files, synthetic_chat}, its argument, split, weight."""
+    """One parsed source: `kind` in KINDS, its argument (name or glob), split and weight."""
 
     kind: str
     argument: str
@@ -58,52 +89,77 @@ class SourceSpec:
     weight: float = 1.0
 
 
-def parse_source_spec(spec: str) -> list[SourceSpec]:
-    """`config.data.source` -> its components (one unless `mix:`); ValueError if malformed."""
+def parse_source_spec(spec: str, field: str = "data.source") -> list[SourceSpec]:
+    """A source spec -> its components (one unless `mix:`); ValueError naming `config.{field}`."""
+    def fail(message: str) -> None:
+        raise ValueError(f"config.{field}: {message}")
+
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"config.data.source: expected a source spec such as 'tfds:NAME@SPLIT', "
-                         f"'files:GLOB', 'synthetic_chat' or 'mix:SPEC=W,...', found {spec!r}")
+        fail(f"expected a source spec such as {_GRAMMAR}, found {spec!r}")
     if spec.startswith("mix:"):
         parts = [p for p in spec[len("mix:"):].split(",") if p.strip()]
         if not parts:
-            raise ValueError(f"config.data.source: 'mix:' needs at least one SPEC=WEIGHT, "
-                             f"found {spec!r}")
+            fail(f"'mix:' needs at least one SPEC=WEIGHT, found {spec!r}")
         components = []
         for part in parts:
             inner, sep, weight_text = part.strip().rpartition("=")
             if not sep:
-                raise ValueError(f"config.data.source: mixture component {part!r} must be "
-                                 f"SPEC=WEIGHT (e.g. files:/data/*.jsonl=0.3)")
+                fail(f"mixture component {part!r} must be SPEC=WEIGHT (e.g. "
+                     f"files:/data/*.jsonl=0.3)")
             try:
                 weight = float(weight_text)
             except ValueError:
-                raise ValueError(f"config.data.source: weight of mixture component {part!r} "
-                                 f"must be a number, found {weight_text!r}") from None
+                fail(f"weight of mixture component {part!r} must be a number, found "
+                     f"{weight_text!r}")
             if not weight > 0:
-                raise ValueError(f"config.data.source: weight of mixture component {part!r} "
-                                 f"must be positive, found {weight}")
+                fail(f"weight of mixture component {part!r} must be positive, found {weight}")
             if inner.startswith("mix:"):
-                raise ValueError(f"config.data.source: mixtures cannot be nested, found {part!r}")
-            (single,) = parse_source_spec(inner)
+                fail(f"mixtures cannot be nested, found {part!r}")
+            (single,) = parse_source_spec(inner, field)
+            if single.kind in SHARD_FIRST_KINDS:
+                fail(f"a mixture takes tfds, files and synthetic_chat sources, found {part!r}")
             components.append(dataclasses.replace(single, weight=weight))
         return components
     kind, sep, argument = spec.partition(":")
     if kind == "tfds" and sep and argument:
         name, at, split = argument.partition("@")
         if not name or (at and not split):
-            raise ValueError(f"config.data.source: expected 'tfds:NAME[@SPLIT]', found {spec!r}")
+            fail(f"expected 'tfds:NAME[@SPLIT]', found {spec!r}")
         return [SourceSpec("tfds", name, split or "train")]
-    if kind == "files" and sep and argument:
-        return [SourceSpec("files", argument, "")]
+    if kind in ("files", "llava") and sep and argument:
+        return [SourceSpec(kind, argument, "")]
     name, at, split = spec.partition("@")
-    if name == "synthetic_chat" and not sep:
-        split = split or "train"
-        if split not in ("train", "test"):
-            raise ValueError(f"config.data.source: synthetic_chat splits are 'train' and "
-                             f"'test', found {split!r}")
-        return [SourceSpec("synthetic_chat", "", split)]
-    raise ValueError(f"config.data.source: expected 'tfds:NAME[@SPLIT]', 'files:GLOB', "
-                     f"'synthetic_chat[@SPLIT]' or 'mix:SPEC=W,...', found {spec!r}")
+    if name in BUILT_IN_SPLITS and not sep:
+        if at and split not in BUILT_IN_SPLITS[name]:
+            fail(f"{name} splits are {' and '.join(map(repr, BUILT_IN_SPLITS[name]))}, "
+                 f"found {split!r}")
+        return [SourceSpec(name, "", split or ("" if name == "synthetic" else "train"))]
+    fail(f"expected {_GRAMMAR}, found {spec!r}")
+
+
+def parse_image_source_spec(spec: str, field: str = "data.source") -> SourceSpec:
+    """A source of image-text records (`vision.enabled`): shapes, llava:, or files: read as
+    llava:; ValueError naming `config.{field}` for anything else."""
+    parsed = None
+    try:
+        parsed = parse_source_spec(spec, field)
+    except ValueError:
+        pass
+    if parsed and len(parsed) == 1 and parsed[0].kind in (*IMAGE_KINDS, "files"):
+        return dataclasses.replace(parsed[0], kind=parsed[0].kind.replace("files", "llava"))
+    raise ValueError(f"config.{field}: expected an image-text source with vision.enabled: "
+                     f"'shapes', 'shapes@test', 'files:GLOB' or 'llava:GLOB' (LLaVA JSON/JSONL), "
+                     f"found {spec!r}")
+
+
+def matching_files(pattern: str) -> list[str]:
+    """The files a `files:` / `llava:` glob matches (`**` recurses), sorted; FileNotFoundError
+    if none."""
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"config.data.source: no files match 'files:{pattern}'")
+    return paths
 
 
 def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,10 +208,7 @@ class FileLinesSource:
     """
 
     def __init__(self, pattern: str) -> None:
-        paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                       if os.path.isfile(p))
-        if not paths:
-            raise FileNotFoundError(f"config.data.source: no files match 'files:{pattern}'")
+        paths = matching_files(pattern)
         self.paths = paths
         starts, ends, lines, file_ids = [], [], [], []
         for file_id, path in enumerate(paths):
@@ -290,32 +343,68 @@ class TfdsSource:
         return out
 
 
-def open_source(spec: SourceSpec, *, tfds_data_dir: str = "",
-                synthetic_size: int = 20000) -> Any:
-    """A random-access data source (`len`, `[]`) of records for one parsed component."""
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """What opening a source may need beyond its spec (the `data`, `train`, `vision` fields)."""
+
+    tfds_data_dir: str = ""
+    synthetic_size: int = 20000
+    seed: int = 0                   # the built-in pre-training corpus and shapes draw with it
+    image_size: int = 32            # shapes
+    image_task: str = "question"    # shapes: 'question' (stage 2) or 'caption' (stage 1)
+    image_folder: str = ""          # llava: where relative image paths point ('': the file's)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> SourceOptions:
+        data = config.data
+        plain = ConversationTemplate.from_config(config).format == LLADA_PLAIN
+        return cls(data.tfds_data_dir, data.synthetic_size, config.train.seed,
+                   config.vision.image_size, "caption" if plain else "question",
+                   data.image_folder)
+
+
+def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
+                default_split: str = "train", **option_overrides: Any) -> Any:
+    """A random-access data source (`len`, `[]`) of records for one parsed component.
+
+    `default_split` is the split of a `synthetic` spec without one (the dataset's split).
+    """
+    options = dataclasses.replace(options or SourceOptions(), **option_overrides)
     if spec.kind == "tfds":
-        return TfdsSource(spec.argument, spec.split, tfds_data_dir)
+        return TfdsSource(spec.argument, spec.split, options.tfds_data_dir)
     if spec.kind == "files":
         return FileLinesSource(spec.argument)
+    if spec.kind == "llava":
+        return LlavaFilesSource(spec.argument, options.image_folder)
+    if spec.kind == "synthetic":
+        return SyntheticTextSource(options.synthetic_size, seed=options.seed,
+                                   split=spec.split or default_split)
     if spec.kind == "synthetic_chat":
-        from llada_jax.data.synthetic_chat import SyntheticChatSource
-
-        return SyntheticChatSource(spec.split, synthetic_size)
+        return SyntheticChatSource(spec.split, options.synthetic_size)
+    if spec.kind == "shapes":
+        size = options.synthetic_size
+        if spec.split == "test":
+            size = max(size // 10, 1)
+        return ShapesDataset(options.image_size, size, spec.split, options.seed,
+                             options.image_task)
     raise ValueError(f"unknown source kind {spec.kind!r}")
 
 
-def record_dataset(components: Sequence[SourceSpec], *, tfds_data_dir: str = "",
-                   synthetic_size: int = 20000, process_index: int = 0, process_count: int = 1,
-                   shuffle: bool = True, seed: int = 0, num_epochs: int | None = None,
-                   screen: Callable[[SourceSpec, Any], Any] | None = None) -> grain.MapDataset:
+def record_dataset(components: Sequence[SourceSpec], options: SourceOptions | None = None, *,
+                   process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                   seed: int = 0, num_epochs: int | None = None,
+                   screen: Callable[[SourceSpec, Any], Any] | None = None,
+                   default_split: str = "train", **option_overrides: Any) -> grain.MapDataset:
     """The records this host reads, in order, as a grain MapDataset.
 
-    Every host builds the same global stream: each component shuffled (a fresh permutation every
-    epoch) and repeated (`num_epochs=None`: forever), several components mixed with their
-    weights by `grain.MapDataset.mix` (each repeats on its own, so a small source is revisited
-    more often instead of ending the mixture). Host `i` of `n` then reads elements i, i+n, i+2n,
-    ... of that stream: the hosts' records are disjoint and together they are the whole stream,
-    and a global batch draws from the whole shuffled epoch rather than from n fixed shards.
+    Text and chat sources: every host builds the same global stream: each component shuffled
+    (a fresh permutation every epoch) and repeated (`num_epochs=None`: forever), several
+    components mixed with their weights by `grain.MapDataset.mix` (each repeats on its own, so
+    a small source is revisited more often instead of ending the mixture). Host `i` of `n` then
+    reads elements i, i+n, i+2n, ... of that stream: the hosts' records are disjoint and together
+    they are the whole stream, and a global batch draws from the whole shuffled epoch rather
+    than from n fixed shards. `SHARD_FIRST_KINDS` (one component): host `i` takes records i,
+    i+n, ... first, then shuffles and repeats them.
 
     `screen(spec, source) -> source`, if given, sees every opened source first (the pipeline's
     pre-scan for bad records, which may return the source without them).
@@ -325,17 +414,129 @@ def record_dataset(components: Sequence[SourceSpec], *, tfds_data_dir: str = "",
                          f"{process_count})")
     datasets = []
     for i, spec in enumerate(components):
-        source = open_source(spec, tfds_data_dir=tfds_data_dir, synthetic_size=synthetic_size)
+        source = open_source(spec, options, default_split=default_split, **option_overrides)
         if screen is not None:
             source = screen(spec, source)
         records = grain.MapDataset.source(source)
         if len(records) < process_count:
             raise ValueError(f"config.data.source: {spec.kind}:{spec.argument or spec.split} has "
                              f"{len(records)} records, fewer than the {process_count} hosts")
+        shard_first = spec.kind in SHARD_FIRST_KINDS
+        if shard_first:
+            records = records[process_index::process_count]
         if shuffle:
             # Distinct seeds per component so that two copies of one source mix independently.
-            records = records.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
+            records = records.shuffle(seed=seed if shard_first else (seed * 1_000_003 + i) % 2**32)
         datasets.append(records.repeat(num_epochs))
+        if shard_first:
+            return datasets[0]
     stream = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(
         datasets, weights=[c.weight for c in components])
     return stream[process_index::process_count]
+
+
+# --- image-text records (LLaDA-V) ---------------------------------------------------------------
+class LlavaFilesSource:
+    """LLaVA-style records from `*.json` / `*.jsonl` files, image paths made absolute.
+
+    A `.json` file whose first non-blank character is `[` is one JSON list (read whole, as
+    LLaVA does; each record remembers the line it starts on, so errors name `file:line`); any
+    other file is read line by line (`FileLinesSource`).
+    """
+
+    def __init__(self, pattern: str, image_folder: str = "") -> None:
+        paths = matching_files(pattern)
+        self.image_folder = image_folder
+        # (path, list of (line, record) or a line source, length)
+        self._parts: list[tuple[str, Any, int]] = []
+        for path in paths:
+            if path.endswith(".json") and _starts_with_bracket(path):
+                records = read_json_list(path)
+                self._parts.append((path, records, len(records)))
+            else:
+                lines = FileLinesSource(path)
+                self._parts.append((path, lines, len(lines)))
+        self._offsets = np.cumsum([0] + [n for _, _, n in self._parts])
+        if self._offsets[-1] == 0:
+            raise ValueError(f"config.data.source: the files matching 'files:{pattern}' hold "
+                             f"no record")
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index) % len(self)
+        part = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        path, records, _ = self._parts[part]
+        local = index - int(self._offsets[part])
+        if isinstance(records, list):
+            line, record = records[local]
+            origin = f"{path}:{line}"
+            record = (dict(record, **{ORIGIN: origin}) if isinstance(record, dict) else
+                      {ORIGIN: origin, ERROR: f"expected a JSON object, found "
+                                                              f"{type(record).__name__}"})
+        else:
+            record = records[local]
+        folder = self.image_folder or os.path.dirname(os.path.abspath(path))
+        value = record.get("image")
+        if isinstance(value, str):
+            record["image"] = os.path.join(folder, value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            record["image"] = [os.path.join(folder, v) for v in value]
+        return record
+
+
+def _starts_with_bracket(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def read_json_list(path: str) -> list[tuple[int, Any]]:
+    """The elements of a file holding one JSON list, each with the (1-based) line it starts on.
+
+    Raises ValueError `config.data.source: FILE:LINE: ...` for bytes that are not UTF-8, JSON
+    that does not parse, or a document that is not one list.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"config.data.source: {path}:{line}: not UTF-8 text ({e.reason} at "
+                         f"byte {e.start})") from None
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, Any]] = []
+    line, counted = 1, 0
+
+    def fail(at: int, reason: str) -> None:
+        raise ValueError(f"config.data.source: {path}:{text.count(chr(10), 0, at) + 1}: "
+                         f"{reason}")
+
+    at = _WHITESPACE.match(text, 0).end()
+    if text[at:at + 1] != "[":
+        fail(at, "expected a JSON list of records")
+    at = _WHITESPACE.match(text, at + 1).end()
+    if text[at:at + 1] == "]":
+        return records
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            fail(e.pos, f"not valid JSON ({e.msg})")
+        line += text.count("\n", counted, at)
+        counted = at
+        records.append((line, value))
+        at = _WHITESPACE.match(text, end).end()
+        if text[at:at + 1] == ",":
+            at = _WHITESPACE.match(text, at + 1).end()
+        elif text[at:at + 1] == "]":
+            if text[_WHITESPACE.match(text, at + 1).end():]:
+                fail(at + 1, "unexpected data after the closing ']' of the list")
+            return records
+        else:
+            fail(at, "not valid JSON (expected ',' or ']' after a record)")

@@ -13,7 +13,8 @@ bidirectional model picks up quickly, with a spread of difficulty:
     both sides;
   * two-digit addition - the hardest, learnt last.
 
-A document (`{"text": str}`) is one to three lines, each one task example.
+A document (`{"text": str, schema.ORIGIN: "synthetic@SPLIT[i]"}`) is one to three lines, each
+one task example.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
+
+from llada_jax.data.schema import ORIGIN
 
 PEOPLE = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
           "mallory", "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter",
@@ -111,5 +114,5 @@ class SyntheticTextSource:
         for _ in range(int(rng.integers(1, 4))):
             prompt, answer = TASKS[int(rng.integers(len(TASKS)))](rng)
             lines.append(prompt + answer)
-        return {"text": "\n".join(lines)}
+        return {"text": "\n".join(lines), ORIGIN: f"synthetic@{self.split}[{index}]"}
 

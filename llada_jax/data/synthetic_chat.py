@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llada_jax.data.sources import ORIGIN
+from llada_jax.data.schema import ORIGIN
 
 TASKS = ("repeat", "uppercase", "reverse", "first", "last")
 WORD_LENGTH = 3

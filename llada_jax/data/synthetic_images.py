@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llada_jax.data.schema import ORIGIN
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230),
            "yellow": (230, 220, 30)}
 SHAPES = ("square", "circle", "triangle")
@@ -48,7 +50,8 @@ def draw_shape(shape: str, colour: str, size: int, rng: np.random.Generator) -> 
 
 
 class ShapesDataset:
-    """Random-access source of {image, conversations, answer} examples (grain-compatible).
+    """Random-access source of {image, conversations, answer, origin} records (grain-compatible;
+    the `shapes[@SPLIT]` source of `llada_jax.data.sources`).
 
     `conversations` follow the LLaVA format used by LLaDA-V: a list of
     `{"from": "human"|"gpt", "value": str}` with an `<image>` placeholder in the first turn.
@@ -62,7 +65,7 @@ class ShapesDataset:
             raise ValueError(f"split must be 'train' or 'test', found {split!r}")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, found {task!r}")
-        self.size, self.num_examples, self.task = size, num_examples, task
+        self.size, self.num_examples, self.task, self.split = size, num_examples, task, split
         self._seed = (seed, 0 if split == "train" else 1)
 
     def __len__(self) -> int:
@@ -85,4 +88,5 @@ class ShapesDataset:
                               {"from": "gpt", "value": answer}],
             "answer": answer,
             "question_kind": kind,
+            ORIGIN: f"shapes@{self.split}[{index}]",
         }
