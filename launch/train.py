@@ -137,9 +137,11 @@ def main(argv: list[str]) -> None:
 
     # Imported after flag parsing so that `--help` and flag errors are instant.
     from llada_jax import config as config_lib
+    from llada_jax.data import validation as data_validation
 
     try:
         config_lib.validate(config)  # everything that does not need JAX or the devices, first
+        data_validation.check(config)
     except ValueError as e:
         _fail(e)
 

@@ -514,13 +514,6 @@ SFT_MULTITURN = ("sample_turn", "all_responses")
 BAD_RECORDS = ("error", "skip")
 
 
-def validate_data(config: ml_collections.ConfigDict) -> None:
-    """Checks the `data` section (`llada_jax.data.validation.check_data`)."""
-    from llada_jax.data import validation  # TODO(lead): call from the trainer/launch instead
-
-    validation.check_data(config)
-
-
 PARAM_GROUPS = ("vision_tower", "projector", "language_model")
 
 
@@ -661,9 +654,6 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
         validate_vision_tower(vision_config(config))
     except ValueError as e:  # re-worded with the config path of the field
         raise ValueError(f"config.vision: {e}") from None
-    from llada_jax.data import validation  # TODO(lead): call from the trainer/launch instead
-
-    validation.check_vision_data(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -725,4 +715,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(t.init_from, str):
         _fail("train.init_from", "a checkpoint directory or ''", t.init_from)
     validate_sampler(config.sampler)
-    validate_data(config)

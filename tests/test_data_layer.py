@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from llada_jax.config import default_config, validate
+from llada_jax.config import default_config
 from llada_jax.data import chat, pipeline, sources
+from llada_jax.data.validation import check as validate
 from llada_jax.data.schema import BadRecordError
 from llada_jax.data.sources import SourceSpec
 from llada_jax.data.synthetic import SyntheticTextSource

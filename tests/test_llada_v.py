@@ -21,6 +21,7 @@ from PIL import Image
 
 from llada_jax import config as config_lib
 from llada_jax.data import images, pipeline, sources
+from llada_jax.data import validation as data_validation
 from llada_jax.data import multimodal_data as md
 from llada_jax.data.chat import BadRecordError
 from llada_jax.data.synthetic_images import ShapesDataset
@@ -247,8 +248,9 @@ def test_malformed_records_and_source_specs(tmp_path):
         sources.parse_image_source_spec("synthetic_chat")
     c = _tiny_config()
     c.data.eval_source = "shapes@valid"
+    config_lib.validate(c)   # the schema is fine; the data checks name the source
     with pytest.raises(ValueError, match=r"config.data.eval_source: expected an image-text"):
-        config_lib.validate(c)
+        data_validation.check(c)
 
 
 def test_config_validation_names_fields():
@@ -270,7 +272,8 @@ def test_config_validation_names_fields():
             target = target[part]
         target[rest[-1]] = value
         with pytest.raises(ValueError, match=message):
-            config_lib.validate(c)
+            config_lib.validate(c)   # the schema
+            data_validation.check(c)   # the data side (objective and template with vision)
     plain = config_lib.default_config()
     plain.train.trainable = "projector"
     with pytest.raises(ValueError, match=r"config.train.trainable: expected 'all' or "

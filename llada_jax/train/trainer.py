@@ -45,6 +45,7 @@ from jax.sharding import Mesh
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
+from llada_jax.data import validation as data_validation
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.train import checkpoint as checkpoint_lib
 from llada_jax.train import input as input_lib
@@ -318,6 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     """
     if setup is None:
         config_lib.validate(config)
+        data_validation.check(config)
         setup = prepare(config, devices)
     elif devices is not None:
         raise TypeError("train: the devices are the setup's mesh; pass devices or setup, not both")
