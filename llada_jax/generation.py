@@ -104,6 +104,21 @@ def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int, *, rows_multiple
     return out_tokens, out_mask
 
 
+def shard_batch(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    """The same whole batch on every process -> global arrays split over the mesh's batch axes.
+
+    Each process places the rows of its own devices (on several hosts every process builds the
+    same requests, so each holds every row; `parallel.global_batch` is for per-process slices).
+    """
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        out[name] = jax.make_array_from_callback(value.shape,
+                                                 parallel.batch_sharding(mesh, value.ndim),
+                                                 lambda index, v=value: v[index])
+    return out
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array as numpy on every process (gathered when it spans several hosts)."""
     if x.is_fully_addressable:
@@ -240,8 +255,7 @@ class Generator:
             host_batch.update(self._image_inputs(tokens, list(images), sampler))
         start = time.perf_counter()
         with self.mesh_context():
-            batch = host_batch if self.mesh is None else \
-                parallel.global_batch(host_batch, self.mesh)
+            batch = host_batch if self.mesh is None else shard_batch(host_batch, self.mesh)
             out = generate(self.params, self.model, batch["tokens"], batch["mask"], sampler, rng,
                            images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
                            return_stats=True)

@@ -26,6 +26,17 @@ Monte Carlo noise from its own key (the seed folded with a hash of its token ids
 does not depend on which other requests share its batch or on their order. (Generation at
 temperature 0 is deterministic; at T > 0 one key serves a batch.)
 
+Devices: the model holds a `generation.Generator`. Loaded from a checkpoint, the params are
+sharded on `mesh` (default: fsdp over every device); likelihood and generation batches are then
+a multiple of the mesh's batch axes (`pairs_per_call` and `gen_batch_size` are rounded up) and
+split over them. Given `params` without a mesh (tests, the trainer's evaluators), arrays stay
+unsharded.
+
+Chat templates: lm-eval's `--apply_chat_template` calls `apply_chat_template`, which renders the
+LLaDA chat template as text (the released template's output); `encode` reads the special-token
+strings of such a context back as their ids. (`chat=true` is this model's own simpler path: each
+context becomes one user turn.)
+
 Finished requests go to a `RequestCache` (JSONL, keyed by request hash and a fingerprint of the
 settings): an interrupted evaluation resumes without recomputing them.
 """
@@ -47,14 +58,13 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from llada_jax import parallel
 from llada_jax.data.eval_records import encode_pair
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
 from llada_jax.diffusion.sampler import SamplerConfig
 from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
-from llada_jax.generation import Generator, answer_ids, batch_rows, to_host
+from llada_jax.generation import Generator, answer_ids, batch_rows, shard_batch, to_host
 
 # Sampler fields a model argument may set (the rest come from the checkpoint's config.sampler).
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking",
@@ -309,7 +319,7 @@ class LladaJaxLM(LM):
         self.model_calls += 1
         with self.generator.mesh_context():
             if self.generator.mesh is not None:   # rows split over the mesh's batch axes
-                arrays = parallel.global_batch(arrays, self.generator.mesh)
+                arrays = shard_batch(arrays, self.generator.mesh)
             out = _pair_estimates(self.params, arrays["tokens"], arrays["attention_mask"],
                                   arrays["positions"], arrays["answer_mask"], arrays["keys"],
                                   model=self.model, mc_num=mc_num, batch_size=mc_batch,
