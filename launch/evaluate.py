@@ -160,8 +160,10 @@ def run_benchmarks() -> None:
     if out is None:   # not the main process of a multi-host run
         return
     print(make_table(out), flush=True)
+    # The batch sizes as run: rounded up to a multiple of the mesh's batch axes.
+    batches = {"pairs_per_call": lm.pairs_per_call, "gen_batch_size": lm.gen_batch_size}
     summary = {"results": out["results"], "n-shot": out.get("n-shot"),
-               "model_args": {k: v for k, v in model_args.items()},
+               "model_args": model_args | batches,
                "checkpoint": _CHECKPOINT.value, "limit": limit}
     if preset is not None:
         summary["preset"] = preset.to_dict()
