@@ -42,6 +42,7 @@ import numpy as np
 import program
 from absl import flags
 
+from llada_jax import parallel
 from llada_jax.data.eval_records import encode_requests, read_eval_records
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
 from llada_jax.generation import Generator, sampling_mesh
@@ -179,6 +180,7 @@ def main(argv: list[str]) -> None:
     if bool(_DATA.value) == bool(_TASKS.value or _PRESET.value):
         raise ValueError("give either --data (a prompt file) or --tasks / --preset (lm-eval "
                          "benchmarks), not both and not neither")
+    parallel.maybe_initialize_distributed()   # several hosts: one process each
     if _TASKS.value or _PRESET.value:
         run_benchmarks()
         return

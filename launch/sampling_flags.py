@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from absl import flags
 
+from llada_jax import parallel
 from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.diffusion.sampler import SamplerConfig
 from llada_jax.generation import Generator, sampling_mesh
@@ -85,6 +86,7 @@ def name_flags(message: str) -> str:
 
 def make_mesh() -> Any:
     """The mesh of the --mesh_* flags over every device."""
+    parallel.maybe_initialize_distributed()   # several hosts: one process each
     fsdp = MESH_FSDP.value
     if not MESH_FSDP.present and -1 in (MESH_DATA.value, MESH_TENSOR.value):
         fsdp = 1   # the default fill moves to the axis the user asked to fill
