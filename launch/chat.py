@@ -31,11 +31,14 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import program
 import sampling_flags as sf
 from absl import flags
+
+from llada_jax.generation import Generator, answer_ids
 
 _SYSTEM = flags.DEFINE_string("system", None, "optional system message")
 _IMAGE = flags.DEFINE_string("image", None, "LLaDA-V checkpoints: an image file the "
@@ -48,14 +51,15 @@ Responder = Callable[[list[int]], list[int]]
 class Conversation:
     """The messages of one chat and their rendering as prompt ids.
 
-    image (LLaDA-V): a loaded PIL image and the `multimodal_data.ImageProcessor` of the
-    checkpoint's config; the first user message then refers to it.
+    image (LLaDA-V): a loaded PIL image, and `image_prompt` the generator's renderer of a
+    conversation about images (`Generator.image_prompt`); the first user message refers to it.
     """
 
-    def __init__(self, tokenizer, system: str | None = None, image=None, processor=None):
+    def __init__(self, tokenizer, system: str | None = None, image=None,
+                 image_prompt: Callable[[list[dict], list[Any]], Any] | None = None):
         self.tokenizer = tokenizer
         self.system = system
-        self.image, self.processor = image, processor
+        self.image, self.image_prompt = image, image_prompt
         self.messages: list[dict] = []
         self.reset()
 
@@ -64,14 +68,7 @@ class Conversation:
 
     def encoded(self):
         """The prompt with the image (`multimodal_data.EncodedConversation`)."""
-        from llada_jax.data import multimodal_data as md
-
-        messages = [dict(m) for m in self.messages]
-        first_user = next(m for m in messages if m["role"] == "user")
-        if md.IMAGE_MARK not in first_user["content"]:
-            first_user["content"] = md.IMAGE_MARK + "\n" + first_user["content"]
-        return md.encode_conversation(messages, [self.image], self.tokenizer, self.processor,
-                                      add_generation_prompt=True)
+        return self.image_prompt(self.messages, [self.image])
 
     def prompt_ids(self) -> list[int]:
         if self.image is not None:
@@ -106,22 +103,18 @@ class Conversation:
         return ids, dropped
 
 
-def make_responder(config, model, params, tokenizer, mesh,
-                   conversation: Conversation | None = None, sampler=None) -> Responder:
+def make_responder(generator: Generator, conversation: Conversation, sampler) -> Responder:
     """The sampler with the flags' settings; one compiled program per prompt-length bucket
     (--prompt_bucket). With a conversation about an image, its views go with the prompt."""
-    sampler = sampler or sf.sampler_config(config, tokenizer)
-    rng = jax.random.key(sf.seed(config))
+    rng = jax.random.key(sf.seed(generator))
     turns = [0]
 
     def respond(prompt: list[int]) -> list[int]:
-        images = None
-        if conversation is not None and conversation.image is not None:
-            images = [conversation.encoded()]
-        generated, _ = sf.run(config, model, params, mesh, [prompt], sampler, tokenizer.pad_id,
-                              jax.random.fold_in(rng, turns[0]), images=images)
+        images = [conversation.encoded()] if conversation.image is not None else None
+        out = generator.generate_ids([prompt], sampler, seed=jax.random.fold_in(rng, turns[0]),
+                                     images=images, prompt_bucket=sf.PROMPT_BUCKET.value)
         turns[0] += 1
-        return sf.answer_ids(generated[0], tokenizer)
+        return answer_ids(out.tokens[0], generator.tokenizer)
 
     return respond
 
@@ -138,28 +131,21 @@ def load_image(path: str):
         raise ValueError(f"--image: {e}") from None
 
 
-def image_processor(config, path: str):
-    """How the checkpoint turns images into views; ValueError if it has no vision tower."""
-    from llada_jax.data import multimodal_data
-
-    if not config.vision.enabled:
-        raise ValueError(f"--image={path} needs a LLaDA-V checkpoint (its config has "
-                         f"vision.enabled=False)")
-    return multimodal_data.ImageProcessor.from_config(config)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]} (messages are read from stdin)")
     image = load_image(_IMAGE.value) if _IMAGE.value else None   # before the slow part
-    config, model, params, tokenizer, mesh = sf.load()
-    processor = image_processor(config, _IMAGE.value) if _IMAGE.value else None
+    generator = sf.load()
     if image is None:
-        sf.warn_without_image(config, "chat")
-    sampler = sf.sampler_config(config, tokenizer)
-    max_prompt_tokens = config.model.max_sequence_length - sampler.gen_length
-    conversation = Conversation(tokenizer, _SYSTEM.value, image, processor)
-    respond = make_responder(config, model, params, tokenizer, mesh, conversation, sampler)
+        sf.warn_without_image(generator, "chat")
+    elif not generator.config.vision.enabled:
+        raise ValueError(f"--image={_IMAGE.value} needs a LLaDA-V checkpoint (its config has "
+                         f"vision.enabled=False)")
+    sampler = sf.sampler_config(generator)
+    max_prompt_tokens = generator.max_prompt_length(sampler)
+    tokenizer = generator.tokenizer
+    conversation = Conversation(tokenizer, _SYSTEM.value, image, generator.image_prompt)
+    respond = make_responder(generator, conversation, sampler)
     interactive = sys.stdin.isatty()
     if interactive:
         print("(type a message; /reset starts a new conversation, /quit stops)", flush=True)

@@ -8,7 +8,9 @@
 Benchmarks (`--tasks` or `--preset`): lm-eval task names and/or local task YAML files run through
 lm-evaluation-harness with the `llada_jax` model (llada_jax/evaluation/lm.py). `--preset` takes a
 task's official settings from configs/eval/ and prints the published score next to ours.
-`--model_args=k=v,...` sets any model argument (sampler fields too); `--cache` keeps finished
+`--model_args=k=v,...` sets any model argument (sampler fields too); `--apply_chat_template`
+renders every context (few-shot examples as turns) with the LLaDA chat template, lm-eval's path
+for instruct models; batches fill the mesh of every device (`--mesh_fsdp`); `--cache` keeps finished
 requests so an interrupted run continues where it stopped; progress lines give requests/s and
 the ETA; the results table goes to stdout and `--results_json` gets the whole result.
 
@@ -35,19 +37,15 @@ from __future__ import annotations
 import json
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 import program
 from absl import flags
 
 from llada_jax import parallel
-from llada_jax.config import default_config
 from llada_jax.data.eval_records import encode_requests, read_eval_records
-from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
-from llada_jax.evaluation.batching import round_up
-from llada_jax.train import checkpoint, state
+from llada_jax.generation import Generator, sampling_mesh
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
                                   required=True)
@@ -62,6 +60,9 @@ _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "few-shot examples (def
                                     "preset's, else the task's)")
 _MODEL_ARGS = flags.DEFINE_string("model_args", "", "extra llada_jax model arguments k=v,... "
                                   "(e.g. gen_length=256,block_length=8,steps=256)")
+_APPLY_CHAT_TEMPLATE = flags.DEFINE_bool(
+    "apply_chat_template", False, "benchmark mode: render each context (few-shot examples as "
+    "turns) with the LLaDA chat template, lm-eval's path for instruct models")
 _CACHE = flags.DEFINE_string("cache", None, "JSONL cache of finished requests (resumable)")
 _RESULTS_JSON = flags.DEFINE_string("results_json", None, "write the lm-eval results as JSON")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
@@ -144,31 +145,26 @@ def run_benchmarks() -> None:
         if flags.FLAGS[flag.name].present:
             model_args[arg] = flag.value
     model_args.update(parse_model_args(_MODEL_ARGS.value))
-    mesh_config = default_config()
-    mesh_config.mesh.fsdp = _MESH_FSDP.value
-    mesh = parallel.make_mesh(mesh_config)
-    rows = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-    for arg, default in (("pairs_per_call", 8), ("gen_batch_size", 8)):
-        # Batches are split over the batch axes of the mesh: a multiple of their size.
-        model_args[arg] = round_up(int(model_args.get(arg, default)), rows)
     num_fewshot = _NUM_FEWSHOT.value
     if num_fewshot is None and preset is not None:
         num_fewshot = preset.get("num_fewshot")
     limit = _LIMIT.value
     if limit is not None and limit >= 1:
         limit = int(limit)
+    # The model fills the mesh: its batches are a multiple of the mesh's batch axes.
     lm = LladaJaxLM(checkpoint=_CHECKPOINT.value, step=_STEP.value, tokenizer=_TOKENIZER.value,
-                    cache_path=_CACHE.value, mesh=mesh, **model_args)
-    lm.row_multiple = rows
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(lm.config)):
-        out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                              task_manager=TaskManager(include_path=include),
-                              log_samples=False)
+                    cache_path=_CACHE.value, mesh=sampling_mesh(fsdp=_MESH_FSDP.value),
+                    **model_args)
+    out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                          task_manager=TaskManager(include_path=include), log_samples=False,
+                          apply_chat_template=_APPLY_CHAT_TEMPLATE.value)
     if out is None:   # not the main process of a multi-host run
         return
     print(make_table(out), flush=True)
+    # The batch sizes as run: rounded up to a multiple of the mesh's batch axes.
+    batches = {"pairs_per_call": lm.pairs_per_call, "gen_batch_size": lm.gen_batch_size}
     summary = {"results": out["results"], "n-shot": out.get("n-shot"),
-               "model_args": {k: v for k, v in model_args.items()},
+               "model_args": model_args | batches,
                "checkpoint": _CHECKPOINT.value, "limit": limit}
     if preset is not None:
         summary["preset"] = preset.to_dict()
@@ -184,6 +180,7 @@ def main(argv: list[str]) -> None:
     if bool(_DATA.value) == bool(_TASKS.value or _PRESET.value):
         raise ValueError("give either --data (a prompt file) or --tasks / --preset (lm-eval "
                          "benchmarks), not both and not neither")
+    parallel.maybe_initialize_distributed()   # several hosts: one process each
     if _TASKS.value or _PRESET.value:
         run_benchmarks()
         return
@@ -199,18 +196,15 @@ def main(argv: list[str]) -> None:
             output = open(_OUTPUT.value, "w")
         except OSError as e:
             raise ValueError(f"--output={_OUTPUT.value}: cannot write it ({e.strerror})") from None
-    mesh_config = default_config()
-    mesh_config.mesh.fsdp = _MESH_FSDP.value
-    mesh = parallel.make_mesh(mesh_config)
-    config, params = checkpoint.load_params(_CHECKPOINT.value, _STEP.value, mesh=mesh)
-    tokenizer = load_tokenizer(_TOKENIZER.value or config.data.tokenizer)
-    model = state.make_model(config)
+    generator = Generator.load(_CHECKPOINT.value, step=_STEP.value, tokenizer=_TOKENIZER.value,
+                               mesh=sampling_mesh(fsdp=_MESH_FSDP.value))
+    config, params, model = generator.config, generator.params, generator.model
+    tokenizer = generator.tokenizer
 
     def encode(pairs: list[tuple[str, str, str]]) -> tuple[list[list[int]], list[list[int]]]:
         """(where, context, continuation) -> (context ids, continuation ids)."""
         if _CHAT.value:
-            contexts = [tokenizer.render_chat([{"role": "user", "content": context}])
-                        for _, context, _ in pairs]
+            contexts = [generator.encode_prompt(context, chat=True) for _, context, _ in pairs]
             continuations = [tokenizer.encode(continuation) for _, _, continuation in pairs]
             for (where, _, continuation), ids in zip(pairs, continuations, strict=True):
                 if not ids:
@@ -230,7 +224,7 @@ def main(argv: list[str]) -> None:
     likelihood_records = [r for _, r in likelihood_located]
     choice_records = [r for _, r in choice_located]
     summary: dict = {}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(config)):
+    with generator.mesh_context():
         if likelihood_records:
             contexts, answers = encode([(w, r["prompt"], r["answer"])
                                         for w, r in likelihood_located])

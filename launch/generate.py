@@ -91,33 +91,28 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unexpected arguments {argv[1:]} (prompts are given with --prompt)")
     prompts, sources = read_prompts()
     output = open_output()   # before the slow part: a bad path fails now
-    config, model, params, tokenizer, mesh = sf.load()
-    sampler = sf.sampler_config(config, tokenizer)
-    sf.warn_without_image(config, "generate")
-
-    def encode(text: str) -> list[int]:
-        if _CHAT.value:
-            return tokenizer.render_chat([{"role": "user", "content": text}])
-        return [tokenizer.bos_id, *tokenizer.encode(text)]
-
-    ids = [encode(p) for p in prompts]
+    generator = sf.load()
+    sampler = sf.sampler_config(generator)
+    sf.warn_without_image(generator, "generate")
+    ids = [generator.encode_prompt(p, chat=_CHAT.value) for p in prompts]
     for prompt_ids, where in zip(ids, sources, strict=True):
-        sf.check_prompt_length(config, sampler, len(prompt_ids), where)
-    rng = jax.random.key(sf.seed(config))
-    size = _BATCH_SIZE.value
+        generator.check_prompt_length(sampler, len(prompt_ids), where,
+                                      gen_length_name="--gen_length")
+    rng = jax.random.key(sf.seed(generator))
+    size, bucket = _BATCH_SIZE.value, sf.PROMPT_BUCKET.value
     if _WARMUP.value:
-        sf.run(config, model, params, mesh, ids[:size], sampler, tokenizer.pad_id, rng)
+        generator.generate_ids(ids[:size], sampler, seed=rng, prompt_bucket=bucket)
     totals = {"seconds": 0.0, "forward_passes": 0, "generated_tokens": 0}
     calls = 0
     for call, start in enumerate(range(0, len(ids), size)):
-        generated, stats = sf.run(config, model, params, mesh, ids[start:start + size], sampler,
-                                  tokenizer.pad_id, jax.random.fold_in(rng, call))
+        out = generator.generate_ids(ids[start:start + size], sampler,
+                                     seed=jax.random.fold_in(rng, call), prompt_bucket=bucket)
         calls += 1
-        for key in totals:
-            totals[key] += stats[key]
-        for i, row in enumerate(generated):
-            answer = sf.answer_ids(row, tokenizer)
-            text = tokenizer.decode(answer)
+        totals["seconds"] += out.seconds
+        totals["forward_passes"] += out.forward_passes
+        totals["generated_tokens"] += out.generated_tokens
+        for i, row in enumerate(out.tokens):
+            text = generator.decode_answer(row)
             prompt = prompts[start + i]
             print(f"=== prompt {start + i}: {prompt}\n{text}\n", flush=True)
             if output is not None:

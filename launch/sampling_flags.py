@@ -1,31 +1,25 @@
-"""Flags and helpers shared by launch/generate.py and launch/chat.py.
+"""Flags shared by launch/generate.py and launch/chat.py: flags -> (mesh, Generator, SamplerConfig).
 
 Every sampler option is a flag whose default (None) means "the checkpoint config's
 `sampler.<field>`", so a checkpoint carries its settings and a command line overrides them.
 Params are loaded sharded on a mesh of every device (`--mesh_*`, a deployment choice independent
-of how the model was trained), and prompt batches are padded to a multiple of the batch axes so
-the one sampler runs sharded unchanged.
+of how the model was trained); sampling itself is `llada_jax.generation`. Config errors are
+reworded to name the flags the user typed.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-import time
-from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import ml_collections
-import numpy as np
 from absl import flags
 
 from llada_jax import parallel
-from llada_jax.config import default_config
-from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
-from llada_jax.diffusion.sampler import SamplerConfig, generate, pad_prompts
-from llada_jax.train import checkpoint, state
+from llada_jax.data.tokenizer import load_tokenizer
+from llada_jax.diffusion.sampler import SamplerConfig
+from llada_jax.generation import Generator, sampling_mesh
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
                                  required=True)
@@ -92,24 +86,22 @@ def name_flags(message: str) -> str:
 
 def make_mesh() -> Any:
     """The mesh of the --mesh_* flags over every device."""
-    mesh_config = default_config()
+    parallel.maybe_initialize_distributed()   # several hosts: one process each
     fsdp = MESH_FSDP.value
     if not MESH_FSDP.present and -1 in (MESH_DATA.value, MESH_TENSOR.value):
         fsdp = 1   # the default fill moves to the axis the user asked to fill
-    mesh_config.mesh.data, mesh_config.mesh.fsdp = MESH_DATA.value, fsdp
-    mesh_config.mesh.tensor = MESH_TENSOR.value
     try:
-        return parallel.make_mesh(mesh_config)
+        return sampling_mesh(data=MESH_DATA.value, fsdp=fsdp, tensor=MESH_TENSOR.value)
     except ValueError as e:
         raise ValueError(f"--mesh_data={MESH_DATA.value} --mesh_fsdp={fsdp} --mesh_tensor="
                          f"{MESH_TENSOR.value} do not fit the {jax.device_count()} device(s) "
                          f"({name_flags(str(e))})") from e
 
 
-def load() -> tuple[ml_collections.ConfigDict, nn.Module, Any, Tokenizer, Any]:
-    """(config, model, params, tokenizer, mesh) of --checkpoint, params sharded on the mesh."""
+def load() -> Generator:
+    """The Generator of --checkpoint (params sharded on the --mesh_* mesh) and --tokenizer."""
     mesh = make_mesh()
-    config, params = checkpoint.load_params(CHECKPOINT.value, STEP.value, mesh=mesh)
+    tokenizer = where = None
     if TOKENIZER.value:
         where = f"--tokenizer={TOKENIZER.value}"
         try:
@@ -119,40 +111,23 @@ def load() -> tuple[ml_collections.ConfigDict, nn.Module, Any, Tokenizer, Any]:
         except ValueError as e:
             raise ValueError(f"{where}: {str(e).replace('config.data.tokenizer: ', '')}") \
                 from None
-    else:
-        where = f"the checkpoint's tokenizer {config.data.tokenizer!r} (flag --tokenizer)"
-        tokenizer = load_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"{where} has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{config.model.vocab_size}")
-    return config, state.make_model(config), params, tokenizer, mesh
+    return Generator.load(CHECKPOINT.value, step=STEP.value, tokenizer=tokenizer, mesh=mesh,
+                          tokenizer_where=where)
 
 
-def sampler_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> SamplerConfig:
-    """config.sampler with the flags that were given, and the tokenizer's EoT id."""
+def sampler_config(generator: Generator) -> SamplerConfig:
+    """The checkpoint's config.sampler with the flags that were given."""
     overrides = {name: flag.value for name, flag in SAMPLER_FLAGS.items()
                  if flag.value is not None}
     try:
-        return SamplerConfig.from_config(config, eot_id=tokenizer.eot_id,
-                                         vocab_limit=tokenizer.vocab_size, **overrides)
+        return generator.sampler(**overrides)
     except ValueError as e:
         raise ValueError(name_flags(str(e))) from e
 
 
-def check_prompt_length(config: ml_collections.ConfigDict, sampler: SamplerConfig,
-                        length: int, where: str) -> None:
-    """Raises ValueError naming the prompt (`where`) when it leaves no room for the answer."""
-    limit = config.model.max_sequence_length - sampler.gen_length
-    if length > limit:
-        raise ValueError(f"{where}: the prompt has {length} tokens, but the model's "
-                         f"max_sequence_length={config.model.max_sequence_length} leaves room for "
-                         f"at most {limit} beside gen_length={sampler.gen_length} (shorten the "
-                         f"prompt or lower --gen_length)")
-
-
-def warn_without_image(config: ml_collections.ConfigDict, program: str) -> None:
+def warn_without_image(generator: Generator, program: str) -> None:
     """A LLaDA-V checkpoint asked without an image answers from the text alone: say so."""
-    if config.vision.enabled:
+    if generator.config.vision.enabled:
         hint = ("pass --image=FILE to ask about an image" if program == "chat"
                 else "launch/chat.py --image=FILE asks about an image")
         print(f"warning: --checkpoint={CHECKPOINT.value} is a LLaDA-V checkpoint "
@@ -160,74 +135,5 @@ def warn_without_image(config: ml_collections.ConfigDict, program: str) -> None:
               f"({hint})", file=sys.stderr, flush=True)
 
 
-def seed(config: ml_collections.ConfigDict) -> int:
-    return config.sampler.seed if SEED.value is None else SEED.value
-
-
-def batch_rows(mesh) -> int:
-    """Rows a prompt batch must be a multiple of: the size of the batch axes of the mesh."""
-    return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-
-
-def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any, mesh,
-        prompts: Sequence[Sequence[int]], sampler: SamplerConfig, pad_id: int,
-        rng: jax.Array, images: Sequence[Any] | None = None) -> tuple[np.ndarray, dict]:
-    """Generates for a list of prompt id lists; returns (generated ids [N, gen_length], stats).
-
-    Prompts are left-padded to a multiple of --prompt_bucket (at most what the model's length
-    allows) and the batch is filled up to a multiple of the batch axes by repeating the last
-    prompt; the extra rows are dropped. images (LLaDA-V): one
-    `multimodal_data.EncodedConversation` per prompt, whose placeholders the prompt ids hold.
-    """
-    tokens, mask = pad_prompts(prompts, pad_id)
-    limit = config.model.max_sequence_length - sampler.gen_length
-    bucket = PROMPT_BUCKET.value
-    width = max(tokens.shape[1], min(limit, -(-tokens.shape[1] // bucket) * bucket))
-    rows = -(-len(prompts) // batch_rows(mesh)) * batch_rows(mesh)
-    padded_tokens = np.full((rows, width), pad_id, np.int32)
-    padded_mask = np.zeros((rows, width), bool)
-    padded_tokens[:len(prompts), width - tokens.shape[1]:] = tokens
-    padded_mask[:len(prompts), width - tokens.shape[1]:] = mask
-    padded_tokens[len(prompts):] = padded_tokens[len(prompts) - 1]
-    padded_mask[len(prompts):] = padded_mask[len(prompts) - 1]
-    start = time.perf_counter()
-    host_batch = {"tokens": padded_tokens, "mask": padded_mask}
-    if images is not None:
-        from llada_jax.data import multimodal_data
-        from llada_jax.model.multimodal import IMAGE_FIELDS
-
-        canvas = np.concatenate(
-            [padded_tokens, np.full((rows, sampler.gen_length), sampler.mask_id, np.int32)], 1)
-        vision = config.vision
-        host_batch.update(multimodal_data.image_inputs(
-            canvas, list(images) + [images[-1]] * (rows - len(prompts)), vision.max_views,
-            vision.image_size, (vision.image_size // vision.patch_size) ** 2))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(config)):
-        batch = parallel.global_batch(host_batch, mesh)
-        out = generate(params, model, batch["tokens"], batch["mask"], sampler, rng,
-                       images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
-                       return_stats=True)
-        generated = to_host(out.tokens)[:len(prompts), width:]
-    seconds = time.perf_counter() - start
-    stats = {"seconds": seconds, "forward_passes": int(out.num_forward_passes),
-             "generated_tokens": len(prompts) * sampler.gen_length}
-    return generated, stats
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as numpy on every process (gathered when it spans several hosts)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
-    """Generated ids up to (without) the first EOS or EoT."""
-    out = []
-    for i in generated:
-        if int(i) in (tokenizer.eos_id, tokenizer.eot_id):
-            break
-        out.append(int(i))
-    return out
+def seed(generator: Generator) -> int:
+    return generator.config.sampler.seed if SEED.value is None else SEED.value

@@ -6,11 +6,19 @@ sampler over a batch of prompts of any lengths. Prompts are left-padded to a buc
 the batch is filled up to a multiple of the mesh's batch axes, so a few compiled programs serve
 every request. The launch programs (generate, chat, evaluate), the notebooks, the lm-eval model
 and the server all call this module.
+
+A `Generator` without a mesh (`mesh=None`: params as they are, e.g. fresh from training in a
+test) runs the sampler on unsharded host arrays; with a mesh the batch is sharded over its batch
+axes. LLaDA-V: `image_prompt` renders a conversation about images, and `generate_ids(images=...)`
+lays the images' views over the sampler's canvas.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +29,10 @@ import ml_collections
 import numpy as np
 
 from llada_jax import parallel
+from llada_jax.data import multimodal_data
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.diffusion.sampler import SamplerConfig, generate, pad_prompts
+from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.train import checkpoint, state
 
 
@@ -39,9 +49,27 @@ class GenerationOutput:
         return int(self.tokens.size)
 
 
+def sampling_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1) -> Any:
+    """A mesh over every device for sampling or scoring (a deployment choice, independent of
+    how the model was trained); -1 fills an axis. ValueError when the sizes do not fit."""
+    mesh_config = ml_collections.ConfigDict({"mesh": {
+        "data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}})
+    return parallel.make_mesh(mesh_config)
+
+
 def batch_rows(mesh: Any) -> int:
-    """Rows a prompt batch must be a multiple of: the size of the mesh's batch axes."""
+    """Rows a prompt batch must be a multiple of: the size of the mesh's batch axes (1 without
+    a mesh)."""
+    if mesh is None:
+        return 1
     return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES if a in mesh.shape]))
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: ml_collections.ConfigDict, where: str) -> None:
+    """ValueError naming the tokenizer (`where`) when it has ids the model cannot embed."""
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"{where} has {tokenizer.vocab_size} ids but the model's vocab_size "
+                         f"is {config.model.vocab_size}")
 
 
 def bucketed_width(longest: int, bucket: int, limit: int) -> int:
@@ -76,6 +104,21 @@ def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int, *, rows_multiple
     return out_tokens, out_mask
 
 
+def shard_batch(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    """The same whole batch on every process -> global arrays split over the mesh's batch axes.
+
+    Each process places the rows of its own devices (on several hosts every process builds the
+    same requests, so each holds every row; `parallel.global_batch` is for per-process slices).
+    """
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        out[name] = jax.make_array_from_callback(value.shape,
+                                                 parallel.batch_sharding(mesh, value.ndim),
+                                                 lambda index, v=value: v[index])
+    return out
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array as numpy on every process (gathered when it spans several hosts)."""
     if x.is_fully_addressable:
@@ -97,7 +140,8 @@ def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
 
 @dataclasses.dataclass
 class Generator:
-    """A model, its params sharded on `mesh`, and its tokenizer: what sampling needs."""
+    """A model, its params (sharded on `mesh`, or unsharded with `mesh=None`) and its
+    tokenizer: what sampling needs."""
 
     config: ml_collections.ConfigDict
     model: nn.Module
@@ -106,22 +150,64 @@ class Generator:
     mesh: Any
 
     @classmethod
-    def load(cls, path: str, *, step: int | None = None, tokenizer: str | None = None,
-             mesh: Any = None) -> Generator:
-        """Params of a checkpoint (trainer workdir or params directory) sharded on `mesh`
-        (default: fsdp over every device), with `tokenizer` (default: the checkpoint's
-        `config.data.tokenizer`)."""
-        if mesh is None:
-            mesh_config = ml_collections.ConfigDict({"mesh": {
-                "data": 1, "fsdp": -1, "expert": 1, "tensor": 1}})
-            mesh = parallel.make_mesh(mesh_config)
+    def load(cls, path: str, *, step: int | None = None, tokenizer: str | Tokenizer | None = None,
+             mesh: Any = None, tokenizer_where: str | None = None) -> Generator:
+        """Params of a checkpoint (trainer workdir, params directory or imported HF checkpoint)
+        sharded on `mesh` (default: fsdp over every device), with `tokenizer` (a spec or a
+        loaded one; default: the checkpoint's `config.data.tokenizer`). `tokenizer_where`: how
+        a vocabulary mismatch names the tokenizer (e.g. the flag that chose it)."""
+        mesh = sampling_mesh() if mesh is None else mesh
         config, params = checkpoint.load_params(path, step, mesh=mesh)
-        spec = tokenizer or config.data.tokenizer
-        loaded = load_tokenizer(spec)
-        if loaded.vocab_size > config.model.vocab_size:
-            where = f"tokenizer {spec!r}"
-            raise ValueError(f"{where} has {loaded.vocab_size} ids but the model's vocab_size "
-                             f"is {config.model.vocab_size}")
+        return cls.from_params(config, params, mesh, tokenizer=tokenizer,
+                               tokenizer_where=tokenizer_where)
+
+    @classmethod
+    def from_hf(cls, hf_dir: str, *, tokenizer: str | None = None, mesh: Any = None,
+                param_dtype: str | None = None, dtype: str | None = None) -> Generator:
+        """A Hugging Face LLaDA checkpoint directory, imported in memory (no conversion step).
+
+        The config is the library defaults with the model section of its config.json; params
+        are placed on `mesh` (default: fsdp over every device) by the project's rule table.
+        `param_dtype`: the params' dtype (default: the checkpoint's); `dtype`: the compute dtype
+        (default float32; 'bfloat16' on TPUs and GPUs). `tokenizer`: a spec; default `hf:hf_dir`,
+        which needs its `tokenizer.json` (an export of a model trained with the built-in
+        character tokenizer needs `tokenizer='char'`).
+        """
+        from llada_jax import config as config_lib
+        from llada_jax.interop import hf
+
+        if not os.path.isdir(hf_dir):
+            raise FileNotFoundError(f"Hugging Face checkpoint directory not found: {hf_dir}")
+        if tokenizer is None:
+            if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+                raise FileNotFoundError(f"{hf_dir} has no tokenizer.json; pass tokenizer= (e.g. "
+                                        f"'char' or 'hf:DIR')")
+            tokenizer = "hf:" + os.path.abspath(hf_dir)
+        config = config_lib.default_config()
+        mesh = sampling_mesh() if mesh is None else mesh
+        model_config, params = hf.import_hf(hf_dir, mesh=mesh, rules=parallel.logical_rules(config),
+                                            param_dtype=param_dtype,
+                                            overrides=None if dtype is None else {"dtype": dtype})
+        for name, value in dataclasses.asdict(model_config).items():
+            config.model[name] = value
+        config.data.tokenizer = tokenizer
+        config.train.seq_len = min(config.train.seq_len, model_config.max_sequence_length)
+        config_lib.validate(config)
+        return cls.from_params(config, params, mesh, tokenizer=tokenizer)
+
+    @classmethod
+    def from_params(cls, config: ml_collections.ConfigDict, params: Any, mesh: Any = None, *,
+                    tokenizer: str | Tokenizer | None = None,
+                    tokenizer_where: str | None = None) -> Generator:
+        """A generator over params already in memory (placed on `mesh`, or unsharded)."""
+        if isinstance(tokenizer, Tokenizer):
+            loaded, where = tokenizer, "the tokenizer"
+        else:
+            spec = tokenizer or config.data.tokenizer
+            where = f"tokenizer {spec!r}" if tokenizer else \
+                f"the checkpoint's tokenizer {spec!r} (config.data.tokenizer)"
+            loaded = load_tokenizer(spec)
+        check_tokenizer(loaded, config, tokenizer_where or where)
         return cls(config, state.make_model(config), params, loaded, mesh)
 
     def sampler(self, **overrides: Any) -> SamplerConfig:
@@ -132,15 +218,17 @@ class Generator:
     def max_prompt_length(self, sampler: SamplerConfig) -> int:
         return self.config.model.max_sequence_length - sampler.gen_length
 
-    def check_prompt_length(self, sampler: SamplerConfig, length: int, where: str) -> None:
-        """Raises ValueError naming the prompt (`where`) when it leaves no room for the answer."""
+    def check_prompt_length(self, sampler: SamplerConfig, length: int, where: str, *,
+                            gen_length_name: str = "gen_length") -> None:
+        """Raises ValueError naming the prompt (`where`) when it leaves no room for the answer
+        (`gen_length_name`: how the hint names the setting, e.g. its flag)."""
         limit = self.max_prompt_length(sampler)
         if length > limit:
             raise ValueError(
                 f"{where}: the prompt has {length} tokens, but the model's max_sequence_length="
                 f"{self.config.model.max_sequence_length} leaves room for at most {limit} "
                 f"beside gen_length={sampler.gen_length} (shorten the prompt or lower "
-                f"gen_length)")
+                f"{gen_length_name})")
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampler: SamplerConfig, *,
                      seed: int | jax.Array = 0, images: Sequence[Any] | None = None,
@@ -150,8 +238,8 @@ class Generator:
         Prompts are left-padded to a multiple of `prompt_bucket` tokens (at most what the
         model's length allows) and the batch is filled up to a multiple of the batch axes.
         `seed` is an int or a PRNG key. images (LLaDA-V): one
-        `multimodal_data.EncodedConversation` per prompt, whose placeholders the prompt ids
-        hold.
+        `multimodal_data.EncodedConversation` per prompt (see `image_prompt`), whose
+        placeholders the prompt ids hold.
         """
         count = len(prompts)
         longest = max((len(p) for p in prompts), default=0)
@@ -161,28 +249,65 @@ class Generator:
         rng = jax.random.key(seed) if isinstance(seed, int) else seed
         host_batch = {"tokens": tokens, "mask": mask}
         if images is not None:
-            from llada_jax.data import multimodal_data
-            from llada_jax.model.multimodal import IMAGE_FIELDS
-
             if len(images) != count:
                 raise ValueError(f"images: expected one per prompt ({count}), found "
                                  f"{len(images)}")
-            canvas = np.concatenate(
-                [tokens, np.full((len(tokens), sampler.gen_length), sampler.mask_id, np.int32)],
-                1)
-            vision = self.config.vision
-            host_batch.update(multimodal_data.image_inputs(
-                canvas, list(images) + [images[-1]] * (len(tokens) - count), vision.max_views,
-                vision.image_size, (vision.image_size // vision.patch_size) ** 2))
+            host_batch.update(self._image_inputs(tokens, list(images), sampler))
         start = time.perf_counter()
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.logical_rules(self.config)):
-            batch = parallel.global_batch(host_batch, self.mesh)
+        with self.mesh_context():
+            batch = host_batch if self.mesh is None else shard_batch(host_batch, self.mesh)
             out = generate(self.params, self.model, batch["tokens"], batch["mask"], sampler, rng,
                            images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
                            return_stats=True)
             generated = to_host(out.tokens)[:count, width:]
         return GenerationOutput(generated, time.perf_counter() - start,
                                 int(out.num_forward_passes))
+
+    def mesh_context(self) -> contextlib.AbstractContextManager:
+        """The mesh and the logical-axis rules every call runs under (nothing without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(parallel.logical_rules(self.config)))
+        return stack
+
+    def _image_inputs(self, tokens: np.ndarray, conversations: list,
+                      sampler: SamplerConfig) -> dict[str, np.ndarray]:
+        """LLaDA-V: the image arrays of prompt rows `tokens` [R, W] laid over the sampler's
+        canvas (the prompt, then gen_length masks); padding rows repeat the last image."""
+        canvas = np.concatenate(
+            [tokens, np.full((len(tokens), sampler.gen_length), sampler.mask_id, np.int32)], 1)
+        conversations += [conversations[-1]] * (len(tokens) - len(conversations))
+        vision = self.config.vision
+        return multimodal_data.image_inputs(
+            canvas, conversations, vision.max_views, vision.image_size,
+            (vision.image_size // vision.patch_size) ** 2)
+
+    def image_prompt(self, messages: str | Sequence[dict], images: Sequence[Any]) -> Any:
+        """LLaDA-V: a conversation about `images` (paths, PIL images or uint8 [H, W, 3]) rendered
+        up to the assistant header, as a `multimodal_data.EncodedConversation` (its `ids` hold
+        the images' placeholder positions). A string is one user turn; the first user message
+        gets `<image>\\n` before its text unless it places `<image>` itself."""
+        if not self.config.vision.enabled:
+            raise ValueError("images need a LLaDA-V checkpoint (its config has "
+                             "vision.enabled=False)")
+        messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else \
+            [dict(m) for m in messages]
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError("image_prompt: the conversation has no user message to attach the "
+                             "image to")
+        if multimodal_data.IMAGE_MARK not in first_user["content"]:
+            first_user["content"] = multimodal_data.IMAGE_MARK + "\n" + first_user["content"]
+        return multimodal_data.encode_conversation(
+            messages, list(images), self.tokenizer, self.image_processor,
+            add_generation_prompt=True)
+
+    @functools.cached_property
+    def image_processor(self) -> Any:
+        """LLaDA-V: how the checkpoint turns images into views (`multimodal_data`)."""
+        return multimodal_data.ImageProcessor.from_config(self.config)
 
     def encode_prompt(self, prompt: str | Sequence[dict], *, chat: bool) -> list[int]:
         """Prompt ids: with `chat`, a string is one user turn and a list of
@@ -197,16 +322,35 @@ class Generator:
                              f"(pass chat=True for conversations)")
         return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
 
+    def decode_answer(self, generated: Sequence[int]) -> str:
+        """The text of generated ids up to their first EOS / EoT."""
+        return self.tokenizer.decode(answer_ids(generated, self.tokenizer))
+
     def generate_text(self, prompts: Sequence[str | Sequence[dict]],
                       sampler: SamplerConfig | None = None, *, chat: bool = False,
-                      seed: int = 0, prompt_bucket: int = 32) -> list[str]:
-        """Completions of `prompts`, each cut at its first EOS / EoT (see `encode_prompt`)."""
+                      seed: int = 0, prompt_bucket: int = 32,
+                      images: Sequence[Any] | None = None) -> list[str]:
+        """Completions of `prompts`, each cut at its first EOS / EoT (see `encode_prompt`).
+
+        images (LLaDA-V): one image per prompt; each prompt (a question or a conversation) is
+        then rendered by `image_prompt` about its image.
+        """
         if isinstance(prompts, (str, dict)):
             raise ValueError("prompts: expected a list of prompts, found a single one; wrap it "
                              "in a list")
         sampler = sampler or self.sampler()
-        ids = [self.encode_prompt(p, chat=chat) for p in prompts]
+        encoded = None
+        if images is not None:
+            if len(images) != len(prompts):
+                raise ValueError(f"images: expected one per prompt ({len(prompts)}), found "
+                                 f"{len(images)}")
+            encoded = [self.image_prompt(p, [image])
+                       for p, image in zip(prompts, images, strict=True)]
+            ids = [conversation.ids for conversation in encoded]
+        else:
+            ids = [self.encode_prompt(p, chat=chat) for p in prompts]
         for i, row in enumerate(ids):
             self.check_prompt_length(sampler, len(row), f"prompt {i}")
-        out = self.generate_ids(ids, sampler, seed=seed, prompt_bucket=prompt_bucket)
-        return [self.tokenizer.decode(answer_ids(row, self.tokenizer)) for row in out.tokens]
+        out = self.generate_ids(ids, sampler, seed=seed, prompt_bucket=prompt_bucket,
+                                images=encoded)
+        return [self.decode_answer(row) for row in out.tokens]

@@ -59,3 +59,33 @@ def test_text_in_text_out_and_length_errors(generator):
         gen.generate_text("ab")
     with pytest.raises(ValueError, match=r"^prompt 0: the prompt has \d+ tokens"):
         gen.generate_text(["x" * 200])
+
+
+def test_from_hf_round_trips_an_export(tmp_path):
+    import dataclasses
+
+    from llada_jax import config as config_lib
+    from llada_jax import parallel
+    from llada_jax.interop import hf
+    from llada_jax.train import optimizer, state
+
+    config = default_config()
+    mesh = parallel.make_mesh(config)
+    model = state.make_model(config)
+    params = state.create_train_state(model, optimizer.make_optimizer(config.train), mesh,
+                                      parallel.logical_rules(config), seed=3).params
+    export = str(tmp_path / "export")
+    hf.export_hf(params, config_lib.model_config(config), export, dtype="float32")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        generation.Generator.from_hf(export)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        generation.Generator.from_hf(str(tmp_path / "missing"), tokenizer="char")
+    loaded = generation.Generator.from_hf(export, tokenizer="char", dtype="bfloat16")
+    assert loaded.config.model.d_model == config.model.d_model
+    # The architecture and ids from config.json; bf16 compute as asked, float32 params as stored.
+    assert loaded.model.config == dataclasses.replace(config_lib.model_config(config),
+                                                      dtype="bfloat16")
+    assert loaded.tokenizer.vocab_size <= loaded.config.model.vocab_size
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert loaded.params["wte"].sharding.spec == params["wte"].sharding.spec

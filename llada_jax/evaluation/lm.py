@@ -26,6 +26,17 @@ Monte Carlo noise from its own key (the seed folded with a hash of its token ids
 does not depend on which other requests share its batch or on their order. (Generation at
 temperature 0 is deterministic; at T > 0 one key serves a batch.)
 
+Devices: the model holds a `generation.Generator`. Loaded from a checkpoint, the params are
+sharded on `mesh` (default: fsdp over every device); likelihood and generation batches are then
+a multiple of the mesh's batch axes (`pairs_per_call` and `gen_batch_size` are rounded up) and
+split over them. Given `params` without a mesh (tests, the trainer's evaluators), arrays stay
+unsharded.
+
+Chat templates: lm-eval's `--apply_chat_template` calls `apply_chat_template`, which renders the
+LLaDA chat template as text (the released template's output); `encode` reads the special-token
+strings of such a context back as their ids. (`chat=true` is this model's own simpler path: each
+context becomes one user turn.)
+
 Finished requests go to a `RequestCache` (JSONL, keyed by request hash and a fingerprint of the
 settings): an interrupted evaluation resumes without recomputing them.
 """
@@ -36,6 +47,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,13 +59,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llada_jax.data.eval_records import encode_pair
-from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
+from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
-from llada_jax.diffusion.sampler import SamplerConfig, generate
+from llada_jax.diffusion.sampler import SamplerConfig
 from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
-from llada_jax.train import checkpoint as checkpoint_lib
-from llada_jax.train import state as state_lib
+from llada_jax.generation import Generator, answer_ids, batch_rows, shard_batch, to_host
 
 # Sampler fields a model argument may set (the rest come from the checkpoint's config.sampler).
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking",
@@ -73,8 +84,10 @@ def pair_rng(seed: int, context_ids: Sequence[int], continuation_ids: Sequence[i
                                              "mask_id"))
 def _pair_estimates(params, tokens, attention_mask, positions, answer_mask, keys, *, model,
                     mc_num, batch_size, cfg_scale, mask_id):
-    """Estimates [P] of P pairs [P, L], each from its own key (vmapped, so independent)."""
+    """Estimates [P] of P pairs [P, L], each from its own key (raw key data [P, 2]; vmapped, so
+    independent)."""
     forward = functools.partial(model.apply, {"params": params})
+    keys = jax.random.wrap_key_data(keys)
 
     def one(t, m, pos, a, key):
         return elbo_estimate(forward, t[None], m[None], pos[None], a[None], key, mc_num=mc_num,
@@ -122,9 +135,7 @@ class LladaJaxLM(LM):
                              f"chat, pairs_per_call, pad_multiple, gen_batch_size, "
                              f"prompt_bucket, seed, cache_path or a sampler field "
                              f"{list(SAMPLER_FIELDS)}")
-        if checkpoint is not None:
-            config, params = checkpoint_lib.load_params(str(checkpoint), step, mesh=mesh)
-        elif params is None or config is None:
+        if checkpoint is None and (params is None or config is None):
             raise ValueError("llada_jax model: give checkpoint=<directory>, or params and config")
         if mc_batch_size is None:
             mc_batch_size = 16 if batch_size in (None, "auto") else int(batch_size)
@@ -144,13 +155,21 @@ class LladaJaxLM(LM):
                                  f"integer, found {value}")
         if float(cfg) < 0:
             raise ValueError(f"llada_jax model argument cfg: expected >= 0, found {cfg}")
-        self.config, self.params = config, params
-        self.model = state_lib.make_model(config)
-        self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
-                          else load_tokenizer(tokenizer or config.data.tokenizer))
+        if checkpoint is not None:   # params sharded on `mesh` (default: every device)
+            self.generator = Generator.load(str(checkpoint), step=step, tokenizer=tokenizer,
+                                            mesh=mesh)
+        else:                        # params as given; sharded batches only with a mesh
+            self.generator = Generator.from_params(config, params, mesh, tokenizer=tokenizer)
+        config, self.config, self.params = (self.generator.config, self.generator.config,
+                                            self.generator.params)
+        self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
         if self.tokenizer.pad_id == config.model.mask_token_id:
             raise ValueError(f"llada_jax model: the tokenizer's pad id {self.tokenizer.pad_id} "
                              f"equals the mask id; padding would be read as masks")
+        # Every batch fills the mesh's batch axes: its rows are a multiple of their size.
+        self.row_multiple = batch_rows(self.generator.mesh)
+        pairs_per_call = round_up(int(pairs_per_call), self.row_multiple)
+        gen_batch_size = round_up(int(gen_batch_size), self.row_multiple)
         self.mc_num, self.mc_batch_size, self.cfg = mc_num, mc_batch_size, float(cfg)
         self.add_bos, self.chat = _as_bool(add_bos, "add_bos"), _as_bool(chat, "chat")
         self.pairs_per_call, self.pad_multiple = int(pairs_per_call), int(pad_multiple)
@@ -171,8 +190,11 @@ class LladaJaxLM(LM):
             sort_keys=True, default=str)
         self.request_cache = RequestCache(cache_path)
         self.model_calls = 0   # compiled-program invocations (tests count them)
-        # Batches are padded to a multiple of this (the mesh's batch axes; launch/evaluate.py).
-        self.row_multiple = 1
+        self._tokenizer_name = (tokenizer if isinstance(tokenizer, str) else
+                                config.data.tokenizer if tokenizer is None else
+                                type(tokenizer).__name__)
+        self._find_special_tokens()
+        self._text_encoder = _TextEncoder(self.encode)
 
     # ----------------------------------------------------------------- shared machinery
     def _run_cached(self, kind: str, requests: list, prepare: Callable[[Any], Any],
@@ -216,16 +238,60 @@ class LladaJaxLM(LM):
               file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------- likelihood
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`. Special-token strings in it (a context rendered by
+        `apply_chat_template`) become their ids, as a Hugging Face tokenizer parses them."""
+        if self._special_pattern is None:
+            return self.tokenizer.encode(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._special_pattern.split(text)):
+            if i % 2:
+                ids.append(self._special_by_text[piece])
+            elif piece:
+                ids += self.tokenizer.encode(piece)
+        return ids
+
+    def _find_special_tokens(self) -> None:
+        """How `encode` finds special tokens: not at all when the tokenizer parses them itself."""
+        self._special_pattern = None
+        self._special_by_text = {self.tokenizer.decode([i], skip_special=False): i
+                                 for i in sorted(self.tokenizer.special_ids)}
+        eot = self.tokenizer.decode([self.tokenizer.eot_id], skip_special=False)
+        if self.tokenizer.encode(eot) != [self.tokenizer.eot_id]:
+            texts = sorted(self._special_by_text, key=len, reverse=True)
+            self._special_pattern = re.compile("(" + "|".join(map(re.escape, texts)) + ")")
+
+    # ----------------------------------------------------------------- chat templates
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """lm-eval's `--apply_chat_template`: the conversation in the LLaDA chat template as
+        text (BOS, each turn `<|start_header_id|>role<|end_header_id|>\\n\\n` + trimmed
+        content + `<|eot_id|>`, then the open assistant header), which `encode` reads back."""
+        ids = self.tokenizer.render_chat(chat_history,
+                                         add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.decode(ids, skip_special=False)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._tokenizer_name
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval records: the tokenizer's own (Hugging Face) or the built-in
+        rendering of the LLaDA format."""
+        if chat_template is False or chat_template is None:
+            return None
+        return getattr(self.tokenizer, "chat_template", None) or "llada_jax render_chat"
+
     def _encode_context(self, context: str) -> list[int]:
         prefix = [self.tokenizer.bos_id] if self.add_bos else []
-        return prefix + self.tokenizer.encode(context)
+        return prefix + self.encode(context)
 
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if self.chat:
             return (self.tokenizer.render_chat([{"role": "user", "content": context}]),
                     self.tokenizer.encode(continuation))
         prefix = [self.tokenizer.bos_id] if self.add_bos else []
-        context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation,
+        context_ids, continuation_ids = encode_pair(self._text_encoder, context, continuation,
                                                     where=f"request {context[-40:]!r}")
         return prefix + context_ids, continuation_ids
 
@@ -247,14 +313,19 @@ class LladaJaxLM(LM):
         packed = [pack_pairs([p], [a], self.tokenizer.pad_id, self.pad_multiple) for p, a in rows]
         arrays = {k: np.concatenate([b[k] for b in packed]) for k in packed[0]}
         # pair_rng then fold_in(., 0): the key `log_likelihood` would use for this pair alone.
-        keys = jax.numpy.stack([jax.random.fold_in(pair_rng(self.seed, p, a), 0) for p, a in rows])
+        arrays["keys"] = np.stack([jax.random.key_data(jax.random.fold_in(pair_rng(
+            self.seed, p, a), 0)) for p, a in rows])
         mc_num, mc_batch = (1, 1) if single else (self.mc_num, self.mc_batch_size)
         self.model_calls += 1
-        out = _pair_estimates(self.params, arrays["tokens"], arrays["attention_mask"],
-                              arrays["positions"], arrays["answer_mask"], keys, model=self.model,
-                              mc_num=mc_num, batch_size=mc_batch, cfg_scale=self.cfg,
-                              mask_id=int(self.config.model.mask_token_id))
-        return [float(v) for v in np.asarray(out)[:len(pairs)]]
+        with self.generator.mesh_context():
+            if self.generator.mesh is not None:   # rows split over the mesh's batch axes
+                arrays = shard_batch(arrays, self.generator.mesh)
+            out = _pair_estimates(self.params, arrays["tokens"], arrays["attention_mask"],
+                                  arrays["positions"], arrays["answer_mask"], arrays["keys"],
+                                  model=self.model, mc_num=mc_num, batch_size=mc_batch,
+                                  cfg_scale=self.cfg,
+                                  mask_id=int(self.config.model.mask_token_id))
+            return [float(v) for v in to_host(out)[:len(pairs)]]
 
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
         return self._run_cached(
@@ -266,7 +337,7 @@ class LladaJaxLM(LM):
     def loglikelihood_rolling(self, requests: list) -> list[float]:
         def windows(request) -> list[tuple[list[int], list[int]]]:
             prefix = [self.tokenizer.bos_id] if self.add_bos else []
-            ids = self.tokenizer.encode(request.args[0])
+            ids = self.encode(request.args[0])
             room = self.max_length - round_up(len(prefix), self.pad_multiple)
             room -= room % self.pad_multiple
             if room <= 0:
@@ -319,23 +390,17 @@ class LladaJaxLM(LM):
         return ids, self.sampler_for(gen_kwargs.get("max_gen_toks")), until
 
     def _generate_batch(self, bucket: tuple[int, SamplerConfig], items: list) -> list[str]:
-        width, sampler = bucket
+        _, sampler = bucket
         size = padded_size(len(items), self.gen_batch_size, self.row_multiple)
         rows = [items[i] for i in pad_batch(list(range(len(items))), size)]
-        tokens = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros(tokens.shape, bool)
-        for r, (ids, _, _) in enumerate(rows):
-            tokens[r, width - len(ids):] = ids
-            mask[r, width - len(ids):] = True
         rng = pair_rng(self.seed, rows[0][0], [sampler.gen_length])
         self.model_calls += 1
-        out = np.asarray(generate(self.params, self.model, tokens, mask, sampler, rng))
+        out = self.generator.generate_ids([ids for ids, _, _ in rows], sampler, seed=rng,
+                                          prompt_bucket=self.prompt_bucket)
         texts = []
-        stops = {self.tokenizer.eos_id, self.tokenizer.eot_id}
-        for r, (_, _, until) in enumerate(items):
-            generated = [int(t) for t in out[r, width:]]
-            end = next((i for i, t in enumerate(generated) if t in stops), len(generated))
-            text = self.tokenizer.decode(generated[:end], skip_special=True)
+        for generated, (_, _, until) in zip(out.tokens, items, strict=False):
+            text = self.tokenizer.decode(answer_ids(generated, self.tokenizer),
+                                         skip_special=True)
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
@@ -347,6 +412,13 @@ class LladaJaxLM(LM):
             "generate_until", requests, self._prompt, lambda item: len(item[0]),
             lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
             self.gen_batch_size, self._generate_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TextEncoder:
+    """What `encode_pair` needs of a tokenizer: `encode` (here the LM's special-aware one)."""
+
+    encode: Callable[[str], list[int]]
 
 
 def _jsonable(args: Any) -> Any:
