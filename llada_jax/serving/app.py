@@ -91,12 +91,13 @@ class Server:
                         pieces.append(part.text)
                         continue
                     field = f"messages[{i}].content[{j}].image_url.url"
+                    picture = protocol.decode_data_url(part.image_url.url, field)
                     if not self.generator.config.vision.enabled:
                         raise RequestError(field, f"model {self.model_name!r} has no vision "
                                            f"tower (not a LLaDA-V checkpoint); send text only")
                     if message.role != "user":
                         raise RequestError(field, "images go in user messages")
-                    pictures.append(protocol.decode_data_url(part.image_url.url, field))
+                    pictures.append(picture)
                     pieces.append(md.IMAGE_MARK)
                 text = "\n".join(pieces)
             messages.append({"role": message.role, "content": text})

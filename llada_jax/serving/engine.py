@@ -192,6 +192,7 @@ class Engine:
             jobs = [Job([bos], sampler, w) for _ in range(b)]
             self._run(jobs)
         self.metrics.set("warmup_compilations", self.metrics.compilations - before)
+        self.metrics.reset_batches()   # the metrics describe requests, not warm-up
         return len(programs)
 
     def default_steps(self, gen_length: int, block_length: int) -> int:

@@ -64,6 +64,12 @@ class Metrics:
             with self._lock:
                 self.compilations += 1
 
+    def reset_batches(self) -> None:
+        with self._lock:
+            self.batches = self.batch_rows = self.batch_requests = self.forward_passes = 0
+            self.busy_seconds = 0.0
+            self.batch_size = _Histogram(BATCH_BUCKETS)
+
     def request_done(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
