@@ -78,13 +78,20 @@ class _Server:
              "--batch_window_ms=200", f"--max_queue={MAX_QUEUE}", "--mesh_fsdp=1"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.log_path = log_path
-        deadline = time.monotonic() + 120
+        self.started = False
+
+    def ready(self) -> "_Server":
+        """Waits until the server answers (it loads and compiles while the test goes on)."""
+        if self.started:
+            return self
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited: {self.output()}")
             try:
                 if _request(f"{self.url}/health").status_code == 200:
-                    return
+                    self.started = True
+                    return self
             except OSError:
                 time.sleep(0.2)
         raise AssertionError(f"server did not start: {self.output()}")
@@ -95,14 +102,14 @@ class _Server:
             return f.read()
 
     def metrics(self) -> dict[str, float]:
-        return parse_metrics(_request(f"{self.url}/metrics").text)
+        return parse_metrics(_request(f"{self.ready().url}/metrics").text)
 
     def post(self, path: str, body) -> _Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return _request(f"{self.url}{path}", "POST", content)
+        return _request(f"{self.ready().url}{path}", "POST", content)
 
     def slots(self) -> int:
-        return _request(f"{self.url}/health").json()["slots_in_use"]
+        return _request(f"{self.ready().url}/health").json()["slots_in_use"]
 
     def stop(self):
         if self.process.poll() is None:
@@ -131,24 +138,30 @@ def server(checkpoint, tmp_path_factory):
     running.stop()
 
 
+def _client(server):
+    return openai.OpenAI(base_url=f"{server.ready().url}/v1", api_key="unused", max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return _client(server)
 
 
-def test_completion_and_chat_equal_the_library_alone(server, client, checkpoint):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+def test_completion_and_chat_equal_the_library_alone(server, checkpoint):
+    # The library's answers first (the server compiles meanwhile).
     one_device = default_config()
     one_device.mesh.fsdp = 1
     gen = generation.Generator.load(checkpoint,
                                     mesh=parallel.make_mesh(one_device, jax.devices()[:1]))
     sampler = gen.sampler()   # gen 8, block 4, steps 4: the server's defaults
-    completion = client.completions.create(model=MODEL, prompt="abc", max_tokens=8)
-    chat = client.chat.completions.create(model=MODEL, messages=[
-        {"role": "user", "content": "hello"}])
     expected_completion, expected_chat = (
         gen.generate_text(["abc"], sampler, prompt_bucket=32)[0],
         gen.generate_text(["hello"], sampler, chat=True, prompt_bucket=32)[0])
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    completion = client.completions.create(model=MODEL, prompt="abc", max_tokens=8)
+    chat = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "hello"}])
     assert completion.choices[0].text == expected_completion
     assert chat.choices[0].message.content == expected_chat
     assert chat.choices[0].message.role == "assistant"
