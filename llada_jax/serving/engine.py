@@ -332,6 +332,9 @@ class Engine:
         finally:
             _listeners.pop(tag, None)
         self.metrics.batch_done(rows, len(jobs), passes, time.perf_counter() - start)
+        with self._cond:   # the slots are free before any client hears back
+            self._running = 0
+            self._update_gauges()
         for i, job in enumerate(jobs):
             if not job.future.done():
                 job.future.set_result(generated[i])
