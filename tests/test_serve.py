@@ -189,6 +189,33 @@ def test_streaming_sends_one_chunk_per_block_then_done(server, client):
     assert raw.rstrip().endswith("data: [DONE]")
 
 
+def _wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_full_queue_is_429_and_the_server_goes_on(server):
+    # Random sampling runs one job per batch: 16 choices at a temperature not compiled yet hold
+    # 16 of the 24 slots for a while (the compile, then 16 batches), and 16 more do not fit.
+    body = {"prompt": "ab", "n": 16, "temperature": 0.7, "seed": 1}
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(r=server.post("/v1/completions",
+                                                                        body)))
+    thread.start()
+    assert _wait_for(lambda: server.slots() >= 16)
+    refused = server.post("/v1/completions", body)
+    assert refused.status_code == 429
+    assert "the queue is full (24 requests waiting or running)" in \
+        refused.json()["error"]["message"]
+    thread.join()
+    assert first["r"].status_code == 200 and len(first["r"].json()["choices"]) == 16
+    assert server.slots() == 0
+
+
 def test_n_choices_and_seeds(server, client):
     greedy = client.completions.create(model=MODEL, prompt="xy", n=3, max_tokens=8)
     assert len({c.text for c in greedy.choices}) == 1 and len(greedy.choices) == 3
@@ -258,33 +285,6 @@ def test_bad_input_is_refused_naming_the_field(server, body, status, message):
 def test_openai_client_sees_the_400_message(client):
     with pytest.raises(openai.BadRequestError, match="steps: expected a positive multiple"):
         client.completions.create(model=MODEL, prompt="a", extra_body={"steps": 3})
-
-
-def _wait_for(condition, seconds=30.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_full_queue_is_429_and_the_server_goes_on(server):
-    # Random sampling runs one job per batch: 16 choices hold 16 of the 24 slots for a while,
-    # and 16 more do not fit.
-    body = {"prompt": "ab", "n": 16, "temperature": 0.7, "seed": 1}
-    first = {}
-    thread = threading.Thread(target=lambda: first.update(r=server.post("/v1/completions",
-                                                                        body)))
-    thread.start()
-    assert _wait_for(lambda: server.slots() >= 16)
-    refused = server.post("/v1/completions", body)
-    assert refused.status_code == 429
-    assert "the queue is full (24 requests waiting or running)" in \
-        refused.json()["error"]["message"]
-    thread.join()
-    assert first["r"].status_code == 200 and len(first["r"].json()["choices"]) == 16
-    assert server.slots() == 0
 
 
 def test_disconnect_mid_stream_frees_the_slots(server):
