@@ -33,7 +33,7 @@ import threading
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint to serve (default: a tiny "
                                   "random model)")
@@ -143,6 +143,7 @@ def _phase(port: int, clients: int, seconds: float, extra: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)
     extra = json.loads(_EXTRA.value)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _CHECKPOINT.value or _tiny_checkpoint(tmp)

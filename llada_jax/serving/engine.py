@@ -4,8 +4,10 @@ A `Job` is one answer to generate (one choice of one request). `Engine.submit` p
 queue and returns a `concurrent.futures.Future` of its generated ids; ONE worker thread runs the
 sampler, so the event loop never blocks (handlers await the future). The worker takes the
 oldest job and every queued job that can share its program (same sampler settings and prompt
-width, and for random sampling not at all: see below) up to `max_batch`, waiting at most
-`batch_window` after the oldest arrived for more to come.
+width, and for random sampling not at all: see below) up to `max_batch`. When fewer are queued
+than the largest of the last few batches held, it waits up to `batch_window` (counted from when
+it became free) for more: clients answered together come back together, while a lone client's
+request, after lone requests, runs at once.
 
 Shapes are bounded so that a few programs, compiled at start-up (`warm_up`), serve every
 request inside the buckets:
@@ -42,6 +44,9 @@ from llada_jax import parallel
 from llada_jax.diffusion.sampler import SamplerConfig, generate
 from llada_jax.generation import Generator, batch_rows, prompt_batch, to_host
 from llada_jax.serving.metrics import Metrics
+
+# Batch sizes remembered to guess how many requests the next batch should wait for.
+_RECENT_BATCHES = 4
 
 # on_block(block index, block ids [block_length]), called from the sampler's callback thread.
 BlockListener = Callable[[int, np.ndarray], None]
@@ -143,6 +148,8 @@ class Engine:
         self._running = 0
         self._cond = threading.Condition()
         self._closing = False
+        self._recent_sizes = [1] * _RECENT_BATCHES
+        self._idle_since = 0.0
         self._serial = itertools.count()
         self._worker = threading.Thread(target=self._work, name="sampler", daemon=True)
 
@@ -255,12 +262,16 @@ class Engine:
             if not self._pending:
                 return None
             first = self._pending[0]
-            deadline = first.arrival + self.settings.batch_window
             limit = 1 if first.random else self.settings.max_batch
+            # Wait for as many as recent batches held (clients answered together come back
+            # together), counting the window from when the worker became free; a lone client
+            # (recent batches of one) never waits.
+            expected = min(limit, max(self._recent_sizes))
+            deadline = max(first.arrival, self._idle_since) + self.settings.batch_window
             while not self._closing:
                 mates = sum(1 for j in self._pending if j.group == first.group)
                 left = deadline - time.monotonic()
-                if mates >= limit or left <= 0 or first not in self._pending:
+                if mates >= expected or left <= 0 or first not in self._pending:
                     break
                 self._cond.wait(left)
             if first not in self._pending:   # cancelled while waiting
@@ -268,6 +279,7 @@ class Engine:
             batch = [j for j in self._pending if j.group == first.group][:limit]
             for j in batch:
                 self._pending.remove(j)
+            self._recent_sizes = [*self._recent_sizes[1:], len(batch)]
             self._running = len(batch)
             self._update_gauges()
             return batch
@@ -285,6 +297,7 @@ class Engine:
             finally:
                 with self._cond:
                     self._running = 0
+                    self._idle_since = time.monotonic()
                     self._update_gauges()
 
     # --- one batch ------------------------------------------------------------------------------
