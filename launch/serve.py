@@ -40,7 +40,7 @@ _BATCH_WINDOW_MS = flags.DEFINE_float("batch_window_ms", 10.0, "how long the old
                                       lower_bound=0)
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "requests (choices) waiting or running; more "
                                   "are refused with HTTP 429", lower_bound=1)
-_PROMPT_BUCKETS = flags.DEFINE_list("prompt_buckets", ["32", "64", "128", "256"],
+_PROMPT_BUCKETS = flags.DEFINE_list("prompt_buckets", ["64", "256", "1024"],
                                     "prompt widths (tokens) prompts are left-padded to")
 _GEN_BUCKETS = flags.DEFINE_list("gen_buckets", [], "generation lengths max_tokens is rounded "
                                  "up to (default: the sampler's gen_length)")

@@ -182,7 +182,8 @@ class Server:
                                                                   (k, None, future)))
             return StreamingResponse(
                 self._stream(jobs, answers, events, request_id, chat, endpoint, start),
-                media_type="text/event-stream")
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._complete(request, jobs, answers, prompt_tokens, request_id, chat,
                                     endpoint, start)
 

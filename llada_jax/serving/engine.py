@@ -29,6 +29,7 @@ blocks reach `_dispatch` on the host, which hands each row's block to its job's 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -65,7 +66,7 @@ class EngineSettings:
     max_batch: int = 8
     batch_window: float = 0.01          # seconds to wait for a batch to fill
     max_queue: int = 64                 # waiting + running jobs
-    prompt_buckets: tuple[int, ...] = (32, 64, 128)
+    prompt_buckets: tuple[int, ...] = (64, 256, 1024)
     gen_buckets: tuple[int, ...] = (32,)
     batch_sizes: tuple[int, ...] = ()   # default: powers of two times the mesh's batch rows
 
@@ -292,7 +293,7 @@ class Engine:
                 self._run(batch)
             except Exception as error:   # a bad batch fails its requests, not the server
                 for job in batch:
-                    if not job.future.done():
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
                         job.future.set_exception(error)
             finally:
                 with self._cond:
@@ -349,5 +350,5 @@ class Engine:
             self._running = 0
             self._update_gauges()
         for i, job in enumerate(jobs):
-            if not job.future.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled just now
                 job.future.set_result(generated[i])
