@@ -69,3 +69,19 @@ def test_whole_numbers_are_accepted_as_floats_and_user_is_ignored():
     request = protocol.parse(b'{"prompt": "a", "temperature": 1, "user": "me"}',
                              protocol.CompletionRequest)
     assert request.temperature == 1.0 and request.sampler_overrides() == {"temperature": 1.0}
+
+
+def test_a_bad_bucket_flag_is_one_error_line_before_loading(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, os.path.join(root, "launch", "serve.py"),
+         f"--checkpoint={tmp_path / 'missing'}", "--gen_buckets=8,x"],
+        capture_output=True, text=True, timeout=120, cwd=root, check=False,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --gen_buckets: expected comma-separated integers, found '8,x'")
