@@ -77,6 +77,10 @@ from llada_jax.config import SamplerConfig
 Forward = Callable[..., Any]
 # head(hidden [R, W, d]) -> logits [R, W, V]: the LM head, applied to the current block only.
 Head = Callable[[jax.Array], jax.Array]
+# on_block(block index, block tokens [B, block_length]), traced: a block has become final.
+BlockHook = Callable[[jax.Array, jax.Array], None]
+# stream(tag, block index, block tokens [B, block_length]) on the host (numpy values).
+StreamCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 # Prefix cache: windows [start, end) are rounded up so that at most this many distinct window
 # lengths (each its own compiled loop) exist; the cost is at most one window quantum of extra work.
@@ -320,7 +324,7 @@ class _LoopState(NamedTuple):
 
 def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array,
            gen_start: int, config: SamplerConfig, rng: jax.Array,
-           head: Head | None = None) -> SampleOutput:
+           head: Head | None = None, on_block: BlockHook | None = None) -> SampleOutput:
     """Runs the reverse process on a canvas (traceable; call it inside `jax.jit`).
 
     tokens int32 [B, L]: prompt columns [0, gen_start) then the generation region, whose masks
@@ -331,6 +335,10 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     head: the LM head (hidden [R, W, d] -> logits [R, W, V]). Given, `forward` is called with
     `return_hidden=True` and the head runs on the current block only, so no logits exist for the
     rest of the canvas. Without it `forward` returns logits and the block is sliced from them.
+
+    on_block: called (traced) as `on_block(block index, block tokens int32 [B, block_length])`
+    when a block is final, e.g. an `io_callback` that streams it (`generate(stream=...)`).
+    Blocks that early exit skips are not reported (the returned tokens hold them).
     """
     c = config
     batch, length = tokens.shape
@@ -457,6 +465,9 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
                               passes=s.passes + 1, positions=s.positions + computed, done=done)
 
         state = jax.lax.while_loop(keep_going, step, state)
+        if on_block is not None:
+            on_block(state.block,
+                     jax.lax.dynamic_slice_in_dim(state.tokens, block_start, bl, 1))
         return state._replace(block=state.block + 1)
 
     # Rows are finished by a stop token with nothing masked before it: any of `stop_ids` with
@@ -492,10 +503,16 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "gen_start"))
-def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, *, model, config,
-                  gen_start):
+@functools.partial(jax.jit, static_argnames=("model", "config", "gen_start", "stream"))
+def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, stream_tag=None, *,
+                  model, config, gen_start, stream=None):
     variables = {"params": params}
+    on_block = None
+    if stream is not None:
+        from jax.experimental import io_callback
+
+        def on_block(block, block_tokens):
+            io_callback(stream, None, stream_tag, block, block_tokens, ordered=False)
     # The LM head alone (`Transformer.logits_from_hidden` / `LLaDAV.logits_from_hidden`).
     head = functools.partial(model.apply, variables, method=type(model).logits_from_hidden)
     if images is None:
@@ -504,7 +521,8 @@ def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, *
         from llada_jax.model.multimodal import image_conditioned_forward
 
         forward = image_conditioned_forward(model, params, images)
-    return sample(forward, tokens, attention_mask, positions, gen_start, config, rng, head=head)
+    return sample(forward, tokens, attention_mask, positions, gen_start, config, rng, head=head,
+                  on_block=on_block)
 
 
 def _check_prompts(prompt_tokens, prompt_mask, config: SamplerConfig, model) -> None:
@@ -546,7 +564,8 @@ def _check_prompts(prompt_tokens, prompt_mask, config: SamplerConfig, model) -> 
 
 def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mask: jax.Array,
              config: SamplerConfig, rng: jax.Array, *, images: Sequence[jax.Array] | None = None,
-             return_stats: bool = False):
+             return_stats: bool = False, stream: StreamCallback | None = None,
+             stream_tag: int = 0):
     """Samples `config.gen_length` tokens after each prompt of a left-padded batch.
 
     prompt_tokens int32 [B, Lp], prompt_mask bool [B, Lp] (see `pad_prompts`). Returns tokens
@@ -557,6 +576,12 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
     canvas, `(pixel_values [B, V, H, W, 3], index [B, Lp + G, 4], weight [B, Lp + G, 4],
     is_newline [B, Lp + G])` (`multimodal_data.prompt_batch` makes them); the prompts hold the
     image placeholder ids. The image tokens are computed once, not at every step.
+
+    stream (serving): a host function called as `stream(stream_tag, block index, block tokens
+    int32 [B, block_length])` each time a block is final (a `jax.experimental.io_callback`, not
+    ordered). `stream_tag` is a traced int32, so one compiled program serves every batch; pass
+    the same function object each time (it is part of the compiled program's key). Without
+    `stream` the program is exactly the plain one.
     """
     prompt_tokens = prompt_tokens if isinstance(prompt_tokens, jax.Array) else np.asarray(
         prompt_tokens, np.int32)
@@ -574,6 +599,7 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
             raise ValueError(f"generate: images must be (pixel_values [B, V, H, W, 3], index, "
                              f"weight, is_newline) over the canvas [B, Lp + gen_length] = "
                              f"{list(expected)}; found shapes {[tuple(a.shape) for a in images]}")
-    out = _generate_jit(params, tokens, attention_mask, positions, rng, images, model=model,
-                        config=config, gen_start=prompt_tokens.shape[1])
+    tag = None if stream is None else jnp.int32(stream_tag)
+    out = _generate_jit(params, tokens, attention_mask, positions, rng, images, tag, model=model,
+                        config=config, gen_start=prompt_tokens.shape[1], stream=stream)
     return out if return_stats else out.tokens

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: request protocol, batching engine, metrics and the ASGI app."""
