@@ -15,11 +15,11 @@ import pytest
 
 from llada_jax.config import default_config
 from llada_jax.data import chat, pipeline, sources
-from llada_jax.data.validation import check as validate
 from llada_jax.data.schema import BadRecordError
 from llada_jax.data.sources import SourceSpec
 from llada_jax.data.synthetic import SyntheticTextSource
 from llada_jax.data.tokenizer import CharTokenizer
+from llada_jax.data.validation import check as validate
 
 TOK = CharTokenizer()
 BOS, EOS, START, END, EOT = 1, 2, 4, 5, 6

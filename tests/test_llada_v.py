@@ -21,8 +21,8 @@ from PIL import Image
 
 from llada_jax import config as config_lib
 from llada_jax.data import images, pipeline, sources
-from llada_jax.data import validation as data_validation
 from llada_jax.data import multimodal_data as md
+from llada_jax.data import validation as data_validation
 from llada_jax.data.chat import BadRecordError
 from llada_jax.data.synthetic_images import ShapesDataset
 from llada_jax.data.tokenizer import CharTokenizer

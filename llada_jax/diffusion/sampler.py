@@ -574,7 +574,7 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
 
     images (LLaDA-V models only): the `multimodal.IMAGE_FIELDS` arrays laid out over the whole
     canvas, `(pixel_values [B, V, H, W, 3], index [B, Lp + G, 4], weight [B, Lp + G, 4],
-    is_newline [B, Lp + G])` (`multimodal_data.prompt_batch` makes them); the prompts hold the
+    is_newline [B, Lp + G])` (`generation.Generator.generate_ids` makes them); the prompts hold the
     image placeholder ids. The image tokens are computed once, not at every step.
 
     stream (serving): a host function called as `stream(stream_tag, block index, block tokens
