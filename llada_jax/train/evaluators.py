@@ -7,8 +7,15 @@ with ``eval/<name>/`` for TensorBoard, next to the training curves. Two kinds sh
 * `HeldOutElbo`: the Monte Carlo ELBO (REFERENCE.md section 4) of held-out (prompt, answer)
   records of a JSONL file (`data/eval_records.py` format): negative log-likelihood bound per
   answer token, and multiple-choice accuracy when the file holds choice records;
-* `TaskAccuracy`: local lm-eval task YAML files run through lm-eval's evaluator with the
-  `llada_jax` model on the current params (generation accuracy, e.g. exact match).
+* `TaskAccuracy` (`llada_jax/evaluation/task_evaluator.py`): local lm-eval task YAML files run
+  through lm-eval's evaluator with the `llada_jax` model on the current params (generation
+  accuracy, e.g. exact match).
+
+Kinds are plugins named by module path (as big_vision names its evaluators): `EVALUATOR_KINDS`
+maps the short names to `module:Class`, and a spec may name any other `module:Class` with the
+same constructor shape `(config, tokenizer, **spec)`. The trainer imports a kind only when a
+config asks for it, so `train/` does not depend on `evaluation/` (which sits above it: the
+lm-eval model samples through `generation.py`, which loads trainer checkpoints).
 
 Specs are plain dicts, so a config can hold them:
 ``{"kind": "elbo", "data": "heldout.jsonl", "mc_num": 16}`` or
@@ -18,7 +25,7 @@ Evaluators do no I/O besides reading their data; writing metrics is the trainer'
 
 from __future__ import annotations
 
-import os
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -30,6 +37,12 @@ from llada_jax.data.eval_records import encode_requests, read_eval_records
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
 from llada_jax.train import state as state_lib
+
+# Short evaluator kind -> (module:Class, the spec key it requires).
+EVALUATOR_KINDS = {
+    "elbo": ("llada_jax.train.evaluators:HeldOutElbo", "data"),
+    "tasks": ("llada_jax.evaluation.task_evaluator:TaskAccuracy", "tasks"),
+}
 
 
 class Evaluator(Protocol):
@@ -81,39 +94,17 @@ class HeldOutElbo:
         return metrics
 
 
-class TaskAccuracy:
-    """Local lm-eval task YAML files on the current params (every metric of every task)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 tasks: str | Sequence[str], *, name: str = "tasks", limit: int | None = None,
-                 model_args: Mapping[str, Any] | None = None) -> None:
-        from llada_jax.evaluation.tasks import local_task_folder, split_tasks
-
-        specs = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-        names, files = split_tasks(specs)
-        self.include, local_names = local_task_folder(files) if files else (None, [])
-        self.task_names = names + local_names
-        self.name, self.config, self.tokenizer, self.limit = name, config, tokenizer, limit
-        self.model_args = dict(model_args or {})
-
-    def run(self, params: Any, step: int) -> dict[str, float]:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
-
-        from llada_jax.evaluation.lm import LladaJaxLM
-
-        lm = LladaJaxLM(params=params, config=self.config, tokenizer=self.tokenizer,
-                        progress=False, **({"seed": step} | self.model_args))
-        out = simple_evaluate(model=lm, tasks=self.task_names, limit=self.limit,
-                              task_manager=TaskManager(include_path=self.include),
-                              log_samples=False, bootstrap_iters=0)
-        metrics = {}
-        for task, values in (out or {}).get("results", {}).items():
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
-                    metrics[f"{task}/{key.split(',')[0]}"] = float(value)
-        return metrics
+def _evaluator_class(kind: Any, index: int) -> tuple[type, str | None]:
+    """The class of an evaluator kind (a short name or `module:Class`) and its required key."""
+    target, required = EVALUATOR_KINDS.get(kind, (kind, None))
+    if not isinstance(target, str) or ":" not in target:
+        raise ValueError(f"evaluator {index}: 'kind' must be one of {sorted(EVALUATOR_KINDS)} "
+                         f"or 'module:Class', found {kind!r}")
+    module_name, class_name = target.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), class_name), required
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"evaluator {index}: cannot load kind {kind!r} ({target}): {e}") from None
 
 
 def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
@@ -123,17 +114,12 @@ def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.C
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("kind", None)
-        if kind == "elbo":
-            if "data" not in spec:
-                raise ValueError(f"evaluator {i} (elbo): expected a 'data' JSONL file")
-            evaluators.append(HeldOutElbo(config, tokenizer, **spec))
-        elif kind == "tasks":
-            if "tasks" not in spec:
-                raise ValueError(f"evaluator {i} (tasks): expected 'tasks' (task YAML files or "
-                                 f"names)")
-            evaluators.append(TaskAccuracy(config, tokenizer, **spec))
-        else:
-            raise ValueError(f"evaluator {i}: 'kind' must be 'elbo' or 'tasks', found {kind!r}")
+        cls, required = _evaluator_class(kind, i)
+        if required and required not in spec:
+            what = {"data": "a 'data' JSONL file",
+                    "tasks": "'tasks' (task YAML files or names)"}.get(required, repr(required))
+            raise ValueError(f"evaluator {i} ({kind}): expected {what}")
+        evaluators.append(cls(config, tokenizer, **spec))
     names = [e.name for e in evaluators]
     if len(set(names)) != len(names):
         raise ValueError(f"evaluators need distinct names (their metric prefixes), found {names}")
