@@ -34,8 +34,11 @@ def test_held_out_elbo_is_the_mean_nll_per_token(tmp_path):
 
 def test_bad_specs_name_the_evaluator():
     config, _ = trained()
-    with pytest.raises(ValueError, match="evaluator 0: 'kind' must be 'elbo' or 'tasks'"):
+    with pytest.raises(ValueError, match=r"^evaluator 0: 'kind' must be one of \['elbo', 'tasks'\] "
+                                         r"or 'module:Class', found 'bleu'$"):
         make_evaluators([{"kind": "bleu"}], config, CharTokenizer())
+    with pytest.raises(ValueError, match=r"^evaluator 0: cannot load kind 'no_such.module:X'"):
+        make_evaluators([{"kind": "no_such.module:X"}], config, CharTokenizer())
     with pytest.raises(ValueError, match=r"evaluator 0 \(elbo\): expected a 'data'"):
         make_evaluators([{"kind": "elbo"}], config, CharTokenizer())
 
