@@ -155,6 +155,11 @@ def dispatch(x: jax.Array, experts: jax.Array, wi_gate: jax.Array, wi_up: jax.Ar
     stay under automatic partitioning.
     """
     axes = _batch_mesh_axes(x.shape[0])
+    # XLA:CPU (jax 0.10.2) aborts compiling the backward pass of this shard_map in a 16-bit
+    # compute dtype ("AllReducePromotion ... Invalid binary instruction opcode copy"); there the
+    # partitioner's global sort is used instead (same values, every device sorts all tokens).
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype) != jnp.float32:
+        axes = ()
     if not axes:
         return grouped_swiglu(x, experts, wi_gate, wi_up, wo, dtype)
     rows = jax.sharding.PartitionSpec(axes)
