@@ -199,6 +199,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Pluggable evaluators run every eval_every steps (llada_jax/train/evaluators.py), as dicts:
     # {"kind": "elbo", "data": "heldout.jsonl", "mc_num": 16} or {"kind": "tasks", "tasks": ...}
     c.train.evaluators = []
+    # Mixture of experts (model.num_experts > 0; ignored by dense models): weights of the Switch
+    # load-balancing loss and the router z-loss, and the rate of the auxiliary-loss-free
+    # expert-bias update (bias += rate * sign(mean load - load); routers with expert_bias).
+    c.train.moe_aux_loss_weight = 0.01
+    c.train.moe_z_loss_weight = 0.0
+    c.train.moe_bias_update_rate = 0.0
     c.train.init_from = ""           # a checkpoint directory to take params from (fine-tuning)
     # Cross-entropy in chunks of this many sequence positions, so the [B, L, vocab] logits never
     # exist at once (the LM head runs per chunk, recomputed in the backward pass); 0: one chunk.
@@ -695,6 +701,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("log_every", "keep_checkpoints", "eval_batches"):
         if not isinstance(t[name], int) or t[name] <= 0:
             _fail(f"train.{name}", "a positive integer", t[name])
+    for name in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_bias_update_rate"):
+        if not isinstance(t[name], (int, float)) or isinstance(t[name], bool) or t[name] < 0:
+            _fail(f"train.{name}", "a number >= 0", t[name])
     for name in ("checkpoint_every", "eval_every", "max_bad_steps"):
         if not isinstance(t[name], int) or t[name] < 0:
             _fail(f"train.{name}", "an integer >= 0 (0: none)", t[name])

@@ -99,7 +99,13 @@ def validate_mesh(config: ml_collections.ConfigDict,
         raise ValueError(f"config.train.batch_size: expected a multiple of {' * '.join(axes)} = "
                          f"{' * '.join(map(str, axes.values()))} = {multiple}, found "
                          f"{t.batch_size!r}")
-    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
+    if m.num_experts and m.num_experts % expert:
+        raise ValueError(f"config.model.num_experts: expected a multiple of mesh.expert={expert}, "
+                         f"found {m.num_experts!r}")
+    sharded = ["n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"]
+    if m.num_experts:
+        sharded.append("expert_mlp_hidden_size")
+    for name in sharded:
         if getattr(m, name) % tensor:
             raise ValueError(f"config.model.{name}: expected a multiple of mesh.tensor={tensor}, "
                              f"found {getattr(m, name)!r}")

@@ -75,3 +75,25 @@ def test_max_bad_steps_is_validated():
     c.train.max_bad_steps = -1
     with pytest.raises(ValueError, match=r"^config.train.max_bad_steps: expected an integer >= 0"):
         config_lib.validate(c)
+
+
+def test_moe_fields_against_the_mesh_and_weights():
+    from llada_jax import parallel
+
+    c = _mesh(1, -1, 1)
+    c.model.update(num_experts=6, experts_per_token=2, expert_mlp_hidden_size=32)
+    c.mesh.expert = 4
+    with pytest.raises(ValueError, match=r"^config.model.num_experts: expected a multiple of "
+                                         r"mesh.expert=4, found 6$"):
+        parallel.validate_mesh(c, 8)
+    c.model.num_experts, c.mesh.expert, c.mesh.tensor = 8, 2, 2
+    c.model.expert_mlp_hidden_size = 33
+    with pytest.raises(ValueError, match=r"^config.model.expert_mlp_hidden_size: expected a "
+                                         r"multiple of mesh.tensor=2, found 33$"):
+        parallel.validate_mesh(c, 8)
+    c = config_lib.default_config()
+    c.train.moe_z_loss_weight = -0.1
+    with pytest.raises(ValueError, match=r"^config.train.moe_z_loss_weight: expected a number "
+                                         r">= 0, found -0.1$"):
+        config_lib.validate(c)
+
