@@ -578,19 +578,17 @@ def test_banned_ids_and_early_exit_on_eot():
 
 
 # --- a tiny LLaDA-V learns to answer from the image ---------------------------------------------
-def test_tiny_llada_v_answers_from_the_image(tmp_path):
-    """configs/llada_v_tiny.py (500 steps, whole model) through the trainer, then the sampler
-    on held-out pictures: the answer (a colour among 4, a shape among 3) can only come from the
-    image, so accuracy far above chance (1/4, 1/3) shows the vision path works end to end."""
+def test_tiny_llada_v_answers_from_the_image(llada_v_tiny_run):
+    """configs/llada_v_tiny.py (500 steps, whole model) trained by launch/train.py (the session's
+    shared run, tests/conftest.py), then the sampler on held-out pictures: the answer (a colour
+    among 4, a shape among 3) can only come from the image, so accuracy far above chance (1/4,
+    1/3) shows the vision path works end to end."""
     from llada_jax.diffusion.sampler import SamplerConfig, generate
+    from llada_jax.train import checkpoint as checkpoint_lib
     from llada_jax.train import state as state_lib
-    from llada_jax.train import trainer
 
     c = llada_v_tiny.get_config()
-    c.train.checkpoint_every = 0
-    start = time.time()
-    result = trainer.train(c, str(tmp_path / "tiny"))
-    train_seconds = time.time() - start
+    _, params = checkpoint_lib.load_params(llada_v_tiny_run)
 
     processor = md.ImageProcessor.from_config(c)
     test_set = md.ShapesSource("test", 200, 32)
@@ -606,7 +604,7 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
     sampler = SamplerConfig.from_config(c, eot_id=TOK.eot_id, vocab_limit=TOK.vocab_size)
     batch = md.prompt_batch(conversations, sampler.gen_length, TOK.pad_id, TOK.mask_id, 1, 32, 16)
     start = time.time()
-    out = generate(result.state.params, state_lib.make_model(c), batch["tokens"], batch["mask"],
+    out = generate(params, state_lib.make_model(c), batch["tokens"], batch["mask"],
                    sampler, jax.random.key(0), images=[batch[k] for k in mm.IMAGE_FIELDS])
     sample_seconds = time.time() - start
     generated = np.asarray(out)[:, batch["tokens"].shape[1]:]
@@ -619,7 +617,7 @@ def test_tiny_llada_v_answers_from_the_image(tmp_path):
             ids.append(int(i))
         correct[kind].append(TOK.decode(ids) == answer)
     accuracy = {k: float(np.mean(v)) for k, v in correct.items()}
-    print(f"tiny LLaDA-V: train {train_seconds:.1f} s, sample {sample_seconds:.1f} s, "
+    print(f"tiny LLaDA-V: sample {sample_seconds:.1f} s, "
           f"accuracy {accuracy} on {len(answers)} held-out pictures")
     assert accuracy["colour"] >= 0.75, accuracy      # chance: 0.25
     assert accuracy["shape"] >= 0.6, accuracy        # chance: 0.33
