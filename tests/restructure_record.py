@@ -152,14 +152,35 @@ def compute_in_process(kind: str) -> dict:
 
 
 def compute_all() -> dict:
-    """Every recorded value, each kind in a fresh process with ENV_FIXED."""
-    values = {}
-    for kind in CONFIGS:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--kind={kind}"],
-                              capture_output=True, text=True, env=fixed_env(), timeout=900)
-        if done.returncode != 0:
-            raise RuntimeError(f"recording {kind} failed:\n{done.stderr[-3000:]}")
-        values.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    """Every recorded value, each kind in a fresh process with ENV_FIXED (run side by side: the
+    values do not depend on what else runs). Output goes to files, so that no worker can block
+    on a full pipe while another is read."""
+    values, failures = {}, []
+    with tempfile.TemporaryDirectory() as logs:
+        workers = {}
+        for kind in CONFIGS:
+            out = open(os.path.join(logs, kind + ".out"), "w+")
+            err = open(os.path.join(logs, kind + ".err"), "w+")
+            workers[kind] = (subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), f"--kind={kind}"],
+                stdout=out, stderr=err, text=True, env=fixed_env()), out, err)
+        for kind, (worker, out, err) in workers.items():
+            try:
+                worker.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                for other, _, _ in workers.values():
+                    other.kill()
+                raise
+            out.seek(0)
+            err.seek(0)
+            if worker.returncode != 0:
+                failures.append(f"recording {kind} failed:\n{err.read()[-3000:]}")
+            else:
+                values.update(json.loads(out.read().strip().splitlines()[-1]))
+            out.close()
+            err.close()
+    if failures:
+        raise RuntimeError("\n".join(failures))
     return values
 
 
