@@ -1,7 +1,103 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) so meshes can be tested on CPU."""
+"""Test setup, done before jax is imported: 8 fake CPU devices, so meshes can be tested on CPU, and
+one persistent XLA compilation cache shared by the whole session.
 
+The cache is a directory named by environment variables, so every process of the session uses
+it: pytest-xdist workers, and the launch programs, notebooks and scripts the tests start as
+subprocesses (they copy `os.environ`). Identical programs (the same tiny model's train step,
+sampler or forward in many tests and programs) then compile once. It only skips compilations:
+a cache hit is the executable that compiling the same program would give. The directory is a
+fresh temporary one, removed at the end of the session, unless
+LLADA_JAX_TEST_COMPILATION_CACHE names one to keep between sessions.
+
+Expensive artifacts that several test files need (a trained tiny LLaDA-V run) are built once per
+session by `shared_artifact`, in a directory shared the same way; a file lock makes the other
+xdist worker wait for the first build instead of repeating it.
+"""
+
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_CACHE_VARIABLE = "LLADA_JAX_TEST_COMPILATION_CACHE"
+_SHARED_VARIABLE = "LLADA_JAX_TEST_SHARED_ARTIFACTS"
+# Set by the first process of the session (the xdist controller, or plain pytest); the workers
+# and subprocesses inherit them and share the directories.
+_CREATED_CACHE = _CACHE_VARIABLE not in os.environ
+if _CREATED_CACHE:
+    os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="llada_jax_compilation_cache_")
+_CREATED_SHARED = _SHARED_VARIABLE not in os.environ
+if _CREATED_SHARED:
+    os.environ[_SHARED_VARIABLE] = tempfile.mkdtemp(prefix="llada_jax_test_artifacts_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VARIABLE]
+# Cache every compilation, however quick or small: the suite's programs are all small.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# No size limit: with one, JAX's eviction bookkeeping (`*-atime` files) raced between the
+# session's processes and printed "Error writing persistent compilation cache entry" warnings on
+# the programs' stderr (measured in a full -n 2 run). Without it a reader that meets an entry
+# still being written fails to deserialise it, warns, and compiles instead.
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_unconfigure(config):
+    """The session's own temporary directories go when the session does (the controller's
+    exit; workers leave them to it)."""
+    if hasattr(config, "workerinput"):
+        return
+    for created, variable in ((_CREATED_CACHE, _CACHE_VARIABLE),
+                              (_CREATED_SHARED, _SHARED_VARIABLE)):
+        if created:
+            shutil.rmtree(os.environ[variable], ignore_errors=True)
+
+
+def shared_artifact(name: str, build: Callable[[str], None]) -> str:
+    """The path `SHARED/name`, built by `build(path)` by the first process that asks for it in
+    this session; others wait on a file lock and reuse it. A failed build leaves nothing
+    behind (the next caller builds again, and fails the same way)."""
+    path = os.path.join(os.environ[_SHARED_VARIABLE], name)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(path + ".done"):
+                shutil.rmtree(path, ignore_errors=True)
+                try:
+                    build(path)
+                except BaseException:
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
+                open(path + ".done", "w").close()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
+def _train_llada_v_tiny(workdir: str) -> None:
+    """configs/llada_v_tiny.py's full run (500 steps, the whole model), through launch/train.py
+    on one CPU device, as a user runs it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: quick start
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train.py"),
+         "--config=configs/llada_v_tiny.py", f"--workdir={workdir}",
+         "--config.train.log_every=100", "--config.train.checkpoint_every=0"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=1200, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 500/500 | loss" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def llada_v_tiny_run() -> str:
+    """Workdir of configs/llada_v_tiny.py trained for its 500 steps (with the released labelled
+    set, 300 steps still confused colours now and then); tests only read it."""
+    return shared_artifact("llada_v_tiny_run", _train_llada_v_tiny)

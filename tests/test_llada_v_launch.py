@@ -23,16 +23,10 @@ def _run(name, *args, stdin=None, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny preset trained for its 500 steps (with the released labelled set, 300 steps
-    still confused colours now and then)."""
-    workdir = str(tmp_path_factory.mktemp("llada_v") / "run")
-    result = _run("train.py", "--config=configs/llada_v_tiny.py", f"--workdir={workdir}",
-                  "--config.train.log_every=100", "--config.train.checkpoint_every=0",
-                  timeout=900)  # minutes on a loaded CI machine
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 500/500 | loss" in result.stderr
-    return workdir
+def checkpoint(llada_v_tiny_run):
+    """The tiny preset trained for its 500 steps by launch/train.py (tests/conftest.py: built
+    once per session, shared with tests/test_llada_v.py)."""
+    return llada_v_tiny_run
 
 
 def _picture(tmp_path, shape, colour, seed):

@@ -16,22 +16,6 @@ from llada_jax.train import step as step_lib
 from llada_jax.train import trainer
 from llada_jax.train.optimizer import make_optimizer, make_schedule, weight_decay_mask
 
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every trainer run jits its step anew; a persistent cache compiles identical steps once
-    (the resume test runs the same step in three trainers)."""
-    previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-
 
 def _train_section(**overrides):
     c = config_lib.default_config()

@@ -1,7 +1,8 @@
 """Training faults (issue 12): divergence, damaged or foreign checkpoints, finished runs, I/O.
 
 Each test is a case a user hit: what they saw before is in its comment, what they must see now
-is what it asserts. Trainer runs share one small config and a persistent compilation cache.
+is what it asserts. Trainer runs share one small config and the session's persistent
+compilation cache (tests/conftest.py).
 """
 
 import logging
@@ -24,26 +25,13 @@ from llada_jax.train.optimizer import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.devices()[:1]
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
 
 
 def _config(**train):
     c = config_lib.default_config()
     c.mesh.fsdp = 1
     # A constant schedule keeps train.steps out of the compiled step, so runs of different
-    # lengths share one compilation (the persistent cache below).
+    # lengths share one compilation (the session's persistent cache, tests/conftest.py).
     c.train.update(steps=4, batch_size=8, seq_len=32, warmup_steps=2, log_every=1,
                    checkpoint_every=2, keep_checkpoints=3, schedule="constant")
     c.train.update(**train)

@@ -1,0 +1,212 @@
+"""Before/after REGRESSION RECORD for the restructure of data/, config, interop and generation.
+
+    python tests/restructure_record.py --write   # store today's values in
+                                                 # tests/data/restructure_record.json
+    python tests/restructure_record.py           # recompute and print them as JSON (stdout)
+
+It records, from the code as it was before the restructure, values that a pure restructure must
+leave BIT-IDENTICAL on the same machine:
+  * `pretrain`: the loss of each of the first 6 updates of a tiny pre-training run (synthetic
+    corpus, fixed seed);
+  * `sft`: the same for a tiny SFT run on the synthetic chat set;
+  * `llada_v`: the same for a tiny LLaDA-V run (shapes, masked-response loss);
+  * `export_*`: CRC32, dtype and shape of every tensor of a float32 Hugging Face export of the
+    pre-training and LLaDA-V runs' params, and `reexport_*` of the export of those params after
+    importing the export again (the import -> export round trip; equal to `export_*`).
+Sampler outputs are recorded separately by tests/sampler_record.py.
+
+Only stable entry points are used: `llada_jax.train.trainer.train(config, workdir)` and its
+`history`, the presets `configs/tiny.py` / `configs/llada_v_tiny.py` (every field that a later
+recipe change could touch is set here), and `launch/convert.py` as a subprocess. Each value is
+computed in a fresh process with fixed XLA flags (2 CPU devices) so that it does not depend on
+the caller's environment; float results still depend on the CPU's instruction set, so a record
+is only comparable on the machine type it was written on (the 2-core AVX2 CPU box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD = os.path.join(REPO, "tests", "data", "restructure_record.json")
+# Fixed for every process that computes a recorded value: XLA's CPU results depend on them.
+ENV_FIXED = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+             "PYTHONPATH": REPO, "PYTHONHASHSEED": "0"}
+STEPS = 6
+
+
+def fixed_env() -> dict[str, str]:
+    return dict(os.environ, **ENV_FIXED)
+
+
+def load_preset(name: str, arg: str | None = None):
+    """`configs/NAME.py`'s get_config(arg), loaded by path as launch/train.py does."""
+    path = os.path.join(REPO, "configs", name + ".py")
+    spec = importlib.util.spec_from_file_location("preset_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def short_run(config, steps: int = STEPS):
+    """Shared training settings of every recorded run: `steps` updates, a loss on each, one
+    checkpoint at the end, no evaluation."""
+    config.train.steps = steps
+    config.train.seed = 0
+    config.train.warmup_steps = 2
+    config.train.learning_rate = 3e-3
+    config.train.schedule = "cosine"
+    config.train.log_every = 1
+    config.train.checkpoint_every = steps
+    config.train.eval_every = 0
+    config.train.grad_accum_steps = 1
+    return config
+
+
+def pretrain_config():
+    c = short_run(load_preset("tiny"))
+    c.train.batch_size = 8
+    c.train.seq_len = 32
+    return c
+
+
+def sft_config():
+    c = short_run(load_preset("tiny"))
+    c.model.init_std = 0.1
+    c.train.objective = "sft"
+    c.train.batch_size = 8
+    c.train.seq_len = 52            # the longest synthetic conversation
+    c.data.source = "synthetic_chat"
+    c.data.eval_source = ""
+    c.data.sft_multiturn = "sample_turn"
+    return c
+
+
+def llada_v_config():
+    c = short_run(load_preset("llada_v_tiny"))
+    c.train.batch_size = 4
+    c.data.eval_source = ""
+    return c
+
+
+CONFIGS = {"pretrain": pretrain_config, "sft": sft_config, "llada_v": llada_v_config}
+
+
+def train_losses(kind: str, workdir: str) -> list[float]:
+    """Runs in the current process (started with ENV_FIXED): the recorded run's losses."""
+    from llada_jax.train.trainer import train
+
+    result = train(CONFIGS[kind](), workdir)
+    losses = [record["loss"] for record in sorted(result.history, key=lambda r: r["step"])]
+    assert len(losses) == STEPS, (kind, len(losses))
+    return losses
+
+
+def tensor_crcs(directory: str) -> dict[str, list]:
+    """{name: [crc32 of the raw bytes, dtype, shape]} of every tensor of an HF export."""
+    from safetensors.numpy import load_file
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        for name, array in load_file(path).items():
+            out[name] = [zlib.crc32(array.tobytes()), str(array.dtype), list(array.shape)]
+    assert out, f"no safetensors tensors in {directory}"
+    return dict(sorted(out.items()))
+
+
+def convert(*flags: str) -> None:
+    cmd = [sys.executable, os.path.join(REPO, "launch", "convert.py"), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=fixed_env(), timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+
+
+def round_trip(workdir: str, preset: str, scratch: str) -> tuple[dict, dict]:
+    """CRCs of the float32 export of `workdir`, and of the export after importing it again."""
+    first, imported, second = (os.path.join(scratch, n) for n in ("hf", "imported", "hf2"))
+    convert("--mode=export", f"--checkpoint={workdir}", f"--out={first}", "--dtype=float32")
+    convert("--mode=import", f"--hf_dir={first}", f"--out={imported}",
+            f"--config={os.path.join(REPO, 'configs', preset + '.py')}")
+    convert("--mode=export", f"--checkpoint={imported}", f"--out={second}", "--dtype=float32")
+    return tensor_crcs(first), tensor_crcs(second)
+
+
+def compute_in_process(kind: str) -> dict:
+    """One training run (and, for pretrain / llada_v, its conversions), in this process."""
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = os.path.join(scratch, "run")
+        values = {kind: train_losses(kind, workdir)}
+        preset = {"pretrain": "tiny", "llada_v": "llada_v_tiny"}.get(kind)
+        if preset:
+            values[f"export_{kind}"], values[f"reexport_{kind}"] = round_trip(
+                workdir, preset, scratch)
+    return values
+
+
+def compute_all() -> dict:
+    """Every recorded value, each kind in a fresh process with ENV_FIXED (run side by side: the
+    values do not depend on what else runs). Output goes to files, so that no worker can block
+    on a full pipe while another is read."""
+    values, failures = {}, []
+    with tempfile.TemporaryDirectory() as logs:
+        workers = {}
+        for kind in CONFIGS:
+            out = open(os.path.join(logs, kind + ".out"), "w+")
+            err = open(os.path.join(logs, kind + ".err"), "w+")
+            workers[kind] = (subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), f"--kind={kind}"],
+                stdout=out, stderr=err, text=True, env=fixed_env()), out, err)
+        for kind, (worker, out, err) in workers.items():
+            try:
+                worker.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                for other, _, _ in workers.values():
+                    other.kill()
+                raise
+            out.seek(0)
+            err.seek(0)
+            if worker.returncode != 0:
+                failures.append(f"recording {kind} failed:\n{err.read()[-3000:]}")
+            else:
+                values.update(json.loads(out.read().strip().splitlines()[-1]))
+            out.close()
+            err.close()
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="store the values in " + RECORD)
+    parser.add_argument("--kind", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.kind:  # the worker: one kind, in the fixed environment
+        differing = [k for k, v in ENV_FIXED.items() if os.environ.get(k) != v]
+        if differing:
+            parser.error(f"--kind runs only in the fixed environment ({', '.join(differing)} "
+                         f"differ); run without --kind")
+        sys.path.insert(0, REPO)
+        print(json.dumps(compute_in_process(args.kind)))
+        return
+    values = compute_all()
+    if args.write:
+        os.makedirs(os.path.dirname(RECORD), exist_ok=True)
+        with open(RECORD, "w") as f:
+            json.dump(values, f, indent=1)
+            f.write("\n")
+        print(f"wrote {RECORD}")
+    else:
+        print(json.dumps(values))
+
+
+if __name__ == "__main__":
+    main()
