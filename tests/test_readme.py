@@ -77,6 +77,19 @@ EXAMPLES = {
     "--config.data.source='files:/data/llava/*.json' --config.data.image_folder=/data/llava/images "
     "--workdir=gs://bucket/runs/llada_v_s1":
         ("flags", "LLaDA-V 8B: needs the released weights, LLaVA data and cloud storage"),
+    "python launch/train.py --config=configs/moe_tiny.py --config.mesh.expert=2 "
+    "--workdir=/tmp/llada_moe":
+        ("flags", "tests/test_moe_training.py pre-trains the tiny MoE (sharded over fsdp x "
+                  "expert as well)"),
+    'pip install -e ".[serve]"':
+        ("not_run", "an installation step (the test extra includes the serve packages)"),
+    "python launch/serve.py --checkpoint=/tmp/llada_sft --port=8000":
+        ("flags", "a server runs until stopped; tests/test_serve.py starts it on a free port "
+                  "and talks to it with the openai client"),
+    "curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d "
+    "'{\"model\": \"llada_sft\", \"messages\": [{\"role\": \"user\", \"content\": "
+    "\"Uppercase hat\"}], \"max_tokens\": 16}'":
+        ("not_run", "needs the server above; tests/test_serve.py sends the same requests"),
     "python launch/convert.py --mode=import --hf_dir=/ckpt/LLaDA-8B-Instruct "
     "--out=/ckpt/llada_jax":
         ("run", "imports the export of the tiny SFT run (made by the export example)"),
