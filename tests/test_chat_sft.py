@@ -435,7 +435,7 @@ def test_tiny_sft_end_to_end_answers_held_out_questions(tmp_path):
          "--config=" + os.path.join(repo, "configs", "sft_tiny.py"),
          f"--workdir={tmp_path}", "--config.train.eval_every=0",
          "--config.train.checkpoint_every=0"],
-        capture_output=True, text=True, timeout=600, env=env)
+        capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     config = get_config()
@@ -445,8 +445,10 @@ def test_tiny_sft_end_to_end_answers_held_out_questions(tmp_path):
                                                   jnp.zeros((1, 8), jnp.int32)))["params"]
     before = _held_out_accuracy(untrained, model, config)
     after = _held_out_accuracy(trained, model, config)
-    # Measured (200 questions, 3000 steps of 16, init_std 0.1): 0.0 before; after 1.0, 1.0, 0.89
-    # and 0.395 over 2 seeds x 2 XLA CPU instruction sets (configs/sft_tiny.py). The bar sits
-    # well below the worst run so a different trajectory on another machine still passes.
+    # Measured (200 questions; 1500 steps of 64, init_std 0.1): 0.0 before; after 1.0 on seeds
+    # 0, 1, 2 with XLA's CPU instruction set capped at AVX and 0.965 with the default flags
+    # (configs/sft_tiny.py; the old recipe's worst run was 0.395). The bar sits well below the
+    # worst run so a different trajectory on another machine still passes, and far above what an
+    # undertrained model reaches (one-letter answers only: about 0.3).
     assert before <= 0.05
-    assert after >= 0.2 and after >= before + 0.15, (before, after)
+    assert after >= 0.6, (before, after)
