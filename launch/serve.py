@@ -62,13 +62,12 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     import uvicorn
 
-    from llada_jax.generation import Generator
     from llada_jax.serving.app import make_app
     from llada_jax.serving.engine import Engine, EngineSettings
 
     buckets = {f.name: _int_list(f) for f in (_PROMPT_BUCKETS, _GEN_BUCKETS, _BATCH_SIZES)}
-    config, model, params, tokenizer, mesh = sf.load()
-    sampler = sf.sampler_config(config, tokenizer)
+    generator = sf.load()
+    sampler = sf.sampler_config(generator)
     settings = EngineSettings(
         max_batch=_MAX_BATCH.value, batch_window=_BATCH_WINDOW_MS.value / 1e3,
         max_queue=_MAX_QUEUE.value, prompt_buckets=buckets["prompt_buckets"],
@@ -78,7 +77,7 @@ def main(argv: list[str]) -> None:
         if g % sampler.block_length:
             raise ValueError(f"--gen_buckets: {g} is not a multiple of the block length "
                              f"{sampler.block_length} (--block_length)")
-    engine = Engine(Generator(config, model, params, tokenizer, mesh), sampler, settings)
+    engine = Engine(generator, sampler, settings)
     name = _MODEL_NAME.value or os.path.basename(os.path.normpath(sf.CHECKPOINT.value))
     if _WARMUP.value:
         start = time.perf_counter()
@@ -86,7 +85,7 @@ def main(argv: list[str]) -> None:
         print(f"warm-up: {count} programs, {engine.metrics.warmup_compilations} compilations, "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     engine.start()
-    app = make_app(engine, name, default_seed=sf.seed(config))
+    app = make_app(engine, name, default_seed=sf.seed(generator))
     print(f"serving {name!r} on http://{_HOST.value}:{_PORT.value} (max_batch "
           f"{settings.max_batch}, batch sizes {list(engine.settings.batch_sizes)})",
           file=sys.stderr, flush=True)
