@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -102,10 +103,28 @@ def fail(message: str, status: int = EXIT_ERROR) -> None:
     background thread, an atexit hook, a non-daemon writer thread) prints after the line or
     keeps the process alive.
     """
-    logging.disable(logging.CRITICAL)
+    _quiet_other_threads()
     _flush()
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    _close_stderr()
     os._exit(status)
+
+
+def _quiet_other_threads() -> None:
+    """No more logs, and no tracebacks from other threads (e.g. a checkpoint writer's event loop
+    failing as the process goes down): the error line must be the last one."""
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+
+
+def _close_stderr() -> None:
+    """Points file descriptor 2 at /dev/null, so a thread cannot print after the error line in
+    the moment before `os._exit`."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+    except OSError:
+        pass
 
 
 def _flush() -> None:
@@ -117,8 +136,9 @@ def _flush() -> None:
 
 
 def _exit_now(status: int) -> None:
-    logging.disable(logging.CRITICAL)
+    _quiet_other_threads()
     _flush()
+    _close_stderr()
     os._exit(status)
 
 

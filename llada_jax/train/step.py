@@ -192,7 +192,7 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
     summable `lm_loss`, `moe_aux_loss`, `moe_z_loss` and `moe_load` [layers, experts] with the
     counts.
     """
-    is_moe = bool(getattr(model.config, "is_moe", False))
+    is_moe = bool(getattr(getattr(model, "config", None), "is_moe", False))
 
     def apply(*args, **kwargs):
         """model.apply, collecting the MoE router statistics (None for a dense model)."""
