@@ -52,9 +52,7 @@ class GenerationOutput:
 def sampling_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1) -> Any:
     """A mesh over every device for sampling or scoring (a deployment choice, independent of
     how the model was trained); -1 fills an axis. ValueError when the sizes do not fit."""
-    mesh_config = ml_collections.ConfigDict({"mesh": {
-        "data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}})
-    return parallel.make_mesh(mesh_config)
+    return parallel.make_mesh(data=data, fsdp=fsdp, expert=expert, tensor=tensor)
 
 
 def batch_rows(mesh: Any) -> int:
