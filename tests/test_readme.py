@@ -77,8 +77,7 @@ EXAMPLES = {
     "--config.data.source='files:/data/llava/*.json' --config.data.image_folder=/data/llava/images "
     "--workdir=gs://bucket/runs/llada_v_s1":
         ("flags", "LLaDA-V 8B: needs the released weights, LLaVA data and cloud storage"),
-    "python launch/train.py --config=configs/moe_tiny.py --config.mesh.expert=2 "
-    "--workdir=/tmp/llada_moe":
+    "python launch/train.py --config=configs/moe_tiny.py --workdir=/tmp/llada_moe":
         ("flags", "tests/test_moe_training.py pre-trains the tiny MoE (sharded over fsdp x "
                   "expert as well)"),
     'pip install -e ".[serve]"':
