@@ -31,7 +31,7 @@ import numpy as np
 from llada_jax import parallel
 from llada_jax.data import multimodal_data
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
-from llada_jax.diffusion.sampler import SamplerConfig, generate, pad_prompts
+from llada_jax.diffusion.sampler import SamplerConfig, StreamCallback, generate, pad_prompts
 from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.train import checkpoint, state
 
@@ -87,19 +87,14 @@ def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int, *, rows_multiple
     """
     if len(prompts) == 0:
         raise ValueError("prompts: expected at least one prompt, found none")
-    tokens, mask = pad_prompts(prompts, pad_id)
+    rows = -(-len(prompts) // rows_multiple) * rows_multiple
+    tokens, mask = pad_prompts([*prompts, *[prompts[-1]] * (rows - len(prompts))], pad_id)
     width = tokens.shape[1] if width is None else width
     if width < tokens.shape[1]:
         raise ValueError(f"prompt_batch: width={width} is shorter than the longest prompt "
                          f"({tokens.shape[1]} tokens)")
-    rows = -(-len(prompts) // rows_multiple) * rows_multiple
-    out_tokens = np.full((rows, width), pad_id, np.int32)
-    out_mask = np.zeros((rows, width), bool)
-    out_tokens[:len(prompts), width - tokens.shape[1]:] = tokens
-    out_mask[:len(prompts), width - tokens.shape[1]:] = mask
-    out_tokens[len(prompts):] = out_tokens[len(prompts) - 1]
-    out_mask[len(prompts):] = out_mask[len(prompts) - 1]
-    return out_tokens, out_mask
+    left = ((0, 0), (width - tokens.shape[1], 0))
+    return np.pad(tokens, left, constant_values=pad_id), np.pad(mask, left)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
@@ -230,20 +225,26 @@ class Generator:
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampler: SamplerConfig, *,
                      seed: int | jax.Array = 0, images: Sequence[Any] | None = None,
-                     prompt_bucket: int = 32) -> GenerationOutput:
+                     prompt_bucket: int = 32, batch_size: int | None = None,
+                     stream: StreamCallback | None = None,
+                     stream_tag: int = 0) -> GenerationOutput:
         """Samples after each prompt (id lists); row i of the output answers prompt i.
 
         Prompts are left-padded to a multiple of `prompt_bucket` tokens (at most what the
-        model's length allows) and the batch is filled up to a multiple of the batch axes.
-        `seed` is an int or a PRNG key. images (LLaDA-V): one
+        model's length allows) and the batch is filled up to `batch_size` rows (default: a
+        multiple of the batch axes). `seed` is an int or a PRNG key. images (LLaDA-V): one
         `multimodal_data.EncodedConversation` per prompt (see `image_prompt`), whose
-        placeholders the prompt ids hold.
+        placeholders the prompt ids hold. `stream`, `stream_tag`: the sampler's block
+        streaming (`diffusion.sampler.generate`; its blocks hold every row, padding included).
         """
-        count = len(prompts)
+        count, rows = len(prompts), batch_rows(self.mesh)
+        if batch_size is not None and (batch_size < count or batch_size % rows):
+            raise ValueError(f"batch_size: expected a multiple of the mesh's batch axes ({rows} "
+                             f"rows) holding {count} prompts, found {batch_size}")
         longest = max((len(p) for p in prompts), default=0)
         width = bucketed_width(longest, prompt_bucket, self.max_prompt_length(sampler))
         tokens, mask = prompt_batch(prompts, self.tokenizer.pad_id,
-                                    rows_multiple=batch_rows(self.mesh), width=width)
+                                    rows_multiple=batch_size or rows, width=width)
         rng = jax.random.key(seed) if isinstance(seed, int) else seed
         host_batch = {"tokens": tokens, "mask": mask}
         if images is not None:
@@ -256,7 +257,7 @@ class Generator:
             batch = host_batch if self.mesh is None else shard_batch(host_batch, self.mesh)
             out = generate(self.params, self.model, batch["tokens"], batch["mask"], sampler, rng,
                            images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
-                           return_stats=True)
+                           return_stats=True, stream=stream, stream_tag=stream_tag)
             generated = to_host(out.tokens)[:count, width:]
         return GenerationOutput(generated, time.perf_counter() - start,
                                 int(out.num_forward_passes))

@@ -36,21 +36,23 @@ class RequestCache:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"cache file {path}: its directory {directory} does not exist")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        entry = json.loads(line)
-                        self._values[entry["key"]] = entry["value"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        # Only a torn final line is expected (a killed writer); anything else
-                        # means the file is not a cache of this program.
-                        if _is_last_line(path, number):
-                            continue
-                        raise ValueError(f"{path}:{number}: not a cache line "
-                                         f"(expected {{'key': ..., 'value': ...}})") from None
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                self._values[entry["key"]] = entry["value"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                # Only a torn final line is expected (a killed writer); anything else means the
+                # file is not a cache of this program.
+                if number == len(lines):
+                    continue
+                raise ValueError(f"{path}:{number}: not a cache line "
+                                 f"(expected {{'key': ..., 'value': ...}})") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self._values
@@ -72,8 +74,3 @@ class RequestCache:
                 f.write(json.dumps({"key": key, "value": value}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def _is_last_line(path: str, number: int) -> bool:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f) == number

@@ -64,7 +64,7 @@ from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
 from llada_jax.diffusion.sampler import SamplerConfig
 from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
-from llada_jax.generation import Generator, answer_ids, batch_rows, shard_batch, to_host
+from llada_jax.generation import Generator, batch_rows, shard_batch, to_host
 
 # Sampler fields a model argument may set (the rest come from the checkpoint's config.sampler).
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking",
@@ -97,12 +97,9 @@ def _pair_estimates(params, tokens, attention_mask, positions, answer_mask, keys
 
 
 def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
+    # str() of True/False/1/0 and of their spellings on the command line.
+    if isinstance(value, (bool, int, str)) and str(value).lower() in ("true", "false", "1", "0"):
+        return str(value).lower() in ("true", "1")
     raise ValueError(f"llada_jax model argument {name}: expected true or false, found {value!r}")
 
 
@@ -172,6 +169,7 @@ class LladaJaxLM(LM):
         gen_batch_size = round_up(int(gen_batch_size), self.row_multiple)
         self.mc_num, self.mc_batch_size, self.cfg = mc_num, mc_batch_size, float(cfg)
         self.add_bos, self.chat = _as_bool(add_bos, "add_bos"), _as_bool(chat, "chat")
+        self.prefix = [self.tokenizer.bos_id] if self.add_bos else []   # starts every context
         self.pairs_per_call, self.pad_multiple = int(pairs_per_call), int(pad_multiple)
         self.gen_batch_size, self.prompt_bucket = int(gen_batch_size), int(prompt_bucket)
         self.seed, self.progress = int(seed), _as_bool(progress, "progress")
@@ -194,7 +192,6 @@ class LladaJaxLM(LM):
                                 config.data.tokenizer if tokenizer is None else
                                 type(tokenizer).__name__)
         self._find_special_tokens()
-        self._text_encoder = _TextEncoder(self.encode)
 
     # ----------------------------------------------------------------- shared machinery
     def _run_cached(self, kind: str, requests: list, prepare: Callable[[Any], Any],
@@ -282,18 +279,14 @@ class LladaJaxLM(LM):
             return None
         return getattr(self.tokenizer, "chat_template", None) or "llada_jax render_chat"
 
-    def _encode_context(self, context: str) -> list[int]:
-        prefix = [self.tokenizer.bos_id] if self.add_bos else []
-        return prefix + self.encode(context)
-
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if self.chat:
-            return (self.tokenizer.render_chat([{"role": "user", "content": context}]),
+            return (self.generator.encode_prompt(context, chat=True),
                     self.tokenizer.encode(continuation))
-        prefix = [self.tokenizer.bos_id] if self.add_bos else []
-        context_ids, continuation_ids = encode_pair(self._text_encoder, context, continuation,
+        # `encode_pair` needs an object with `encode`: this model's special-aware one.
+        context_ids, continuation_ids = encode_pair(self, context, continuation,
                                                     where=f"request {context[-40:]!r}")
-        return prefix + context_ids, continuation_ids
+        return self.prefix + context_ids, continuation_ids
 
     def _likelihood_bucket(self, pair: tuple[list[int], list[int]]) -> tuple[int, int, bool]:
         context_ids, continuation_ids = pair
@@ -310,8 +303,8 @@ class LladaJaxLM(LM):
                              f"max_sequence_length={self.max_length}")
         size = padded_size(len(pairs), self.pairs_per_call, self.row_multiple)
         rows = [pairs[i] for i in pad_batch(list(range(len(pairs))), size)]
-        packed = [pack_pairs([p], [a], self.tokenizer.pad_id, self.pad_multiple) for p, a in rows]
-        arrays = {k: np.concatenate([b[k] for b in packed]) for k in packed[0]}
+        # One bucket: every context (answer) rounds up to the same width, so one pack fits all.
+        arrays = pack_pairs(*zip(*rows, strict=True), self.tokenizer.pad_id, self.pad_multiple)
         # pair_rng then fold_in(., 0): the key `log_likelihood` would use for this pair alone.
         arrays["keys"] = np.stack([jax.random.key_data(jax.random.fold_in(pair_rng(
             self.seed, p, a), 0)) for p, a in rows])
@@ -336,28 +329,25 @@ class LladaJaxLM(LM):
 
     def loglikelihood_rolling(self, requests: list) -> list[float]:
         def windows(request) -> list[tuple[list[int], list[int]]]:
-            prefix = [self.tokenizer.bos_id] if self.add_bos else []
             ids = self.encode(request.args[0])
-            room = self.max_length - round_up(len(prefix), self.pad_multiple)
+            room = self.max_length - round_up(len(self.prefix), self.pad_multiple)
             room -= room % self.pad_multiple
             if room <= 0:
                 raise ValueError(f"loglikelihood_rolling: max_sequence_length="
                                  f"{self.max_length} leaves no room for text")
-            return [(prefix, ids[s:s + room]) for s in range(0, len(ids), room)]
+            return [(self.prefix, ids[s:s + room]) for s in range(0, len(ids), room)]
 
         def run(bucket, items):
             flat = [w for windows_of in items for w in windows_of]
-            scores = []
+            scores = [0.0] * len(flat)
             for b, members in bucketed_batches(flat, self._likelihood_bucket,
                                                lambda w: len(w[1]), self.pairs_per_call):
-                scores.extend(zip(members, self._estimate_pairs(b, [flat[m] for m in members]),
-                                  strict=True))
-            by_window = dict(scores)
-            out, n = [], 0
-            for windows_of in items:
-                out.append(float(sum(by_window[n + k] for k in range(len(windows_of)))))
-                n += len(windows_of)
-            return out
+                for m, score in zip(members, self._estimate_pairs(b, [flat[m] for m in members]),
+                                    strict=True):
+                    scores[m] = score
+            ends = np.cumsum([len(windows_of) for windows_of in items])
+            return [float(sum(scores[end - len(windows_of):end]))
+                    for windows_of, end in zip(items, ends, strict=True)]
 
         return self._run_cached("loglikelihood_rolling", requests, windows,
                                 lambda w: sum(len(a) for _, a in w), lambda w: 0,
@@ -380,10 +370,8 @@ class LladaJaxLM(LM):
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        if self.chat:
-            ids = self.tokenizer.render_chat([{"role": "user", "content": context}])
-        else:
-            ids = self._encode_context(context)
+        ids = (self.generator.encode_prompt(context, chat=True) if self.chat
+               else self.prefix + self.encode(context))
         if not ids:
             raise ValueError(f"generate_until: the context {context[:40]!r} has no tokens "
                              f"(set add_bos=true for empty contexts)")
@@ -392,15 +380,13 @@ class LladaJaxLM(LM):
     def _generate_batch(self, bucket: tuple[int, SamplerConfig], items: list) -> list[str]:
         _, sampler = bucket
         size = padded_size(len(items), self.gen_batch_size, self.row_multiple)
-        rows = [items[i] for i in pad_batch(list(range(len(items))), size)]
-        rng = pair_rng(self.seed, rows[0][0], [sampler.gen_length])
+        rng = pair_rng(self.seed, items[0][0], [sampler.gen_length])
         self.model_calls += 1
-        out = self.generator.generate_ids([ids for ids, _, _ in rows], sampler, seed=rng,
-                                          prompt_bucket=self.prompt_bucket)
+        out = self.generator.generate_ids([ids for ids, _, _ in items], sampler, seed=rng,
+                                          prompt_bucket=self.prompt_bucket, batch_size=size)
         texts = []
-        for generated, (_, _, until) in zip(out.tokens, items, strict=False):
-            text = self.tokenizer.decode(answer_ids(generated, self.tokenizer),
-                                         skip_special=True)
+        for generated, (_, _, until) in zip(out.tokens, items, strict=True):
+            text = self.generator.decode_answer(generated)
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
@@ -412,13 +398,6 @@ class LladaJaxLM(LM):
             "generate_until", requests, self._prompt, lambda item: len(item[0]),
             lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
             self.gen_batch_size, self._generate_batch)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TextEncoder:
-    """What `encode_pair` needs of a tokenizer: `encode` (here the LM's special-aware one)."""
-
-    encode: Callable[[str], list[int]]
 
 
 def _jsonable(args: Any) -> Any:

@@ -16,13 +16,17 @@ from typing import Any
 import yaml
 
 
-def _resolve_files(value: Any, base: str) -> Any:
-    if isinstance(value, str):
-        return value if os.path.isabs(value) or "://" in value else os.path.join(base, value)
+def _resolve_files(value: Any, base: str, found: list[str]) -> Any:
+    """`value` (a path, or lists / dicts of them) with relative paths joined to `base`; every
+    resulting path is appended to `found`."""
     if isinstance(value, list):
-        return [_resolve_files(v, base) for v in value]
+        return [_resolve_files(v, base, found) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve_files(v, base) for k, v in value.items()}
+        return {k: _resolve_files(v, base, found) for k, v in value.items()}
+    if isinstance(value, str):
+        found.append(value if os.path.isabs(value) or "://" in value else
+                     os.path.join(base, value))
+        return found[-1]
     return value
 
 
@@ -63,9 +67,9 @@ def local_task_folder(files: Sequence[str]) -> tuple[str, list[str]]:
             raise ValueError(f"{path}: a task YAML must be a mapping with a 'task' name")
         kwargs = task.get("dataset_kwargs") or {}
         if "data_files" in kwargs:
-            base = os.path.dirname(os.path.abspath(path))
-            kwargs["data_files"] = _resolve_files(kwargs["data_files"], base)
-            for file in _flatten(kwargs["data_files"]):
+            base, found = os.path.dirname(os.path.abspath(path)), []
+            kwargs["data_files"] = _resolve_files(kwargs["data_files"], base, found)
+            for file in found:
                 if not os.path.isfile(file):
                     raise FileNotFoundError(f"{path}: data file not found: {file}")
             task["dataset_kwargs"] = kwargs
@@ -73,13 +77,3 @@ def local_task_folder(files: Sequence[str]) -> tuple[str, list[str]]:
             yaml.safe_dump(task, f)
         names.append(task["task"])
     return folder, names
-
-
-def _flatten(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [f for v in value for f in _flatten(v)]
-    if isinstance(value, dict):
-        return [f for v in value.values() for f in _flatten(v)]
-    return []

@@ -22,8 +22,9 @@ batch equals the request alone. Sampling with randomness (temperature > 0 or ran
 draws noise over the whole batch, so such jobs run alone (in the smallest batch, as the library
 `Generator.generate_ids` runs a single prompt).
 
-Every batch runs the streaming variant of the sampler (`generate(stream=...)`): its finished
-blocks reach `_dispatch` on the host, which hands each row's block to its job's `on_block`.
+Every batch is one call of the generation API (`Generator.generate_ids`) with the sampler's
+streaming on (`stream=_dispatch`): finished blocks reach `_dispatch` on the host, which hands each
+row's block to its job's `on_block`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 
-from llada_jax import parallel
-from llada_jax.diffusion.sampler import SamplerConfig, generate
-from llada_jax.generation import Generator, batch_rows, prompt_batch, to_host
+from llada_jax.diffusion.sampler import SamplerConfig
+from llada_jax.generation import Generator, batch_rows
 from llada_jax.serving.metrics import Metrics
 
 # Batch sizes remembered to guess how many requests the next batch should wait for.
@@ -305,22 +303,7 @@ class Engine:
     def _run(self, jobs: Sequence[Job]) -> None:
         """Runs one batch through the streaming sampler and resolves the jobs' futures."""
         first = jobs[0]
-        sampler, width = first.sampler, first.width
         rows = self.batch_size(len(jobs)) if not first.random else self.settings.batch_sizes[0]
-        gen = self.generator
-        tokens, mask = prompt_batch([j.prompt for j in jobs], gen.tokenizer.pad_id,
-                                    rows_multiple=rows, width=width)
-        host_batch = {"tokens": tokens, "mask": mask}
-        if first.images is not None:
-            from llada_jax.data import multimodal_data
-
-            canvas = np.concatenate(
-                [tokens, np.full((rows, sampler.gen_length), sampler.mask_id, np.int32)], 1)
-            vision = gen.config.vision
-            encoded = [j.images for j in jobs]
-            host_batch.update(multimodal_data.image_inputs(
-                canvas, encoded + [encoded[-1]] * (rows - len(jobs)), vision.max_views,
-                vision.image_size, (vision.image_size // vision.patch_size) ** 2))
         tag = next(_tags) % 2 ** 31
 
         def listener(block: int, block_tokens: np.ndarray) -> None:
@@ -331,24 +314,17 @@ class Engine:
         _listeners[tag] = listener
         start = time.perf_counter()
         try:
-            with jax.set_mesh(gen.mesh), nn.logical_axis_rules(parallel.logical_rules(gen.config)):
-                batch = parallel.global_batch(host_batch, gen.mesh)
-                images = None
-                if first.images is not None:
-                    from llada_jax.model.multimodal import IMAGE_FIELDS
-
-                    images = [batch[k] for k in IMAGE_FIELDS]
-                out = generate(gen.params, gen.model, batch["tokens"], batch["mask"], sampler,
-                               jax.random.key(first.seed), images=images, return_stats=True,
-                               stream=_dispatch, stream_tag=tag)
-                generated = to_host(out.tokens)[:, width:]
-                passes = int(out.num_forward_passes)
+            # Every job's prompt fits its bucket `width`, so the width as the bucket is exact.
+            out = self.generator.generate_ids(
+                [j.prompt for j in jobs], first.sampler, seed=first.seed,
+                images=None if first.images is None else [j.images for j in jobs],
+                prompt_bucket=first.width, batch_size=rows, stream=_dispatch, stream_tag=tag)
         finally:
             _listeners.pop(tag, None)
-        self.metrics.batch_done(rows, len(jobs), passes, time.perf_counter() - start)
+        self.metrics.batch_done(rows, len(jobs), out.forward_passes, time.perf_counter() - start)
         with self._cond:   # the slots are free before any client hears back
             self._running = 0
             self._update_gauges()
-        for i, job in enumerate(jobs):
+        for job, generated in zip(jobs, out.tokens, strict=True):
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled just now
-                job.future.set_result(generated[i])
+                job.future.set_result(generated)
