@@ -11,10 +11,11 @@ warm-up, then runs two phases of --seconds each with the same greedy completion 
 `sequential` (one client, one request at a time: a lone request's latency) and `concurrent`
 (--clients threads, each sending its next request when the last one is answered). Prints one
 JSON object: per phase the requests answered, requests/s, generated tokens/s and p50/p95
-latency, the server's batch metrics (batches, mean requests per batch, compilations after
-warm-up), and `throughput_speedup` = concurrent / sequential requests/s and
-`p95_over_lone_p50` = concurrent p95 / sequential p50 (targets on the tiny CPU model: >= 3 and
-<= 2).
+latency, the server's batch metrics (batches, mean requests per batch, mean seconds per batch in
+the sampler, the fraction of the phase the sampler ran, compilations after warm-up), and
+`throughput_speedup` = concurrent / sequential requests/s and `p95_over_lone_p50` = concurrent
+p95 / sequential p50 (targets on the tiny CPU model: >= 3 and <= 2). `benchmarks/serve_cost.py`
+times the sampler alone at each batch size (what bounds these two figures).
 
 Without --checkpoint a tiny random-weight model is written to a temporary directory (init_std
 0.3; the numbers measure the server and the program, not the model's answers).
@@ -131,12 +132,15 @@ def _phase(port: int, clients: int, seconds: float, extra: dict) -> dict:
     after = _metrics(port)
     batches = after["llada_batches_total"] - before["llada_batches_total"]
     rows = after["llada_batch_requests_total"] - before["llada_batch_requests_total"]
+    busy = after["llada_sampler_busy_seconds_total"] - before["llada_sampler_busy_seconds_total"]
     return {"clients": clients, "seconds": round(elapsed, 2), "requests": len(latencies),
             "requests_per_second": round(len(latencies) / elapsed, 3),
             "completion_tokens_per_second": round(tokens[0] / elapsed, 1),
             "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
             "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
             "batches": int(batches), "mean_requests_per_batch": round(rows / max(batches, 1), 2),
+            "mean_batch_s": round(busy / max(batches, 1), 4),
+            "sampler_busy_fraction": round(busy / elapsed, 3),
             "compilations": int(after["llada_compilations_total"]
                                 - before["llada_compilations_total"])}
 

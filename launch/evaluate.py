@@ -45,7 +45,7 @@ from absl import flags
 from llada_jax import parallel
 from llada_jax.data.eval_records import encode_requests, read_eval_records
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
-from llada_jax.generation import Generator, sampling_mesh
+from llada_jax.generation import Generator
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
                                   required=True)
@@ -153,7 +153,7 @@ def run_benchmarks() -> None:
         limit = int(limit)
     # The model fills the mesh: its batches are a multiple of the mesh's batch axes.
     lm = LladaJaxLM(checkpoint=_CHECKPOINT.value, step=_STEP.value, tokenizer=_TOKENIZER.value,
-                    cache_path=_CACHE.value, mesh=sampling_mesh(fsdp=_MESH_FSDP.value),
+                    cache_path=_CACHE.value, mesh=parallel.make_mesh(fsdp=_MESH_FSDP.value),
                     **model_args)
     out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                           task_manager=TaskManager(include_path=include), log_samples=False,
@@ -197,7 +197,7 @@ def main(argv: list[str]) -> None:
         except OSError as e:
             raise ValueError(f"--output={_OUTPUT.value}: cannot write it ({e.strerror})") from None
     generator = Generator.load(_CHECKPOINT.value, step=_STEP.value, tokenizer=_TOKENIZER.value,
-                               mesh=sampling_mesh(fsdp=_MESH_FSDP.value))
+                               mesh=parallel.make_mesh(fsdp=_MESH_FSDP.value))
     config, params, model = generator.config, generator.params, generator.model
     tokenizer = generator.tokenizer
 

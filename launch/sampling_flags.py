@@ -19,7 +19,7 @@ from absl import flags
 from llada_jax import parallel
 from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.diffusion.sampler import SamplerConfig
-from llada_jax.generation import Generator, sampling_mesh
+from llada_jax.generation import Generator
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "params checkpoint or trainer workdir",
                                  required=True)
@@ -91,7 +91,7 @@ def make_mesh() -> Any:
     if not MESH_FSDP.present and -1 in (MESH_DATA.value, MESH_TENSOR.value):
         fsdp = 1   # the default fill moves to the axis the user asked to fill
     try:
-        return sampling_mesh(data=MESH_DATA.value, fsdp=fsdp, tensor=MESH_TENSOR.value)
+        return parallel.make_mesh(data=MESH_DATA.value, fsdp=fsdp, tensor=MESH_TENSOR.value)
     except ValueError as e:
         raise ValueError(f"--mesh_data={MESH_DATA.value} --mesh_fsdp={fsdp} --mesh_tensor="
                          f"{MESH_TENSOR.value} do not fit the {jax.device_count()} device(s) "

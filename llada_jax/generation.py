@@ -49,12 +49,6 @@ class GenerationOutput:
         return int(self.tokens.size)
 
 
-def sampling_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1) -> Any:
-    """A mesh over every device for sampling or scoring (a deployment choice, independent of
-    how the model was trained); -1 fills an axis. ValueError when the sizes do not fit."""
-    return parallel.make_mesh(data=data, fsdp=fsdp, expert=expert, tensor=tensor)
-
-
 def batch_rows(mesh: Any) -> int:
     """Rows a prompt batch must be a multiple of: the size of the mesh's batch axes (1 without
     a mesh)."""
@@ -149,7 +143,7 @@ class Generator:
         sharded on `mesh` (default: fsdp over every device), with `tokenizer` (a spec or a
         loaded one; default: the checkpoint's `config.data.tokenizer`). `tokenizer_where`: how
         a vocabulary mismatch names the tokenizer (e.g. the flag that chose it)."""
-        mesh = sampling_mesh() if mesh is None else mesh
+        mesh = parallel.make_mesh() if mesh is None else mesh
         config, params = checkpoint.load_params(path, step, mesh=mesh)
         return cls.from_params(config, params, mesh, tokenizer=tokenizer,
                                tokenizer_where=tokenizer_where)
@@ -177,7 +171,7 @@ class Generator:
                                         f"'char' or 'hf:DIR')")
             tokenizer = "hf:" + os.path.abspath(hf_dir)
         config = config_lib.default_config()
-        mesh = sampling_mesh() if mesh is None else mesh
+        mesh = parallel.make_mesh() if mesh is None else mesh
         model_config, params = hf.import_hf(hf_dir, mesh=mesh, rules=parallel.logical_rules(config),
                                             param_dtype=param_dtype,
                                             overrides=None if dtype is None else {"dtype": dtype})

@@ -28,7 +28,6 @@ from llada_jax.config import default_config
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.diffusion.likelihood import log_likelihood
 from llada_jax.evaluation.lm import LladaJaxLM, pair_rng
-from llada_jax.generation import sampling_mesh
 from llada_jax.train import state as state_lib
 
 TOK = CharTokenizer()
@@ -164,7 +163,7 @@ def test_chat_template_through_lm_eval():
 
 def test_sharded_likelihood_batches_fill_the_mesh_and_change_nothing():
     config, params = tiny()
-    mesh = sampling_mesh()   # fsdp over the 8 test devices
+    mesh = parallel.make_mesh()   # fsdp over the 8 test devices
     requests = [ll_request(c, a) for c, a in [("a>", "bc"), ("hello>", "xyz"), ("m", ">m")]]
     unsharded = make_lm().loglikelihood(requests)
     placed = jax.device_put(params, parallel.replicated(mesh))

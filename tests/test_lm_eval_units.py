@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
+from llada_jax.evaluation.batching import bucketed_batches, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
 from llada_jax.evaluation.presets import load_preset
 from llada_jax.evaluation.tasks import local_task_folder, split_tasks
@@ -40,7 +40,6 @@ def test_batching_groups_by_bucket_and_pads():
     batches = bucketed_batches(lengths, lambda n: round_up(n, 8), lambda n: n, 2)
     # Longest first; bucket 24 = {20, 17}, 16 = {9}, 8 = {5, 4, 3} cut into 2 + 1.
     assert batches == [(24, [1, 3]), (16, [5]), (8, [2, 4]), (8, [0])]
-    assert pad_batch([4, 7], 4) == [4, 7, 7, 7]
     assert [padded_size(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     assert [padded_size(n, 16, multiple=8) for n in (1, 3, 9)] == [8, 8, 16]
 

@@ -49,10 +49,3 @@ def padded_size(n: int, batch_size: int, multiple: int = 1) -> int:
     of one, but a short last batch no longer computes a full batch of padding."""
     power = 1 << max(n - 1, 0).bit_length()
     return min(batch_size, round_up(power, multiple))
-
-
-def pad_batch(indices: list[int], batch_size: int) -> list[int]:
-    """`indices` padded to `batch_size` by repeating the last one (its results are dropped)."""
-    if not indices:
-        raise ValueError("pad_batch: a batch needs at least one index")
-    return indices + [indices[-1]] * (batch_size - len(indices))

@@ -62,7 +62,7 @@ from llada_jax.data.eval_records import encode_pair
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
 from llada_jax.diffusion.sampler import SamplerConfig
-from llada_jax.evaluation.batching import bucketed_batches, pad_batch, padded_size, round_up
+from llada_jax.evaluation.batching import bucketed_batches, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
 from llada_jax.generation import Generator, batch_rows, shard_batch, to_host
 
@@ -302,7 +302,7 @@ class LladaJaxLM(LM):
                              f"(padded to {width_p + width_a}) exceeds the model's "
                              f"max_sequence_length={self.max_length}")
         size = padded_size(len(pairs), self.pairs_per_call, self.row_multiple)
-        rows = [pairs[i] for i in pad_batch(list(range(len(pairs))), size)]
+        rows = pairs + [pairs[-1]] * (size - len(pairs))   # padding rows repeat the last pair
         # One bucket: every context (answer) rounds up to the same width, so one pack fits all.
         arrays = pack_pairs(*zip(*rows, strict=True), self.tokenizer.pad_id, self.pad_multiple)
         # pair_rng then fold_in(., 0): the key `log_likelihood` would use for this pair alone.
