@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -117,12 +118,8 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
     """Generated ids up to (without) the first EOS or EoT."""
-    out = []
-    for token in generated:
-        if int(token) in (tokenizer.eos_id, tokenizer.eot_id):
-            break
-        out.append(int(token))
-    return out
+    stops = (tokenizer.eos_id, tokenizer.eot_id)
+    return [int(t) for t in itertools.takewhile(lambda t: int(t) not in stops, generated)]
 
 
 @dataclasses.dataclass

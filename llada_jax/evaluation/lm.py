@@ -200,26 +200,18 @@ class LladaJaxLM(LM):
         """Results of `requests` (cached ones read back, the others computed bucket by bucket;
         each finished batch is written to the cache at once)."""
         keys = [request_key(kind, _jsonable(r.args), self.fingerprint) for r in requests]
-        results: list = [None] * len(requests)
-        todo = []
-        for i, key in enumerate(keys):
-            if key in self.request_cache:
-                results[i] = self.request_cache.get(key)
-            else:
-                todo.append(i)
+        results: list = [self.request_cache.get(key) if key in self.request_cache else None
+                         for key in keys]
+        todo = [i for i, key in enumerate(keys) if key not in self.request_cache]
         prepared = [prepare(requests[i]) for i in todo]
-        batches = bucketed_batches(prepared, bucket_of, length_of, batch_size)
         done, start = len(requests) - len(todo), time.perf_counter()
-        total = len(requests)
-        for bucket, members in batches:
+        for bucket, members in bucketed_batches(prepared, bucket_of, length_of, batch_size):
             outputs = run_batch(bucket, [prepared[m] for m in members])
-            finished = []
             for m, output in zip(members, outputs, strict=True):
                 results[todo[m]] = output
-                finished.append((keys[todo[m]], output))
-            self.request_cache.put_many(finished)
+            self.request_cache.put_many([(keys[todo[m]], results[todo[m]]) for m in members])
             done += len(members)
-            self._report(kind, done, total, len(todo), start)
+            self._report(kind, done, len(requests), len(todo), start)
         for request, result in zip(requests, results, strict=True):
             self.cache_hook.add_partial(kind, request.args, _from_json(kind, result))
         return [_from_json(kind, r) for r in results]
