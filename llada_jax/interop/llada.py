@@ -276,6 +276,11 @@ def tied(hf_config: Mapping) -> bool:
     return bool(hf_config.get("weight_tying") or hf_config.get("tie_word_embeddings"))
 
 
+def token_ids_dict(config: ModelConfig) -> dict:
+    """The config.json fields of the special token ids (and ``use_cache``), of every family."""
+    return {"use_cache": False, "mask_token_id": config.mask_token_id,
+            "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id}
 
 
 def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
@@ -287,11 +292,7 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
                      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
         "model_type": "llada",
         "torch_dtype": dtype,
-        "use_cache": False,
-        "mask_token_id": config.mask_token_id,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
+        **token_ids_dict(config),
     }
     if naming == "llada":
         fields = {
@@ -303,30 +304,22 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
             "max_sequence_length": config.max_sequence_length,
             "rope": True, "rope_theta": config.rope_theta, "rope_full_precision": True,
             "rms_norm_eps": config.rms_norm_eps, "layer_norm_type": "rms",
-            "layer_norm_with_affine": True, "bias_for_layer_norm": False,
-            "attention_layer_norm": False, "attention_layer_norm_with_affine": False,
-            "activation_type": "silu", "block_type": "llama", "block_group_size": 1,
-            "include_bias": False, "include_qkv_bias": False,
-            "weight_tying": config.tie_embeddings,
-            "alibi": False, "alibi_bias_max": 8.0, "multi_query_attention": None,
-            "input_emb_norm": False, "scale_logits": False, "clip_qkv": None,
-            "flash_attention": False, "attention_dropout": 0.0, "residual_dropout": 0.0,
-            "embedding_dropout": 0.0, "init_fn": "mitchell", "init_std": config.init_std,
-            "init_device": "meta", "init_cutoff_factor": None, "precision": "amp_bf16",
+            "layer_norm_with_affine": True, "activation_type": "silu", "block_type": "llama",
+            "block_group_size": 1, "weight_tying": config.tie_embeddings,
+            "alibi_bias_max": 8.0, "multi_query_attention": None, "clip_qkv": None,
+            "init_fn": "mitchell", "init_std": config.init_std, "init_device": "meta",
+            "init_cutoff_factor": None, "precision": "amp_bf16",
+            **dict.fromkeys(("bias_for_layer_norm", "attention_layer_norm",
+                             "attention_layer_norm_with_affine", "include_bias",
+                             "include_qkv_bias", "alibi", "input_emb_norm", "scale_logits",
+                             "flash_attention"), False),
+            **dict.fromkeys(("attention_dropout", "residual_dropout", "embedding_dropout"), 0.0),
         }
     else:
-        fields = {
-            "hidden_size": config.d_model, "num_attention_heads": config.n_heads,
-            "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-            "num_hidden_layers": config.n_layers,
-            "intermediate_size": config.mlp_hidden_size, "vocab_size": config.vocab_size,
-            "max_position_embeddings": config.max_sequence_length,
-            "rope_theta": config.rope_theta, "rope_scaling": None,
-            "rms_norm_eps": config.rms_norm_eps, "hidden_act": "silu",
-            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
-            "pretraining_tp": 1,
-        }
+        fields = {**llama_attention_dict(config), "num_hidden_layers": config.n_layers,
+                  "intermediate_size": config.mlp_hidden_size, "attention_dropout": 0.0,
+                  "mlp_bias": False, "tie_word_embeddings": config.tie_embeddings,
+                  "pretraining_tp": 1}
     return {**common, **fields}
 
 

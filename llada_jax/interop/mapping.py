@@ -108,13 +108,9 @@ def hf_from_param(x: Any, rule: TensorRule) -> Any:
     return x.reshape(math.prod(x.shape[:rule.num_in_dims]), -1).T   # [in, out] -> [out, in]
 
 
-def param_from_hf(w: Any, rule: TensorRule, shape: Sequence[int]) -> Any:
-    """The HF tensor -> our parameter slice of `shape` (heads split head-major)."""
-    return w.reshape(shape) if rule.num_in_dims is None else w.T.reshape(shape)
-
-
 def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
-    """Writes `param_from_hf(w)` into the (contiguous) slot `out` without an extra copy."""
+    """Writes the HF tensor `w` as our param slice (PyTorch [out, in] transposed, heads split
+    head-major) into the (contiguous) slot `out` without an extra copy."""
     if rule.num_in_dims is None:
         np.copyto(out, w.reshape(out.shape), casting="unsafe")
     else:
@@ -178,8 +174,9 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     Rules for params the config does not create are skipped; a param with no rule is refused.
     """
     abstract = abstract_params(config)
-    present = [r for r in rules if _has(abstract, r.path)]
-    missing = sorted(set(tree_paths(nn.unbox(abstract))) - {r.path for r in present})
+    paths = set(tree_paths(nn.unbox(abstract)))
+    present = [r for r in rules if r.path in paths]
+    missing = sorted(paths - {r.path for r in present})
     if missing:
         raise ValueError(f"this checkpoint layout cannot store param(s) "
                          f"{['/'.join(p) for p in missing]} of the model")
@@ -195,21 +192,6 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     first_stacked = next((n for n, t in enumerate(out) if t.rules[0].stacked), len(out))
     return [dataclasses.replace(t, section=1 if t.rules[0].stacked else 2 * (n > first_stacked))
             for n, t in enumerate(out)]
-
-
-def _has(tree: Mapping, path: Sequence[str]) -> bool:
-    try:
-        get(tree, path)
-        return True
-    except (KeyError, TypeError):
-        return False
-
-
-def expected_shapes(rules: Sequence[TensorRule], config: ModelConfig) -> dict[str, tuple]:
-    """Every HF key of a layout for `config`, with its tensor shape."""
-    abstract = abstract_params(config)
-    return {key: t.shape for t in hf_tensors(rules, config)
-            for key, *_ in t.instances(abstract)}
 
 
 # ----------------------------------------------------------------------------------------------
