@@ -32,14 +32,12 @@ from llada_jax.interop import llada, llada2, llada_moe, mapping
 from llada_jax.interop.safetensors_io import (  # noqa: F401  (the public names of interop)
     DTYPES,
     INDEX_FILE,
-    SINGLE_FILE,
     ExportSummary,
     StoredTensor,
     list_tensors,
     plan_shards,
     read_json,
     write_export,
-    write_safetensors,
 )
 
 # Model families, most specific first: the first whose `matches(config.json)` holds reads it.

@@ -104,8 +104,10 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     c = hf_config
     if "d_model" in c:
         fields = _olmo_fields(c, source)
-    elif "hidden_size" in c:
-        fields = _llama_fields(c, source)
+    elif "hidden_size" in c:   # LLaDA-V's re-saved tower
+        fields = {**llama_attention_fields(c, source),
+                  "n_layers": int(require(c, "num_hidden_layers", source)),
+                  "mlp_hidden_size": int(require(c, "intermediate_size", source))}
     else:
         raise ValueError(f"{source}: neither 'd_model' (LLaDA/OLMo style) nor 'hidden_size' "
                          f"(Llama style) found; is this a LLaDA config?")
@@ -132,20 +134,14 @@ def finish_config(fields: dict, c: Mapping, generation_config: Mapping | None,
                              f"the number of heads {fields['n_heads']}")
         fields["head_dim"] = fields["d_model"] // fields["n_heads"]
 
-    generation = generation_config or {}
+    # generation_config.json gives bos/eos (before config.json); the mask id only config.json.
+    generation = {k: v for k, v in (generation_config or {}).items() if k != "mask_token_id"}
     vocab = fields["vocab_size"]
-    ids = {
-        "mask_token_id": [("config", c.get("mask_token_id"))],
-        "bos_token_id": [("generation_config", generation.get("bos_token_id")),
-                         ("config", c.get("bos_token_id"))],
-        "eos_token_id": [("generation_config", generation.get("eos_token_id")),
-                         ("config", c.get("eos_token_id"))],
-    }
     overrides = dict(overrides or {})
-    for name, candidates in ids.items():
+    for name, default in default_ids.items():
         if name not in overrides:
-            fields[name] = _pick_id(name, candidates, default_ids[name], vocab, source,
-                                    family)
+            candidates = [("generation_config", generation.get(name)), ("config", c.get(name))]
+            fields[name] = _pick_id(name, candidates, default, vocab, source, family)
     pad = _first_id(c.get("pad_token_id"))
     if pad is None or not 0 <= pad < vocab:
         pad = overrides.get("eos_token_id", fields.get("eos_token_id"))   # pad with EOS
@@ -181,12 +177,10 @@ def _pick_id(name: str, candidates, default: int, vocab: int, source: str,
 
 
 def _rope_theta(c: Mapping, source: str) -> float:
-    if c.get("rope_theta") is not None:
-        return float(c["rope_theta"])
-    parameters = c.get("rope_parameters") or {}   # newer transformers configs
-    if parameters.get("rope_theta") is not None:
-        return float(parameters["rope_theta"])
-    raise ValueError(f"{source}: field 'rope_theta' is missing (needed to build the model)")
+    theta = c.get("rope_theta")
+    if theta is None:   # newer transformers configs keep it in rope_parameters
+        theta = (c.get("rope_parameters") or {}).get("rope_theta")
+    return float(require({"rope_theta": theta}, "rope_theta", source))
 
 
 def _olmo_fields(c: Mapping, source: str) -> dict:
@@ -225,13 +219,6 @@ def _olmo_fields(c: Mapping, source: str) -> dict:
             "rope_theta": _rope_theta(c, source),
             "rms_norm_eps": float(require(c, "rms_norm_eps", source)),
             "max_sequence_length": int(c.get("max_sequence_length") or 4096)}
-
-
-def _llama_fields(c: Mapping, source: str) -> dict:
-    """Fields of a Llama-style config.json (LLaDA-V's re-saved tower)."""
-    return {**llama_attention_fields(c, source),
-            "n_layers": int(require(c, "num_hidden_layers", source)),
-            "mlp_hidden_size": int(require(c, "intermediate_size", source))}
 
 
 def llama_attention_fields(c: Mapping, source: str) -> dict:

@@ -35,20 +35,14 @@ import numpy as np
 from llada_jax.config import ModelConfig
 from llada_jax.interop import hf
 from llada_jax.interop import safetensors_io as io
-from llada_jax.interop.siglip import (
-    LLADA_V_VISION_PREFIX,
-    Params,
-    export_tensors,
-    export_vision,
-    import_tensors,
-    import_vision,
-)
+from llada_jax.interop.mapping import export_tensors, import_tensors
+from llada_jax.interop.siglip import LLADA_V_VISION_PREFIX, Params, export_vision, import_vision
 from llada_jax.model.multimodal import LLaDAV, Projector
 from llada_jax.model.vision import VisionConfig, validate_vision
 
 LLADA_V_PREFIX = "model."      # of `mm_projector.*` and `image_newline` in LLaDA-V checkpoints
 # The projector (mlp2x_gelu) and newline: LLaDA-V name relative to `LLADA_V_PREFIX`, our path in
-# the `Projector` params, kind (as in `siglip.TableRow`).
+# the `Projector` params, kind (as in `mapping.TableRow`).
 _PROJECTOR = (
     ("mm_projector.0.weight", ("linear_1", "kernel"), 1),
     ("mm_projector.0.bias", ("linear_1", "bias"), None),
@@ -157,7 +151,7 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: Vi
     if missing:
         raise ValueError(f"params: expected LLaDAV params with vision_tower, projector and "
                          f"language_model, missing {missing}")
-    io.check_replaceable(os.path.abspath(os.fspath(out_dir)), overwrite)   # before any check
+    io.check_replaceable(os.path.abspath(os.fspath(out_dir)), overwrite)   # refused first
     language, json_files = hf.export_plan(params["language_model"], model_cfg, "llama", dtype)
     json_files["config.json"].update(llada_v_config_fields(vision, image_aspect_ratio, max_grid))
     host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)),

@@ -17,6 +17,10 @@ Rules whose param the config does not create (QK-norm off, a tied LM head) are s
 streams one HF tensor at a time into one stacked host buffer per parameter, placed on its
 sharding and dropped (host memory peaks at about one stacked parameter); export pulls one layer
 (and expert) slice at a time off the devices into the shard writer.
+
+The vision side of LLaDA-V (`interop.siglip`, `interop.llada_v`) is small enough to convert in
+memory: `import_tensors` / `export_tensors` run a `TableRow` table (HF name, our path, kind)
+between a dict of arrays and nested numpy params, with shapes from the module's abstract params.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -101,11 +105,11 @@ def abstract_params(config: ModelConfig) -> dict:
     return jax.eval_shape(init)["params"]
 
 
-def hf_from_param(x: Any, rule: TensorRule) -> Any:
+def hf_from_param(x: Any, num_in_dims: int | None) -> Any:
     """Our (per-layer, per-expert) parameter slice -> the HF tensor (numpy or jax alike)."""
-    if rule.num_in_dims is None:
+    if num_in_dims is None:
         return x
-    return x.reshape(math.prod(x.shape[:rule.num_in_dims]), -1).T   # [in, out] -> [out, in]
+    return x.reshape(math.prod(x.shape[:num_in_dims]), -1).T   # [in, out] -> [out, in]
 
 
 def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
@@ -273,9 +277,8 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
                 for key, layer, expert, _ in tensor.instances(abstract):
                     if key not in stored and rule.tied_to is not None:
                         key = rule.tied_to   # tied: the LM head is wte, stored [vocab, d] too
-                    w = reader.read(key, stored[key].shard)
-                    if len(tensor.rules) > 1:
-                        w = w[start:start + tensor.rows[n]]
+                    # Its rows of a fused tensor (all of them when not fused): a view.
+                    w = reader.read(key, stored[key].shard)[start:start + tensor.rows[n]]
                     slot = host[layer] if rule.stacked else host
                     _read_into(slot[expert] if rule.experts else slot, w, rule)
                     del w
@@ -306,7 +309,7 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
                 x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
             if rule.experts:
                 x = jax.lax.dynamic_index_in_dim(x, expert, 0, keepdims=False)
-            parts.append(hf_from_param(x, rule).astype(io.DTYPES[dtype]))
+            parts.append(hf_from_param(x, rule.num_in_dims).astype(io.DTYPES[dtype]))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
     if mesh is not None:
@@ -354,3 +357,86 @@ def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelC
     instances.sort(key=lambda s: (s[1].section, s[0] if s[1].section == 1 else 0))
     return [(key, target, t.shape, producer(t, layer, expert))
             for _, t, key, layer, expert in instances]
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory tables (the vision side of LLaDA-V: `interop.siglip`, `interop.llada_v`): HF name ->
+# array in, nested numpy params out, and back.
+
+# One row of an in-memory table: (Hugging Face name relative to the prefix, path in our params,
+# kind). A name with ``{i}`` is one tensor per layer of a param stacked on a leading axis.
+# kind: how many leading dims of our kernel are inputs of the PyTorch Linear ``[out, in]``
+# (heads split head-major), None: stored as is, "flat": our [heads, head_dim] is one HF vector,
+# "conv": our [p, p, C, width] is the PyTorch OIHW kernel [width, C, p, p].
+TableRow = tuple[str, tuple[str, ...], int | str | None]
+
+
+def _to_hf(a: Any, kind: int | str | None) -> Any:
+    """Our (per-layer) param slice -> the HF tensor (numpy or jax alike)."""
+    if kind == "conv":
+        return a.transpose(3, 2, 0, 1)
+    return a.reshape(-1) if kind == "flat" else hf_from_param(a, kind)
+
+
+def _from_hf(t: np.ndarray, kind: int | str | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The HF tensor -> our param slice of `shape` (the inverse of `_to_hf`)."""
+    if kind == "conv":
+        return t.transpose(2, 3, 1, 0)
+    return (t if kind in (None, "flat") else t.T).reshape(shape)
+
+
+def listing(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstract: Mapping,
+                   prefix: str, dtype: str, missing_what: str) -> dict:
+    """HF tensors (name -> array) -> our params by `table`, shaped like the (unboxed) abstract
+    params `abstract`, in `dtype`. A wrong shape is a ValueError naming the tensor; missing
+    tensors are one ValueError "missing {missing_what}: names"."""
+    params: dict = {}
+    missing: list[str] = []
+    for rel, path, kind in table:
+        shape = tuple(get(abstract, path).shape)
+        slice_shape = shape[1:] if "{i}" in rel else shape
+        expected = jax.eval_shape(lambda a, kind=kind: _to_hf(a, kind),
+                                  jax.ShapeDtypeStruct(slice_shape, jnp.float32)).shape
+        slices = []
+        for i in range(shape[0]) if "{i}" in rel else [0]:
+            name = prefix + rel.format(i=i)
+            if name not in tensors:
+                missing.append(name)
+                continue
+            t = np.asarray(tensors[name])
+            if tuple(t.shape) != expected:
+                raise ValueError(f"tensor {name}: expected shape {expected} (Hugging Face "
+                                 f"layout), found {tuple(t.shape)}")
+            slices.append(_from_hf(t, kind, slice_shape).astype(io.DTYPES[dtype]))
+        if slices and "{i}" in rel:
+            put(params, path, np.stack(slices))
+        elif slices:
+            put(params, path, slices[0])
+    if missing:
+        raise ValueError(f"missing {missing_what}: {listing(missing)}")
+    return params
+
+
+def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix: str,
+                   dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Our params -> HF name -> array by `table` (the inverse of `import_tensors`), in table
+    order, layer by layer within a row; dtype: of the arrays (default: that of the params)."""
+    out = {}
+    for rel, path, kind in table:
+        param = np.asarray(get(params, path))
+        for i, a in enumerate(param) if "{i}" in rel else [(0, param)]:
+            hf = _to_hf(a, kind)
+            out[prefix + rel.format(i=i)] = hf if dtype is None else hf.astype(io.DTYPES[dtype])
+    return out
+
+
+def table_names(table: Sequence[TableRow], prefix: str, layers: int) -> set[str]:
+    """Every HF name of `table` under `prefix`, with `layers` layers."""
+    return {prefix + rel.format(i=i) for rel, _, _ in table
+            for i in (range(layers) if "{i}" in rel else [0])}

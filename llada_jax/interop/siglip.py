@@ -16,8 +16,8 @@ reorder a conv kernel, stack layers), so the table is the documentation of the l
 
 Import takes a mapping of names to numpy arrays and returns a nested dict of numpy arrays shaped
 like `VisionEncoder`'s (unboxed) params; export is the inverse. Both run the in-memory table
-engine of this module (`import_tensors` / `export_tensors`), which LLaDA-V's projector table
-(`interop.llada_v`) shares; expected shapes follow from the module's own abstract params.
+engine of `interop.mapping` (`import_tensors` / `export_tensors`), as LLaDA-V's projector table
+does (`interop.llada_v`); expected shapes follow from the module's own abstract params.
 Tensors the config does not use by design (the pooling head, the post-layernorm when
 `use_post_layernorm` is off, encoder layers past `num_layers_used`) are skipped; anything else
 that does not fit is a `ValueError` naming the tensor and the expected and found shapes.
@@ -25,8 +25,7 @@ that does not fit is a `ValueError` naming the tensor and the expected and found
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -34,8 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.interop.mapping import get, put
-from llada_jax.interop.safetensors_io import DTYPES
+from llada_jax.interop.mapping import (
+    TableRow,
+    export_tensors,
+    get,
+    import_tensors,
+    listing,
+    table_names,
+)
 from llada_jax.model.vision import VisionConfig, VisionEncoder, validate_vision
 
 LLADA_V_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -45,12 +50,6 @@ _CANDIDATE_PREFIXES = (LLADA_V_VISION_PREFIX, HF_SIGLIP_VISION_PREFIX, "")
 _PROBE = "embeddings.patch_embedding.weight"
 
 Params = dict[str, Any]
-# One row of an in-memory table: (Hugging Face name relative to the prefix, path in our params,
-# kind). A name with ``{i}`` is one tensor per layer of a param stacked on a leading axis.
-# kind: how many leading dims of our kernel are inputs of the PyTorch Linear ``[out, in]``
-# (heads split head-major), None: stored as is, "flat": our [heads, head_dim] is one HF vector,
-# "conv": our [p, p, C, width] is the PyTorch OIHW kernel [width, C, p, p].
-TableRow = tuple[str, tuple[str, ...], int | str | None]
 
 # --- the mapping table ---------------------------------------------------------------------------
 _EMBEDDINGS = (
@@ -90,83 +89,6 @@ def _table(use_post_layernorm: bool) -> tuple[TableRow, ...]:
               for rel, path, kind in _LAYER))
 
 
-# --- the in-memory table engine ------------------------------------------------------------------
-def _to_hf(a: Any, kind: int | str | None) -> Any:
-    """Our (per-layer) param slice -> the HF tensor (numpy or jax alike)."""
-    if kind == "conv":
-        return a.transpose(3, 2, 0, 1)
-    if kind == "flat":
-        return a.reshape(-1)
-    return a if kind is None else a.reshape(math.prod(a.shape[:kind]), -1).T
-
-
-def _from_hf(t: np.ndarray, kind: int | str | None, shape: tuple[int, ...]) -> np.ndarray:
-    """The HF tensor -> our param slice of `shape` (the inverse of `_to_hf`)."""
-    if kind == "conv":
-        return t.transpose(2, 3, 1, 0)
-    return (t if kind in (None, "flat") else t.T).reshape(shape)
-
-
-def shape_error(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> ValueError:
-    return ValueError(f"tensor {name}: expected shape {expected} (Hugging Face layout), "
-                      f"found {found}")
-
-
-def listing(names: Iterable[str], limit: int = 12) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstract: Mapping,
-                   prefix: str, dtype: str, missing_what: str) -> Params:
-    """HF tensors (name -> array) -> our params by `table`, shaped like the (unboxed) abstract
-    params `abstract`, in `dtype`. A wrong shape is a ValueError naming the tensor; missing
-    tensors are one ValueError "missing {missing_what}: names"."""
-    params: Params = {}
-    missing: list[str] = []
-    for rel, path, kind in table:
-        shape = tuple(get(abstract, path).shape)
-        slice_shape = shape[1:] if "{i}" in rel else shape
-        expected = jax.eval_shape(lambda a, kind=kind: _to_hf(a, kind),
-                                  jax.ShapeDtypeStruct(slice_shape, jnp.float32)).shape
-        slices = []
-        for i in range(shape[0]) if "{i}" in rel else [0]:
-            name = prefix + rel.format(i=i)
-            if name not in tensors:
-                missing.append(name)
-                continue
-            t = np.asarray(tensors[name])
-            if tuple(t.shape) != expected:
-                raise shape_error(name, expected, tuple(t.shape))
-            slices.append(_from_hf(t, kind, slice_shape).astype(DTYPES[dtype]))
-        if slices and "{i}" in rel:
-            put(params, path, np.stack(slices))
-        elif slices:
-            put(params, path, slices[0])
-    if missing:
-        raise ValueError(f"missing {missing_what}: {listing(missing)}")
-    return params
-
-
-def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix: str,
-                   dtype: str | None = None) -> dict[str, np.ndarray]:
-    """Our params -> HF name -> array by `table` (the inverse of `import_tensors`), in table
-    order, layer by layer within a row; dtype: of the arrays (default: that of the params)."""
-    out = {}
-    for rel, path, kind in table:
-        param = np.asarray(get(params, path))
-        for i, a in enumerate(param) if "{i}" in rel else [(0, param)]:
-            hf = _to_hf(a, kind)
-            out[prefix + rel.format(i=i)] = hf if dtype is None else hf.astype(DTYPES[dtype])
-    return out
-
-
-def _names(table: Sequence[TableRow], prefix: str, layers: int) -> set[str]:
-    return {prefix + rel.format(i=i) for rel, _, _ in table
-            for i in (range(layers) if "{i}" in rel else [0])}
-
-
 # --- vision tower -------------------------------------------------------------------------------
 def detect_vision_prefix(names: Iterable[str]) -> str:
     """The prefix under which a checkpoint keeps its SigLIP vision tower."""
@@ -187,8 +109,8 @@ def split_vision_keys(names: Iterable[str], cfg: VisionConfig,
     use it, and encoder layers in [num_layers_used, n_layers). Names outside `prefix` are not
     returned at all (a LLaDA-V checkpoint also holds the language model).
     """
-    used_names = _names(_table(cfg.use_post_layernorm), prefix, cfg.num_layers_used)
-    known = _names(_table(True), prefix, cfg.n_layers)
+    used_names = table_names(_table(cfg.use_post_layernorm), prefix, cfg.num_layers_used)
+    known = table_names(_table(True), prefix, cfg.n_layers)
     used, skipped, unexpected = [], [], []
     for name in names:
         if not name.startswith(prefix):
