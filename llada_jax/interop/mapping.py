@@ -42,7 +42,6 @@ from llada_jax.config import ModelConfig
 from llada_jax.interop import safetensors_io as io
 from llada_jax.model.transformer import Transformer
 
-STACKS = ("dense_blocks", "blocks")   # in HF layer order
 # Logical axis name of our params -> the config field that sizes it (for error messages).
 AXIS_FIELDS = {"embed": "d_model", "norm": "d_model", "heads": "n_heads",
                "kv_heads": "n_kv_heads", "head_dim": "head_dim", "mlp": "mlp_hidden_size",
@@ -65,8 +64,8 @@ class TensorRule:
     tied_to: str | None = None
 
     @property
-    def stacked(self) -> bool:
-        return self.path[0] in STACKS
+    def stacked(self) -> bool:   # under dense_blocks / blocks
+        return "{i}" in self.key
 
     @property
     def experts(self) -> bool:

@@ -69,15 +69,11 @@ def abstract_boxed_params(model: Transformer, mesh: Mesh | None = None) -> Any:
                           jax.random.key(0))
 
 
-def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    base = jax.random.key(seed)
-    return jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
-
-
 def _init_state_fn(model: Transformer, tx: optax.GradientTransformation, seed: int,
                    mesh: Mesh | None):
     def init() -> TrainState:
-        init_key, run_key = _seed_keys(seed)
+        base = jax.random.key(seed)   # fold 0: the init key, fold 1: the run's key
+        init_key, run_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
         params = nn.meta.unbox(model.init(init_key, _init_tokens(mesh))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(run_key))
