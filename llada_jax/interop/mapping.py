@@ -121,15 +121,11 @@ def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
         np.copyto(out.reshape(in_size, -1), w.T, casting="unsafe")
 
 
-def _slice_dims(box: Any, rule: TensorRule) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(shape, logical names) of one per-layer, per-expert slice of a boxed parameter."""
-    lead = int(rule.stacked) + int(rule.experts)
-    return tuple(box.value.shape)[lead:], tuple(box.names)[lead:]
-
-
 def _hf_shape(rule: TensorRule, abstract: Mapping) -> tuple[tuple[int, ...], str]:
     """The HF tensor shape of one rule's slice, and how it follows from the config."""
-    shape, names = _slice_dims(get(abstract, rule.path), rule)
+    box = get(abstract, rule.path)
+    lead = int(rule.stacked) + int(rule.experts)   # one slice: no layer or expert axis
+    shape, names = tuple(box.value.shape)[lead:], tuple(box.names)[lead:]
     if rule.num_in_dims is None:   # stored as is: one HF dim per dim of ours
         groups = [((s,), (n,)) for s, n in zip(shape, names, strict=True)]
     else:                          # PyTorch [out, in]: rows are our output dims, flattened

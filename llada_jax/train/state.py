@@ -103,10 +103,10 @@ def abstract_train_state(model: Transformer, tx: optax.GradientTransformation,
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
-    """The `ShapeDtypeStruct`s of `abstract` carrying the matching `shardings` (restore targets,
-    AOT compiles)."""
+    """The `ShapeDtypeStruct`s of `abstract` (boxed or not) carrying the matching `shardings`
+    (restore targets, AOT compiles)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+                        nn.unbox(abstract), shardings)
 
 
 def create_train_state(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules,
