@@ -103,10 +103,10 @@ def build_checkpoint(directory: str) -> dict:
 def child_import(directory: str) -> dict:
     import jax
 
-    from llada_jax.interop import hf
+    from llada_jax.interop import hf, mapping
 
     jax.devices()   # backend up before the measurement
-    hf.abstract_params(hf.inspect_hf_checkpoint(directory).config)   # tracing is not I/O
+    mapping.abstract_params(hf.inspect_hf_checkpoint(directory).config)   # tracing is not I/O
     before = _rss_bytes("VmRSS")
     _reset_peak()
     start = time.perf_counter()

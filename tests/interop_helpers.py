@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.interop import safetensors_io, siglip
+from llada_jax.config import ModelConfig
+from llada_jax.interop import hf, mapping, safetensors_io, siglip
 from llada_jax.model.multimodal import LLaDAV, Projector
 from llada_jax.model.vision import VisionConfig
 
@@ -69,3 +70,10 @@ def llada_v_init_params(language_params: Mapping[str, Any], vision_params: Mappi
     return {"vision_tower": dict(vision_params), "projector": projector,
             "language_model": dict(language_params)}
 
+
+
+def expected_hf_shapes(config: ModelConfig, naming: str) -> dict[str, tuple[int, ...]]:
+    """Every HF key of the `naming` layout for `config`, with its tensor shape."""
+    abstract = mapping.abstract_params(config)
+    return {key: t.shape for t in mapping.hf_tensors(hf.family_of(naming).LAYOUTS[naming], config)
+            for key, *_ in t.instances(abstract)}

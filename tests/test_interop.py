@@ -5,7 +5,6 @@ Llama layout, its own safetensors headers), so the importer is checked against f
 produce; exports are loaded back by a fresh `RefLLaDA` with `load_state_dict(strict=True)`.
 """
 
-import functools
 import json
 import math
 import os
@@ -26,9 +25,10 @@ from jax.sharding import PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
 from llada_jax.config import ModelConfig, default_config
-from llada_jax.interop import hf, llada, mapping
+from llada_jax.interop import hf, llada
 from llada_jax.model.transformer import Transformer
 from llada_jax.parallel import make_mesh
+from tests.interop_helpers import expected_hf_shapes
 from tests.torch_reference import RefConfig, RefLLaDA, random_reference
 
 # The real metadata from shared/hf_reference, copied into tests/data.
@@ -361,7 +361,7 @@ def test_real_llada_v_config_and_index_map_onto_8b():
         index = json.load(f)
     assert index["metadata"]["total_size"] == 16_031_162_368 == 2 * config.num_params
 
-    shapes = hf.expected_hf_shapes(config, "llama")
+    shapes = expected_hf_shapes(config, "llama")
     assert set(shapes) == set(index["weight_map"])            # none missing, none left over
     for key, shape in shapes.items():
         assert shape == expected_8b_shape(key), key
@@ -375,7 +375,8 @@ def test_real_llada_v_config_and_index_map_onto_8b():
             leaf = leaf[name]
         full = leaf.value.shape
         per_layer = full[1:] if rule.stacked else full
-        convert = functools.partial(mapping.param_from_hf, rule=rule, shape=per_layer)
+        def convert(w, rule=rule, per_layer=per_layer):   # PyTorch [out, in] -> ours
+            return w.reshape(per_layer) if rule.num_in_dims is None else w.T.reshape(per_layer)
         for layer in (range(32) if rule.stacked else [None]):
             key = rule.key.format(i=layer)
             converted = jax.eval_shape(

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from llada_jax.config import ModelConfig
 from llada_jax.interop import hf
 from llada_jax.model.transformer import Transformer
+from tests.interop_helpers import expected_hf_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, D, HEADS, HEAD_DIM, MLP = 64, 32, 4, 8, 48
@@ -294,7 +295,7 @@ def test_published_configs_map_onto_the_architectures():
             moe.tie_embeddings) == ("softmax", False, True, 0, False)
     assert (moe.mask_token_id, moe.eos_token_id, moe.pad_token_id, moe.rope_theta) == \
         (156895, 156892, 156892, 50000.0)
-    shapes = hf.expected_hf_shapes(moe, "llada_moe")
+    shapes = expected_hf_shapes(moe, "llada_moe")
     assert len(shapes) == 3 + 16 * (8 + 1 + 64 * 3)   # embed, norm, head; per layer
     assert shapes["model.layers.15.mlp.experts.63.down_proj.weight"] == (2048, 1024)
     assert shapes["model.layers.0.mlp.gate.weight"] == (64, 2048)
@@ -309,7 +310,7 @@ def test_published_configs_map_onto_the_architectures():
             mini.normalize_top_k) == ("sigmoid_grouped", 8, 4, 2.5, True)
     assert (mini.qk_norm, mini.rotary_dim, mini.rope_theta, mini.rms_norm_eps) == \
         (True, 64, 600000.0, 1e-6)
-    shapes = hf.expected_hf_shapes(mini, "llada2")
+    shapes = expected_hf_shapes(mini, "llada2")
     assert shapes["model.layers.7.attention.query_key_value.weight"] == ((16 + 2 * 4) * 128, 2048)
     assert shapes["model.layers.0.mlp.gate_proj.weight"] == (5120, 2048)
     assert "model.layers.0.mlp.gate.weight" not in shapes
@@ -321,12 +322,13 @@ def test_published_configs_map_onto_the_architectures():
     assert (illada.n_layers, illada.d_model, illada.n_heads, illada.n_kv_heads,
             illada.mlp_hidden_size, illada.vocab_size) == (32, 4096, 32, 8, 14336, 155136)
     assert illada.tie_embeddings and illada.mask_token_id == 5
-    assert "model.transformer.ff_out.weight" not in hf.expected_hf_shapes(illada, "llada")
+    assert "model.transformer.ff_out.weight" not in expected_hf_shapes(illada, "llada")
 
 
 @pytest.mark.parametrize("config,naming", LAYOUTS, ids=[n for _, n in LAYOUTS[:3]] + ["illama"])
 def test_written_config_json_reads_back(config, naming):
-    assert hf.model_config_from_hf(hf.hf_config_dict(config, naming, "bfloat16")) == config
+    written = hf.family_of(naming).hf_config_dict(config, naming, "bfloat16")
+    assert hf.model_config_from_hf(written) == config
 
 
 def test_layouts_refuse_what_they_cannot_store(tmp_path):

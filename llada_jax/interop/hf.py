@@ -32,20 +32,17 @@ from llada_jax.interop import llada, llada2, llada_moe, mapping
 from llada_jax.interop.safetensors_io import (  # noqa: F401  (the public names of interop)
     DTYPES,
     INDEX_FILE,
-    SINGLE_FILE,
     ExportSummary,
     StoredTensor,
     list_tensors,
     plan_shards,
     read_json,
     write_export,
-    write_safetensors,
 )
 
 # Model families, most specific first: the first whose `matches(config.json)` holds reads it.
 FAMILIES: tuple[ModuleType, ...] = (llada_moe, llada2, llada)
 NAMINGS = tuple(naming for family in FAMILIES for naming in family.LAYOUTS)
-abstract_params = mapping.abstract_params
 # Buffers some PyTorch checkpoints carry that are not parameters (recomputed from rope_theta).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -58,7 +55,7 @@ def default_naming(config: ModelConfig) -> str:
     return "llada"
 
 
-def _family(naming: str) -> ModuleType:
+def family_of(naming: str) -> ModuleType:
     for family in FAMILIES:
         if naming in family.LAYOUTS:
             return family
@@ -76,16 +73,6 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     `model_config_from_hf`). `overrides` sets ModelConfig fields last."""
     return _family_of_config(hf_config).model_config_from_hf(hf_config, generation_config,
                                                               overrides, source)
-
-
-def expected_hf_shapes(config: ModelConfig, naming: str) -> dict[str, tuple[int, ...]]:
-    """Every HF key of the `naming` layout for `config`, with its tensor shape."""
-    return mapping.expected_shapes(_family(naming).LAYOUTS[naming], config)
-
-
-def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
-    """config.json for `config` in the `naming` layout's flavour."""
-    return _family(naming).hf_config_dict(config, naming, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +144,7 @@ def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
         raise ValueError(f"param_dtype: expected one of {sorted(DTYPES)} or None, found "
                          f"{param_dtype!r}")
     config = dataclasses.replace(checkpoint.config, param_dtype=param_dtype)
-    rules_of_naming = _family(checkpoint.naming).LAYOUTS[checkpoint.naming]
+    rules_of_naming = family_of(checkpoint.naming).LAYOUTS[checkpoint.naming]
     return config, mapping.load_params(hf_dir, checkpoint.tensors, rules_of_naming, config,
                                        mesh, rules)
 
@@ -165,7 +152,7 @@ def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
 def check_exportable(config: ModelConfig, naming: str) -> None:
     """Refuses, before anything is written, a model the `naming` layout cannot express: special
     token ids outside the vocabulary, or what the family's config.json lacks."""
-    family = _family(naming)
+    family = family_of(naming)
     for field in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(config, field)
         if not 0 <= value < config.vocab_size:
@@ -178,7 +165,7 @@ def export_plan(params: Mapping, config: ModelConfig, naming: str, dtype: str
                 ) -> tuple[list, dict[str, Any]]:
     """(planned tensors in file order, {config.json, generation_config.json}) of an export,
     after every check that needs no file (see `export_hf`)."""
-    family = _family(naming)
+    family = family_of(naming)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
     params = nn.unbox(dict(params))
@@ -210,7 +197,6 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
     records the CRC-32 of its tensors, which import verifies.
     In a multi-process run every process must call this; process 0 writes.
     """
-    _family(naming)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes: expected a positive number, found {max_shard_bytes}")
     tensors, json_files = export_plan(params, config, naming, dtype)

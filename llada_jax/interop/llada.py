@@ -104,8 +104,10 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     c = hf_config
     if "d_model" in c:
         fields = _olmo_fields(c, source)
-    elif "hidden_size" in c:
-        fields = _llama_fields(c, source)
+    elif "hidden_size" in c:   # LLaDA-V's re-saved tower
+        fields = {**llama_attention_fields(c, source),
+                  "n_layers": int(require(c, "num_hidden_layers", source)),
+                  "mlp_hidden_size": int(require(c, "intermediate_size", source))}
     else:
         raise ValueError(f"{source}: neither 'd_model' (LLaDA/OLMo style) nor 'hidden_size' "
                          f"(Llama style) found; is this a LLaDA config?")
@@ -132,20 +134,14 @@ def finish_config(fields: dict, c: Mapping, generation_config: Mapping | None,
                              f"the number of heads {fields['n_heads']}")
         fields["head_dim"] = fields["d_model"] // fields["n_heads"]
 
-    generation = generation_config or {}
+    # generation_config.json gives bos/eos (before config.json); the mask id only config.json.
+    generation = {k: v for k, v in (generation_config or {}).items() if k != "mask_token_id"}
     vocab = fields["vocab_size"]
-    ids = {
-        "mask_token_id": [("config", c.get("mask_token_id"))],
-        "bos_token_id": [("generation_config", generation.get("bos_token_id")),
-                         ("config", c.get("bos_token_id"))],
-        "eos_token_id": [("generation_config", generation.get("eos_token_id")),
-                         ("config", c.get("eos_token_id"))],
-    }
     overrides = dict(overrides or {})
-    for name, candidates in ids.items():
+    for name, default in default_ids.items():
         if name not in overrides:
-            fields[name] = _pick_id(name, candidates, default_ids[name], vocab, source,
-                                    family)
+            candidates = [("generation_config", generation.get(name)), ("config", c.get(name))]
+            fields[name] = _pick_id(name, candidates, default, vocab, source, family)
     pad = _first_id(c.get("pad_token_id"))
     if pad is None or not 0 <= pad < vocab:
         pad = overrides.get("eos_token_id", fields.get("eos_token_id"))   # pad with EOS
@@ -181,12 +177,10 @@ def _pick_id(name: str, candidates, default: int, vocab: int, source: str,
 
 
 def _rope_theta(c: Mapping, source: str) -> float:
-    if c.get("rope_theta") is not None:
-        return float(c["rope_theta"])
-    parameters = c.get("rope_parameters") or {}   # newer transformers configs
-    if parameters.get("rope_theta") is not None:
-        return float(parameters["rope_theta"])
-    raise ValueError(f"{source}: field 'rope_theta' is missing (needed to build the model)")
+    theta = c.get("rope_theta")
+    if theta is None:   # newer transformers configs keep it in rope_parameters
+        theta = (c.get("rope_parameters") or {}).get("rope_theta")
+    return float(require({"rope_theta": theta}, "rope_theta", source))
 
 
 def _olmo_fields(c: Mapping, source: str) -> dict:
@@ -225,13 +219,6 @@ def _olmo_fields(c: Mapping, source: str) -> dict:
             "rope_theta": _rope_theta(c, source),
             "rms_norm_eps": float(require(c, "rms_norm_eps", source)),
             "max_sequence_length": int(c.get("max_sequence_length") or 4096)}
-
-
-def _llama_fields(c: Mapping, source: str) -> dict:
-    """Fields of a Llama-style config.json (LLaDA-V's re-saved tower)."""
-    return {**llama_attention_fields(c, source),
-            "n_layers": int(require(c, "num_hidden_layers", source)),
-            "mlp_hidden_size": int(require(c, "intermediate_size", source))}
 
 
 def llama_attention_fields(c: Mapping, source: str) -> dict:
@@ -276,6 +263,11 @@ def tied(hf_config: Mapping) -> bool:
     return bool(hf_config.get("weight_tying") or hf_config.get("tie_word_embeddings"))
 
 
+def token_ids_dict(config: ModelConfig) -> dict:
+    """The config.json fields of the special token ids (and ``use_cache``), of every family."""
+    return {"use_cache": False, "mask_token_id": config.mask_token_id,
+            "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id}
 
 
 def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
@@ -287,11 +279,7 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
                      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
         "model_type": "llada",
         "torch_dtype": dtype,
-        "use_cache": False,
-        "mask_token_id": config.mask_token_id,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
+        **token_ids_dict(config),
     }
     if naming == "llada":
         fields = {
@@ -303,30 +291,22 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
             "max_sequence_length": config.max_sequence_length,
             "rope": True, "rope_theta": config.rope_theta, "rope_full_precision": True,
             "rms_norm_eps": config.rms_norm_eps, "layer_norm_type": "rms",
-            "layer_norm_with_affine": True, "bias_for_layer_norm": False,
-            "attention_layer_norm": False, "attention_layer_norm_with_affine": False,
-            "activation_type": "silu", "block_type": "llama", "block_group_size": 1,
-            "include_bias": False, "include_qkv_bias": False,
-            "weight_tying": config.tie_embeddings,
-            "alibi": False, "alibi_bias_max": 8.0, "multi_query_attention": None,
-            "input_emb_norm": False, "scale_logits": False, "clip_qkv": None,
-            "flash_attention": False, "attention_dropout": 0.0, "residual_dropout": 0.0,
-            "embedding_dropout": 0.0, "init_fn": "mitchell", "init_std": config.init_std,
-            "init_device": "meta", "init_cutoff_factor": None, "precision": "amp_bf16",
+            "layer_norm_with_affine": True, "activation_type": "silu", "block_type": "llama",
+            "block_group_size": 1, "weight_tying": config.tie_embeddings,
+            "alibi_bias_max": 8.0, "multi_query_attention": None, "clip_qkv": None,
+            "init_fn": "mitchell", "init_std": config.init_std, "init_device": "meta",
+            "init_cutoff_factor": None, "precision": "amp_bf16",
+            **dict.fromkeys(("bias_for_layer_norm", "attention_layer_norm",
+                             "attention_layer_norm_with_affine", "include_bias",
+                             "include_qkv_bias", "alibi", "input_emb_norm", "scale_logits",
+                             "flash_attention"), False),
+            **dict.fromkeys(("attention_dropout", "residual_dropout", "embedding_dropout"), 0.0),
         }
     else:
-        fields = {
-            "hidden_size": config.d_model, "num_attention_heads": config.n_heads,
-            "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-            "num_hidden_layers": config.n_layers,
-            "intermediate_size": config.mlp_hidden_size, "vocab_size": config.vocab_size,
-            "max_position_embeddings": config.max_sequence_length,
-            "rope_theta": config.rope_theta, "rope_scaling": None,
-            "rms_norm_eps": config.rms_norm_eps, "hidden_act": "silu",
-            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
-            "pretraining_tp": 1,
-        }
+        fields = {**llama_attention_dict(config), "num_hidden_layers": config.n_layers,
+                  "intermediate_size": config.mlp_hidden_size, "attention_dropout": 0.0,
+                  "mlp_bias": False, "tie_word_embeddings": config.tie_embeddings,
+                  "pretraining_tp": 1}
     return {**common, **fields}
 
 

@@ -70,48 +70,34 @@ tied = llada.tied
 def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
                          overrides: Mapping[str, Any] | None = None,
                          source: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a LLaDA2 config.json (ids as in `llada_moe` when not given)."""
-    c, require = hf_config, llada.require
+    """A `ModelConfig` from a LLaDA2 config.json (ids as in `llada_moe.finish_moe_config`)."""
+    c = hf_config
     for field in ("use_qkv_bias", "use_bias", "rope_scaling"):
         if c.get(field):
             llada.reject(source, field, c[field], "false/null (the released LLaDA2.0)")
-    if c.get("hidden_act") not in (None, "silu"):
-        llada.reject(source, "hidden_act", c["hidden_act"], "'silu'")
-    fields = llada.llama_attention_fields(c, source)
+    fields = llada_moe.moe_fields(c, source)
     fields.update(
-        n_layers=int(require(c, "num_hidden_layers", source)),
-        mlp_hidden_size=int(require(c, "intermediate_size", source)),
-        num_experts=int(require(c, "num_experts", source)),
-        experts_per_token=int(require(c, "num_experts_per_tok", source)),
-        expert_mlp_hidden_size=int(require(c, "moe_intermediate_size", source)),
+        n_layers=int(llada.require(c, "num_hidden_layers", source)),
+        mlp_hidden_size=int(llada.require(c, "intermediate_size", source)),
+        expert_mlp_hidden_size=int(llada.require(c, "moe_intermediate_size", source)),
         num_shared_experts=int(c.get("num_shared_experts") or 0),
         first_k_dense=int(c.get("first_k_dense_replace") or 0), router="sigmoid_grouped",
         router_groups=int(c.get("n_group") or 1), router_top_groups=int(c.get("topk_group") or 1),
-        routed_scaling=float(c.get("routed_scaling_factor") or 1.0),
         normalize_top_k=True,   # the model class renormalises whenever k > 1
-        qk_norm=True, rotary_dim=llada_moe.rotary_dim(c, fields["head_dim"], source),
-        tie_embeddings=tied(c))
-    return llada.finish_config(fields, c, generation_config, overrides, source,
-                               {"mask_token_id": llada_moe.MASK_ID, "bos_token_id":
-                                llada_moe.EOS_ID, "eos_token_id": llada_moe.EOS_ID}, "LLaDA2")
+        qk_norm=True)
+    return llada_moe.finish_moe_config(fields, c, generation_config, overrides, source, "LLaDA2")
 
 
 def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
     return {
-        "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "torch_dtype": dtype,
-        **llada.llama_attention_dict(config),
-        "num_hidden_layers": config.n_layers, "intermediate_size": config.mlp_hidden_size,
+        **llada_moe.moe_config_dict(config, "LLaDA2MoeModelLM", "llada2_moe", dtype),
+        "intermediate_size": config.mlp_hidden_size,
         "moe_intermediate_size": config.expert_mlp_hidden_size,
-        "num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
         "num_shared_experts": config.num_shared_experts,
         "first_k_dense_replace": config.first_k_dense, "n_group": config.router_groups,
-        "topk_group": config.router_top_groups, "routed_scaling_factor": config.routed_scaling,
-        "norm_topk_prob": True, "score_function": "sigmoid", "use_qk_norm": True,
-        "use_qkv_bias": False, "use_bias": False,
-        "partial_rotary_factor": (config.rotary_dim or config.head_dim) / config.head_dim,
-        "tie_word_embeddings": config.tie_embeddings, "use_cache": False,
-        "mask_token_id": config.mask_token_id, "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+        "topk_group": config.router_top_groups, "norm_topk_prob": True,
+        "score_function": "sigmoid", "use_qk_norm": True, "use_qkv_bias": False,
+        "use_bias": False,
     }
 
 

@@ -82,12 +82,44 @@ def rotary_dim(c: Mapping, head_dim: int, source: str) -> int:
     return 0 if dims == head_dim else dims
 
 
+def moe_fields(c: Mapping, source: str) -> dict:
+    """The fields both MoE families read alike: the Llama-style attention fields, the experts,
+    their scaling, the partial rotary and the tying."""
+    fields = llada.llama_attention_fields(c, source)
+    fields.update(num_experts=int(llada.require(c, "num_experts", source)),
+                  experts_per_token=int(llada.require(c, "num_experts_per_tok", source)),
+                  routed_scaling=float(c.get("routed_scaling_factor") or 1.0),
+                  rotary_dim=rotary_dim(c, fields["head_dim"], source), tie_embeddings=tied(c))
+    return fields
+
+
+def finish_moe_config(fields: dict, c: Mapping, generation_config: Mapping | None,
+                      overrides: Mapping[str, Any] | None, source: str, family: str
+                      ) -> ModelConfig:
+    """`llada.finish_config` with the ids of the released MoE tokenizer (mask 156895, EOS =
+    pad 156892 when not given; the MoE families publish no BOS, so EOS stands in)."""
+    return llada.finish_config(fields, c, generation_config, overrides, source,
+                               {"mask_token_id": MASK_ID, "bos_token_id": EOS_ID,
+                                "eos_token_id": EOS_ID}, family)
+
+
+def moe_config_dict(config: ModelConfig, architecture: str, model_type: str, dtype: str) -> dict:
+    """The config.json fields both MoE families write alike."""
+    return {
+        "architectures": [architecture], "model_type": model_type, "torch_dtype": dtype,
+        **llada.llama_attention_dict(config), "num_hidden_layers": config.n_layers,
+        "num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
+        "routed_scaling_factor": config.routed_scaling,
+        "partial_rotary_factor": (config.rotary_dim or config.head_dim) / config.head_dim,
+        "tie_word_embeddings": config.tie_embeddings, **llada.token_ids_dict(config),
+    }
+
+
 def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
                          overrides: Mapping[str, Any] | None = None,
                          source: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a LLaDA-MoE config.json (ids: mask 156895, EOS = pad 156892 when
-    not given; the family publishes no BOS, so EOS stands in)."""
-    c, require = hf_config, llada.require
+    """A `ModelConfig` from a LLaDA-MoE config.json (ids as in `finish_moe_config`)."""
+    c = hf_config
     for field in ("attention_bias", "clip_qkv", "rope_scaling", "shared_expert_intermediate_size",
                   "moe_router_enable_expert_bias"):
         if c.get(field):
@@ -95,45 +127,30 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     if c.get("moe_router_score_function", "softmax") != "softmax":
         llada.reject(source, "moe_router_score_function", c["moe_router_score_function"],
                      "'softmax'")
-    if c.get("hidden_act") not in (None, "silu"):
-        llada.reject(source, "hidden_act", c["hidden_act"], "'silu'")
-    n_layers = int(require(c, "num_hidden_layers", source))
+    n_layers = int(llada.require(c, "num_hidden_layers", source))
     freq = list(c.get("moe_layer_freq") or [1] * n_layers)
     first_k_dense = freq.index(1) if 1 in freq else n_layers
     if freq != [0] * first_k_dense + [1] * (n_layers - first_k_dense):
         llada.reject(source, "moe_layer_freq", freq, "dense layers (0) only before MoE layers (1)")
-    fields = llada.llama_attention_fields(c, source)
+    fields = moe_fields(c, source)
     fields.update(
-        n_layers=n_layers, mlp_hidden_size=int(require(c, "dense_intermediate_size", source)),
-        num_experts=int(require(c, "num_experts", source)),
-        experts_per_token=int(require(c, "num_experts_per_tok", source)),
-        expert_mlp_hidden_size=int(require(c, "expert_intermediate_size", source)),
+        n_layers=n_layers,
+        mlp_hidden_size=int(llada.require(c, "dense_intermediate_size", source)),
+        expert_mlp_hidden_size=int(llada.require(c, "expert_intermediate_size", source)),
         first_k_dense=first_k_dense, router="softmax",
-        routed_scaling=float(c.get("routed_scaling_factor") or 1.0),
-        normalize_top_k=bool(c.get("norm_topk_prob")), qk_norm=bool(c.get("qk_layernorm")),
-        rotary_dim=rotary_dim(c, fields["head_dim"], source), tie_embeddings=tied(c))
-    return llada.finish_config(fields, c, generation_config, overrides, source,
-                               {"mask_token_id": MASK_ID, "bos_token_id": EOS_ID,
-                                "eos_token_id": EOS_ID}, "LLaDA-MoE")
+        normalize_top_k=bool(c.get("norm_topk_prob")), qk_norm=bool(c.get("qk_layernorm")))
+    return finish_moe_config(fields, c, generation_config, overrides, source, "LLaDA-MoE")
 
 
 def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
     return {
-        "architectures": ["LLaDAMoEModelLM"], "model_type": "llada_moe", "torch_dtype": dtype,
-        **llada.llama_attention_dict(config),
-        "num_hidden_layers": config.n_layers,
+        **moe_config_dict(config, "LLaDAMoEModelLM", "llada_moe", dtype),
         "dense_intermediate_size": config.mlp_hidden_size,
         "expert_intermediate_size": config.expert_mlp_hidden_size,
-        "num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
         "shared_expert_intermediate_size": None,
         "moe_layer_freq": [0] * config.first_k_dense + [1] * config.num_moe_layers,
         "qk_layernorm": config.qk_norm, "moe_router_score_function": "softmax",
         "moe_router_enable_expert_bias": False, "norm_topk_prob": config.normalize_top_k,
-        "routed_scaling_factor": config.routed_scaling,
-        "partial_rotary_factor": (config.rotary_dim or config.head_dim) / config.head_dim,
-        "tie_word_embeddings": config.tie_embeddings, "use_cache": False,
-        "mask_token_id": config.mask_token_id, "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
     }
 
 

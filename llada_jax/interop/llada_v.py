@@ -35,65 +35,36 @@ import numpy as np
 from llada_jax.config import ModelConfig
 from llada_jax.interop import hf
 from llada_jax.interop import safetensors_io as io
-from llada_jax.interop.mapping import get, put
-from llada_jax.interop.siglip import (
-    LLADA_V_VISION_PREFIX,
-    Params,
-    export_vision,
-    import_vision,
-    listing,
-    shape_error,
-)
-from llada_jax.model.multimodal import LLaDAV
+from llada_jax.interop.mapping import export_tensors, import_tensors
+from llada_jax.interop.siglip import LLADA_V_VISION_PREFIX, Params, export_vision, import_vision
+from llada_jax.model.multimodal import LLaDAV, Projector
 from llada_jax.model.vision import VisionConfig, validate_vision
 
 LLADA_V_PREFIX = "model."      # of `mm_projector.*` and `image_newline` in LLaDA-V checkpoints
-# --- projector and newline ----------------------------------------------------------------------
-def projector_keys(prefix: str = LLADA_V_PREFIX) -> dict[str, tuple[str, ...]]:
-    """LLaDA-V name -> path in the `Projector` params."""
-    return {
-        f"{prefix}mm_projector.0.weight": ("linear_1", "kernel"),
-        f"{prefix}mm_projector.0.bias": ("linear_1", "bias"),
-        f"{prefix}mm_projector.2.weight": ("linear_2", "kernel"),
-        f"{prefix}mm_projector.2.bias": ("linear_2", "bias"),
-        f"{prefix}image_newline": ("image_newline",),
-    }
+# The projector (mlp2x_gelu) and newline: LLaDA-V name relative to `LLADA_V_PREFIX`, our path in
+# the `Projector` params, kind (as in `mapping.TableRow`).
+_PROJECTOR = (
+    ("mm_projector.0.weight", ("linear_1", "kernel"), 1),
+    ("mm_projector.0.bias", ("linear_1", "bias"), None),
+    ("mm_projector.2.weight", ("linear_2", "kernel"), 1),
+    ("mm_projector.2.bias", ("linear_2", "bias"), None),
+    ("image_newline", ("image_newline",), None),
+)
 
 
 def import_projector(tensors: Mapping[str, Any], vision_width: int, d_model: int,
                      prefix: str = LLADA_V_PREFIX, dtype: str = "float32") -> Params:
     """LLaDA-V `mm_projector` (mlp2x_gelu) and `image_newline` -> `Projector` params."""
-    expected = {
-        "linear_1/kernel": (d_model, vision_width), "linear_1/bias": (d_model,),
-        "linear_2/kernel": (d_model, d_model), "linear_2/bias": (d_model,),
-        "image_newline": (d_model,),
-    }
-    keys = projector_keys(prefix)
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise ValueError(f"missing projector tensor(s): {listing(missing)}")
-    params: Params = {}
-    for name, path in keys.items():
-        t = np.asarray(tensors[name])
-        want = expected["/".join(path)]
-        if tuple(t.shape) != want:
-            raise shape_error(name, want, tuple(t.shape))
-        if path[-1] == "kernel":
-            t = t.T                   # torch Linear [out, in] -> [in, out]
-        put(params, path, t.astype(io.DTYPES[dtype]))
-    return params
+    abstract = jax.eval_shape(Projector(d_model).init, jax.random.key(0),
+                              jnp.zeros((1, vision_width)))["params"]
+    return import_tensors(tensors, _PROJECTOR, nn.unbox(abstract), prefix, dtype,
+                          "projector tensor(s)")
 
 
 def export_projector(params: Mapping[str, Any], prefix: str = LLADA_V_PREFIX,
                      dtype: str | None = None) -> dict[str, np.ndarray]:
     """`Projector` params -> LLaDA-V names (the inverse of `import_projector`)."""
-    out = {}
-    for name, path in projector_keys(prefix).items():
-        a = np.asarray(get(params, path))
-        if path[-1] == "kernel":
-            a = a.T
-        out[name] = a if dtype is None else a.astype(io.DTYPES[dtype])
-    return out
+    return export_tensors(params, _PROJECTOR, prefix, dtype)
 
 
 def import_llada_v_multimodal(tensors: Mapping[str, Any], cfg: VisionConfig, d_model: int,
@@ -180,8 +151,7 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: Vi
     if missing:
         raise ValueError(f"params: expected LLaDAV params with vision_tower, projector and "
                          f"language_model, missing {missing}")
-    hf.check_exportable(model_cfg, "llama")
-    io.check_replaceable(os.path.abspath(os.fspath(out_dir)), overwrite)
+    io.check_replaceable(os.path.abspath(os.fspath(out_dir)), overwrite)   # refused first
     language, json_files = hf.export_plan(params["language_model"], model_cfg, "llama", dtype)
     json_files["config.json"].update(llada_v_config_fields(vision, image_aspect_ratio, max_grid))
     host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)),
@@ -223,12 +193,7 @@ def import_llada_v(hf_dir: str | os.PathLike[str], *, mesh: Any = None, rules: A
     boxed = jax.eval_shape(lambda r: LLaDAV(model_cfg, vision).init(
         r, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.key(0))
     shardings = io.param_shardings(boxed, mesh, rules)
-    params = {"language_model": language}
-    for group in ("vision_tower", "projector"):
-        expected = jax.tree.map(lambda a: a.shape, nn.unbox(boxed[group]))
-        found = jax.tree.map(lambda a: a.shape, host[group])
-        if expected != found:
-            raise ValueError(f"{hf_dir}: the {group} tensors do not fit the vision config "
-                             f"{vision}: expected shapes {expected}, found {found}")
-        params[group] = jax.tree.map(io.place, host[group], shardings[group])
-    return model_cfg, vision, params
+    # The tables gave every tensor the shape of the module's own params.
+    params = {group: jax.tree.map(io.place, host[group], shardings[group])
+              for group in ("vision_tower", "projector")}
+    return model_cfg, vision, {"language_model": language, **params}

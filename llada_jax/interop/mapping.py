@@ -17,6 +17,10 @@ Rules whose param the config does not create (QK-norm off, a tied LM head) are s
 streams one HF tensor at a time into one stacked host buffer per parameter, placed on its
 sharding and dropped (host memory peaks at about one stacked parameter); export pulls one layer
 (and expert) slice at a time off the devices into the shard writer.
+
+The vision side of LLaDA-V (`interop.siglip`, `interop.llada_v`) is small enough to convert in
+memory: `import_tensors` / `export_tensors` run a `TableRow` table (HF name, our path, kind)
+between a dict of arrays and nested numpy params, with shapes from the module's abstract params.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -38,7 +42,6 @@ from llada_jax.config import ModelConfig
 from llada_jax.interop import safetensors_io as io
 from llada_jax.model.transformer import Transformer
 
-STACKS = ("dense_blocks", "blocks")   # in HF layer order
 # Logical axis name of our params -> the config field that sizes it (for error messages).
 AXIS_FIELDS = {"embed": "d_model", "norm": "d_model", "heads": "n_heads",
                "kv_heads": "n_kv_heads", "head_dim": "head_dim", "mlp": "mlp_hidden_size",
@@ -61,8 +64,8 @@ class TensorRule:
     tied_to: str | None = None
 
     @property
-    def stacked(self) -> bool:
-        return self.path[0] in STACKS
+    def stacked(self) -> bool:   # under dense_blocks / blocks
+        return "{i}" in self.key
 
     @property
     def experts(self) -> bool:
@@ -101,20 +104,16 @@ def abstract_params(config: ModelConfig) -> dict:
     return jax.eval_shape(init)["params"]
 
 
-def hf_from_param(x: Any, rule: TensorRule) -> Any:
+def hf_from_param(x: Any, num_in_dims: int | None) -> Any:
     """Our (per-layer, per-expert) parameter slice -> the HF tensor (numpy or jax alike)."""
-    if rule.num_in_dims is None:
+    if num_in_dims is None:
         return x
-    return x.reshape(math.prod(x.shape[:rule.num_in_dims]), -1).T   # [in, out] -> [out, in]
-
-
-def param_from_hf(w: Any, rule: TensorRule, shape: Sequence[int]) -> Any:
-    """The HF tensor -> our parameter slice of `shape` (heads split head-major)."""
-    return w.reshape(shape) if rule.num_in_dims is None else w.T.reshape(shape)
+    return x.reshape(math.prod(x.shape[:num_in_dims]), -1).T   # [in, out] -> [out, in]
 
 
 def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
-    """Writes `param_from_hf(w)` into the (contiguous) slot `out` without an extra copy."""
+    """Writes the HF tensor `w` as our param slice (PyTorch [out, in] transposed, heads split
+    head-major) into the (contiguous) slot `out` without an extra copy."""
     if rule.num_in_dims is None:
         np.copyto(out, w.reshape(out.shape), casting="unsafe")
     else:
@@ -122,15 +121,11 @@ def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
         np.copyto(out.reshape(in_size, -1), w.T, casting="unsafe")
 
 
-def _slice_dims(box: Any, rule: TensorRule) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(shape, logical names) of one per-layer, per-expert slice of a boxed parameter."""
-    lead = int(rule.stacked) + int(rule.experts)
-    return tuple(box.value.shape)[lead:], tuple(box.names)[lead:]
-
-
 def _hf_shape(rule: TensorRule, abstract: Mapping) -> tuple[tuple[int, ...], str]:
     """The HF tensor shape of one rule's slice, and how it follows from the config."""
-    shape, names = _slice_dims(get(abstract, rule.path), rule)
+    box = get(abstract, rule.path)
+    lead = int(rule.stacked) + int(rule.experts)   # one slice: no layer or expert axis
+    shape, names = tuple(box.value.shape)[lead:], tuple(box.names)[lead:]
     if rule.num_in_dims is None:   # stored as is: one HF dim per dim of ours
         groups = [((s,), (n,)) for s, n in zip(shape, names, strict=True)]
     else:                          # PyTorch [out, in]: rows are our output dims, flattened
@@ -178,8 +173,9 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     Rules for params the config does not create are skipped; a param with no rule is refused.
     """
     abstract = abstract_params(config)
-    present = [r for r in rules if _has(abstract, r.path)]
-    missing = sorted(set(tree_paths(nn.unbox(abstract))) - {r.path for r in present})
+    paths = set(tree_paths(nn.unbox(abstract)))
+    present = [r for r in rules if r.path in paths]
+    missing = sorted(paths - {r.path for r in present})
     if missing:
         raise ValueError(f"this checkpoint layout cannot store param(s) "
                          f"{['/'.join(p) for p in missing]} of the model")
@@ -195,21 +191,6 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     first_stacked = next((n for n, t in enumerate(out) if t.rules[0].stacked), len(out))
     return [dataclasses.replace(t, section=1 if t.rules[0].stacked else 2 * (n > first_stacked))
             for n, t in enumerate(out)]
-
-
-def _has(tree: Mapping, path: Sequence[str]) -> bool:
-    try:
-        get(tree, path)
-        return True
-    except (KeyError, TypeError):
-        return False
-
-
-def expected_shapes(rules: Sequence[TensorRule], config: ModelConfig) -> dict[str, tuple]:
-    """Every HF key of a layout for `config`, with its tensor shape."""
-    abstract = abstract_params(config)
-    return {key: t.shape for t in hf_tensors(rules, config)
-            for key, *_ in t.instances(abstract)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,9 +272,8 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
                 for key, layer, expert, _ in tensor.instances(abstract):
                     if key not in stored and rule.tied_to is not None:
                         key = rule.tied_to   # tied: the LM head is wte, stored [vocab, d] too
-                    w = reader.read(key, stored[key].shard)
-                    if len(tensor.rules) > 1:
-                        w = w[start:start + tensor.rows[n]]
+                    # Its rows of a fused tensor (all of them when not fused): a view.
+                    w = reader.read(key, stored[key].shard)[start:start + tensor.rows[n]]
                     slot = host[layer] if rule.stacked else host
                     _read_into(slot[expert] if rule.experts else slot, w, rule)
                     del w
@@ -324,7 +304,7 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
                 x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
             if rule.experts:
                 x = jax.lax.dynamic_index_in_dim(x, expert, 0, keepdims=False)
-            parts.append(hf_from_param(x, rule).astype(io.DTYPES[dtype]))
+            parts.append(hf_from_param(x, rule.num_in_dims).astype(io.DTYPES[dtype]))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
     if mesh is not None:
@@ -372,3 +352,86 @@ def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelC
     instances.sort(key=lambda s: (s[1].section, s[0] if s[1].section == 1 else 0))
     return [(key, target, t.shape, producer(t, layer, expert))
             for _, t, key, layer, expert in instances]
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory tables (the vision side of LLaDA-V: `interop.siglip`, `interop.llada_v`): HF name ->
+# array in, nested numpy params out, and back.
+
+# One row of an in-memory table: (Hugging Face name relative to the prefix, path in our params,
+# kind). A name with ``{i}`` is one tensor per layer of a param stacked on a leading axis.
+# kind: how many leading dims of our kernel are inputs of the PyTorch Linear ``[out, in]``
+# (heads split head-major), None: stored as is, "flat": our [heads, head_dim] is one HF vector,
+# "conv": our [p, p, C, width] is the PyTorch OIHW kernel [width, C, p, p].
+TableRow = tuple[str, tuple[str, ...], int | str | None]
+
+
+def _to_hf(a: Any, kind: int | str | None) -> Any:
+    """Our (per-layer) param slice -> the HF tensor (numpy or jax alike)."""
+    if kind == "conv":
+        return a.transpose(3, 2, 0, 1)
+    return a.reshape(-1) if kind == "flat" else hf_from_param(a, kind)
+
+
+def _from_hf(t: np.ndarray, kind: int | str | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The HF tensor -> our param slice of `shape` (the inverse of `_to_hf`)."""
+    if kind == "conv":
+        return t.transpose(2, 3, 1, 0)
+    return (t if kind in (None, "flat") else t.T).reshape(shape)
+
+
+def listing(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstract: Mapping,
+                   prefix: str, dtype: str, missing_what: str) -> dict:
+    """HF tensors (name -> array) -> our params by `table`, shaped like the (unboxed) abstract
+    params `abstract`, in `dtype`. A wrong shape is a ValueError naming the tensor; missing
+    tensors are one ValueError "missing {missing_what}: names"."""
+    params: dict = {}
+    missing: list[str] = []
+    for rel, path, kind in table:
+        shape = tuple(get(abstract, path).shape)
+        slice_shape = shape[1:] if "{i}" in rel else shape
+        expected = jax.eval_shape(lambda a, kind=kind: _to_hf(a, kind),
+                                  jax.ShapeDtypeStruct(slice_shape, jnp.float32)).shape
+        slices = []
+        for i in range(shape[0]) if "{i}" in rel else [0]:
+            name = prefix + rel.format(i=i)
+            if name not in tensors:
+                missing.append(name)
+                continue
+            t = np.asarray(tensors[name])
+            if tuple(t.shape) != expected:
+                raise ValueError(f"tensor {name}: expected shape {expected} (Hugging Face "
+                                 f"layout), found {tuple(t.shape)}")
+            slices.append(_from_hf(t, kind, slice_shape).astype(io.DTYPES[dtype]))
+        if slices and "{i}" in rel:
+            put(params, path, np.stack(slices))
+        elif slices:
+            put(params, path, slices[0])
+    if missing:
+        raise ValueError(f"missing {missing_what}: {listing(missing)}")
+    return params
+
+
+def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix: str,
+                   dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Our params -> HF name -> array by `table` (the inverse of `import_tensors`), in table
+    order, layer by layer within a row; dtype: of the arrays (default: that of the params)."""
+    out = {}
+    for rel, path, kind in table:
+        param = np.asarray(get(params, path))
+        for i, a in enumerate(param) if "{i}" in rel else [(0, param)]:
+            hf = _to_hf(a, kind)
+            out[prefix + rel.format(i=i)] = hf if dtype is None else hf.astype(io.DTYPES[dtype])
+    return out
+
+
+def table_names(table: Sequence[TableRow], prefix: str, layers: int) -> set[str]:
+    """Every HF name of `table` under `prefix`, with `layers` layers."""
+    return {prefix + rel.format(i=i) for rel, _, _ in table
+            for i in (range(layers) if "{i}" in rel else [0])}

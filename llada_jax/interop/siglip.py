@@ -15,23 +15,33 @@ reorder a conv kernel, stack layers), so the table is the documentation of the l
 * LLaDA-V checkpoints keep 26 of the 27 layers and no head (see `interop.llada_v`).
 
 Import takes a mapping of names to numpy arrays and returns a nested dict of numpy arrays shaped
-like `VisionEncoder`'s (unboxed) params; export is the inverse. Tensors the config does not use
-by design (the pooling head, the post-layernorm when `use_post_layernorm` is off, encoder layers
-past `num_layers_used`) are skipped; anything else that does not fit is a `ValueError` naming the
-tensor and the expected and found shapes.
+like `VisionEncoder`'s (unboxed) params; export is the inverse. Both run the in-memory table
+engine of `interop.mapping` (`import_tensors` / `export_tensors`), as LLaDA-V's projector table
+does (`interop.llada_v`); expected shapes follow from the module's own abstract params.
+Tensors the config does not use by design (the pooling head, the post-layernorm when
+`use_post_layernorm` is off, encoder layers past `num_layers_used`) are skipped; anything else
+that does not fit is a `ValueError` naming the tensor and the expected and found shapes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.interop.mapping import get, put
-from llada_jax.interop.safetensors_io import DTYPES
-from llada_jax.model.vision import VisionConfig, validate_vision
+from llada_jax.interop.mapping import (
+    TableRow,
+    export_tensors,
+    get,
+    import_tensors,
+    listing,
+    table_names,
+)
+from llada_jax.model.vision import VisionConfig, VisionEncoder, validate_vision
 
 LLADA_V_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 HF_SIGLIP_VISION_PREFIX = "vision_model."
@@ -41,102 +51,45 @@ _PROBE = "embeddings.patch_embedding.weight"
 
 Params = dict[str, Any]
 
-# --- the mapping tables --------------------------------------------------------------------------
-# (Hugging Face name relative to the prefix, path in our params, transform kind)
+# --- the mapping table ---------------------------------------------------------------------------
 _EMBEDDINGS = (
     ("embeddings.patch_embedding.weight", ("embeddings", "kernel"), "conv"),
-    ("embeddings.patch_embedding.bias", ("embeddings", "bias"), "copy"),
-    ("embeddings.position_embedding.weight", ("embeddings", "position_embedding"), "copy"),
+    ("embeddings.patch_embedding.bias", ("embeddings", "bias"), None),
+    ("embeddings.position_embedding.weight", ("embeddings", "position_embedding"), None),
 )
 # Relative to `encoder.layers.{i}.`; stacked along a leading axis under params["layers"].
 _LAYER = (
-    ("layer_norm1.weight", ("layer_norm1", "scale"), "copy"),
-    ("layer_norm1.bias", ("layer_norm1", "bias"), "copy"),
-    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), "heads_in"),
-    ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), "heads_bias"),
-    ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), "heads_in"),
-    ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), "heads_bias"),
-    ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), "heads_in"),
-    ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), "heads_bias"),
-    ("self_attn.out_proj.weight", ("self_attn", "out_proj", "kernel"), "heads_out"),
-    ("self_attn.out_proj.bias", ("self_attn", "out_proj", "bias"), "copy"),
-    ("layer_norm2.weight", ("layer_norm2", "scale"), "copy"),
-    ("layer_norm2.bias", ("layer_norm2", "bias"), "copy"),
-    ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), "linear"),
-    ("mlp.fc1.bias", ("mlp", "fc1", "bias"), "copy"),
-    ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), "linear"),
-    ("mlp.fc2.bias", ("mlp", "fc2", "bias"), "copy"),
+    ("layer_norm1.weight", ("layer_norm1", "scale"), None),
+    ("layer_norm1.bias", ("layer_norm1", "bias"), None),
+    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), 1),
+    ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), "flat"),
+    ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), 1),
+    ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), "flat"),
+    ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), 1),
+    ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), "flat"),
+    ("self_attn.out_proj.weight", ("self_attn", "out_proj", "kernel"), 2),
+    ("self_attn.out_proj.bias", ("self_attn", "out_proj", "bias"), None),
+    ("layer_norm2.weight", ("layer_norm2", "scale"), None),
+    ("layer_norm2.bias", ("layer_norm2", "bias"), None),
+    ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), 1),
+    ("mlp.fc1.bias", ("mlp", "fc1", "bias"), None),
+    ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), 1),
+    ("mlp.fc2.bias", ("mlp", "fc2", "bias"), None),
 )
 _POST_LAYERNORM = (
-    ("post_layernorm.weight", ("post_layernorm", "scale"), "copy"),
-    ("post_layernorm.bias", ("post_layernorm", "bias"), "copy"),
+    ("post_layernorm.weight", ("post_layernorm", "scale"), None),
+    ("post_layernorm.bias", ("post_layernorm", "bias"), None),
 )
-_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
-def _hf_shape(name: str, cfg: VisionConfig) -> tuple[int, ...]:
-    """Shape of a Hugging Face tensor (name relative to the prefix, layer part stripped)."""
-    w, m, p, c = cfg.width, cfg.mlp_dim, cfg.patch_size, cfg.num_channels
-    table = {
-        "embeddings.patch_embedding.weight": (w, c, p, p),
-        "embeddings.patch_embedding.bias": (w,),
-        "embeddings.position_embedding.weight": (cfg.num_patches, w),
-        "mlp.fc1.weight": (m, w),
-        "mlp.fc1.bias": (m,),
-        "mlp.fc2.weight": (w, m),
-    }
-    if name in table:
-        return table[name]
-    if name.endswith(".weight") and "_proj" in name:
-        return (w, w)
-    return (w,)   # layer norms and the remaining biases
+def _table(use_post_layernorm: bool) -> tuple[TableRow, ...]:
+    """The tower's rows in file order: embeddings, post-layernorm (if used), the layers."""
+    return (*_EMBEDDINGS, *(_POST_LAYERNORM if use_post_layernorm else ()),
+            *((f"encoder.layers.{{i}}.{rel}", ("layers", *path), kind)
+              for rel, path, kind in _LAYER))
 
 
-def _to_params(kind: str, t: np.ndarray, cfg: VisionConfig) -> np.ndarray:
-    h, hd, w = cfg.n_heads, cfg.head_dim, cfg.width
-    if kind == "copy":
-        return t
-    if kind == "conv":          # torch OIHW [width, C, p, p] -> [p, p, C, width]
-        return t.transpose(2, 3, 1, 0)
-    if kind == "linear":        # torch [out, in] -> [in, out]
-        return t.T
-    if kind == "heads_in":      # [heads*hd, width] -> [width, heads, hd] (head-major split)
-        return t.T.reshape(w, h, hd)
-    if kind == "heads_bias":
-        return t.reshape(h, hd)
-    if kind == "heads_out":     # [width, heads*hd] -> [heads, hd, width]
-        return t.T.reshape(h, hd, w)
-    raise AssertionError(kind)
-
-
-def _to_hf(kind: str, a: np.ndarray, cfg: VisionConfig) -> np.ndarray:
-    w = cfg.width
-    if kind == "copy":
-        return a
-    if kind == "conv":
-        return a.transpose(3, 2, 0, 1)
-    if kind == "linear":
-        return a.T
-    if kind == "heads_in":
-        return a.reshape(w, w).T
-    if kind == "heads_bias":
-        return a.reshape(w)
-    if kind == "heads_out":
-        return a.reshape(w, w).T
-    raise AssertionError(kind)
-
-
-def shape_error(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> ValueError:
-    return ValueError(f"tensor {name}: expected shape {expected} (Hugging Face layout), "
-                      f"found {found}")
-
-
-def listing(names: Iterable[str], limit: int = 12) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
+# --- vision tower -------------------------------------------------------------------------------
 def detect_vision_prefix(names: Iterable[str]) -> str:
     """The prefix under which a checkpoint keeps its SigLIP vision tower."""
     names = set(names)
@@ -156,35 +109,21 @@ def split_vision_keys(names: Iterable[str], cfg: VisionConfig,
     use it, and encoder layers in [num_layers_used, n_layers). Names outside `prefix` are not
     returned at all (a LLaDA-V checkpoint also holds the language model).
     """
+    used_names = table_names(_table(cfg.use_post_layernorm), prefix, cfg.num_layers_used)
+    known = table_names(_table(True), prefix, cfg.n_layers)
     used, skipped, unexpected = [], [], []
-    wanted = {prefix + n for n, _, _ in _EMBEDDINGS}
-    post = {prefix + n for n, _, _ in _POST_LAYERNORM}
-    layer_names = {n for n, _, _ in _LAYER}
     for name in names:
         if not name.startswith(prefix):
             continue
-        rel = name[len(prefix):]
-        match = _LAYER_KEY.match(rel)
-        if name in wanted:
+        if name in used_names:
             used.append(name)
-        elif name in post:
-            (used if cfg.use_post_layernorm else skipped).append(name)
-        elif rel.startswith("head."):
+        elif name in known or name[len(prefix):].startswith("head."):
             skipped.append(name)
-        elif match and match.group(2) in layer_names:
-            i = int(match.group(1))
-            if i < cfg.num_layers_used:
-                used.append(name)
-            elif i < cfg.n_layers:
-                skipped.append(name)
-            else:
-                unexpected.append(name)
         else:
             unexpected.append(name)
     return used, skipped, unexpected
 
 
-# --- vision tower -------------------------------------------------------------------------------
 def import_vision(tensors: Mapping[str, Any], cfg: VisionConfig, prefix: str | None = None,
                   dtype: str | None = None) -> Params:
     """Hugging Face SigLIP vision tensors -> `VisionEncoder` params (nested dict of numpy arrays).
@@ -197,39 +136,16 @@ def import_vision(tensors: Mapping[str, Any], cfg: VisionConfig, prefix: str | N
     validate_vision(cfg)
     if prefix is None:
         prefix = detect_vision_prefix(tensors.keys())
-    out_dtype = DTYPES[dtype or cfg.param_dtype]
     _, _, unexpected = split_vision_keys(tensors.keys(), cfg, prefix)
     if unexpected:
         raise ValueError(f"unexpected tensor(s) under prefix {prefix!r} for a {cfg.n_layers}-layer "
                          f"SigLIP vision tower: {listing(unexpected)}")
-
-    missing: list[str] = []
-
-    def fetch(rel: str, shape_name: str) -> np.ndarray | None:
-        name = prefix + rel
-        if name not in tensors:
-            missing.append(name)
-            return None
-        t = np.asarray(tensors[name])
-        expected = _hf_shape(shape_name, cfg)
-        if tuple(t.shape) != expected:
-            raise shape_error(name, expected, tuple(t.shape))
-        return t
-
-    params: Params = {}
-    for rel, path, kind in _EMBEDDINGS + (_POST_LAYERNORM if cfg.use_post_layernorm else ()):
-        t = fetch(rel, rel)
-        if t is not None:
-            put(params, path, _to_params(kind, t, cfg).astype(out_dtype))
-    for rel, path, kind in _LAYER:
-        per_layer = [fetch(f"encoder.layers.{i}.{rel}", rel) for i in range(cfg.num_layers_used)]
-        if all(t is not None for t in per_layer):
-            stacked = np.stack([_to_params(kind, t, cfg).astype(out_dtype) for t in per_layer])
-            put(params, ("layers", *path), stacked)
-    if missing:
-        raise ValueError(f"missing tensor(s) for the vision tower (prefix {prefix!r}, "
-                         f"{cfg.num_layers_used} layers used): {listing(missing)}")
-    return params
+    pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels))
+    abstract = jax.eval_shape(VisionEncoder(cfg).init, jax.random.key(0), pixels)["params"]
+    return import_tensors(tensors, _table(cfg.use_post_layernorm), nn.unbox(abstract), prefix,
+                          dtype or cfg.param_dtype,
+                          f"tensor(s) for the vision tower (prefix {prefix!r}, "
+                          f"{cfg.num_layers_used} layers used)")
 
 
 def export_vision(params: Mapping[str, Any], cfg: VisionConfig,
@@ -241,21 +157,10 @@ def export_vision(params: Mapping[str, Any], cfg: VisionConfig,
     the config has one. dtype: of the returned arrays (default: that of the params).
     """
     validate_vision(cfg)
-    out_dtype = None if dtype is None else DTYPES[dtype]
-    out: dict[str, np.ndarray] = {}
-
-    def put(name: str, array: np.ndarray) -> None:
-        out[name] = array if out_dtype is None else array.astype(out_dtype)
-
-    for rel, path, kind in _EMBEDDINGS + (_POST_LAYERNORM if cfg.use_post_layernorm else ()):
-        put(prefix + rel, _to_hf(kind, np.asarray(get(params, path)), cfg))
-    for rel, path, kind in _LAYER:
-        stacked = np.asarray(get(params, ("layers", *path)))
-        if stacked.shape[0] != cfg.num_layers_used:
-            raise ValueError(f"params layers/{'/'.join(path)}: expected {cfg.num_layers_used} "
-                             f"stacked layers, found {stacked.shape[0]}")
-        for i in range(cfg.num_layers_used):
-            put(f"{prefix}encoder.layers.{i}.{rel}", _to_hf(kind, stacked[i], cfg))
-    return out
-
-
+    table = _table(cfg.use_post_layernorm)
+    for rel, path, _ in table:
+        found = len(get(params, path))
+        if "{i}" in rel and found != cfg.num_layers_used:
+            raise ValueError(f"params {'/'.join(path)}: expected {cfg.num_layers_used} stacked "
+                             f"layers, found {found}")
+    return export_tensors(params, table, prefix, dtype)

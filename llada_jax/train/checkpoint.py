@@ -309,7 +309,7 @@ def _param_targets(config: ml_collections.ConfigDict, mesh: Mesh | None, rules) 
     """Abstract params of the config's model, sharded on `mesh` (or on the first device)."""
     boxed = state_lib.abstract_boxed_params(state_lib.make_model(config), mesh)
     rules = parallel.logical_rules(config) if rules is None and mesh is not None else rules
-    return safetensors_io.sharded_targets(boxed, mesh, rules)
+    return state_lib.with_shardings(boxed, safetensors_io.param_shardings(boxed, mesh, rules))
 
 
 def _trainer_checkpoint_dir(directory: epath.Path) -> epath.Path | None:

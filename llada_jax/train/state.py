@@ -69,20 +69,11 @@ def abstract_boxed_params(model: Transformer, mesh: Mesh | None = None) -> Any:
                           jax.random.key(0))
 
 
-def param_shardings(model: Transformer, mesh: Mesh, rules) -> Any:
-    """NamedSharding per parameter, from its logical axes and the rule table."""
-    return safetensors_io.param_shardings(abstract_boxed_params(model, mesh), mesh, rules)
-
-
-def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    base = jax.random.key(seed)
-    return jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
-
-
 def _init_state_fn(model: Transformer, tx: optax.GradientTransformation, seed: int,
                    mesh: Mesh | None):
     def init() -> TrainState:
-        init_key, run_key = _seed_keys(seed)
+        base = jax.random.key(seed)   # fold 0: the init key, fold 1: the run's key
+        init_key, run_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
         params = nn.meta.unbox(model.init(init_key, _init_tokens(mesh))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(run_key))
@@ -92,7 +83,7 @@ def _init_state_fn(model: Transformer, tx: optax.GradientTransformation, seed: i
 def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
                     rules) -> TrainState:
     """A TrainState of NamedShardings: params by the rules, optimizer state like params."""
-    p_shardings = param_shardings(model, mesh, rules)
+    p_shardings = safetensors_io.param_shardings(abstract_boxed_params(model, mesh), mesh, rules)
     abstract = jax.eval_shape(_init_state_fn(model, tx, 0, mesh))
     replicated = parallel.replicated(mesh)
     # Per-group optimizers (optax.multi_transform / masked, see optimizer.py) hold MaskedNode
@@ -108,9 +99,14 @@ def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: 
 def abstract_train_state(model: Transformer, tx: optax.GradientTransformation,
                          shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs of the state carrying their shardings (restore targets, AOT compiles)."""
-    abstract = jax.eval_shape(_init_state_fn(model, tx, 0, None))
+    return with_shardings(jax.eval_shape(_init_state_fn(model, tx, 0, None)), shardings)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """The `ShapeDtypeStruct`s of `abstract` (boxed or not) carrying the matching `shardings`
+    (restore targets, AOT compiles)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+                        nn.unbox(abstract), shardings)
 
 
 def create_train_state(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules,
