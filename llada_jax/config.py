@@ -282,11 +282,11 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**given)
 
 
-def _fail(field: str, expected: str, found: Any) -> None:
+def fail(field: str, expected: str, found: Any) -> None:
     raise ValueError(f"config.{field}: expected {expected}, found {found!r}")
 
 
-# A field rule: (is_bad(value), what the error says is expected). `_check` walks tables of
+# A field rule: (is_bad(value), what the error says is expected). `check_fields` walks tables of
 # (space-separated field names, rule); the conditions are those under which a value is refused.
 Rule = tuple[Callable[[Any], Any], str]
 POSITIVE_INT: Rule = (lambda v: not isinstance(v, int) or v <= 0, "a positive integer")
@@ -296,15 +296,15 @@ COUNT: Rule = (lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
                "an integer >= 0")
 
 
-def _not_int_at_least_0(value: Any) -> bool:
+def not_int_at_least_0(value: Any) -> bool:
     return not isinstance(value, int) or value < 0
 
 
-def _one_of(choices: tuple[str, ...]) -> Rule:
+def one_of(choices: tuple[str, ...]) -> Rule:
     return (lambda v: v not in choices), f"one of {choices}"
 
 
-def _check(where: str, values: Any, rules: Sequence[tuple[str, Rule]]) -> None:
+def check_fields(where: str, values: Any, rules: Sequence[tuple[str, Rule]]) -> None:
     """Raises `ValueError("{where}: expected ..., found ...")` (`where` formatted with the field
     name) for the first field of `rules`, in order, whose value in `values` (a config section
     or a dataclass) is bad."""
@@ -317,7 +317,7 @@ def _check(where: str, values: Any, rules: Sequence[tuple[str, Rule]]) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     """Checks a ModelConfig; raises ValueError naming the field."""
-    _check("config.model.{}", m, (
+    check_fields("config.model.{}", m, (
         ("vocab_size d_model n_layers n_heads n_kv_heads head_dim mlp_hidden_size "
          "max_sequence_length", POSITIVE_INT),
         ("n_kv_heads", (lambda v: v > m.n_heads or m.n_heads % v,
@@ -325,9 +325,9 @@ def validate_model(m: ModelConfig) -> None:
         ("head_dim", (lambda v: v % 2, "an even number (rotary embedding)")),
         ("mask_token_id eos_token_id bos_token_id pad_token_id",
          (lambda v: not 0 <= v < m.vocab_size, f"an id in [0, vocab_size={m.vocab_size})")),
-        ("dtype param_dtype", _one_of(DTYPES)),
-        ("remat_policy", _one_of(REMAT_POLICIES)),
-        ("attention_backend", _one_of(ATTENTION_BACKENDS)),
+        ("dtype param_dtype", one_of(DTYPES)),
+        ("remat_policy", one_of(REMAT_POLICIES)),
+        ("attention_backend", one_of(ATTENTION_BACKENDS)),
         ("rope_theta", POSITIVE_NUMBER),
         ("rotary_dim", (lambda v: not isinstance(v, int) or not 0 <= v <= m.head_dim or v % 2,
                         f"an even number in [0, head_dim={m.head_dim}] (0: all)")),
@@ -340,35 +340,35 @@ ROUTERS = ("softmax", "sigmoid_grouped")
 
 def validate_moe(m: ModelConfig) -> None:
     """Checks the mixture-of-experts fields of a ModelConfig; raises ValueError naming the field."""
-    _check("config.model.{}", m, (
+    check_fields("config.model.{}", m, (
         ("num_experts experts_per_token expert_mlp_hidden_size num_shared_experts first_k_dense",
          COUNT),))
     if not m.is_moe:
-        _check("config.model.{}", m, (("experts_per_token num_shared_experts first_k_dense",
+        check_fields("config.model.{}", m, (("experts_per_token num_shared_experts first_k_dense",
                                        (bool, "0 when model.num_experts=0 (a dense model)")),))
         return
-    _check("config.model.{}", m, (
+    check_fields("config.model.{}", m, (
         ("experts_per_token", (lambda v: not 1 <= v <= m.num_experts,
                                f"in [1, num_experts={m.num_experts}]")),
         ("expert_mlp_hidden_size", (lambda v: v <= 0, "a positive integer with num_experts > 0")),
         ("first_k_dense", (lambda v: v >= m.n_layers,
                            f"less than n_layers={m.n_layers} (some layer must be MoE)")),
-        ("router", _one_of(ROUTERS)),
+        ("router", one_of(ROUTERS)),
         ("routed_scaling", POSITIVE_NUMBER),
     ))
     if m.router == "sigmoid_grouped":
         groups, top = m.router_groups, m.router_top_groups
         if not isinstance(groups, int) or groups <= 0 or m.num_experts % groups:
-            _fail("model.router_groups", f"a positive divisor of num_experts={m.num_experts}",
-                  groups)
+            fail("model.router_groups", f"a positive divisor of num_experts={m.num_experts}",
+                 groups)
         if m.num_experts // groups < 2:
-            _fail("model.router_groups", "at most num_experts / 2 (a group is scored by its "
-                  "top-2 experts)", groups)
+            fail("model.router_groups", "at most num_experts / 2 (a group is scored by its "
+                 "top-2 experts)", groups)
         if not isinstance(top, int) or not 1 <= top <= groups:
-            _fail("model.router_top_groups", f"in [1, router_groups={groups}]", top)
+            fail("model.router_top_groups", f"in [1, router_groups={groups}]", top)
         if top * (m.num_experts // groups) < m.experts_per_token:
-            _fail("model.router_top_groups", f"enough groups to hold experts_per_token="
-                  f"{m.experts_per_token} experts ({m.num_experts // groups} per group)", top)
+            fail("model.router_top_groups", f"enough groups to hold experts_per_token="
+                 f"{m.experts_per_token} experts ({m.num_experts // groups} per group)", top)
 
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -478,8 +478,8 @@ def validate_sampler(s: Any) -> None:
 
     Raises ValueError naming the field, including for contradictory fast-sampling settings.
     """
-    _check("config.sampler.{}", s, (
-        ("remasking", _one_of(REMASKING)),
+    check_fields("config.sampler.{}", s, (
+        ("remasking", one_of(REMASKING)),
         ("gen_length", POSITIVE_INT),
         ("block_length", (lambda v: not isinstance(v, int) or v <= 0 or s.gen_length % v,
                           f"a positive divisor of sampler.gen_length={s.gen_length}")),
@@ -494,11 +494,11 @@ def validate_sampler(s: Any) -> None:
         ("steps", (lambda v: v > s.gen_length, f"at most sampler.gen_length={s.gen_length} (a "
                    f"step commits at least one token)")),
     )
-    _check("config.sampler.{}", s, (
+    check_fields("config.sampler.{}", s, (
         *steps_rules,
         ("temperature cfg_scale", (lambda v: v < 0, "a number >= 0")),
-        ("cache", _one_of(CACHE_MODES)),
-        ("refresh_every", (_not_int_at_least_0, "an integer >= 0")),
+        ("cache", one_of(CACHE_MODES)),
+        ("refresh_every", (not_int_at_least_0, "an integer >= 0")),
         ("refresh_every", (lambda v: v > 0 and s.cache == "none",
                            "0 when sampler.cache='none' (there is no cache to refresh)")),
         ("threshold", (lambda v: not 0 <= v <= 1, "a confidence in (0, 1], or 0 to turn it off")),
@@ -512,9 +512,9 @@ def validate_sampler(s: Any) -> None:
     ))
     eos_banned = s.logits_eos_inf or getattr(s, "eos_id", None) in list(s.banned_ids)
     if s.early_exit and eos_banned and not s.stop_at_eot:
-        _fail("sampler.early_exit", "False when EOS is never generated (sampler.logits_eos_inf "
-              "or EOS in sampler.banned_ids) unless sampler.stop_at_eot=True (there is nothing "
-              "to exit on)", s.early_exit)
+        fail("sampler.early_exit", "False when EOS is never generated (sampler.logits_eos_inf "
+             "or EOS in sampler.banned_ids) unless sampler.stop_at_eot=True (there is nothing "
+             "to exit on)", s.early_exit)
 
 
 PACKINGS = ("concat", "pack")
@@ -579,7 +579,7 @@ class VisionConfig:
 def validate_vision_tower(cfg: VisionConfig) -> None:
     """Checks a VisionConfig; raises ValueError naming the offending field."""
     n = cfg.n_layers
-    _check("vision config field {}", cfg, (
+    check_fields("vision config field {}", cfg, (
         ("image_size patch_size width n_layers n_heads mlp_dim num_channels",
          (lambda v: not isinstance(v, int) or isinstance(v, bool) or v <= 0,
           "a positive integer")),
@@ -589,8 +589,8 @@ def validate_vision_tower(cfg: VisionConfig) -> None:
                            f"an index of a block output in [1, {n}] or [-{n}, -1] (0, the "
                            f"embedding output, is not a feature layer)")),
         ("layer_norm_eps", (lambda v: not v > 0, "a positive number")),
-        ("dtype param_dtype", _one_of(DTYPES)),
-        ("remat_policy", _one_of(REMAT_POLICIES)),
+        ("dtype param_dtype", one_of(DTYPES)),
+        ("remat_policy", one_of(REMAT_POLICIES)),
     ))
 
 
@@ -611,21 +611,21 @@ def anyres_max_tiles(image_aspect_ratio: str) -> int | None:
             and image_aspect_ratio[len(prefix):].isdigit()
             and int(image_aspect_ratio[len(prefix):]) > 0):
         return int(image_aspect_ratio[len(prefix):])
-    _fail("vision.image_aspect_ratio", "'square' or 'anyres_max_N' with N a positive integer "
-          "(e.g. 'anyres_max_4')", image_aspect_ratio)
+    fail("vision.image_aspect_ratio", "'square' or 'anyres_max_N' with N a positive integer "
+         "(e.g. 'anyres_max_4')", image_aspect_ratio)
 
 
 def parse_trainable(spec: str) -> tuple[str, ...]:
     """The parameter groups a `train.trainable` spec names ('all': every group); what the
     optimizer does with them is `train/optimizer.py`."""
     if not isinstance(spec, str) or not spec.strip():
-        _fail("train.trainable", f"'all' or a comma-separated list of {PARAM_GROUPS}", spec)
+        fail("train.trainable", f"'all' or a comma-separated list of {PARAM_GROUPS}", spec)
     if spec.strip() == "all":
         return PARAM_GROUPS
     groups = tuple(g.strip() for g in spec.split(","))
     unknown = [g for g in groups if g not in PARAM_GROUPS]
     if unknown or len(set(groups)) != len(groups):
-        _fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
+        fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
     return groups
 
 
@@ -636,16 +636,16 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
     for group in PARAM_GROUPS:
         value = t.group_learning_rates.get(group)
         if not isinstance(value, (int, float)) or value < 0:
-            _fail(f"train.group_learning_rates.{group}", "a learning rate >= 0 (0: "
-                  "train.learning_rate)", value)
+            fail(f"train.group_learning_rates.{group}", "a learning rate >= 0 (0: "
+                 "train.learning_rate)", value)
     unknown = sorted(set(t.group_learning_rates) - set(PARAM_GROUPS))
     if unknown:
-        _fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
+        fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
     v = config.vision
     if not v.enabled:
         if groups != PARAM_GROUPS and groups != ("language_model",):
-            _fail("train.trainable", "'all' or 'language_model' without a vision tower "
-                  "(vision.enabled=False)", t.trainable)
+            fail("train.trainable", "'all' or 'language_model' without a vision tower "
+                 "(vision.enabled=False)", t.trainable)
         return
     try:
         validate_vision_tower(vision_config(config))
@@ -663,32 +663,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_model(m)
     validate_vision(config)
     t = config.train
-    _check("config.train.{}", t, (
-        ("objective", _one_of(OBJECTIVES)),
-        ("schedule", _one_of(SCHEDULES)),
+    check_fields("config.train.{}", t, (
+        ("objective", one_of(OBJECTIVES)),
+        ("schedule", one_of(SCHEDULES)),
         ("steps batch_size seq_len grad_accum_steps", POSITIVE_INT),
         ("seq_len", (lambda v: v > m.max_sequence_length,
                      f"at most model.max_sequence_length={m.max_sequence_length}")),
         ("grad_accum_steps", (lambda v: t.batch_size % v,
                               f"a divisor of train.batch_size={t.batch_size}")),
-        ("loss_chunk_size", (_not_int_at_least_0, "an integer >= 0 (0: no chunking)")),
+        ("loss_chunk_size", (not_int_at_least_0, "an integer >= 0 (0: no chunking)")),
         ("mask_eps", (lambda v: not 0 < v < 1, "a number in (0, 1)")),
         ("random_length_prob", (lambda v: not 0 <= v <= 1, "a probability in [0, 1]")),
         ("decay_fraction", (lambda v: not 0 <= v <= 1, "a fraction in [0, 1]")),
         ("learning_rate", POSITIVE_NUMBER),
         # warmup_steps > steps is allowed: a short run (--config.train.steps=10) is all warmup.
-        ("warmup_steps", (_not_int_at_least_0, "an integer >= 0")),
+        ("warmup_steps", (not_int_at_least_0, "an integer >= 0")),
         ("log_every keep_checkpoints eval_batches", POSITIVE_INT),
         ("moe_aux_loss_weight moe_z_loss_weight moe_bias_update_rate",
          (lambda v: not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0,
           "a number >= 0")),
         ("checkpoint_every eval_every max_bad_steps",
-         (_not_int_at_least_0, "an integer >= 0 (0: none)")),
+         (not_int_at_least_0, "an integer >= 0 (0: none)")),
     ))
     if t.eval_every > 0 and not config.data.eval_source:
-        _fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="
-              f"{t.eval_every} > 0", config.data.eval_source)
-    _check("config.train.{}", t, (
+        fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="
+             f"{t.eval_every} > 0", config.data.eval_source)
+    check_fields("config.train.{}", t, (
         ("b1 b2", (lambda v: not 0 <= v < 1, "a number in [0, 1)")),
         ("weight_decay grad_clip", (lambda v: v < 0, "a number >= 0 (grad_clip 0: no clipping)")),
         ("adam_eps", POSITIVE_NUMBER),
