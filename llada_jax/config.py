@@ -19,6 +19,7 @@ specs belong to the data layer.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -604,13 +605,12 @@ def vision_config(config: ml_collections.ConfigDict) -> VisionConfig | None:
 
 def anyres_max_tiles(image_aspect_ratio: str) -> int | None:
     """N of 'anyres_max_N'; None for 'square'. Raises ValueError for anything else."""
-    prefix = "anyres_max_"
     if image_aspect_ratio == "square":
         return None
-    if (isinstance(image_aspect_ratio, str) and image_aspect_ratio.startswith(prefix)
-            and image_aspect_ratio[len(prefix):].isdigit()
-            and int(image_aspect_ratio[len(prefix):]) > 0):
-        return int(image_aspect_ratio[len(prefix):])
+    match = isinstance(image_aspect_ratio, str) and re.fullmatch(r"anyres_max_(\d+)",
+                                                                 image_aspect_ratio)
+    if match and int(match[1]) > 0:
+        return int(match[1])
     fail("vision.image_aspect_ratio", "'square' or 'anyres_max_N' with N a positive integer "
          "(e.g. 'anyres_max_4')", image_aspect_ratio)
 
