@@ -130,11 +130,8 @@ def make_mesh(config: ml_collections.ConfigDict | None = None,
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
     """The rule table of the config as the tuple-of-pairs Linen expects."""
-    rules = []
-    for rule in config.mesh.logical_axis_rules:
-        name, target = rule[0], rule[1]
-        rules.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
-    return tuple(rules)
+    return tuple((name, tuple(target) if isinstance(target, (list, tuple)) else target)
+                 for name, target, *_ in config.mesh.logical_axis_rules)
 
 
 def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules) -> Any:
@@ -163,12 +160,9 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     Every process passes its own slice of the global batch (leading axis); with one process this
     is a plain device_put with the batch sharding.
     """
-    out = {}
-    for name, value in host_batch.items():
-        value = np.asarray(value)
-        sharding = batch_sharding(mesh, value.ndim)
-        out[name] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)),
+                                                         np.asarray(value))
+            for name, value in host_batch.items()}
 
 
 def per_host_batch_size(global_batch_size: int) -> int:
