@@ -197,14 +197,13 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                                      prefetch_buffer_size=data.prefetch_buffer_size)
 
     if vision:
-        rows = records.map(MultimodalRows(tokenizer, ImageProcessor.from_config(config),
-                                          seq_len, config.vision.max_views, data.bad_records))
-        dataset = rows.to_iter_dataset(read_options)
+        dataset = records.map(MultimodalRows(
+            tokenizer, ImageProcessor.from_config(config), seq_len, config.vision.max_views,
+            data.bad_records)).to_iter_dataset(read_options)
     elif conversations:
-        rows = records.random_map(
-            ChatRows(tokenizer, seq_len, data.sft_multiturn, data.messages_field,
-                     data.bad_records, fill_maskable=train.objective == "sft"), seed=seed)
-        dataset = rows.to_iter_dataset(read_options)
+        dataset = records.random_map(ChatRows(
+            tokenizer, seq_len, data.sft_multiturn, data.messages_field, data.bad_records,
+            fill_maskable=train.objective == "sft"), seed=seed).to_iter_dataset(read_options)
     else:
         if components[0].kind == "synthetic" and data.packing != "concat":
             raise ValueError(f"config.data.packing: expected 'concat' with {field}="
