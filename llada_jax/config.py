@@ -284,6 +284,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def fail(field: str, expected: str, found: Any) -> None:
+    """Raises `ValueError("config.{field}: expected {expected}, found {found!r}")`."""
     raise ValueError(f"config.{field}: expected {expected}, found {found!r}")
 
 
@@ -298,10 +299,12 @@ COUNT: Rule = (lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
 
 
 def not_int_at_least_0(value: Any) -> bool:
+    """Whether `value` is not an integer >= 0 (a bool counts as an integer, as it always did)."""
     return not isinstance(value, int) or value < 0
 
 
 def one_of(choices: tuple[str, ...]) -> Rule:
+    """The rule of a field that must be one of `choices`."""
     return (lambda v: v not in choices), f"one of {choices}"
 
 

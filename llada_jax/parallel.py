@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llada_jax.config import MESH_AXIS_DEFAULTS, model_config
+from llada_jax.config import MESH_AXIS_DEFAULTS, check_fields, model_config
 
 MESH_AXES = tuple(MESH_AXIS_DEFAULTS)  # data, fsdp, expert, tensor
 # Set to 1 by launch/tpu_pod.py on every worker of a pod: this process is one of several.
@@ -99,16 +99,12 @@ def validate_mesh(config: ml_collections.ConfigDict,
         raise ValueError(f"config.train.batch_size: expected a multiple of {' * '.join(axes)} = "
                          f"{' * '.join(map(str, axes.values()))} = {multiple}, found "
                          f"{t.batch_size!r}")
-    if m.num_experts and m.num_experts % expert:
-        raise ValueError(f"config.model.num_experts: expected a multiple of mesh.expert={expert}, "
-                         f"found {m.num_experts!r}")
-    sharded = ["n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"]
-    if m.num_experts:
-        sharded.append("expert_mlp_hidden_size")
-    for name in sharded:
-        if getattr(m, name) % tensor:
-            raise ValueError(f"config.model.{name}: expected a multiple of mesh.tensor={tensor}, "
-                             f"found {getattr(m, name)!r}")
+    check_fields("config.model.{}", m, (
+        ("num_experts", (lambda v: v and v % expert, f"a multiple of mesh.expert={expert}")),
+        ("n_heads n_kv_heads mlp_hidden_size vocab_size"
+         + (" expert_mlp_hidden_size" if m.num_experts else ""),
+         (lambda v: v % tensor, f"a multiple of mesh.tensor={tensor}")),
+    ))
     return data, fsdp, expert, tensor
 
 

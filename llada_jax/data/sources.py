@@ -375,9 +375,8 @@ def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
     if spec.kind == "synthetic_chat":
         return SyntheticChatSource(spec.split, options.synthetic_size)
     if spec.kind == "shapes":
-        size = options.synthetic_size
-        if spec.split == "test":
-            size = max(size // 10, 1)
+        size = (max(options.synthetic_size // 10, 1) if spec.split == "test"
+                else options.synthetic_size)
         return ShapesDataset(options.image_size, size, spec.split, options.seed,
                              options.image_task)
     raise ValueError(f"unknown source kind {spec.kind!r}")

@@ -54,11 +54,8 @@ class Tokenizer(abc.ABC):
 
     @property
     def special_ids(self) -> frozenset[int]:
-        ids = {self.mask_id, self.bos_id, self.eos_id, self.pad_id, self.start_header_id,
-               self.end_header_id, self.eot_id}
-        if self.image_id is not None:
-            ids.add(self.image_id)
-        return frozenset(ids)
+        ids = {getattr(self, attr) for attr in (*self.NAMES, "pad_id", "image_id")}
+        return frozenset(ids - {None})  # image_id is None without an <image> token
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                     add_bos: bool = True) -> list[int]:
