@@ -6,7 +6,7 @@
         --config.data.num_workers=4 --batches=200
     python benchmarks/input_pipeline.py --config=configs/sft_tiny.py --train_step
 
-Builds this host's batches exactly as training does (`llada_jax.train.input.make_train_iterator`:
+Builds this host's batches exactly as training does (`llada_jax.data.pipeline.build_dataset`:
 source, tokenizer, concat/pack or SFT rows, batching, worker processes), skips `--warmup`
 batches (worker start-up, first file reads), then times `--batches` batches. tokens/s counts
 every position of a batch (rows x seq_len), as the train step consumes them. With
@@ -51,8 +51,8 @@ def main(argv: list[str]) -> None:
 
     from llada_jax import config as config_lib
     from llada_jax import parallel
+    from llada_jax.data import pipeline
     from llada_jax.data.tokenizer import load_tokenizer
-    from llada_jax.train import input as input_lib
 
     config = _CONFIG.value
     try:
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(config.data.tokenizer)
     rows = parallel.per_host_batch_size(config.train.batch_size)
     seq_len = config.train.seq_len
-    iterator = input_lib.make_train_iterator(config, tokenizer)
+    iterator = iter(pipeline.build_dataset(config, tokenizer))
     seconds, last_batches = time_pipeline(iterator, _WARMUP.value, _BATCHES.value)
     pipeline_tokens_per_s = _BATCHES.value * rows * seq_len / seconds
     first = last_batches[-1]

@@ -19,6 +19,8 @@ specs belong to the data layer.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -281,83 +283,96 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**given)
 
 
-def _fail(field: str, expected: str, found: Any) -> None:
+def fail(field: str, expected: str, found: Any) -> None:
+    """Raises `ValueError("config.{field}: expected {expected}, found {found!r}")`."""
     raise ValueError(f"config.{field}: expected {expected}, found {found!r}")
 
 
-def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+# A field rule: (is_bad(value), what the error says is expected). `check_fields` walks tables of
+# (space-separated field names, rule); the conditions are those under which a value is refused.
+Rule = tuple[Callable[[Any], Any], str]
+POSITIVE_INT: Rule = (lambda v: not isinstance(v, int) or v <= 0, "a positive integer")
+POSITIVE_NUMBER: Rule = (lambda v: v <= 0, "a positive number")
+# Counts where a bool (an int subclass) is refused too.
+COUNT: Rule = (lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
+               "an integer >= 0")
+
+
+def not_int_at_least_0(value: Any) -> bool:
+    """Whether `value` is not an integer >= 0 (a bool counts as an integer, as it always did)."""
+    return not isinstance(value, int) or value < 0
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    """The rule of a field that must be one of `choices`."""
+    return (lambda v: v not in choices), f"one of {choices}"
+
+
+def check_fields(where: str, values: Any, rules: Sequence[tuple[str, Rule]]) -> None:
+    """Raises `ValueError("{where}: expected ..., found ...")` (`where` formatted with the field
+    name) for the first field of `rules`, in order, whose value in `values` (a config section
+    or a dataclass) is bad."""
+    for names, (is_bad, expected) in rules:
+        for name in names.split():
+            value = getattr(values, name)
+            if is_bad(value):
+                raise ValueError(f"{where.format(name)}: expected {expected}, found {value!r}")
+
+
+def validate_model(m: ModelConfig) -> None:
     """Checks a ModelConfig; raises ValueError naming the field."""
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                 "mlp_hidden_size", "max_sequence_length"):
-        value = getattr(m, name)
-        if not isinstance(value, int) or value <= 0:
-            _fail(f"{prefix}.{name}", "a positive integer", value)
-    if m.n_kv_heads > m.n_heads or m.n_heads % m.n_kv_heads:
-        _fail(f"{prefix}.n_kv_heads", f"a divisor of n_heads={m.n_heads}", m.n_kv_heads)
-    if m.head_dim % 2:
-        _fail(f"{prefix}.head_dim", "an even number (rotary embedding)", m.head_dim)
-    for name in ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id"):
-        value = getattr(m, name)
-        if not 0 <= value < m.vocab_size:
-            _fail(f"{prefix}.{name}", f"an id in [0, vocab_size={m.vocab_size})", value)
-    if m.dtype not in DTYPES:
-        _fail(f"{prefix}.dtype", f"one of {DTYPES}", m.dtype)
-    if m.param_dtype not in DTYPES:
-        _fail(f"{prefix}.param_dtype", f"one of {DTYPES}", m.param_dtype)
-    if m.remat_policy not in REMAT_POLICIES:
-        _fail(f"{prefix}.remat_policy", f"one of {REMAT_POLICIES}", m.remat_policy)
-    if m.attention_backend not in ATTENTION_BACKENDS:
-        _fail(f"{prefix}.attention_backend", f"one of {ATTENTION_BACKENDS}", m.attention_backend)
-    if m.rope_theta <= 0:
-        _fail(f"{prefix}.rope_theta", "a positive number", m.rope_theta)
-    if not isinstance(m.rotary_dim, int) or not 0 <= m.rotary_dim <= m.head_dim or m.rotary_dim % 2:
-        _fail(f"{prefix}.rotary_dim", f"an even number in [0, head_dim={m.head_dim}] (0: all)",
-              m.rotary_dim)
-    validate_moe(m, prefix)
+    check_fields("config.model.{}", m, (
+        ("vocab_size d_model n_layers n_heads n_kv_heads head_dim mlp_hidden_size "
+         "max_sequence_length", POSITIVE_INT),
+        ("n_kv_heads", (lambda v: v > m.n_heads or m.n_heads % v,
+                        f"a divisor of n_heads={m.n_heads}")),
+        ("head_dim", (lambda v: v % 2, "an even number (rotary embedding)")),
+        ("mask_token_id eos_token_id bos_token_id pad_token_id",
+         (lambda v: not 0 <= v < m.vocab_size, f"an id in [0, vocab_size={m.vocab_size})")),
+        ("dtype param_dtype", one_of(DTYPES)),
+        ("remat_policy", one_of(REMAT_POLICIES)),
+        ("attention_backend", one_of(ATTENTION_BACKENDS)),
+        ("rope_theta", POSITIVE_NUMBER),
+        ("rotary_dim", (lambda v: not isinstance(v, int) or not 0 <= v <= m.head_dim or v % 2,
+                        f"an even number in [0, head_dim={m.head_dim}] (0: all)")),
+    ))
+    validate_moe(m)
 
 
 ROUTERS = ("softmax", "sigmoid_grouped")
 
 
-def validate_moe(m: ModelConfig, prefix: str = "model") -> None:
+def validate_moe(m: ModelConfig) -> None:
     """Checks the mixture-of-experts fields of a ModelConfig; raises ValueError naming the field."""
-    for name in ("num_experts", "experts_per_token", "expert_mlp_hidden_size",
-                 "num_shared_experts", "first_k_dense"):
-        value = getattr(m, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            _fail(f"{prefix}.{name}", "an integer >= 0", value)
+    check_fields("config.model.{}", m, (
+        ("num_experts experts_per_token expert_mlp_hidden_size num_shared_experts first_k_dense",
+         COUNT),))
     if not m.is_moe:
-        for name in ("experts_per_token", "num_shared_experts", "first_k_dense"):
-            if getattr(m, name):
-                _fail(f"{prefix}.{name}", f"0 when {prefix}.num_experts=0 (a dense model)",
-                      getattr(m, name))
+        check_fields("config.model.{}", m, (("experts_per_token num_shared_experts first_k_dense",
+                                       (bool, "0 when model.num_experts=0 (a dense model)")),))
         return
-    if not 1 <= m.experts_per_token <= m.num_experts:
-        _fail(f"{prefix}.experts_per_token", f"in [1, num_experts={m.num_experts}]",
-              m.experts_per_token)
-    if m.expert_mlp_hidden_size <= 0:
-        _fail(f"{prefix}.expert_mlp_hidden_size", "a positive integer with num_experts > 0",
-              m.expert_mlp_hidden_size)
-    if m.first_k_dense >= m.n_layers:
-        _fail(f"{prefix}.first_k_dense", f"less than n_layers={m.n_layers} (some layer must "
-              f"be MoE)", m.first_k_dense)
-    if m.router not in ROUTERS:
-        _fail(f"{prefix}.router", f"one of {ROUTERS}", m.router)
-    if m.routed_scaling <= 0:
-        _fail(f"{prefix}.routed_scaling", "a positive number", m.routed_scaling)
+    check_fields("config.model.{}", m, (
+        ("experts_per_token", (lambda v: not 1 <= v <= m.num_experts,
+                               f"in [1, num_experts={m.num_experts}]")),
+        ("expert_mlp_hidden_size", (lambda v: v <= 0, "a positive integer with num_experts > 0")),
+        ("first_k_dense", (lambda v: v >= m.n_layers,
+                           f"less than n_layers={m.n_layers} (some layer must be MoE)")),
+        ("router", one_of(ROUTERS)),
+        ("routed_scaling", POSITIVE_NUMBER),
+    ))
     if m.router == "sigmoid_grouped":
         groups, top = m.router_groups, m.router_top_groups
         if not isinstance(groups, int) or groups <= 0 or m.num_experts % groups:
-            _fail(f"{prefix}.router_groups", f"a positive divisor of num_experts="
-                  f"{m.num_experts}", groups)
+            fail("model.router_groups", f"a positive divisor of num_experts={m.num_experts}",
+                 groups)
         if m.num_experts // groups < 2:
-            _fail(f"{prefix}.router_groups", "at most num_experts / 2 (a group is scored by "
-                  "its top-2 experts)", groups)
+            fail("model.router_groups", "at most num_experts / 2 (a group is scored by its "
+                 "top-2 experts)", groups)
         if not isinstance(top, int) or not 1 <= top <= groups:
-            _fail(f"{prefix}.router_top_groups", f"in [1, router_groups={groups}]", top)
+            fail("model.router_top_groups", f"in [1, router_groups={groups}]", top)
         if top * (m.num_experts // groups) < m.experts_per_token:
-            _fail(f"{prefix}.router_top_groups", f"enough groups to hold experts_per_token="
-                  f"{m.experts_per_token} experts ({m.num_experts // groups} per group)", top)
+            fail("model.router_top_groups", f"enough groups to hold experts_per_token="
+                 f"{m.experts_per_token} experts ({m.num_experts // groups} per group)", top)
 
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -403,7 +418,7 @@ class SamplerConfig:
     stop_at_eot: bool = False
 
     def __post_init__(self):
-        validate_sampler(self, prefix="sampler")
+        validate_sampler(self)
         if self.stop_at_eot and self.eot_id < 0:
             raise ValueError("config.sampler.stop_at_eot: expected False when there is no EoT id "
                              "(sampler.eot_token_id and the tokenizer give none), found True")
@@ -462,57 +477,48 @@ def _as_field_type(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def validate_sampler(s: Any, prefix: str = "sampler") -> None:
+def validate_sampler(s: Any) -> None:
     """Checks the sampler settings (the `sampler` section or a `SamplerConfig`).
 
     Raises ValueError naming the field, including for contradictory fast-sampling settings.
     """
-    if s.remasking not in REMASKING:
-        _fail(f"{prefix}.remasking", f"one of {REMASKING}", s.remasking)
-    if not isinstance(s.gen_length, int) or s.gen_length <= 0:
-        _fail(f"{prefix}.gen_length", "a positive integer", s.gen_length)
-    if not isinstance(s.block_length, int) or s.block_length <= 0 or s.gen_length % s.block_length:
-        _fail(f"{prefix}.block_length", f"a positive divisor of {prefix}.gen_length="
-              f"{s.gen_length}", s.block_length)
+    check_fields("config.sampler.{}", s, (
+        ("remasking", one_of(REMASKING)),
+        ("gen_length", POSITIVE_INT),
+        ("block_length", (lambda v: not isinstance(v, int) or v <= 0 or s.gen_length % v,
+                          f"a positive divisor of sampler.gen_length={s.gen_length}")),
+    ))
     num_blocks = s.gen_length // s.block_length
     parallel = s.threshold > 0 or s.factor > 0
-    if not parallel:  # threshold / factor decoding choose their own number of steps
-        if not isinstance(s.steps, int) or s.steps <= 0 or s.steps % num_blocks:
-            _fail(f"{prefix}.steps", f"a positive multiple of the number of blocks "
-                  f"({num_blocks} = gen_length {s.gen_length} / block_length {s.block_length})",
-                  s.steps)
-        if s.steps > s.gen_length:
-            _fail(f"{prefix}.steps", f"at most {prefix}.gen_length={s.gen_length} (a step "
-                  f"commits at least one token)", s.steps)
-    if s.temperature < 0:
-        _fail(f"{prefix}.temperature", "a number >= 0", s.temperature)
-    if s.cfg_scale < 0:
-        _fail(f"{prefix}.cfg_scale", "a number >= 0", s.cfg_scale)
-    if s.cache not in CACHE_MODES:
-        _fail(f"{prefix}.cache", f"one of {CACHE_MODES}", s.cache)
-    if not isinstance(s.refresh_every, int) or s.refresh_every < 0:
-        _fail(f"{prefix}.refresh_every", "an integer >= 0", s.refresh_every)
-    if s.refresh_every > 0 and s.cache == "none":
-        _fail(f"{prefix}.refresh_every", f"0 when {prefix}.cache='none' (there is no cache to "
-              f"refresh)", s.refresh_every)
-    if not 0 <= s.threshold <= 1:
-        _fail(f"{prefix}.threshold", "a confidence in (0, 1], or 0 to turn it off", s.threshold)
-    if s.factor < 0:
-        _fail(f"{prefix}.factor", "a number > 0, or 0 to turn it off", s.factor)
-    if s.threshold > 0 and s.factor > 0:
-        _fail(f"{prefix}.factor", f"0 when {prefix}.threshold={s.threshold} is set (choose one "
-              f"parallel decoding rule)", s.factor)
-    if parallel and s.remasking != "low_confidence":
-        _fail(f"{prefix}.remasking", "'low_confidence' with threshold/factor decoding (they "
-              "compare model probabilities)", s.remasking)
-    banned = list(s.banned_ids)
-    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in banned):
-        _fail(f"{prefix}.banned_ids", "a list of token ids >= 0", s.banned_ids)
-    eos_banned = s.logits_eos_inf or getattr(s, "eos_id", None) in banned
+    # Threshold / factor decoding choose their own number of steps.
+    steps_rules = () if parallel else (
+        ("steps", (lambda v: not isinstance(v, int) or v <= 0 or v % num_blocks,
+                   f"a positive multiple of the number of blocks ({num_blocks} = gen_length "
+                   f"{s.gen_length} / block_length {s.block_length})")),
+        ("steps", (lambda v: v > s.gen_length, f"at most sampler.gen_length={s.gen_length} (a "
+                   f"step commits at least one token)")),
+    )
+    check_fields("config.sampler.{}", s, (
+        *steps_rules,
+        ("temperature cfg_scale", (lambda v: v < 0, "a number >= 0")),
+        ("cache", one_of(CACHE_MODES)),
+        ("refresh_every", (not_int_at_least_0, "an integer >= 0")),
+        ("refresh_every", (lambda v: v > 0 and s.cache == "none",
+                           "0 when sampler.cache='none' (there is no cache to refresh)")),
+        ("threshold", (lambda v: not 0 <= v <= 1, "a confidence in (0, 1], or 0 to turn it off")),
+        ("factor", (lambda v: v < 0, "a number > 0, or 0 to turn it off")),
+        ("factor", (lambda v: s.threshold > 0 and v > 0, f"0 when sampler.threshold="
+                    f"{s.threshold} is set (choose one parallel decoding rule)")),
+        ("remasking", (lambda v: parallel and v != "low_confidence", "'low_confidence' with "
+                       "threshold/factor decoding (they compare model probabilities)")),
+        ("banned_ids", (lambda v: any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                      for i in v), "a list of token ids >= 0")),
+    ))
+    eos_banned = s.logits_eos_inf or getattr(s, "eos_id", None) in list(s.banned_ids)
     if s.early_exit and eos_banned and not s.stop_at_eot:
-        _fail(f"{prefix}.early_exit", f"False when EOS is never generated ({prefix}."
-              f"logits_eos_inf or EOS in {prefix}.banned_ids) unless {prefix}.stop_at_eot=True "
-              f"(there is nothing to exit on)", s.early_exit)
+        fail("sampler.early_exit", "False when EOS is never generated (sampler.logits_eos_inf "
+             "or EOS in sampler.banned_ids) unless sampler.stop_at_eot=True (there is nothing "
+             "to exit on)", s.early_exit)
 
 
 PACKINGS = ("concat", "pack")
@@ -576,31 +582,20 @@ class VisionConfig:
 
 def validate_vision_tower(cfg: VisionConfig) -> None:
     """Checks a VisionConfig; raises ValueError naming the offending field."""
-    def fail(field: str, expected: str, found: Any) -> None:
-        raise ValueError(f"vision config field {field}: expected {expected}, found {found!r}")
-
-    for name in ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim",
-                 "num_channels"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(name, "a positive integer", value)
-    if cfg.patch_size > cfg.image_size:
-        fail("patch_size", f"at most image_size={cfg.image_size}", cfg.patch_size)
-    if cfg.width % cfg.n_heads:
-        fail("n_heads", f"a divisor of width={cfg.width}", cfg.n_heads)
-    if not isinstance(cfg.feature_layer, int) or not (
-            -cfg.n_layers <= cfg.feature_layer <= -1 or 1 <= cfg.feature_layer <= cfg.n_layers):
-        fail("feature_layer", f"an index of a block output in [1, {cfg.n_layers}] or "
-             f"[-{cfg.n_layers}, -1] (0, the embedding output, is not a feature layer)",
-             cfg.feature_layer)
-    if not cfg.layer_norm_eps > 0:
-        fail("layer_norm_eps", "a positive number", cfg.layer_norm_eps)
-    if cfg.dtype not in DTYPES:
-        fail("dtype", f"one of {DTYPES}", cfg.dtype)
-    if cfg.param_dtype not in DTYPES:
-        fail("param_dtype", f"one of {DTYPES}", cfg.param_dtype)
-    if cfg.remat_policy not in REMAT_POLICIES:
-        fail("remat_policy", f"one of {REMAT_POLICIES}", cfg.remat_policy)
+    n = cfg.n_layers
+    check_fields("vision config field {}", cfg, (
+        ("image_size patch_size width n_layers n_heads mlp_dim num_channels",
+         (lambda v: not isinstance(v, int) or isinstance(v, bool) or v <= 0,
+          "a positive integer")),
+        ("patch_size", (lambda v: v > cfg.image_size, f"at most image_size={cfg.image_size}")),
+        ("n_heads", (lambda v: cfg.width % v, f"a divisor of width={cfg.width}")),
+        ("feature_layer", (lambda v: not isinstance(v, int) or not (-n <= v <= -1 or 1 <= v <= n),
+                           f"an index of a block output in [1, {n}] or [-{n}, -1] (0, the "
+                           f"embedding output, is not a feature layer)")),
+        ("layer_norm_eps", (lambda v: not v > 0, "a positive number")),
+        ("dtype param_dtype", one_of(DTYPES)),
+        ("remat_policy", one_of(REMAT_POLICIES)),
+    ))
 
 
 def vision_config(config: ml_collections.ConfigDict) -> VisionConfig | None:
@@ -613,28 +608,27 @@ def vision_config(config: ml_collections.ConfigDict) -> VisionConfig | None:
 
 def anyres_max_tiles(image_aspect_ratio: str) -> int | None:
     """N of 'anyres_max_N'; None for 'square'. Raises ValueError for anything else."""
-    prefix = "anyres_max_"
     if image_aspect_ratio == "square":
         return None
-    if (isinstance(image_aspect_ratio, str) and image_aspect_ratio.startswith(prefix)
-            and image_aspect_ratio[len(prefix):].isdigit()
-            and int(image_aspect_ratio[len(prefix):]) > 0):
-        return int(image_aspect_ratio[len(prefix):])
-    _fail("vision.image_aspect_ratio", "'square' or 'anyres_max_N' with N a positive integer "
-          "(e.g. 'anyres_max_4')", image_aspect_ratio)
+    match = isinstance(image_aspect_ratio, str) and re.fullmatch(r"anyres_max_(\d+)",
+                                                                 image_aspect_ratio)
+    if match and int(match[1]) > 0:
+        return int(match[1])
+    fail("vision.image_aspect_ratio", "'square' or 'anyres_max_N' with N a positive integer "
+         "(e.g. 'anyres_max_4')", image_aspect_ratio)
 
 
 def parse_trainable(spec: str) -> tuple[str, ...]:
     """The parameter groups a `train.trainable` spec names ('all': every group); what the
     optimizer does with them is `train/optimizer.py`."""
     if not isinstance(spec, str) or not spec.strip():
-        _fail("train.trainable", f"'all' or a comma-separated list of {PARAM_GROUPS}", spec)
+        fail("train.trainable", f"'all' or a comma-separated list of {PARAM_GROUPS}", spec)
     if spec.strip() == "all":
         return PARAM_GROUPS
     groups = tuple(g.strip() for g in spec.split(","))
     unknown = [g for g in groups if g not in PARAM_GROUPS]
     if unknown or len(set(groups)) != len(groups):
-        _fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
+        fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
     return groups
 
 
@@ -645,16 +639,16 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
     for group in PARAM_GROUPS:
         value = t.group_learning_rates.get(group)
         if not isinstance(value, (int, float)) or value < 0:
-            _fail(f"train.group_learning_rates.{group}", "a learning rate >= 0 (0: "
-                  "train.learning_rate)", value)
+            fail(f"train.group_learning_rates.{group}", "a learning rate >= 0 (0: "
+                 "train.learning_rate)", value)
     unknown = sorted(set(t.group_learning_rates) - set(PARAM_GROUPS))
     if unknown:
-        _fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
+        fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
     v = config.vision
     if not v.enabled:
         if groups != PARAM_GROUPS and groups != ("language_model",):
-            _fail("train.trainable", "'all' or 'language_model' without a vision tower "
-                  "(vision.enabled=False)", t.trainable)
+            fail("train.trainable", "'all' or 'language_model' without a vision tower "
+                 "(vision.enabled=False)", t.trainable)
         return
     try:
         validate_vision_tower(vision_config(config))
@@ -672,55 +666,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_model(m)
     validate_vision(config)
     t = config.train
-    if t.objective not in OBJECTIVES:
-        _fail("train.objective", f"one of {OBJECTIVES}", t.objective)
-    if t.schedule not in SCHEDULES:
-        _fail("train.schedule", f"one of {SCHEDULES}", t.schedule)
-    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
-        if not isinstance(t[name], int) or t[name] <= 0:
-            _fail(f"train.{name}", "a positive integer", t[name])
-    if t.seq_len > m.max_sequence_length:
-        _fail("train.seq_len", f"at most model.max_sequence_length={m.max_sequence_length}",
-              t.seq_len)
-    if t.batch_size % t.grad_accum_steps:
-        _fail("train.grad_accum_steps", f"a divisor of train.batch_size={t.batch_size}",
-              t.grad_accum_steps)
-    if not isinstance(t.loss_chunk_size, int) or t.loss_chunk_size < 0:
-        _fail("train.loss_chunk_size", "an integer >= 0 (0: no chunking)", t.loss_chunk_size)
-    if not 0 < t.mask_eps < 1:
-        _fail("train.mask_eps", "a number in (0, 1)", t.mask_eps)
-    if not 0 <= t.random_length_prob <= 1:
-        _fail("train.random_length_prob", "a probability in [0, 1]", t.random_length_prob)
-    if not 0 <= t.decay_fraction <= 1:
-        _fail("train.decay_fraction", "a fraction in [0, 1]", t.decay_fraction)
-    if t.learning_rate <= 0:
-        _fail("train.learning_rate", "a positive number", t.learning_rate)
-    # warmup_steps > steps is allowed: a short run (--config.train.steps=10) is all warmup.
-    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
-        _fail("train.warmup_steps", "an integer >= 0", t.warmup_steps)
-    for name in ("log_every", "keep_checkpoints", "eval_batches"):
-        if not isinstance(t[name], int) or t[name] <= 0:
-            _fail(f"train.{name}", "a positive integer", t[name])
-    for name in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_bias_update_rate"):
-        if not isinstance(t[name], (int, float)) or isinstance(t[name], bool) or t[name] < 0:
-            _fail(f"train.{name}", "a number >= 0", t[name])
-    for name in ("checkpoint_every", "eval_every", "max_bad_steps"):
-        if not isinstance(t[name], int) or t[name] < 0:
-            _fail(f"train.{name}", "an integer >= 0 (0: none)", t[name])
+    check_fields("config.train.{}", t, (
+        ("objective", one_of(OBJECTIVES)),
+        ("schedule", one_of(SCHEDULES)),
+        ("steps batch_size seq_len grad_accum_steps", POSITIVE_INT),
+        ("seq_len", (lambda v: v > m.max_sequence_length,
+                     f"at most model.max_sequence_length={m.max_sequence_length}")),
+        ("grad_accum_steps", (lambda v: t.batch_size % v,
+                              f"a divisor of train.batch_size={t.batch_size}")),
+        ("loss_chunk_size", (not_int_at_least_0, "an integer >= 0 (0: no chunking)")),
+        ("mask_eps", (lambda v: not 0 < v < 1, "a number in (0, 1)")),
+        ("random_length_prob", (lambda v: not 0 <= v <= 1, "a probability in [0, 1]")),
+        ("decay_fraction", (lambda v: not 0 <= v <= 1, "a fraction in [0, 1]")),
+        ("learning_rate", POSITIVE_NUMBER),
+        # warmup_steps > steps is allowed: a short run (--config.train.steps=10) is all warmup.
+        ("warmup_steps", (not_int_at_least_0, "an integer >= 0")),
+        ("log_every keep_checkpoints eval_batches", POSITIVE_INT),
+        ("moe_aux_loss_weight moe_z_loss_weight moe_bias_update_rate",
+         (lambda v: not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0,
+          "a number >= 0")),
+        ("checkpoint_every eval_every max_bad_steps",
+         (not_int_at_least_0, "an integer >= 0 (0: none)")),
+    ))
     if t.eval_every > 0 and not config.data.eval_source:
-        _fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="
-              f"{t.eval_every} > 0", config.data.eval_source)
-    for name in ("b1", "b2"):
-        if not 0 <= t[name] < 1:
-            _fail(f"train.{name}", "a number in [0, 1)", t[name])
-    for name in ("weight_decay", "grad_clip"):
-        if t[name] < 0:
-            _fail(f"train.{name}", "a number >= 0 (grad_clip 0: no clipping)", t[name])
-    if t.adam_eps <= 0:
-        _fail("train.adam_eps", "a positive number", t.adam_eps)
-    if not 0 <= t.min_lr_ratio <= 1:
-        _fail("train.min_lr_ratio", "a fraction of the peak learning rate in [0, 1]",
-              t.min_lr_ratio)
-    if not isinstance(t.init_from, str):
-        _fail("train.init_from", "a checkpoint directory or ''", t.init_from)
+        fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="
+             f"{t.eval_every} > 0", config.data.eval_source)
+    check_fields("config.train.{}", t, (
+        ("b1 b2", (lambda v: not 0 <= v < 1, "a number in [0, 1)")),
+        ("weight_decay grad_clip", (lambda v: v < 0, "a number >= 0 (grad_clip 0: no clipping)")),
+        ("adam_eps", POSITIVE_NUMBER),
+        ("min_lr_ratio", (lambda v: not 0 <= v <= 1,
+                          "a fraction of the peak learning rate in [0, 1]")),
+        ("init_from", (lambda v: not isinstance(v, str), "a checkpoint directory or ''")),
+    ))
     validate_sampler(config.sampler)

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llada_jax.config import MESH_AXIS_DEFAULTS, model_config
+from llada_jax.config import MESH_AXIS_DEFAULTS, check_fields, model_config
 
 MESH_AXES = tuple(MESH_AXIS_DEFAULTS)  # data, fsdp, expert, tensor
 # Set to 1 by launch/tpu_pod.py on every worker of a pod: this process is one of several.
@@ -99,16 +99,12 @@ def validate_mesh(config: ml_collections.ConfigDict,
         raise ValueError(f"config.train.batch_size: expected a multiple of {' * '.join(axes)} = "
                          f"{' * '.join(map(str, axes.values()))} = {multiple}, found "
                          f"{t.batch_size!r}")
-    if m.num_experts and m.num_experts % expert:
-        raise ValueError(f"config.model.num_experts: expected a multiple of mesh.expert={expert}, "
-                         f"found {m.num_experts!r}")
-    sharded = ["n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"]
-    if m.num_experts:
-        sharded.append("expert_mlp_hidden_size")
-    for name in sharded:
-        if getattr(m, name) % tensor:
-            raise ValueError(f"config.model.{name}: expected a multiple of mesh.tensor={tensor}, "
-                             f"found {getattr(m, name)!r}")
+    check_fields("config.model.{}", m, (
+        ("num_experts", (lambda v: v and v % expert, f"a multiple of mesh.expert={expert}")),
+        ("n_heads n_kv_heads mlp_hidden_size vocab_size"
+         + (" expert_mlp_hidden_size" if m.num_experts else ""),
+         (lambda v: v % tensor, f"a multiple of mesh.tensor={tensor}")),
+    ))
     return data, fsdp, expert, tensor
 
 
@@ -130,11 +126,8 @@ def make_mesh(config: ml_collections.ConfigDict | None = None,
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
     """The rule table of the config as the tuple-of-pairs Linen expects."""
-    rules = []
-    for rule in config.mesh.logical_axis_rules:
-        name, target = rule[0], rule[1]
-        rules.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
-    return tuple(rules)
+    return tuple((name, tuple(target) if isinstance(target, (list, tuple)) else target)
+                 for name, target, *_ in config.mesh.logical_axis_rules)
 
 
 def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules) -> Any:
@@ -163,12 +156,9 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     Every process passes its own slice of the global batch (leading axis); with one process this
     is a plain device_put with the batch sharding.
     """
-    out = {}
-    for name, value in host_batch.items():
-        value = np.asarray(value)
-        sharding = batch_sharding(mesh, value.ndim)
-        out[name] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)),
+                                                         np.asarray(value))
+            for name, value in host_batch.items()}
 
 
 def per_host_batch_size(global_batch_size: int) -> int:

@@ -132,28 +132,27 @@ def _configs(files: dict[str, str]):
 def dump(path: str) -> None:
     import jax
 
+    from llada_jax.data import pipeline
     from llada_jax.data.tokenizer import CharTokenizer
-    from llada_jax.train import input as input_lib
 
     tokenizer = CharTokenizer()
     arrays = {}
     # Host 1 of 2 as well: every builder reads jax.process_index() / process_count().
     for host, hosts in ((0, 1), (1, 2)):
         jax.process_index, jax.process_count = (lambda h=host: h), (lambda n=hosts: n)
-        _dump_host(arrays, "" if hosts == 1 else "host1of2/", tokenizer, input_lib)
+        _dump_host(arrays, "" if hosts == 1 else "host1of2/", tokenizer, pipeline)
     np.savez(path, **arrays)
     print(f"{len(arrays)} arrays -> {path}")
 
 
-def _dump_host(arrays: dict, prefix: str, tokenizer, input_lib) -> None:
+def _dump_host(arrays: dict, prefix: str, tokenizer, pipeline) -> None:
     # A fixed folder that outlives the iterators: grain keeps prefetching in threads.
     folder = os.path.join(tempfile.gettempdir(), "datalayer_batches_inputs")
     os.makedirs(folder, exist_ok=True)
     if True:
         for name, config in _configs(_write_inputs(folder)).items():
-            for kind, make in (("train", input_lib.make_train_iterator),
-                               ("eval", input_lib.make_eval_iterator)):
-                iterator = make(config, tokenizer)
+            for kind in ("train", "eval"):
+                iterator = iter(pipeline.build_dataset(config, tokenizer, kind))
                 for b in range(BATCHES):
                     for field, value in next(iterator).items():
                         arrays[f"{prefix}{name}/{kind}/{b}/{field}"] = np.asarray(value)

@@ -11,9 +11,9 @@ import pytest
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
+from llada_jax.data import pipeline
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.train import checkpoint as checkpoint_lib
-from llada_jax.train import input as input_lib
 from llada_jax.train import state as state_lib
 from llada_jax.train.optimizer import make_optimizer
 
@@ -58,7 +58,7 @@ def test_round_trip_restores_values_shardings_and_config(tmp_path, sharded):
 
 
 def _pipeline(config):
-    return input_lib.make_train_iterator(config, CharTokenizer())
+    return iter(pipeline.build_dataset(config, CharTokenizer()))
 
 
 @pytest.mark.parametrize("want_remainder", [True, False])

@@ -97,3 +97,32 @@ def test_moe_fields_against_the_mesh_and_weights():
                                          r">= 0, found -0.1$"):
         config_lib.validate(c)
 
+
+
+def test_rule_tables_name_the_first_bad_field_in_check_order():
+    """Fields are checked in a fixed order (sizes, then rates), so with two bad fields the error
+    names the one checked first; fixing it reveals the next."""
+    c = config_lib.default_config()
+    c.train.steps, c.train.learning_rate = 0, -1.0
+    with pytest.raises(ValueError, match=r"^config.train.steps: expected a positive integer, "
+                                         r"found 0$"):
+        config_lib.validate(c)
+    c.train.steps = 10
+    with pytest.raises(ValueError, match=r"^config.train.learning_rate: expected a positive "
+                                         r"number, found -1.0$"):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("pack_bins", 0, "a positive integer"),
+    ("num_workers", -1, "an integer >= 0"),
+    ("packing", "zip", "one of ('concat', 'pack')"),
+])
+def test_data_section_errors_name_the_field(field, value, expected):
+    from llada_jax.data import validation
+
+    c = config_lib.default_config()
+    c.data[field] = value
+    with pytest.raises(ValueError) as caught:
+        validation.check(c)
+    assert str(caught.value) == f"config.data.{field}: expected {expected}, found {value!r}"

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llada_jax.data import chat, pipeline, sources
 from llada_jax.data import multimodal_data as md
-from llada_jax.data import pipeline, sources
 from llada_jax.data.llava_format import LLAVA_SYSTEM_MESSAGE
 from llada_jax.data.schema import BadRecordError
 from llada_jax.data.tokenizer import CharTokenizer
@@ -112,10 +112,10 @@ def test_official_template_row_by_hand():
 def test_image_move_rule():
     """preprocess_multimodal moves a single <image> not already first; it leaves two marks,
     or one at the start, alone."""
-    assert md.move_image_to_front(" What is it? <image> ") == "<image>\nWhat is it?"
-    assert md.move_image_to_front("<image>What") == "<image>What"
-    assert md.move_image_to_front("a <image> b <image>") == "a <image> b <image>"
-    assert md.move_image_to_front("no image ") == "no image "
+    assert chat.move_image_to_front(" What is it? <image> ") == "<image>\nWhat is it?"
+    assert chat.move_image_to_front("<image>What") == "<image>What"
+    assert chat.move_image_to_front("a <image> b <image>") == "a <image> b <image>"
+    assert chat.move_image_to_front("no image ") == "no image "
 
 
 def test_leading_answer_dropped_and_record_system_turn_kept():

@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     from llada_jax.config import default_config
     from llada_jax.data.tokenizer import CharTokenizer
-    from llada_jax.train import input as input_lib
+    from llada_jax.data import pipeline
     from llada_jax.train import trainer
 
     c = default_config()
@@ -44,7 +44,7 @@ WORKER = textwrap.dedent("""
     tokenizer = CharTokenizer()
 
     # This host's first batches, as the trainer will see them.
-    iterator = input_lib.make_train_iterator(c, tokenizer)
+    iterator = iter(pipeline.build_dataset(c, tokenizer))
     questions = []
     for _ in range(2):
         batch = next(iterator)

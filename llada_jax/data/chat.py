@@ -217,9 +217,7 @@ def _drop_oldest(head: list[int], turns: list[_Turn], max_length: int, header_le
         droppable = droppable[1:]
         while droppable and droppable[0].role == "assistant":  # restart at a user turn
             droppable = droppable[1:]
-    kept = kept_head + droppable + protected
-    ids = [i for t in kept for i in t.ids]
-    mask = [m for t in kept for m in t.maskable]
+    ids, mask, kept = _joined(kept_head + droppable + protected)
     if len(head) + len(ids) <= max_length:
         return ids, mask, kept
     # The first maskable token of the first trained turn (not a maskable prompt token).
@@ -251,7 +249,12 @@ def _drop_last_exchange(head: list[int], turns: list[_Turn], suffix: list[int], 
         raise BadRecordError(origin, f"conversation too long: {length(turns)} tokens "
                              f"({sum(counts[:sum(t.images for t in turns)])} of them image "
                              f"tokens) for config.train.seq_len={max_length}", "overlong")
-    return ([i for t in turns for i in t.ids], [m for t in turns for m in t.maskable], turns)
+    return _joined(turns)
+
+
+def _joined(turns: list[_Turn]) -> tuple[list[int], list[bool], list[_Turn]]:
+    """(ids, maskable, turns) of `turns` laid end to end."""
+    return [i for t in turns for i in t.ids], [m for t in turns for m in t.maskable], turns
 
 
 # --- the encoder --------------------------------------------------------------------------------
@@ -305,8 +308,7 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
         head = [tokenizer.bos_id, *render_llava_turn(tokenizer, "system", system_message, [])]
         turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, bool(counts))
     if max_length is None:
-        ids, mask, kept = ([i for t in turns for i in t.ids],
-                           [m for t in turns for m in t.maskable], turns)
+        ids, mask, kept = _joined(turns)
     elif truncation == "drop_oldest":
         ids, mask, kept = _drop_oldest(head, turns, max_length - len(suffix),
                                        len(tokenizer.header("assistant")), origin)

@@ -41,7 +41,7 @@ from PIL import Image
 from llada_jax import config as config_lib
 from llada_jax.data import chat, images
 from llada_jax.data.bad_records import RowBuilder
-from llada_jax.data.chat import llava_messages, move_image_to_front
+from llada_jax.data.chat import llava_messages
 from llada_jax.data.llava_format import DEFAULT_TEMPLATE, LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.schema import (
     IMAGE_FIELDS,
@@ -51,10 +51,6 @@ from llada_jax.data.schema import (
     BadRecordError,
 )
 from llada_jax.data.tokenizer import Tokenizer
-
-__all__ = ["IMAGE_MARK", "EncodedConversation", "ImageProcessor", "MultimodalRows",
-           "encode_conversation", "image_inputs", "llava_messages", "move_image_to_front",
-           "record_images"]
 
 
 # --- images -------------------------------------------------------------------------------------

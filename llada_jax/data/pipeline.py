@@ -142,41 +142,36 @@ def batch_and_prefetch(rows: grain.IterDataset, data: ml_collections.ConfigDict,
 
 def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                   split: str = "train", *, process_index: int | None = None,
-                  process_count: int | None = None, source: str | None = None,
-                  shuffle: bool | None = None, num_epochs: int | None = None,
-                  batch_size: int | None = None, seed: int | None = None) -> grain.IterDataset:
+                  process_count: int | None = None,
+                  batch_size: int | None = None) -> grain.IterDataset:
     """This host's batches of `split` as a grain IterDataset (its iterator is checkpointable).
 
     Split 'train': `data.source`, shuffled by `data.shuffle`, `data.num_epochs` epochs (0:
     forever). Split 'eval': `data.eval_source`, unshuffled and repeated, so a fresh iterator
     always starts with the same batches and any number of them is available. Keywords override
     the config: `batch_size` (global, default `train.batch_size`; this host gets
-    batch_size / process_count rows), `seed` (default `train.seed`), `process_index` /
-    `process_count` (default `jax.process_index()` / `jax.process_count()`).
+    batch_size / process_count rows), `process_index` / `process_count` (default
+    `jax.process_index()` / `jax.process_count()`).
     """
     data, train = config.data, config.train
     if split not in SPLITS:
         raise ValueError(f"build_dataset: split must be one of {SPLITS}, found {split!r}")
-    field = "data.source" if split == "train" else "data.eval_source"
-    if source is None:
-        source = data.source if split == "train" else data.eval_source
-        if not source:
-            raise ValueError(f"config.{field}: expected a source spec (e.g. 'synthetic', "
-                             f"'synthetic_chat@test' or 'shapes@test') for evaluation "
-                             f"batches, found ''")
-    if split == "eval":
-        shuffle = False if shuffle is None else shuffle
-        num_epochs = 0 if num_epochs is None else num_epochs
+    training = split == "train"
+    field = "data.source" if training else "data.eval_source"
+    source = data.source if training else data.eval_source
+    if not source:
+        raise ValueError(f"config.{field}: expected a source spec (e.g. 'synthetic', "
+                         f"'synthetic_chat@test' or 'shapes@test') for evaluation "
+                         f"batches, found ''")
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    shuffle = data.shuffle if shuffle is None else shuffle
-    num_epochs = data.num_epochs if num_epochs is None else num_epochs
+    shuffle = data.shuffle if training else False
+    num_epochs = data.num_epochs if training else 0
     batch_size = train.batch_size if batch_size is None else batch_size
-    seed = train.seed if seed is None else seed
-    seq_len = train.seq_len
+    seed, seq_len = train.seed, train.seq_len
     if batch_size % process_count:
         raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the number "
                          f"of processes ({process_count})")
@@ -202,14 +197,13 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                                      prefetch_buffer_size=data.prefetch_buffer_size)
 
     if vision:
-        rows = records.map(MultimodalRows(tokenizer, ImageProcessor.from_config(config),
-                                          seq_len, config.vision.max_views, data.bad_records))
-        dataset = rows.to_iter_dataset(read_options)
+        dataset = records.map(MultimodalRows(
+            tokenizer, ImageProcessor.from_config(config), seq_len, config.vision.max_views,
+            data.bad_records)).to_iter_dataset(read_options)
     elif conversations:
-        rows = records.random_map(
-            ChatRows(tokenizer, seq_len, data.sft_multiturn, data.messages_field,
-                     data.bad_records, fill_maskable=train.objective == "sft"), seed=seed)
-        dataset = rows.to_iter_dataset(read_options)
+        dataset = records.random_map(ChatRows(
+            tokenizer, seq_len, data.sft_multiturn, data.messages_field, data.bad_records,
+            fill_maskable=train.objective == "sft"), seed=seed).to_iter_dataset(read_options)
     else:
         if components[0].kind == "synthetic" and data.packing != "concat":
             raise ValueError(f"config.data.packing: expected 'concat' with {field}="

@@ -25,18 +25,12 @@ these names from here.
 
 from __future__ import annotations
 
-import numpy as np
-
 ORIGIN = "_origin"     # record field: where the record came from
 ERROR = "_error"       # record field: why the record could not be read (malformed JSON, ...)
 
 IMAGE_PLACEHOLDER_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX
 IMAGE_MARK = "<image>"        # where an image goes in a conversation's text
 IMAGE_FIELDS = ("pixel_values", "image_source_index", "image_source_weight", "image_is_newline")
-BATCH_DTYPES = {"tokens": np.int32, "maskable": np.bool_, "fill": np.bool_,
-                "segment_ids": np.int32, "pixel_values": np.uint8,
-                "image_source_index": np.int32, "image_source_weight": np.float32,
-                "image_is_newline": np.bool_}
 
 
 class BadRecordError(ValueError):

@@ -208,19 +208,12 @@ class FileLinesSource:
     """
 
     def __init__(self, pattern: str) -> None:
-        paths = matching_files(pattern)
-        self.paths = paths
-        starts, ends, lines, file_ids = [], [], [], []
-        for file_id, path in enumerate(paths):
-            s, e, n = _index_lines(path)
-            starts.append(s)
-            ends.append(e)
-            lines.append(n)
-            file_ids.append(np.full(s.shape, file_id, np.int32))
-        self._starts = np.concatenate(starts)
-        self._ends = np.concatenate(ends)
-        self._line_numbers = np.concatenate(lines)
-        self._file_ids = np.concatenate(file_ids)
+        self.paths = paths = matching_files(pattern)
+        indexed = [_index_lines(path) for path in paths]  # (starts, ends, line numbers) per file
+        self._starts, self._ends, self._line_numbers = (
+            np.concatenate(column) for column in zip(*indexed, strict=True))
+        self._file_ids = np.concatenate([np.full(starts.shape, file_id, np.int32)
+                                         for file_id, (starts, _, _) in enumerate(indexed)])
         self._is_json = [p.endswith((".jsonl", ".json")) for p in paths]
         self.total_bytes = sum(os.path.getsize(p) for p in paths)
         self._descriptors: dict[int, int] = {}
@@ -382,9 +375,8 @@ def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
     if spec.kind == "synthetic_chat":
         return SyntheticChatSource(spec.split, options.synthetic_size)
     if spec.kind == "shapes":
-        size = options.synthetic_size
-        if spec.split == "test":
-            size = max(size // 10, 1)
+        size = (max(options.synthetic_size // 10, 1) if spec.split == "test"
+                else options.synthetic_size)
         return ShapesDataset(options.image_size, size, spec.split, options.seed,
                              options.image_task)
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -450,12 +442,9 @@ class LlavaFilesSource:
         # (path, list of (line, record) or a line source, length)
         self._parts: list[tuple[str, Any, int]] = []
         for path in paths:
-            if path.endswith(".json") and _starts_with_bracket(path):
-                records = read_json_list(path)
-                self._parts.append((path, records, len(records)))
-            else:
-                lines = FileLinesSource(path)
-                self._parts.append((path, lines, len(lines)))
+            records = (read_json_list(path) if path.endswith(".json") and _starts_with_bracket(path)
+                       else FileLinesSource(path))
+            self._parts.append((path, records, len(records)))
         self._offsets = np.cumsum([0] + [n for _, _, n in self._parts])
         if self._offsets[-1] == 0:
             raise ValueError(f"config.data.source: the files matching 'files:{pattern}' hold "

@@ -98,17 +98,13 @@ class SyntheticTextSource:
     def __len__(self) -> int:
         return self.size
 
-    def _check(self, index: int) -> int:
-        index = int(index)
-        if not 0 <= index < self.size:
-            raise IndexError(f"{type(self).__name__} index {index} out of range [0, {self.size})")
-        return index
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, seed={self.seed}, split={self.split!r})"
 
     def __getitem__(self, index: int) -> dict[str, str]:
-        index = self._check(index)
+        index = int(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"{type(self).__name__} index {index} out of range [0, {self.size})")
         rng = _rng(self.seed, self.split, index)
         lines = []
         for _ in range(int(rng.integers(1, 4))):

@@ -34,22 +34,20 @@ WORD_LENGTH = 3
 # Drawn uniformly for every question; "" (no opener) half of the time.
 OPENERS = ("", "", "", "", "Hi! ", "Now: ", "Task: ", "Please: ")
 TEST_MODULUS = 10
+# task -> (the question before the word, the answer as a function of the word)
+_QUESTIONS = {"repeat": ("Repeat", lambda w: w), "uppercase": ("Uppercase", str.upper),
+              "reverse": ("Reverse", lambda w: w[::-1]),
+              "first": ("First letter of", lambda w: w[0]),
+              "last": ("Last letter of", lambda w: w[-1])}
 _SEED = 20240917
 
 
 def task_question_answer(task: str, word: str) -> tuple[str, str]:
     """The (question, answer) of one task applied to one word."""
-    if task == "repeat":
-        return f"Repeat {word}", word
-    if task == "uppercase":
-        return f"Uppercase {word}", word.upper()
-    if task == "reverse":
-        return f"Reverse {word}", word[::-1]
-    if task == "first":
-        return f"First letter of {word}", word[0]
-    if task == "last":
-        return f"Last letter of {word}", word[-1]
-    raise ValueError(f"unknown synthetic chat task {task!r}")
+    if task not in _QUESTIONS:
+        raise ValueError(f"unknown synthetic chat task {task!r}")
+    question, answer = _QUESTIONS[task]
+    return f"{question} {word}", answer(word)
 
 
 def split_of(question: str) -> str:

@@ -38,6 +38,11 @@ class Tokenizer(abc.ABC):
     end_header_id: int
     eot_id: int
     image_id: int | None = None
+    # The special ids every tokenizer has, by the token that is each one (pad is EOS by default).
+    NAMES: ClassVar[dict[str, str]] = {
+        "bos_id": "<|startoftext|>", "eos_id": "<|endoftext|>", "mask_id": "<|mdm_mask|>",
+        "start_header_id": "<|start_header_id|>", "end_header_id": "<|end_header_id|>",
+        "eot_id": "<|eot_id|>"}
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -49,11 +54,8 @@ class Tokenizer(abc.ABC):
 
     @property
     def special_ids(self) -> frozenset[int]:
-        ids = {self.mask_id, self.bos_id, self.eos_id, self.pad_id, self.start_header_id,
-               self.end_header_id, self.eot_id}
-        if self.image_id is not None:
-            ids.add(self.image_id)
-        return frozenset(ids)
+        ids = {getattr(self, attr) for attr in (*self.NAMES, "pad_id", "image_id")}
+        return frozenset(ids - {None})  # image_id is None without an <image> token
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                     add_bos: bool = True) -> list[int]:
@@ -76,10 +78,22 @@ class Tokenizer(abc.ABC):
         return [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode("\n\n")]
 
     def render_turn(self, role: str, content: str) -> list[int]:
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"chat role must be system, user or assistant, found {role!r}")
+        _check_role(role)
         # The released chat template trims each message (`| trim`).
         return [*self.header(role), *self.encode(content.strip()), self.eot_id]
+
+    def _vocabulary_ids(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as ints; ValueError for the first one outside the vocabulary."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+
+def _check_role(role: str) -> None:
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"chat role must be system, user or assistant, found {role!r}")
 
 
 class CharTokenizer(Tokenizer):
@@ -105,15 +119,8 @@ class CharTokenizer(Tokenizer):
         return [self._stoi.get(ch, self.unk_id) for ch in text]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-            if i < self._num_special and skip_special:
-                continue
-            out.append(self._itos[i])
-        return "".join(out)
+        return "".join(self._itos[i] for i in self._vocabulary_ids(ids)
+                       if not (skip_special and i < self._num_special))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -144,13 +151,9 @@ class SentencePieceTokenizer(Tokenizer):
                 return None
             return i
 
-        self.bos_id = piece("<|startoftext|>")
-        self.eos_id = piece("<|endoftext|>")
+        for attr, name in self.NAMES.items():
+            setattr(self, attr, piece(name))
         self.pad_id = self.eos_id  # as in LLaDA: EOS pads, and padding is trained on
-        self.mask_id = piece("<|mdm_mask|>")
-        self.start_header_id = piece("<|start_header_id|>")
-        self.end_header_id = piece("<|end_header_id|>")
-        self.eot_id = piece("<|eot_id|>")
         self.image_id = piece("<image>", required=False)
 
     @classmethod
@@ -205,10 +208,7 @@ class SentencePieceTokenizer(Tokenizer):
         return list(self._sp.encode(text))
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        ids = self._vocabulary_ids(ids)
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         return self._sp.decode(ids)
@@ -241,10 +241,6 @@ class HFTokenizer(Tokenizer):
     rendered text; the special tokens split the text, so turns concatenate to the same ids.
     """
 
-    NAMES: ClassVar[dict[str, str]] = {
-        "bos_id": "<|startoftext|>", "eos_id": "<|endoftext|>", "mask_id": "<|mdm_mask|>",
-        "start_header_id": "<|start_header_id|>", "end_header_id": "<|end_header_id|>",
-        "eot_id": "<|eot_id|>"}
     # tokenizer_config.json fields that name a special token.
     CONFIG_NAMES: ClassVar[dict[str, str]] = {
         "bos_id": "bos_token", "eos_id": "eos_token", "pad_id": "pad_token"}
@@ -286,19 +282,17 @@ class HFTokenizer(Tokenizer):
             ids = [i for i in ids if i not in self.special_ids]
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def _token(self, token_id: int) -> str:
-        return self._tok.id_to_token(token_id)
+    def _header_text(self, role: str) -> str:
+        token = self._tok.id_to_token
+        return f"{token(self.start_header_id)}{role}{token(self.end_header_id)}\n\n"
 
     def header(self, role: str) -> list[int]:
-        return self.encode(f"{self._token(self.start_header_id)}{role}"
-                           f"{self._token(self.end_header_id)}\n\n")
+        return self.encode(self._header_text(role))
 
     def render_turn(self, role: str, content: str) -> list[int]:
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"chat role must be system, user or assistant, found {role!r}")
-        return self.encode(f"{self._token(self.start_header_id)}{role}"
-                           f"{self._token(self.end_header_id)}\n\n{content.strip()}"
-                           f"{self._token(self.eot_id)}")
+        _check_role(role)
+        return self.encode(f"{self._header_text(role)}{content.strip()}"
+                           f"{self._tok.id_to_token(self.eot_id)}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -64,10 +64,8 @@ def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
         elif kind == "wsd":
             decay_steps = round(float(train.decay_fraction) * total)
             decay_start = total - decay_steps
-            if decay_steps > 0:
-                frac = jnp.clip((s - decay_start) / decay_steps, 0.0, 1.0)
-            else:
-                frac = jnp.zeros_like(s)
+            frac = (jnp.clip((s - decay_start) / decay_steps, 0.0, 1.0) if decay_steps > 0
+                    else jnp.zeros_like(s))
             after = peak + (floor - peak) * frac
         elif kind == "cosine":
             span = max(total - warmup, 1)

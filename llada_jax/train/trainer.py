@@ -45,10 +45,10 @@ from jax.sharding import Mesh
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
+from llada_jax.data import pipeline
 from llada_jax.data import validation as data_validation
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.train import checkpoint as checkpoint_lib
-from llada_jax.train import input as input_lib
 from llada_jax.train import state as state_lib
 from llada_jax.train import step as step_lib
 from llada_jax.train.optimizer import make_optimizer
@@ -129,7 +129,7 @@ def _format_duration(seconds: float) -> str:
 
 
 def _evaluate(config, eval_step, params, tokenizer, mesh, eval_keys) -> dict[str, float]:
-    iterator = input_lib.make_eval_iterator(config, tokenizer, mesh)
+    iterator = iter(pipeline.build_dataset(config, tokenizer, "eval"))
     losses, correct, noised = [], 0, 0
     for key in eval_keys:
         try:
@@ -333,7 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         os.path.join(workdir, checkpoint_lib.CHECKPOINT_SUBDIR), keep=train_cfg.keep_checkpoints)
     iterator = writer = None
     try:
-        iterator = input_lib.make_train_iterator(config, tokenizer, mesh)
+        iterator = iter(pipeline.build_dataset(config, tokenizer, "train"))
         restored = restore_newest_intact(
             config, checkpointer, state_lib.abstract_train_state(model, tx, shardings), iterator)
         if restored is not None:
