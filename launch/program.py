@@ -105,8 +105,14 @@ def fail(message: str, status: int = EXIT_ERROR) -> None:
     """
     _quiet_other_threads()
     _flush()
-    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-    _close_stderr()
+    # Other threads may still be printing (a failed checkpoint save's event loop): fd 2 goes to
+    # /dev/null first and the line is written to a saved copy of it, so nothing can follow it.
+    error_stream = _close_stderr()
+    line = f"error: {one_line(message)}\n".encode()
+    try:
+        os.write(2 if error_stream is None else error_stream, line)
+    except OSError:  # no stderr at all: the exit status still says it
+        pass
     os._exit(status)
 
 
@@ -115,16 +121,19 @@ def _quiet_other_threads() -> None:
     failing as the process goes down): the error line must be the last one."""
     logging.disable(logging.CRITICAL)
     threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda args: None  # "Exception ignored in ..." from finalisers
 
 
-def _close_stderr() -> None:
-    """Points file descriptor 2 at /dev/null, so a thread cannot print after the error line in
-    the moment before `os._exit`."""
+def _close_stderr() -> int | None:
+    """Points file descriptor 2 at /dev/null, so no thread can print after the error line in
+    the moment before `os._exit`; returns a descriptor of the old stderr (None if it failed)."""
     try:
+        saved = os.dup(2)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
+        return saved
     except OSError:
-        pass
+        return None
 
 
 def _flush() -> None:
