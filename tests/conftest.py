@@ -50,6 +50,28 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The longest test files, longest first (CPU time of a full -n 2 run on the 2-core box). With
+# --dist=loadfile and --no-loadscope-reorder (pytest.ini) xdist hands whole files to its workers
+# in collection order, so these start first and the short files fill the end of both workers.
+# (xdist's default order, most tests first, started the single three-minute SFT test of
+# test_chat_sft.py late and left the other worker idle while it ran.) Other files follow in
+# their usual order.
+SLOW_FILES_FIRST = (
+    "test_chat_sft.py", "test_sampler.py", "test_model.py", "test_llada_v.py",
+    "test_fast_sampling.py", "test_convert_faults.py", "test_readme.py",
+    "test_generate_programs.py", "test_notebooks.py", "test_loss_chunked.py",
+    "test_train_faults.py", "test_multimodal.py", "test_moe_training.py", "test_lm_eval.py",
+    "test_launch_train.py", "test_noise_losses.py", "test_vision.py",
+    "test_restructure_invariance.py", "test_lm_eval_launch.py", "test_multihost.py",
+    "test_llada_v_launch.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow files first (see SLOW_FILES_FIRST); the order inside a file is kept."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
+
 
 def pytest_unconfigure(config):
     """The session's own temporary directories go when the session does (the controller's
