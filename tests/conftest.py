@@ -1,5 +1,6 @@
-"""Test setup, done before jax is imported: 8 fake CPU devices, so meshes can be tested on CPU, and
-one persistent XLA compilation cache shared by the whole session.
+"""Test setup, done before jax is imported: 8 fake CPU devices, so meshes can be tested on CPU,
+compilation with few optimisations (the suite's programs are tiny), and one persistent XLA
+compilation cache shared by the whole session. Slow test files are handed out first.
 
 The cache is a directory named by environment variables, so every process of the session uses
 it: pytest-xdist workers, and the launch programs, notebooks and scripts the tests start as
