@@ -37,9 +37,11 @@ import zlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(REPO, "tests", "data", "restructure_record.json")
-# Fixed for every process that computes a recorded value: XLA's CPU results depend on them.
+# Fixed for every process that computes a recorded value: XLA's CPU results depend on them
+# (JAX_DISABLE_MOST_OPTIMIZATIONS: the record was written with XLA's default optimisation; the
+# test session turns it off elsewhere, tests/conftest.py).
 ENV_FIXED = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-             "PYTHONPATH": REPO, "PYTHONHASHSEED": "0"}
+             "PYTHONPATH": REPO, "PYTHONHASHSEED": "0", "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
 STEPS = 6
 
 

@@ -328,7 +328,8 @@ def test_per_row_views_splice_the_right_image_and_uint8_normalises_like_the_host
 def test_llada_v_checkpoint_export_import_roundtrip_bit_identical(tmp_path):
     c = _tiny_config()
     model = _tiny_model(c)
-    params = nn.unbox(model.init(jax.random.key(3), jnp.zeros((1, 2), jnp.int32)))["params"]
+    variables = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 2), jnp.int32))
+    params = nn.unbox(variables)["params"]
     model_cfg, vision = config_lib.model_config(c), config_lib.vision_config(c)
     out = tmp_path / "llada_v_hf"
     summary = llada_v.export_llada_v(params, model_cfg, vision, out, dtype="float32",

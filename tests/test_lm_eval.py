@@ -58,7 +58,8 @@ def trained(steps: int = STEPS):
     sees); steps=0: the untrained initialisation."""
     config, tokenizer = tiny_config(), CharTokenizer()
     model = state_lib.make_model(config)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    params = nn.meta.unbox(variables["params"])
     rows = np.asarray([[*tokenizer.encode(f"{c}>{c}"), tokenizer.eos_id] for c in LETTERS],
                       np.int32)
     data, mask_id = jnp.asarray(rows), config.model.mask_token_id

@@ -71,7 +71,7 @@ def _prepared(objective, rows=4, length=24):
 @pytest.mark.parametrize("objective", ["pretrain", "sft", "masked_response"])
 def test_chunked_step_loss_has_the_same_value_gradient_and_accuracy(objective):
     model = Transformer(tiny())
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     prepared = _prepared(objective)
 
     def run(chunk):
@@ -94,7 +94,7 @@ def test_compiled_chunked_step_holds_no_full_logits():
     appears (forward or backward); without it, it does (the check can fail)."""
     config = tiny()
     model = Transformer(config)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     prepared = _prepared("pretrain", length=48)
     full_shape = f"[4,48,{config.vocab_size}]"
 
@@ -111,7 +111,7 @@ def test_compiled_chunked_step_holds_no_full_logits():
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
 def test_chunked_likelihood_equals_unchunked(cfg_scale):
     model = Transformer(tiny())
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     batch = likelihood.pack_pairs([[9, 10, 11], [12]], [[20, 21, 22, 23, 24], [30, 31]], pad_id=2,
                                   multiple=4)
     variables = {"params": params}
