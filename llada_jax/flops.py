@@ -32,17 +32,6 @@ PEAK_TFLOPS = {
     "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0,
 }
 
-
-def peak_flops_per_device(device_kind: str, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: `override_tflops` if given, else the table; None if unknown."""
-    if override_tflops:
-        return override_tflops * 1e12
-    for prefix in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if device_kind.startswith(prefix):
-            return PEAK_TFLOPS[prefix] * 1e12
-    return None
-
-
 # Peak memory bandwidth (bytes/s) of one device, by `device_kind` prefix (the longest wins).
 PEAK_BANDWIDTH = {
     "TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9,
@@ -51,23 +40,38 @@ PEAK_BANDWIDTH = {
 }
 
 
+def _by_device_kind(table: dict[str, float], device_kind: str, unit: float) -> float | None:
+    """unit x the table entry of the longest prefix of `device_kind`; None if unknown."""
+    for prefix in sorted(table, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return table[prefix] * unit
+    return None
+
+
+def peak_flops_per_device(device_kind: str, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: `override_tflops` if given, else the table; None if unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    return _by_device_kind(PEAK_TFLOPS, device_kind, 1e12)
+
+
 def peak_bandwidth_per_device(device_kind: str,
                               override_gbps: float | None = None) -> float | None:
     """Peak memory bandwidth in bytes/s: `override_gbps` (GB/s) if given, else the table."""
     if override_gbps:
         return override_gbps * 1e9
-    for prefix in sorted(PEAK_BANDWIDTH, key=len, reverse=True):
-        if device_kind.startswith(prefix):
-            return PEAK_BANDWIDTH[prefix]
-    return None
+    return _by_device_kind(PEAK_BANDWIDTH, device_kind, 1.0)
+
+
+def _attention_weights(model: ModelConfig) -> int:
+    """q, k, v and attention-out weights of one block."""
+    return model.d_model * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads)
 
 
 def block_weights(model: ModelConfig) -> int:
     """Matmul weights of one dense transformer block: q, k, v, attention-out and the SwiGLU
     triple."""
-    d, hd = model.d_model, model.head_dim
-    attention = d * hd * (2 * model.n_heads + 2 * model.n_kv_heads)
-    return attention + 3 * d * model.mlp_hidden_size
+    return _attention_weights(model) + 3 * model.d_model * model.mlp_hidden_size
 
 
 def active_block_weights(model: ModelConfig) -> int:
@@ -76,10 +80,10 @@ def active_block_weights(model: ModelConfig) -> int:
     routed experts and its shared experts (the active parameters), not every expert."""
     if not model.is_moe:
         return model.n_layers * block_weights(model)
-    d, hd = model.d_model, model.head_dim
-    attention = d * hd * (2 * model.n_heads + 2 * model.n_kv_heads)
+    d = model.d_model
     experts = model.experts_per_token + model.num_shared_experts
-    moe = attention + d * model.num_experts + 3 * d * model.expert_mlp_hidden_size * experts
+    moe = (_attention_weights(model) + d * model.num_experts
+           + 3 * d * model.expert_mlp_hidden_size * experts)
     return model.num_dense_layers * block_weights(model) + model.num_moe_layers * moe
 
 

@@ -513,6 +513,8 @@ def test_image_forward_windows_match_the_full_pass():
     """`image_conditioned_forward` splices the stored image tokens of a window: a cached window
     pass over the image positions equals those positions of the full pass; CFG twins (rows
     repeated) see the same images."""
+    from llada_jax.diffusion.sampler import image_conditioned_forward
+
     c = _tiny_config()
     model = _tiny_model(c)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 2), jnp.int32)))[
@@ -529,7 +531,7 @@ def test_image_forward_windows_match_the_full_pass():
 
     @jax.jit
     def run(tokens, images):
-        forward = mm.image_conditioned_forward(model, params, images)
+        forward = image_conditioned_forward(model, params, images)
         full, cache = forward(tokens, attention_mask=mask, positions=positions, return_kv=True)
         start, width = 16, 24       # covers the 17 image tokens (positions 20 to 36)
         window = forward(tokens[:, start:start + width], attention_mask=mask,

@@ -214,12 +214,6 @@ def test_splice_count_mismatch_and_shapes():
         eager.splice_image_features(jnp.asarray(ids), jnp.asarray(emb[:, :5]), feats)
 
 
-def test_text_ids_for_embedding():
-    ids, _, _ = _batch()
-    out = np.asarray(mm.text_ids_for_embedding(jnp.asarray(ids), P, fill_id=0))
-    assert (out >= 0).all() and (out[ids == P] == 0).all() and (out[ids != P] == ids[ids != P]).all()
-
-
 def test_place_token_sources_batch():
     # Two rows: row 0 holds a 100x50 image (2 views, 1093 tokens) and a plain one (1 view, 730
     # tokens); row 1 a 640x480 image (5 views, 2929 tokens). Views stacked in reading order:

@@ -19,11 +19,12 @@ PEAKED = [LN2, 0.0, 0.0]
 UNIFORM = [0.0, 0.0, 0.0]
 
 
-def test_token_cross_entropy_hand_values():
+def test_cross_entropy_hand_values():
     logits = jnp.array([[PEAKED, PEAKED, UNIFORM]], jnp.bfloat16)  # bf16 in, float32 out
-    ce = losses.token_cross_entropy(logits, jnp.array([[0, 2, 1]]))
+    ce, hits = losses.cross_entropy_and_hits(logits, jnp.array([[0, 2, 1]]))
     assert ce.dtype == jnp.float32
     np.testing.assert_allclose(ce, [[LN2, LN4, LN3]], rtol=1e-2)
+    np.testing.assert_array_equal(hits, [[True, False, False]])  # argmax 0 everywhere
 
 
 def test_pretrain_loss_hand_computed():
@@ -33,11 +34,10 @@ def test_pretrain_loss_hand_computed():
     p = jnp.array([0.5, 0.25])
     # sum of CE / p over noised: ln2 / 0.5 + ln3 / 0.25 + ln4 / 0.25 = 10 ln2 + 4 ln3.
     total = 10 * LN2 + 4 * LN3
-    np.testing.assert_allclose(losses.pretrain_loss(logits, targets, noised, p), total / (2 * 2),
-                               rtol=1e-6)
+    ce, _ = losses.cross_entropy_and_hits(logits, targets)
+    np.testing.assert_allclose(losses.pretrain_loss(ce, noised, p), total / (2 * 2), rtol=1e-6)
     # A random-length cut to 1 position normalises by batch * 1.
-    np.testing.assert_allclose(losses.pretrain_loss(logits, targets, noised, p, 1), total / 2,
-                               rtol=1e-6)
+    np.testing.assert_allclose(losses.pretrain_loss(ce, noised, p, 1), total / 2, rtol=1e-6)
 
 
 def test_sft_loss_counts_eos_padding_in_answer_length():
@@ -51,15 +51,15 @@ def test_sft_loss_counts_eos_padding_in_answer_length():
     p = jnp.array([0.5, 0.2])
     row0 = (LN2 / 0.5 + LN3 / 0.5) / 2      # answer + its EOS padding
     row1 = (LN4 / 0.2) / 1
-    np.testing.assert_array_equal(losses.answer_lengths(maskable), [2, 1])
-    np.testing.assert_allclose(losses.sft_loss(logits, targets, noised, p, maskable),
-                               (row0 + row1) / 2, rtol=1e-6)
+    ce, _ = losses.cross_entropy_and_hits(logits, targets)
+    np.testing.assert_allclose(losses.sft_loss(ce, noised, p, maskable), (row0 + row1) / 2,
+                               rtol=1e-6)
 
 
-def test_masked_accuracy_counts_only_noised():
+def test_hit_counts_only_noised():
     logits = jnp.array([[PEAKED, PEAKED, UNIFORM]], jnp.float32)  # argmax 0 everywhere
-    correct, count = losses.masked_accuracy_counts(logits, jnp.array([[0, 1, 0]]),
-                                                   jnp.array([[True, True, False]]))
+    _, hits = losses.cross_entropy_and_hits(logits, jnp.array([[0, 1, 0]]))
+    correct, count = losses.hit_counts(hits, jnp.array([[True, True, False]]))
     assert (int(correct), int(count)) == (1, 2)
 
 
@@ -139,7 +139,7 @@ def test_random_length_batch_excludes_positions_past_the_cut():
     # The normaliser is batch * cut: the same noised CE sum over batch * seq_len would differ.
     logits = jax.jit(model.apply)({"params": params}, prepared["noisy_tokens"],
                                   attention_mask=prepared["key_mask"])
-    ce = np.asarray(losses.token_cross_entropy(logits, tokens))
+    ce = np.asarray(losses.cross_entropy_and_hits(logits, tokens)[0])
     weighted = np.where(np.asarray(prepared["noised"]),
                         ce / np.asarray(prepared["mask_prob"])[:, None], 0.0)
     np.testing.assert_allclose(loss, weighted.sum() / (4 * cut), rtol=1e-5)

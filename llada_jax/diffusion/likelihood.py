@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.diffusion import losses
+from llada_jax.diffusion.sampler import guidance
 
 # forward(tokens [R, L], *, attention_mask [R, L], positions [R, L]) -> logits [R, L, V]
 # (or, called with return_hidden=True, the final hidden states [R, L, d]).
@@ -82,8 +83,7 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
         logits = logits.astype(jnp.float32)
         if not use_cfg:
             return logits
-        cond, uncond = logits[:, :, 0], logits[:, :, 1]
-        return uncond + (cfg_scale + 1.0) * (cond - uncond)
+        return guidance(logits[:, :, 0], logits[:, :, 1], cfg_scale)
 
     def batch_loss(key):
         count_key, subset_key = jax.random.split(key)
@@ -101,18 +101,13 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
         model_tokens = nn.with_logical_constraint(
             noisy.reshape(pairs * copies, length), ("activation_batch", "activation_length"))
         targets = jnp.broadcast_to(tokens[:, None, :], (pairs, b, length))
-        if head is None:
-            logits = forward(model_tokens, attention_mask=model_mask,
-                             positions=model_positions).astype(jnp.float32)
-            cross_entropy, _ = losses.chunked_cross_entropy(
-                lambda x: guided(x.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)),
-                logits, targets, 0)                                                 # [P, b, L]
-        else:
-            hidden = forward(model_tokens, attention_mask=model_mask, positions=model_positions,
-                             return_hidden=True)
-            hidden = hidden.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)
-            cross_entropy, _ = losses.chunked_cross_entropy(
-                lambda h: guided(head(h).astype(jnp.float32)), hidden, targets, chunk_size)
+        # Logits, or with `head` the hidden states, [P, b, (2,) L, V or d].
+        out = forward(model_tokens, attention_mask=model_mask, positions=model_positions,
+                      **({} if head is None else {"return_hidden": True}))
+        out = out.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)
+        cross_entropy, _ = losses.chunked_cross_entropy(                            # [P, b, L]
+            lambda x: guided(x if head is None else head(x)), out, targets,
+            0 if head is None else chunk_size)
         weight = answer_lengths[:, None].astype(jnp.float32) / counts.astype(jnp.float32)
         row_loss = jnp.sum(jnp.where(masked, cross_entropy, 0.0), axis=-1) * weight
         return jnp.mean(row_loss, axis=1)                                          # [P]
@@ -128,10 +123,7 @@ def _estimate_jit(params, tokens, attention_mask, positions, answer_mask, rng, *
                   batch_size, cfg_scale, mask_id, chunk_size):
     variables = {"params": params}
     forward = functools.partial(model.apply, variables)
-
-    def head(hidden):
-        return model.apply(variables, hidden, method="logits_from_hidden")
-
+    head = functools.partial(model.apply, variables, method="logits_from_hidden")  # the LM head
     return elbo_estimate(forward, tokens, attention_mask, positions, answer_mask, rng,
                          mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
                          mask_id=mask_id, head=head, chunk_size=chunk_size)
@@ -229,16 +221,13 @@ def multiple_choice(params: Any, model: nn.Module, contexts: Sequence[Sequence[i
     if len(contexts) != len(choices):
         raise ValueError(f"multiple_choice: {len(contexts)} contexts but {len(choices)} choice "
                          f"lists")
-    flat_p, flat_a, owner = [], [], []
-    for q, (context, options) in enumerate(zip(contexts, choices, strict=True)):
+    for q, options in enumerate(choices):
         if len(options) == 0:
             raise ValueError(f"multiple_choice: question {q} has no choices")
-        for option in options:
-            flat_p.append(list(context))
-            flat_a.append(list(option))
-            owner.append(q)
-    flat = log_likelihood(params, model, flat_p, flat_a, rng, **kwargs)
-    owner = np.asarray(owner)
+    owner = np.asarray([q for q, options in enumerate(choices) for _ in options])  # question
+    flat = log_likelihood(params, model, [list(contexts[q]) for q in owner],
+                          [list(option) for options in choices for option in options], rng,
+                          **kwargs)
     scores = [flat[owner == q] for q in range(len(contexts))]
     predictions = np.asarray([int(np.argmax(s)) for s in scores], np.int64)
     out: dict[str, Any] = {"scores": scores, "predictions": predictions}

@@ -21,7 +21,7 @@ computes the per-position CE (and the argmax hit used by the accuracy metric) fr
 hidden states a chunk of the sequence at a time inside a `lax.scan`, each chunk under
 `jax.checkpoint`: only one chunk's logits exist at any time, in the forward pass and in the
 backward pass (which recomputes them), and the values and gradients are those of the full
-computation. The `*_from_ce` functions then apply the normalisers to those [B, L] arrays.
+computation. `pretrain_loss` and `sft_loss` then apply the normalisers to those [B, L] arrays.
 
 `lm_head_cross_entropy` is the same computation for the train step, given the LM-head kernel
 itself, with a hand-written backward pass (`jax.custom_vjp`) that keeps the sharded memory small
@@ -43,16 +43,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] in float32: logits [B, L, V], targets int [B, L] -> [B, L]."""
-    logits = logits.astype(jnp.float32)
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
-    return log_normaliser - target_logits[..., 0]
-
-
-def _cross_entropy_and_hits(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(CE float32 [..., L], argmax == target bool [..., L]) of logits [..., L, V]."""
+def cross_entropy_and_hits(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(CE float32 [..., L], argmax == target bool [..., L]) of logits [..., L, V] and int
+    targets [..., L]: -log softmax(logits)[target] from float32 logits, whatever their dtype."""
     logits = logits.astype(jnp.float32)
     target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
     ce = jax.nn.logsumexp(logits, axis=-1) - target_logits[..., 0]
@@ -75,13 +68,13 @@ def chunked_cross_entropy(logits_fn: Callable[[Any], jax.Array], hidden: Any, ta
     """
     length = targets.shape[-1]
     if chunk_size <= 0 or chunk_size >= length:
-        return _cross_entropy_and_hits(logits_fn(hidden), targets)
+        return cross_entropy_and_hits(logits_fn(hidden), targets)
     hidden_chunks = jax.tree.map(lambda h: _split_chunks(h, -2, chunk_size), hidden)
     target_chunks = _split_chunks(targets, -1, chunk_size)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(hidden_chunk, target_chunk):
-        return _cross_entropy_and_hits(logits_fn(hidden_chunk), target_chunk)
+        return cross_entropy_and_hits(logits_fn(hidden_chunk), target_chunk)
 
     def body(carry, xs):
         return carry, one_chunk(*xs)
@@ -173,13 +166,7 @@ def lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     float32 [B, L], argmax == target bool [B, L]), equal to `chunked_cross_entropy` with the
     LM head as `logits_fn`, values and gradients (see the module docstring for the layout).
     """
-    return _head_forward(hidden, kernel, targets, chunk_size, compute_dtype)
-
-
-def _head_forward(hidden, kernel, targets, chunk_size, compute_dtype):
-    length = targets.shape[-1]
-    chunk_size = min(chunk_size, length)
-    weights = _vocab_parallel(kernel.astype(compute_dtype), 1)
+    length, chunk_size, weights = _head_setup(kernel, targets, chunk_size, compute_dtype)
 
     def body(_, xs):
         hidden_chunk, target_chunk = xs
@@ -191,17 +178,21 @@ def _head_forward(hidden, kernel, targets, chunk_size, compute_dtype):
     return _join_chunks(ce, -1, length), _join_chunks(hits, -1, length)
 
 
+def _head_setup(kernel, targets, chunk_size, compute_dtype):
+    """(length, chunk size, the kernel in the compute dtype split along the vocabulary)."""
+    length = targets.shape[-1]
+    return length, min(chunk_size, length), _vocab_parallel(kernel.astype(compute_dtype), 1)
+
+
 def _head_fwd(hidden, kernel, targets, chunk_size, compute_dtype):
-    out = _head_forward(hidden, kernel, targets, chunk_size, compute_dtype)
+    out = lm_head_cross_entropy(hidden, kernel, targets, chunk_size, compute_dtype)
     return out, (hidden, kernel, targets)
 
 
 def _head_bwd(chunk_size, compute_dtype, residuals, cotangents):
     hidden, kernel, targets = residuals
     ce_cotangent = cotangents[0].astype(jnp.float32)   # the hits are not differentiable
-    length = targets.shape[-1]
-    chunk_size = min(chunk_size, length)
-    weights = _vocab_parallel(kernel.astype(compute_dtype), 1)
+    length, chunk_size, weights = _head_setup(kernel, targets, chunk_size, compute_dtype)
 
     def body(kernel_grad, xs):
         hidden_chunk, target_chunk, ce_grad = xs
@@ -235,59 +226,37 @@ def _weight_noised(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array) -> ja
     return jnp.where(noised, ce / mask_prob[:, None].astype(jnp.float32), 0.0)
 
 
-def pretrain_loss_from_ce(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
-                          num_positions: jax.Array | int | None = None) -> jax.Array:
-    """`pretrain_loss` from per-position cross-entropies ce float32 [B, L]."""
+def pretrain_loss(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
+                  num_positions: jax.Array | int | None = None) -> jax.Array:
+    """sum over noised positions of CE / p, divided by batch * num_positions.
+
+    ce float32 [B, L] (per-position cross-entropies against the clean tokens); noised bool
+    [B, L]; mask_prob [B]; num_positions: the sequence length the batch counts as (the
+    random-length cut; default L).
+    """
     batch, length = ce.shape
     num_positions = length if num_positions is None else num_positions
     total = jnp.sum(_weight_noised(ce, noised, mask_prob))
     return total / (batch * jnp.asarray(num_positions, jnp.float32))
 
 
-def sft_loss_from_ce(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
-                     maskable: jax.Array) -> jax.Array:
-    """`sft_loss` (and LLaDA-V's masked-response loss) from ce float32 [B, L]."""
+def sft_loss(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
+             maskable: jax.Array) -> jax.Array:
+    """Mean over rows of (sum over noised positions of CE / p) / answer_len (SFT and LLaDA-V's
+    masked-response loss), from ce float32 [B, L].
+
+    `maskable` bool [B, L] marks the answer and its EOS padding; answer_len is its count per row.
+    Rows without any maskable token contribute 0 (and still count in the mean, as rows of the
+    batch).
+    """
     per_row = jnp.sum(_weight_noised(ce, noised, mask_prob), axis=-1)
-    lengths = answer_lengths(maskable).astype(jnp.float32)
+    lengths = jnp.sum(maskable.astype(jnp.int32), axis=-1).astype(jnp.float32)
     return jnp.mean(per_row / jnp.maximum(lengths, 1.0))
 
 
-def pretrain_loss(logits: jax.Array, targets: jax.Array, noised: jax.Array, mask_prob: jax.Array,
-                  num_positions: jax.Array | int | None = None) -> jax.Array:
-    """sum over noised positions of CE / p, divided by batch * num_positions.
-
-    logits [B, L, V]; targets (clean tokens) int [B, L]; noised bool [B, L]; mask_prob [B];
-    num_positions: the sequence length the batch counts as (the random-length cut; default L).
-    """
-    return pretrain_loss_from_ce(token_cross_entropy(logits, targets), noised, mask_prob,
-                                 num_positions)
-
-
-def answer_lengths(maskable: jax.Array) -> jax.Array:
-    """Number of maskable tokens per row (answer plus its EOS padding): int32 [B]."""
-    return jnp.sum(maskable.astype(jnp.int32), axis=-1)
-
-
-def sft_loss(logits: jax.Array, targets: jax.Array, noised: jax.Array, mask_prob: jax.Array,
-             maskable: jax.Array) -> jax.Array:
-    """Mean over rows of (sum over noised positions of CE / p) / answer_len.
-
-    `maskable` bool [B, L] marks the answer and its EOS padding; rows without any maskable token
-    contribute 0 (and still count in the mean, as rows of the batch).
-    """
-    return sft_loss_from_ce(token_cross_entropy(logits, targets), noised, mask_prob, maskable)
-
-
-def masked_accuracy_counts(logits: jax.Array, targets: jax.Array,
-                           noised: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(number of noised positions whose argmax prediction is the clean token, number noised).
-
-    Counts rather than a ratio, so that micro-batches and devices can be summed before dividing.
-    """
-    return hit_counts(jnp.argmax(logits, axis=-1) == targets, noised)
-
-
 def hit_counts(hits: jax.Array, noised: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`masked_accuracy_counts` from argmax hits bool [B, L] (see `chunked_cross_entropy`)."""
+    """(number of noised positions whose argmax prediction is the clean token, number noised),
+    from argmax hits bool [B, L] (`cross_entropy_and_hits`). Counts rather than a ratio, so
+    that micro-batches and devices can be summed before dividing."""
     correct = hits & noised
     return jnp.sum(correct.astype(jnp.int32)), jnp.sum(noised.astype(jnp.int32))

@@ -41,12 +41,6 @@ class NoisedBatch(NamedTuple):
     mask_prob: jax.Array
 
 
-def sample_mask_prob(rng: jax.Array, batch: int, eps: float) -> jax.Array:
-    """p = (1 - eps) t + eps with t ~ U(0, 1), one per sequence: float32 [batch]."""
-    t = jax.random.uniform(rng, (batch,), jnp.float32)
-    return (1.0 - eps) * t + eps
-
-
 def mask_tokens(rng: jax.Array, tokens: jax.Array, mask_prob: jax.Array, mask_id: int,
                 maskable: jax.Array | None = None) -> NoisedBatch:
     """Replaces each maskable token by `mask_id` independently with its row's probability.
@@ -63,13 +57,14 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, mask_prob: jax.Array, mask_id
 
 def forward_process(rng: jax.Array, tokens: jax.Array, mask_id: int, eps: float,
                     maskable: jax.Array | None = None) -> NoisedBatch:
-    """Draws p per sequence and masks tokens with it (pre-training, SFT and LLaDA-V alike).
+    """Draws p = (1 - eps) t + eps with t ~ U(0, 1) per sequence and masks tokens with it
+    (pre-training, SFT and LLaDA-V alike).
 
     For SFT pass `maskable = ~prompt` (answer and its EOS padding): prompt tokens are never
     masked, which is the reference's "mask, then restore the prompt to clean".
     """
     t_rng, mask_rng = jax.random.split(rng)
-    mask_prob = sample_mask_prob(t_rng, tokens.shape[0], eps)
+    mask_prob = (1.0 - eps) * jax.random.uniform(t_rng, (tokens.shape[0],), jnp.float32) + eps
     return mask_tokens(mask_rng, tokens, mask_prob, mask_id, maskable)
 
 

@@ -51,7 +51,7 @@ The model enters as a `forward` function with `Transformer.__call__`'s keyword i
 (`forward(tokens, attention_mask=, positions=, kv_cache=, cache_index=, return_kv=,
 return_hidden=)`) and, optionally, a `head` (hidden states -> logits); `generate` builds both
 from params and a `Transformer`, or, given `images`, from a LLaDA-V model with
-`multimodal.image_conditioned_forward` (image tokens computed once, spliced at every pass). A
+`image_conditioned_forward` (image tokens computed once, spliced at every pass). A
 `forward` without `head` returns logits (crafted test models do).
 
 This module does not tokenize, load checkpoints or print: see `launch/generate.py`.
@@ -121,13 +121,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
     """Left-pads token id lists into (tokens int32 [B, Lmax], mask bool [B, Lmax])."""
     if len(prompts) == 0:
         raise ValueError("pad_prompts: expected at least one prompt, found none")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"pad_prompts: prompt {i} is empty; every prompt needs a token")
     width = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"pad_prompts: prompt {i} is empty; every prompt needs a token")
         tokens[i, width - len(p):] = np.asarray(p, np.int32)
         mask[i, width - len(p):] = True
     return tokens, mask
@@ -364,17 +363,13 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             x = jnp.where(cond & unconditional, c.mask_id, x)
         return x
 
-    def full_pass(x, return_kv):
-        """Outputs [R, L, V or d] of the whole canvas (and the keys/values of every position)."""
-        out = forward(_constrain(model_tokens(x, 0, length)), attention_mask=model_mask,
-                      positions=model_positions, return_kv=return_kv, **model_kwargs)
-        return out if return_kv else (out, None)
-
-    def window_pass(x, cache, start, width):
-        """Outputs [R, width, V or d] of the window [start, start + width) over the cache."""
+    def model_pass(x, start=0, width=length, cache=None, return_kv=False):
+        """Outputs [R, width, V or d] of the window [start, start + width) (by default the whole
+        canvas; with a `cache` it attends over every cached position), and with `return_kv`
+        the window's keys/values."""
         return forward(_constrain(model_tokens(x, start, width)), attention_mask=model_mask,
                        positions=jax.lax.dynamic_slice_in_dim(model_positions, start, width, 1),
-                       kv_cache=cache, cache_index=start, **model_kwargs)
+                       kv_cache=cache, cache_index=start, return_kv=return_kv, **model_kwargs)
 
     def block_of(out, offset):
         """The current block's guided float32 logits [B, bl, V]: sliced out of the pass's output
@@ -390,17 +385,16 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         """Logits [B, block_length, V] of the current block, the (maybe refreshed) cache, and
         the number of positions the pass computed."""
         if c.cache == "none":
-            out, _ = full_pass(x, return_kv=False)
-            return block_of(out, block_start), cache, length
+            return block_of(model_pass(x), block_start), cache, length
         start = block_start if c.cache == "dual" else length - window
         refresh = step == 0 if c.refresh_every == 0 else step % c.refresh_every == 0
 
         def refreshed(x, cache):
-            out, kv = full_pass(x, return_kv=True)
+            out, kv = model_pass(x, return_kv=True)
             return block_of(out, block_start), kv
 
         def cached(x, cache):
-            return block_of(window_pass(x, cache, start, window), block_start - start), cache
+            return block_of(model_pass(x, start, window, cache), block_start - start), cache
 
         logits, cache = jax.lax.cond(refresh, refreshed, cached, x, cache)
         return logits, cache, jnp.where(refresh, length, window)
@@ -475,7 +469,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     finish_ids = c.stop_ids if c.early_exit else (c.eot_id,) if c.stop_at_eot else ()
     cache = None
     if c.cache != "none":
-        _, kv_shape = jax.eval_shape(lambda x: full_pass(x, return_kv=True), tokens)
+        _, kv_shape = jax.eval_shape(lambda x: model_pass(x, return_kv=True), tokens)
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), kv_shape)
     state = _LoopState(
         tokens=_constrain(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
@@ -503,6 +497,35 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 
+def image_conditioned_forward(model: nn.Module, params: Any,
+                              images: Sequence[jax.Array]) -> Forward:
+    """The `forward` of a LLaDA-V model (`multimodal.LLaDAV`) with its images fixed.
+
+    images: `(pixel_values [B, V, H, W, 3], index [B, L, 4], weight [B, L, 4], is_newline
+    [B, L])` over the whole canvas of length L. The vision tower and projector run HERE, once;
+    every call of the returned `forward(tokens [R, Lw], **Transformer kwargs)` embeds the current
+    tokens and splices the stored image tokens of its window (`cache_index` is the window's
+    start) at the placeholder positions. With CFG, R = 2B (`sample` follows each row by its
+    twin): rows are repeated, and a twin whose placeholders were replaced by the mask id gets no
+    image, which is what classifier-free guidance's unconditional prompt means.
+    """
+    pixel_values, *sources = images
+    variables = {"params": params}
+    embeddings = model.apply(variables, pixel_values, tuple(sources),
+                             method="image_embeddings")                    # [B, L, d_model]
+
+    def forward(tokens: jax.Array, *, cache_index: Any = None, **kwargs: Any) -> Any:
+        rows, width = tokens.shape
+        start = 0 if cache_index is None else cache_index
+        window = jax.lax.dynamic_slice_in_dim(embeddings, start, width, axis=1)
+        if rows != window.shape[0]:
+            window = jnp.repeat(window, rows // window.shape[0], axis=0)
+        return model.apply(variables, tokens, image_embeddings=window, cache_index=cache_index,
+                           **kwargs)
+
+    return forward
+
+
 @functools.partial(jax.jit, static_argnames=("model", "config", "gen_start", "stream"))
 def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, stream_tag=None, *,
                   model, config, gen_start, stream=None):
@@ -518,8 +541,6 @@ def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, s
     if images is None:
         forward = functools.partial(model.apply, variables)
     else:
-        from llada_jax.model.multimodal import image_conditioned_forward
-
         forward = image_conditioned_forward(model, params, images)
     return sample(forward, tokens, attention_mask, positions, gen_start, config, rng, head=head,
                   on_block=on_block)

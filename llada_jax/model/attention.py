@@ -203,6 +203,6 @@ class Attention(nn.Module):
         out = BACKENDS[c.attention_backend](q, k, v, mask)
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", None))
-        out = Projection((c.d_model,), ("heads", "head_dim"), ("embed",), num_in_dims=2,
-                         name="attn_out", **proj)(out)
+        out = Projection((c.d_model,), ("heads", "head_dim"), ("embed",), name="attn_out",
+                         **proj)(out)
         return out, window_kv

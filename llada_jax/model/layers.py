@@ -8,12 +8,21 @@ table of the config. These modules know nothing about diffusion.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Initializer = nn.initializers.Initializer
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -59,31 +68,40 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float,
 
 
 class Projection(nn.Module):
-    """A bias-free linear map from the last `len(in_axes)` dims to `features`, with logical axes.
+    """A linear map from the last `len(in_axes)` dims to `features`, with logical axes.
 
-    The kernel has shape `in_shape + features` and logical names `in_axes + out_axes`.
+    The kernel has shape `in_shape + features` and logical names `in_axes + out_axes`: created
+    at its real rank (not flattened as `nn.DenseGeneral` does), so its sharding annotation is
+    valid at creation under an active mesh. It is initialised by `kernel_init` (default
+    normal(init_std)); with `use_bias` a bias of shape `features` (named `out_axes`, zeros) is
+    added. Computed in `dtype`.
     """
 
     features: Sequence[int]
     in_axes: Sequence[str]
     out_axes: Sequence[str]
-    num_in_dims: int = 1
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     init_std: float = 0.02
+    kernel_init: Initializer | None = None
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_shape = x.shape[-self.num_in_dims:]
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                         tuple(self.in_axes) + tuple(self.out_axes)),
-            tuple(in_shape) + tuple(self.features), self.param_dtype)
-        contract = tuple(range(x.ndim - self.num_in_dims, x.ndim))
-        return jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            ((contract, tuple(range(self.num_in_dims))), ((), ())))
+        n_in = len(self.in_axes)
+        init = self.kernel_init or nn.initializers.normal(self.init_std)
+        axes = tuple(self.in_axes) + tuple(self.out_axes)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, axes),
+                            tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
+        contract = tuple(range(x.ndim - n_in, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((contract, tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   tuple(self.out_axes)),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 def swiglu(x: jax.Array, hidden: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
@@ -97,3 +115,17 @@ def swiglu(x: jax.Array, hidden: int, *, dtype: jnp.dtype, param_dtype: jnp.dtyp
     h = nn.with_logical_constraint(nn.silu(gate) * up,
                                    ("activation_batch", "activation_length", "activation_mlp"))
     return Projection((d_model,), ("mlp",), ("embed",), name="ff_out", **proj)(h)
+
+
+def scan_layers(block: type[nn.Module], length: int, remat_policy: str, in_axes: Any,
+                static_argnums: tuple[int, ...] = ()) -> Any:
+    """`length` copies of `block` stacked by `nn.scan` (params with a leading `layers` axis),
+    rematerialised by `remat_policy` (a `REMAT_POLICIES` name, or "none"). `in_axes` and
+    `static_argnums` count the block's call arguments (`static_argnums` from 1: self is 0).
+    Returns the scanned class; construct it with the block's fields."""
+    if remat_policy != "none":
+        # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False,
+                         static_argnums=static_argnums)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})

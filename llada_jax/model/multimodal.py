@@ -15,7 +15,6 @@ The placeholder convention and the batch's image fields are `llada_jax.data.sche
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from llada_jax.config import ModelConfig
 from llada_jax.data import images as image_geometry
 from llada_jax.data.schema import IMAGE_FIELDS, IMAGE_PLACEHOLDER_ID
+from llada_jax.model.layers import Projection
 from llada_jax.model.transformer import Transformer
 from llada_jax.model.vision import VisionConfig, VisionEncoder
 
@@ -42,17 +42,15 @@ class Projector(nn.Module):
     param_dtype: str = "float32"
 
     def setup(self) -> None:
-        def dense(name: str, axes: tuple[str, str]) -> nn.Dense:
-            return nn.Dense(
-                self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-                name=name)
+        def dense(name: str, in_axis: str, out_axis: str) -> Projection:
+            return Projection((self.d_model,), (in_axis,), (out_axis,), dtype=self.dtype,
+                              param_dtype=self.param_dtype, use_bias=True, name=name,
+                              kernel_init=nn.initializers.lecun_normal())
 
         # Megatron-style: the first matmul's output and the second's input on `mlp` (tensor),
         # the d_model side on `embed` (fsdp), as in the language model.
-        self.linear_1 = dense("linear_1", ("embed", "mlp"))
-        self.linear_2 = dense("linear_2", ("mlp", "embed"))
+        self.linear_1 = dense("linear_1", "embed", "mlp")
+        self.linear_2 = dense("linear_2", "mlp", "embed")
         # LLaVA initialises it as randn(d) / sqrt(d).
         self.image_newline = self.param(
             "image_newline",
@@ -66,13 +64,6 @@ class Projector(nn.Module):
     def newline(self) -> jax.Array:
         """The learned vector [d_model] appended after each row of tile tokens."""
         return jnp.asarray(self.image_newline, self.dtype)
-
-
-def text_ids_for_embedding(input_ids: jax.Array, placeholder_id: int = IMAGE_PLACEHOLDER_ID,
-                           fill_id: int = 0) -> jax.Array:
-    """input_ids with placeholders swapped for `fill_id`, so the text embedding lookup stays in
-    range; the rows it produces there are overwritten by the image tokens."""
-    return jnp.where(input_ids == placeholder_id, fill_id, input_ids)
 
 
 # --- gather plans -------------------------------------------------------------------------------
@@ -105,7 +96,7 @@ def normalize_pixels(pixels: jax.Array) -> jax.Array:
 
 
 __all__ = ["IMAGE_FIELDS", "IMAGE_PLACEHOLDER_ID", "LLaDAV", "Projector", "gather_image_tokens",
-           "image_conditioned_forward", "normalize_pixels", "text_ids_for_embedding"]
+           "normalize_pixels"]
 
 
 class LLaDAV(nn.Module):
@@ -168,8 +159,9 @@ class LLaDAV(nn.Module):
               image_embeddings: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """(embeddings [B, L, d_model], image_positions [B, L] bool)."""
         image_positions = input_ids == self.image_placeholder_id
+        # Placeholders are looked up as the pad id (in range); image tokens overwrite those rows.
         text = self.language_model.embed(
-            text_ids_for_embedding(input_ids, self.image_placeholder_id, self.config.pad_token_id))
+            jnp.where(image_positions, self.config.pad_token_id, input_ids))
         if image_embeddings is None and pixel_values is not None:
             if image_sources is None:
                 raise ValueError("LLaDAV: pixel_values need image_sources "
@@ -202,31 +194,3 @@ class LLaDAV(nn.Module):
         """The language model's LM head (see `Transformer.logits_from_hidden`)."""
         return self.language_model.logits_from_hidden(hidden)
 
-
-def image_conditioned_forward(model: LLaDAV, params: Any,
-                              images: Sequence[jax.Array]) -> Any:
-    """The sampler's `forward` for a LLaDA-V model, with the images fixed.
-
-    images: `(pixel_values [B, V, H, W, 3], index [B, L, 4], weight [B, L, 4], is_newline
-    [B, L])` over the whole sampling canvas of length L. The vision tower and projector run HERE,
-    once; every call of the returned `forward(tokens [R, Lw], **Transformer kwargs)` embeds the
-    current tokens and splices the stored image tokens of its window (`cache_index` is the
-    window's start) at the placeholder positions. R may be a multiple of B (the sampler's CFG
-    twins): rows are repeated, and a twin whose placeholders were replaced by the mask id gets
-    no image, which is what classifier-free guidance's unconditional prompt means.
-    """
-    pixel_values, *sources = images
-    variables = {"params": params}
-    embeddings = model.apply(variables, pixel_values, tuple(sources),
-                             method=LLaDAV.image_embeddings)          # [B, L, d_model]
-
-    def forward(tokens: jax.Array, *, cache_index: Any = None, **kwargs: Any) -> Any:
-        rows, width = tokens.shape
-        start = 0 if cache_index is None else cache_index
-        window = jax.lax.dynamic_slice_in_dim(embeddings, start, width, axis=1)
-        if rows != window.shape[0]:
-            window = jnp.repeat(window, rows // window.shape[0], axis=0)
-        return model.apply(variables, tokens, image_embeddings=window, cache_index=cache_index,
-                           **kwargs)
-
-    return forward

@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.config import ModelConfig
 from llada_jax.model.attention import Attention, MaskInfo
-from llada_jax.model.layers import Projection, RMSNorm, dtype_of, swiglu
+from llada_jax.model.layers import Projection, RMSNorm, dtype_of, scan_layers, swiglu
 from llada_jax.model.moe import MoE
 
 
@@ -33,26 +33,6 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array
-
-    @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-        dtype = dtype or dtype_of(config.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    def update(self, window: KVCache, index) -> KVCache:
-        """Writes a window's keys/values (along the length axis) at `index`."""
-        return KVCache(
-            jax.lax.dynamic_update_slice_in_dim(self.k, window.k.astype(self.k.dtype), index, 2),
-            jax.lax.dynamic_update_slice_in_dim(self.v, window.v.astype(self.v.dtype), index, 2))
-
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
-}
 
 
 @jax.custom_vjp
@@ -65,17 +45,13 @@ def embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     (1.9 GiB in float32 for LLaDA-8B), which is what the partitioner builds for a plain
     `jnp.take` and its transpose. Without logical axis rules the constraints do nothing.
     """
-    return _embedding_rows(table, tokens)
-
-
-def _embedding_rows(table, tokens):
     ids = nn.with_logical_constraint(tokens, (None,) * tokens.ndim)
     rows = jnp.take(table, ids, axis=0)
     return nn.with_logical_constraint(rows, (None,) * tokens.ndim + ("embed",))
 
 
 def _embedding_fwd(table, tokens):
-    return _embedding_rows(table, tokens), (table, tokens)
+    return embedding_lookup(table, tokens), (table, tokens)
 
 
 def _embedding_bwd(residuals, rows_grad):
@@ -107,10 +83,9 @@ class Block(nn.Module):
         c = self.config
         dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
         norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        layer_cache = None if cache is None else (cache.k, cache.v)
 
         a = RMSNorm(name="attn_norm", **norm)(h)
-        a, (k, v) = Attention(c, name="attn")(a, positions, mask, layer_cache, cache_index)
+        a, (k, v) = Attention(c, name="attn")(a, positions, mask, cache, cache_index)
         a = checkpoint_name(a, "attention_out")
         h = h + a
 
@@ -128,17 +103,10 @@ class Block(nn.Module):
 
 
 def scanned_blocks(config: ModelConfig, length: int, moe: bool) -> nn.Module:
-    """`length` Blocks stacked by `nn.scan` (params with a leading `layers` axis), remat'd by
-    `config.remat_policy`."""
-    block = Block
-    if config.remat_policy != "none":
-        block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False,
-                         static_argnums=(6,))
-    return nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-        length=length, metadata_params={nn.PARTITION_NAME: "layers"},
-    )(config, moe=moe)
+    """`length` Blocks stacked by `nn.scan`, remat'd by `config.remat_policy`."""
+    in_axes = (nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast)
+    return scan_layers(Block, length, config.remat_policy, in_axes,
+                       static_argnums=(6,))(config, moe=moe)
 
 
 class Transformer(nn.Module):
@@ -148,16 +116,15 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
+        dtypes = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
         self.wte = self.param(
             "wte", nn.with_logical_partitioning(nn.initializers.normal(c.init_std),
                                                 ("vocab", "embed")),
-            (c.vocab_size, c.d_model), dtype_of(c.param_dtype))
-        self.ln_f = RMSNorm(eps=c.rms_norm_eps, dtype=dtype_of(c.dtype),
-                            param_dtype=dtype_of(c.param_dtype))
+            (c.vocab_size, c.d_model), dtypes["param_dtype"])
+        self.ln_f = RMSNorm(eps=c.rms_norm_eps, **dtypes)
         if not c.tie_embeddings:
-            self.lm_head = Projection((c.vocab_size,), ("embed",), ("vocab",),
-                                      dtype=dtype_of(c.dtype),
-                                      param_dtype=dtype_of(c.param_dtype), init_std=c.init_std)
+            self.lm_head = Projection((c.vocab_size,), ("embed",), ("vocab",), init_std=c.init_std,
+                                      **dtypes)
         # A mixture-of-experts model's first_k_dense dense layers are a second scanned stack of
         # the same Block (dense FFN), `dense_blocks`, in front of the MoE stack `blocks`.
         if c.num_dense_layers and c.is_moe:
@@ -218,27 +185,19 @@ class Transformer(nn.Module):
         (`RouterStats` stacked over the MoE layers) when the caller makes it mutable."""
         c = self.config
         first = c.num_dense_layers if c.is_moe else 0
+        stacks = [(self.dense_blocks, slice(0, first))] if first else []
+        stacks.append((self.blocks, slice(first, None)))
         kv_parts = []
-        if first:
-            dense_cache = None if kv_cache is None else KVCache(kv_cache.k[:first],
-                                                                kv_cache.v[:first])
-            h, (kv, _) = self.dense_blocks(h, positions, mask, dense_cache, cache_index,
-                                           return_kv)
+        for blocks, layers in stacks:  # each stack reads and returns its own layers' cache
+            cache = None if kv_cache is None else KVCache(kv_cache.k[layers], kv_cache.v[layers])
+            h, (kv, stats) = blocks(h, positions, mask, cache, cache_index, return_kv)
             kv_parts.append(kv)
-            if kv_cache is not None:
-                kv_cache = KVCache(kv_cache.k[first:], kv_cache.v[first:])
-        h, (kv, stats) = self.blocks(h, positions, mask, kv_cache, cache_index, return_kv)
-        kv_parts.append(kv)
         if stats is not None and not self.is_initializing():
             self.sow("moe_stats", "router", stats, init_fn=lambda: None,
                      reduce_fn=lambda _, new: new)
         if not return_kv:
             return h, None
-        if len(kv_parts) == 1:
-            return h, kv_parts[0]
-        dense_kv, moe_kv = kv_parts
-        return h, KVCache(jnp.concatenate([dense_kv.k, moe_kv.k]),
-                          jnp.concatenate([dense_kv.v, moe_kv.v]))
+        return h, jax.tree.map(lambda *parts: jnp.concatenate(parts), *kv_parts)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """The LM head: final normed hidden states [..., d] -> logits [..., vocab].

@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 # The schema lives with the other config sections; imported from here by the tower's users.
 from llada_jax.config import VisionConfig
 from llada_jax.config import validate_vision_tower as validate_vision
-from llada_jax.model.transformer import REMAT_POLICIES as REMAT_POLICY_FUNCTIONS
+from llada_jax.model.layers import Projection, scan_layers
 
 # Logical axis names of the activations between blocks.
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -98,36 +98,16 @@ class PatchEmbedding(nn.Module):
         return x + positions.astype(cfg.dtype)[None]
 
 
-class Linear(nn.Module):
-    """Affine map from the last `len(in_axes)` dims to `features`, with logical axis names.
-
-    Kernel `in_shape + features` named `in_axes + out_axes`, bias `features` named `out_axes`.
-    The kernel is created at its real rank (not flattened as `nn.DenseGeneral` does), so its
-    sharding annotation is valid at creation under an active mesh.
-    """
-
-    features: tuple[int, ...]
-    in_axes: tuple[str, ...]
-    out_axes: tuple[str, ...]
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_axes)
-        in_shape = tuple(x.shape[-n_in:])
-        ndim = n_in + len(self.features)
-        init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
-            out_axis=tuple(range(n_in, ndim)))
-        kernel = self.param("kernel", _param_init(init, self.in_axes + self.out_axes),
-                            in_shape + tuple(self.features), self.param_dtype)
-        bias = self.param("bias", _param_init(nn.initializers.zeros, self.out_axes),
-                          tuple(self.features), self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                (contract, ((), ())))
-        return y + bias.astype(self.dtype)
+def _linear(cfg: VisionConfig, features: tuple[int, ...], in_axes: tuple[str, ...],
+            out_axes: tuple[str, ...], name: str) -> Projection:
+    """An affine map from the last `len(in_axes)` dims to `features` (a `Projection` with a
+    bias), initialised like the reference (fan-in truncated normal)."""
+    n_in = len(in_axes)
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, n_in + len(features))))
+    return Projection(features, in_axes, out_axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=init, use_bias=True, name=name)
 
 
 class SelfAttention(nn.Module):
@@ -139,11 +119,9 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         heads, head_dim = cfg.n_heads, cfg.head_dim
-        dtypes = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
 
-        def proj(name: str) -> Linear:
-            return Linear((heads, head_dim), ("embed",), ("heads", "head_dim"), name=name,
-                          **dtypes)
+        def proj(name: str) -> Projection:
+            return _linear(cfg, (heads, head_dim), ("embed",), ("heads", "head_dim"), name)
 
         q, k, v = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)  # [b, n, heads, hd]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim ** -0.5)
@@ -151,8 +129,7 @@ class SelfAttention(nn.Module):
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = checkpoint_name(out, "attention_out")
-        return Linear((cfg.width,), ("heads", "head_dim"), ("embed",), name="out_proj",
-                      **dtypes)(out)
+        return _linear(cfg, (cfg.width,), ("heads", "head_dim"), ("embed",), "out_proj")(out)
 
 
 class Mlp(nn.Module):
@@ -163,10 +140,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        dtypes = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
-        h = Linear((cfg.mlp_dim,), ("embed",), ("mlp",), name="fc1", **dtypes)(x)
+        h = _linear(cfg, (cfg.mlp_dim,), ("embed",), ("mlp",), "fc1")(x)
         h = nn.gelu(h, approximate=True)
-        return Linear((cfg.width,), ("mlp",), ("embed",), name="fc2", **dtypes)(h)
+        return _linear(cfg, (cfg.width,), ("mlp",), ("embed",), "fc2")(h)
 
 
 class EncoderBlock(nn.Module):
@@ -207,14 +183,7 @@ class VisionEncoder(nn.Module):
         x = PatchEmbedding(cfg, name="embeddings")(pixels)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
-        block: Any = EncoderBlock
-        if cfg.remat_policy != "none":
-            # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
-            block = nn.remat(block, policy=REMAT_POLICY_FUNCTIONS[cfg.remat_policy],
-                             prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=nn.broadcast, length=cfg.num_layers_used,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = scan_layers(EncoderBlock, cfg.num_layers_used, cfg.remat_policy, nn.broadcast)
         x, _ = stack(cfg, name="layers")(x, None)
 
         if cfg.use_post_layernorm:

@@ -38,10 +38,11 @@ from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.diffusion.likelihood import log_likelihood, multiple_choice
 from llada_jax.train import state as state_lib
 
-# Short evaluator kind -> (module:Class, the spec key it requires).
+# Short evaluator kind -> (module:Class, the spec key it requires, what that key holds).
 EVALUATOR_KINDS = {
-    "elbo": ("llada_jax.train.evaluators:HeldOutElbo", "data"),
-    "tasks": ("llada_jax.evaluation.task_evaluator:TaskAccuracy", "tasks"),
+    "elbo": ("llada_jax.train.evaluators:HeldOutElbo", "data", "a 'data' JSONL file"),
+    "tasks": ("llada_jax.evaluation.task_evaluator:TaskAccuracy", "tasks",
+              "'tasks' (task YAML files or names)"),
 }
 
 
@@ -94,15 +95,16 @@ class HeldOutElbo:
         return metrics
 
 
-def _evaluator_class(kind: Any, index: int) -> tuple[type, str | None]:
-    """The class of an evaluator kind (a short name or `module:Class`) and its required key."""
-    target, required = EVALUATOR_KINDS.get(kind, (kind, None))
+def _evaluator_class(kind: Any, index: int) -> tuple[type, str | None, str | None]:
+    """The class of an evaluator kind (a short name or `module:Class`), its required key and
+    what that key holds."""
+    target, required, what = EVALUATOR_KINDS.get(kind, (kind, None, None))
     if not isinstance(target, str) or ":" not in target:
         raise ValueError(f"evaluator {index}: 'kind' must be one of {sorted(EVALUATOR_KINDS)} "
                          f"or 'module:Class', found {kind!r}")
     module_name, class_name = target.split(":", 1)
     try:
-        return getattr(importlib.import_module(module_name), class_name), required
+        return getattr(importlib.import_module(module_name), class_name), required, what
     except (ImportError, AttributeError) as e:
         raise ValueError(f"evaluator {index}: cannot load kind {kind!r} ({target}): {e}") from None
 
@@ -114,10 +116,8 @@ def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.C
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("kind", None)
-        cls, required = _evaluator_class(kind, i)
+        cls, required, what = _evaluator_class(kind, i)
         if required and required not in spec:
-            what = {"data": "a 'data' JSONL file",
-                    "tasks": "'tasks' (task YAML files or names)"}.get(required, repr(required))
             raise ValueError(f"evaluator {i} ({kind}): expected {what}")
         evaluators.append(cls(config, tokenizer, **spec))
     names = [e.name for e in evaluators]

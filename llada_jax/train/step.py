@@ -103,11 +103,8 @@ def longest_row_lengths(fill: jax.Array, num_micro_batches: int = 1) -> jax.Arra
     """
     rows, length = fill.shape
     real_lengths = length - jnp.sum(fill.astype(jnp.int32), axis=-1)
-    row_ids = split_micro_batches(jnp.arange(rows, dtype=jnp.int32), num_micro_batches)  # [k, B/k]
-    longest = jnp.max(real_lengths[row_ids], axis=1)                                     # [k]
-    owner = jnp.zeros((rows,), jnp.int32).at[row_ids].set(
-        jnp.arange(num_micro_batches, dtype=jnp.int32)[:, None])
-    return longest[owner]
+    longest = jnp.max(split_micro_batches(real_lengths, num_micro_batches), axis=1)  # [k]
+    return longest[jnp.arange(rows) % num_micro_batches]      # row r is in micro-batch r % k
 
 
 def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict, mask_id: int,
@@ -153,10 +150,9 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     # support (splash) then still run plain pre-training batches.
     if use_cut or segment_ids is not None or fill is not None:
         prepared["key_mask"] = real & valid[None, :]
-    if segment_ids is not None:
-        prepared["segment_ids"] = segment_ids
-    for name in IMAGE_FIELDS:  # LLaDA-V batches: pixels and the image-token plan, untouched
-        if name in batch:
+    # Untouched: segment ids; LLaDA-V batches' pixels and image-token plan.
+    for name in ("segment_ids", *IMAGE_FIELDS):
+        if batch.get(name) is not None:
             prepared[name] = batch[name]
     return prepared
 
@@ -171,12 +167,6 @@ def lm_head_kernel(params: Any) -> jax.Array | None:
         if "wte" in scope and "blocks" in scope:         # tied: logits = h @ wte^T
             return nn.unbox(scope["wte"]).T
     return None
-
-
-def _router_stats(moe_state: Any) -> RouterStats:
-    """The one RouterStats (stacked over MoE layers) sown by the model's apply."""
-    found = jax.tree.leaves(moe_state, is_leaf=lambda x: isinstance(x, RouterStats))
-    return found[0]
 
 
 def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
@@ -195,21 +185,14 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
     is_moe = bool(getattr(getattr(model, "config", None), "is_moe", False))
 
     def apply(*args, **kwargs):
-        """model.apply, collecting the MoE router statistics (None for a dense model)."""
+        """model.apply, and the one `RouterStats` (stacked over the MoE layers) it sowed (None
+        for a dense model)."""
         if not is_moe:
             return model.apply(*args, **kwargs), None
         out, state = model.apply(*args, mutable=["moe_stats"], **kwargs)
-        return out, _router_stats(state)
+        return out, jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, RouterStats))[0]
 
     def loss_fn(params, micro: dict[str, jax.Array]):
-        loss, counts, stats = diffusion_loss_fn(params, micro)
-        if stats is None:
-            return loss, counts
-        aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
-        counts.update(lm_loss=loss, moe_aux_loss=aux, moe_z_loss=z, moe_load=stats.load)
-        return loss + moe_aux_loss_weight * aux + moe_z_loss_weight * z, counts
-
-    def diffusion_loss_fn(params, micro: dict[str, jax.Array]):
         images = {}
         if "pixel_values" in micro:  # LLaDA-V: image tokens at the (never noised) placeholders
             images = {"pixel_values": micro["pixel_values"], "image_sources": tuple(
@@ -230,34 +213,20 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
                     micro["tokens"], chunk_size)
         else:
             logits, stats = apply(variables, micro["noisy_tokens"], **inputs)
-            ce = losses.token_cross_entropy(logits, micro["tokens"])
-            hits = jnp.argmax(logits, axis=-1) == micro["tokens"]
+            ce, hits = losses.cross_entropy_and_hits(logits, micro["tokens"])
         if objective in ("sft", "masked_response"):
-            loss = losses.sft_loss_from_ce(ce, micro["noised"], micro["mask_prob"],
-                                           micro["maskable"])
+            loss = losses.sft_loss(ce, micro["noised"], micro["mask_prob"], micro["maskable"])
         else:
-            loss = losses.pretrain_loss_from_ce(ce, micro["noised"], micro["mask_prob"],
-                                                micro["cut_length"][0])
+            loss = losses.pretrain_loss(ce, micro["noised"], micro["mask_prob"],
+                                        micro["cut_length"][0])
         correct, noised = losses.hit_counts(hits, micro["noised"])
-        return loss, {"correct": correct, "noised": noised}, stats
+        counts = {"correct": correct, "noised": noised}
+        if stats is None:
+            return loss, counts
+        aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
+        counts.update(lm_loss=loss, moe_aux_loss=aux, moe_z_loss=z, moe_load=stats.load)
+        return loss + moe_aux_loss_weight * aux + moe_z_loss_weight * z, counts
     return loss_fn
-
-
-def moe_loss_weights(train: ml_collections.ConfigDict) -> dict[str, float]:
-    """The router-loss weights of `train` (defaults 0.01 / 0 where a config predates them)."""
-    return {"moe_aux_loss_weight": float(train.get("moe_aux_loss_weight", 0.01)),
-            "moe_z_loss_weight": float(train.get("moe_z_loss_weight", 0.0))}
-
-
-def moe_metrics(counts: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
-    """Router metrics of a step from its summed counts: the losses (means over micro-batches
-    and layers), and the worst layer's max / mean expert load (1 = perfectly balanced)."""
-    load = counts["moe_load"]
-    balance = jnp.max(jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))
-    return {"lm_loss": counts["lm_loss"] / num_micro,
-            "moe_aux_loss": counts["moe_aux_loss"] / num_micro,
-            "moe_z_loss": counts["moe_z_loss"] / num_micro,
-            "moe_load_max_over_mean": balance}
 
 
 def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
@@ -267,8 +236,10 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     train = config.train
     mask_id = int(config.model.mask_token_id)
     schedule = make_schedule(train)
+    # Router-loss weights: defaults 0.01 / 0 where a config predates them.
     loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size),
-                           **moe_loss_weights(train))
+                           float(train.get("moe_aux_loss_weight", 0.01)),
+                           float(train.get("moe_z_loss_weight", 0.0)))
     num_micro = int(train.grad_accum_steps)
     bias_rate = float(train.get("moe_bias_update_rate", 0.0))
     trainable = trainable_groups(train)
@@ -298,7 +269,12 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
             # expert_bias is no trained parameter: it keeps its value through the optimizer
             # (no weight decay) and moves only by the load-balancing update.
             params = expert_bias_update(params, counts["moe_load"], bias_rate, state.params)
-            moe = moe_metrics(counts, num_micro)
+            # The router losses (means over micro-batches and layers), and the worst layer's
+            # max / mean expert load (1 = perfectly balanced).
+            moe = {k: counts[k] / num_micro for k in ("lm_loss", "moe_aux_loss", "moe_z_loss")}
+            load = counts["moe_load"]
+            moe["moe_load_max_over_mean"] = jnp.max(
+                jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))
         metrics = {
             "loss": loss,
             "accuracy": counts["correct"] / jnp.maximum(counts["noised"], 1),
@@ -324,10 +300,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
     return MeshFunction(jitted, mesh, parallel.logical_rules(config))
 
 
-def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Callable:
-    """(params, batch, rng_data) -> {loss, correct, noised}: the loss without random lengths.
-
-    `rng_data` is uint32 key data (`jax.random.key_data`).
+def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh,
+                   param_shardings: Any) -> MeshFunction:
+    """The jitted, sharded eval step (params, batch, rng_data) -> {loss, correct, noised}: the
+    loss without random lengths. `rng_data` is uint32 key data (`jax.random.key_data`).
 
     The trainer passes the same key at every evaluation, so successive evals see the same
     noise on the same batches and their losses are directly comparable.
@@ -344,14 +320,8 @@ def eval_step_fn(config: ml_collections.ConfigDict, model: Transformer) -> Calla
             counts = {"correct": counts["correct"], "noised": counts["noised"]}
         return {"loss": loss, **counts}
 
-    return eval_step
-
-
-def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh,
-                   param_shardings: Any) -> MeshFunction:
-    """The jitted, sharded eval step."""
     replicated = parallel.replicated(mesh)
-    jitted = jax.jit(eval_step_fn(config, model),
+    jitted = jax.jit(eval_step,
                      in_shardings=(param_shardings, parallel.batch_sharding(mesh, 2), replicated),
                      out_shardings=replicated)
     return MeshFunction(jitted, mesh, parallel.logical_rules(config))

@@ -57,19 +57,23 @@ def tfrecord(payload: bytes) -> bytes:
 
 
 def _varint(value: int) -> bytes:
+    """Protocol-buffer varint: 7 bits per byte, low first, the high bit set on all but the last."""
     out = bytearray()
-    while True:
-        bits = value & 0x7F
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
         value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
 
 
 def _field_bytes(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(fields: bytes, wall_time: float | None) -> bytes:
+    """A serialized `Event`: its wall time (now by default), then `fields`."""
+    wall_time = time.time() if wall_time is None else wall_time
+    return _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + fields
 
 
 def scalar_event(step: int, scalars: dict[str, float], wall_time: float | None = None) -> bytes:
@@ -78,14 +82,11 @@ def scalar_event(step: int, scalars: dict[str, float], wall_time: float | None =
         _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
                      + struct.pack("<f", float(value)))
         for tag, value in scalars.items())
-    wall_time = time.time() if wall_time is None else wall_time
-    return (_varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0)
-            + _varint(int(step)) + _field_bytes(5, values))
+    return _event(_varint(2 << 3 | 0) + _varint(int(step)) + _field_bytes(5, values), wall_time)
 
 
 def version_event(wall_time: float | None = None) -> bytes:
-    wall_time = time.time() if wall_time is None else wall_time
-    return _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _field_bytes(3, b"brain.Event:2")
+    return _event(_field_bytes(3, b"brain.Event:2"), wall_time)
 
 
 class SummaryWriter:

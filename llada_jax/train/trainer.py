@@ -49,6 +49,7 @@ from llada_jax.data import pipeline
 from llada_jax.data import validation as data_validation
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.train import checkpoint as checkpoint_lib
+from llada_jax.train import evaluators as evaluators_lib
 from llada_jax.train import state as state_lib
 from llada_jax.train import step as step_lib
 from llada_jax.train.optimizer import make_optimizer
@@ -110,32 +111,36 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> 
 
 
 def _check_same_shapes(expected: Any, found: Any, source: str) -> None:
-    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    flat_found = dict(jax.tree_util.tree_flatten_with_path(found)[0])
-    if flat_expected.keys() != flat_found.keys():
-        missing = sorted(jax.tree_util.keystr(k) for k in flat_expected.keys() - flat_found.keys())
-        extra = sorted(jax.tree_util.keystr(k) for k in flat_found.keys() - flat_expected.keys())
+    """The params of `source` (train.init_from) have the model's names and shapes."""
+    expected, found = ({jax.tree_util.keystr(path): leaf
+                        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+                       for tree in (expected, found))
+    if expected.keys() != found.keys():
         raise ValueError(f"config.train.init_from: params of {source} do not match the model: "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}")
-    for key, value in flat_expected.items():
-        if value.shape != flat_found[key].shape:
-            raise ValueError(f"config.train.init_from: param {jax.tree_util.keystr(key)} of "
-                             f"{source}: expected shape {value.shape}, found "
-                             f"{flat_found[key].shape}")
+                         f"missing {sorted(expected.keys() - found.keys())[:5]}, "
+                         f"unexpected {sorted(found.keys() - expected.keys())[:5]}")
+    for name, value in expected.items():
+        if value.shape != found[name].shape:
+            raise ValueError(f"config.train.init_from: param {name} of {source}: expected "
+                             f"shape {value.shape}, found {found[name].shape}")
 
 
 def _format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
-def _evaluate(config, eval_step, params, tokenizer, mesh, eval_keys) -> dict[str, float]:
+def _evaluate(config, eval_step, params, tokenizer, mesh) -> dict[str, float]:
+    """Loss and accuracy over `train.eval_batches` batches of the eval source. The noise keys
+    are the same at every evaluation, so successive losses are directly comparable."""
     iterator = iter(pipeline.build_dataset(config, tokenizer, "eval"))
+    eval_base = jax.random.fold_in(jax.random.key(config.train.seed), 2)
     losses, correct, noised = [], 0, 0
-    for key in eval_keys:
+    for i in range(config.train.eval_batches):
         try:
             host_batch = next(iterator)
         except StopIteration:
             break
+        key = jax.random.key_data(jax.random.fold_in(eval_base, i))
         out = jax.device_get(eval_step(params, parallel.global_batch(host_batch, mesh), key))
         losses.append(float(out["loss"]))
         correct += int(out["correct"])
@@ -152,12 +157,13 @@ def _progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+# Fields that only say how long and how often: never worth mentioning.
+_RUN_LENGTH_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
+                      "train.keep_checkpoints", "train.eval_every", "train.eval_batches")
 # Fields a resumed run may change freely: how long and how often, where, on which mesh, how the
 # same maths is computed.
 _RESUME_FREE_FIELDS = (
-    "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.eval_every", "train.eval_batches", "train.evaluators", "train.init_from",
-    "train.loss_chunk_size",
+    *_RUN_LENGTH_FIELDS, "train.evaluators", "train.init_from", "train.loss_chunk_size",
     "train.grad_accum_steps", "data.eval_source", "data.num_workers", "data.read_threads",
     "data.prefetch_buffer_size", "data.worker_buffer_size", "data.tfds_data_dir",
     "data.bad_records", "model.dtype", "model.remat_policy", "model.attention_backend",
@@ -170,22 +176,16 @@ _RESUME_OPTIMISER_FIELDS = (
     "train.grad_clip", "train.group_learning_rates.", "train.trainable", "train.max_bad_steps",
     "train.mask_eps", "train.random_length_prob", "train.seed")
 _MODEL_SECTIONS = ("model.", "vision.")
-# Fields that only say how long and how often: never worth mentioning.
-_RUN_LENGTH_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
-                      "train.keep_checkpoints", "train.eval_every", "train.eval_batches")
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def visit(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                visit(f"{prefix}{key}.", item)
-        else:
-            flat[prefix[:-1]] = value
-    visit("", checkpoint_lib.config_to_json(config))
-    return flat
+    """{dotted field name: value} of every leaf of the config."""
+    def flat(prefix: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            return {prefix[:-1]: value}
+        return {k: v for key, item in value.items()
+                for k, v in flat(f"{prefix}{key}.", item).items()}
+    return flat("", checkpoint_lib.config_to_json(config))
 
 
 def _matches(field: str, patterns: Sequence[str]) -> bool:
@@ -325,7 +325,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         raise TypeError("train: the devices are the setup's mesh; pass devices or setup, not both")
     mesh, rules, tokenizer = setup
     train_cfg = config.train
-    is_chief = jax.process_index() == 0
     model = state_lib.make_model(config)
     tx = make_optimizer(train_cfg)
     shardings = state_lib.state_shardings(model, tx, mesh, rules)
@@ -355,7 +354,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                       state.params)
                 state = state.replace(params=params)
                 _progress(f"initialised params from {train_cfg.init_from}")
-        if is_chief:
+        if jax.process_index() == 0:  # one TensorBoard writer per run
             writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
         result = _run(config, state, model, tx, setup, shardings, iterator, checkpointer,
                       writer, stop_after)
@@ -394,12 +393,8 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
     if train_cfg.eval_every > 0:
         eval_step = step_lib.make_eval_step(config, model, mesh, shardings.params)
         if train_cfg.evaluators:  # pluggable evaluators (train/evaluators.py), built once
-            from llada_jax.train.evaluators import make_evaluators
-
-            evaluators = make_evaluators(list(train_cfg.evaluators), config, tokenizer)
-        eval_base = jax.random.fold_in(jax.random.key(train_cfg.seed), 2)
-        eval_keys = [jax.random.key_data(jax.random.fold_in(eval_base, i))
-                     for i in range(train_cfg.eval_batches)]
+            evaluators = evaluators_lib.make_evaluators(list(train_cfg.evaluators), config,
+                                                        tokenizer)
 
     history: list[dict[str, float]] = []
     eval_history: list[dict[str, float]] = []
@@ -488,11 +483,9 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
 
         if eval_step is not None and done % train_cfg.eval_every == 0:
             fetch_metrics()  # never evaluate (or report) a diverged state
-            result = _evaluate(config, eval_step, state.params, tokenizer, mesh, eval_keys)
+            result = _evaluate(config, eval_step, state.params, tokenizer, mesh)
             if evaluators:
-                from llada_jax.train.evaluators import run_evaluators
-
-                extra = run_evaluators(evaluators, state.params, done)
+                extra = evaluators_lib.run_evaluators(evaluators, state.params, done)
                 result.update({key.removeprefix("eval/"): value for key, value in extra.items()})
                 _progress(f"evaluators at step {done} | " + " | ".join(
                     f"{key} {value:.4f}" for key, value in extra.items()))
