@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -215,7 +216,8 @@ class Generator:
                 f"{gen_length_name})")
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampler: SamplerConfig, *,
-                     seed: int | jax.Array = 0, images: Sequence[Any] | None = None,
+                     seed: int | Sequence[int] | jax.Array = 0,
+                     images: Sequence[Any] | None = None,
                      prompt_bucket: int = 32, batch_size: int | None = None,
                      stream: StreamCallback | None = None,
                      stream_tag: int = 0) -> GenerationOutput:
@@ -223,7 +225,8 @@ class Generator:
 
         Prompts are left-padded to a multiple of `prompt_bucket` tokens (at most what the
         model's length allows) and the batch is filled up to `batch_size` rows (default: a
-        multiple of the batch axes). `seed` is an int or a PRNG key. images (LLaDA-V): one
+        multiple of the batch axes). `seed` is an int or a PRNG key for the batch, or one int
+        per prompt: row i then samples as a lone call with seed[i] would. images (LLaDA-V): one
         `multimodal_data.EncodedConversation` per prompt (see `image_prompt`), whose
         placeholders the prompt ids hold. `stream`, `stream_tag`: the sampler's block
         streaming (`diffusion.sampler.generate`; its blocks hold every row, padding included).
@@ -236,7 +239,14 @@ class Generator:
         width = bucketed_width(longest, prompt_bucket, self.max_prompt_length(sampler))
         tokens, mask = prompt_batch(prompts, self.tokenizer.pad_id,
                                     rows_multiple=batch_size or rows, width=width)
-        rng = jax.random.key(seed) if isinstance(seed, int) else seed
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != count:
+                raise ValueError(f"seed: expected one int or one per prompt ({count}), found "
+                                 f"{len(seed)}")
+            padded = list(seed) + [0] * (len(tokens) - count)
+            rng = jnp.stack([jax.random.key(s) for s in padded])
+        else:
+            rng = jax.random.key(seed) if isinstance(seed, int) else seed
         host_batch = {"tokens": tokens, "mask": mask}
         if images is not None:
             if len(images) != count:

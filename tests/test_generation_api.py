@@ -51,6 +51,25 @@ def test_batched_rows_equal_lone_unpadded_calls(generator):
         np.testing.assert_array_equal(out.tokens[i], np.asarray(lone)[0, len(prompt):])
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_sampled_rows_with_their_own_seeds_equal_lone_calls(generator, remasking):
+    # Temperature 1 (Gumbel noise per position) and, with random remasking, uniform draws too:
+    # with one seed per prompt, row i is what prompt i alone gets with seed i.
+    gen, model, params = generator
+    sampler = gen.sampler(temperature=1.0, remasking=remasking)
+    prompts = [[1, 10, 20, 30, 40, 50], [1, 60], [1, 70, 80, 90], [1, 60]]
+    seeds = [3, 4, 5, 6]
+    out = gen.generate_ids(prompts, sampler, seed=seeds, prompt_bucket=4)
+    for prompt, seed, row in zip(prompts, seeds, out.tokens, strict=True):
+        lone = generate(params, model, np.asarray([prompt], np.int32),
+                        np.ones((1, len(prompt)), bool), sampler, jax.random.key(seed))
+        np.testing.assert_array_equal(row, np.asarray(lone)[0, len(prompt):])
+    # The seeds matter: the same prompt with seeds 4 and 6 is sampled differently.
+    assert not np.array_equal(out.tokens[1], out.tokens[3])
+    with pytest.raises(ValueError, match=r"seed: expected one int or one per prompt \(4\)"):
+        gen.generate_ids(prompts, sampler, seed=[1, 2])
+
+
 def test_text_in_text_out_and_length_errors(generator):
     gen, _, _ = generator
     texts = gen.generate_text(["ab", "c"], gen.sampler(gen_length=4, block_length=4, steps=2))

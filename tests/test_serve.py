@@ -199,8 +199,8 @@ def _wait_for(condition, seconds=30.0):
 
 
 def test_full_queue_is_429_and_the_server_goes_on(server):
-    # Random sampling runs one job per batch: 16 choices at a temperature not compiled yet hold
-    # 16 of the 24 slots for a while (the compile, then 16 batches), and 16 more do not fit.
+    # 16 choices at a temperature not compiled yet hold 16 of the 24 slots for a while (the
+    # compile, then two batches of 8), and 16 more do not fit.
     body = {"prompt": "ab", "n": 16, "temperature": 0.7, "seed": 1}
     first = {}
     thread = threading.Thread(target=lambda: first.update(r=server.post("/v1/completions",

@@ -237,6 +237,16 @@ def gumbel_noise(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     return gumbel_from_bits(jax.random.bits(key, (2, *shape), jnp.uint32))
 
 
+def _rowwise(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
+             shape: Sequence[int]) -> jax.Array:
+    """`draw(key, shape)` for one key; for a key per row ([B] keys), row r is
+    `draw(key[r], shape[1:])`, the same numbers as a lone call of that row with its key (the
+    bits of shapes (.., 1, n) and (.., n) are the same), so sampled rows are batch-invariant."""
+    if key.ndim == 0:
+        return draw(key, tuple(shape))
+    return jax.vmap(lambda k: draw(k, tuple(shape[1:])))(key)
+
+
 def draw_candidates(logits: jax.Array, temperature: float, key: jax.Array) -> jax.Array:
     """int32 [...]: a draw from softmax(logits / T) per position (Gumbel-max), argmax at T = 0.
 
@@ -244,7 +254,7 @@ def draw_candidates(logits: jax.Array, temperature: float, key: jax.Array) -> ja
     argmax as logits / T + G with G = -log(-log u); no float64 [B, L, V] tensor is needed.
     """
     if temperature > 0:
-        logits = logits / temperature + gumbel_noise(key, logits.shape)
+        logits = logits / temperature + _rowwise(gumbel_noise, key, logits.shape)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -262,7 +272,7 @@ def candidate_confidence(logits: jax.Array, candidates: jax.Array, config: Sampl
     """
     c = config
     if c.remasking == "random":
-        return jax.random.uniform(key, candidates.shape)
+        return _rowwise(jax.random.uniform, key, candidates.shape)
     if c.confidence_eos_eot_inf:
         logits = logits.at[..., c.eos_id].set(-jnp.inf)
         if c.eot_id >= 0:
@@ -338,9 +348,17 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     on_block: called (traced) as `on_block(block index, block tokens int32 [B, block_length])`
     when a block is final, e.g. an `io_callback` that streams it (`generate(stream=...)`).
     Blocks that early exit skips are not reported (the returned tokens hold them).
+
+    rng: one PRNG key for the batch, or one key per row ([B] keys): then each sampled row gets
+    the numbers a lone call with its key gets, so batching sampled requests changes no answer.
     """
     c = config
     batch, length = tokens.shape
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)   # a raw uint32 key: the same bits, typed
+    if rng.shape not in ((), (batch,)):
+        raise ValueError(f"sample: rng must be one key or one key per row ({batch}), found "
+                         f"keys of shape {rng.shape}")
     bl, nb = c.block_length, c.num_blocks
     if length - gen_start != c.gen_length:
         raise ValueError(f"sample: the canvas has {length - gen_start} generation columns after "
@@ -418,7 +436,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         block_tokens = jax.lax.dynamic_slice_in_dim(x, block_start, bl, 1)
         eligible = eligible_positions(x, block_start)
         logits = candidate_logits(logits, c)
-        noise_key, remask_key = jax.random.split(key)
+        pair = jax.random.split(key) if key.ndim == 0 else jax.vmap(jax.random.split)(key).T
+        noise_key, remask_key = pair
         candidates = draw_candidates(logits, c.temperature, noise_key)          # [B, bl]
         confidence = candidate_confidence(logits, candidates, c, remask_key)
         num_eligible = jnp.sum(eligible, axis=1)
@@ -445,7 +464,10 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             return (s.step < c.max_steps_per_block) & jnp.any(left) & ~s.done
 
         def step(s: _LoopState) -> _LoopState:
-            key = jax.random.fold_in(jax.random.fold_in(rng, s.block), s.step)
+            def fold(row_rng):
+                return jax.random.fold_in(jax.random.fold_in(row_rng, s.block), s.step)
+
+            key = jax.vmap(fold)(rng) if rng.ndim else fold(rng)
             logits, cache, computed = block_logits(s.tokens, s.cache, s.step, block_start,
                                                    window)
             x, committed = commit(s.tokens, logits, s, block_start, key)

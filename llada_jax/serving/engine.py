@@ -4,7 +4,7 @@ A `Job` is one answer to generate (one choice of one request). `Engine.submit` p
 queue and returns a `concurrent.futures.Future` of its generated ids; ONE worker thread runs the
 sampler, so the event loop never blocks (handlers await the future). The worker takes the
 oldest job and every queued job that can share its program (same sampler settings and prompt
-width, and for random sampling not at all: see below) up to `max_batch`. When fewer are queued
+width) up to `max_batch`. When fewer are queued
 than the largest of the last few batches held, it waits up to `batch_window` (counted from when
 it became free) for more: clients answered together come back together, while a lone client's
 request, after lone requests, runs at once.
@@ -19,8 +19,8 @@ request inside the buckets:
     last prompt.
 Left padding does not change a row's answer (positions come from the key mask), so a row of a
 batch equals the request alone. Sampling with randomness (temperature > 0 or random remasking)
-draws noise over the whole batch, so such jobs run alone (in the smallest batch, as the library
-`Generator.generate_ids` runs a single prompt).
+gives each row its own key from its request's seed (`generate_ids(seed=[...])`), so a sampled
+row also gets the numbers it gets alone, and sampled requests batch like greedy ones.
 
 Every batch is one call of the generation API (`Generator.generate_ids`) with the sampler's
 streaming on (`stream=_dispatch`): finished blocks reach `_dispatch` on the host, which hands each
@@ -98,7 +98,6 @@ class Job:
         default_factory=concurrent.futures.Future)
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
-    serial: int = 0
 
     @property
     def random(self) -> bool:
@@ -106,9 +105,9 @@ class Job:
 
     @property
     def group(self) -> tuple:
-        """Jobs with equal groups run in one batch."""
-        return (self.sampler, self.width, self.images is not None,
-                self.serial if self.random else -1)
+        """Jobs with equal groups run in one batch (sampled ones too: each row has its own key,
+        so its answer is the one it gets alone)."""
+        return (self.sampler, self.width, self.images is not None)
 
 
 # Stream tag -> listener of the running batch; `_dispatch` is the one host function every
@@ -149,7 +148,6 @@ class Engine:
         self._closing = False
         self._recent_sizes = [1] * _RECENT_BATCHES
         self._idle_since = 0.0
-        self._serial = itertools.count()
         self._worker = threading.Thread(target=self._work, name="sampler", daemon=True)
 
     # --- shapes ---------------------------------------------------------------------------------
@@ -226,7 +224,6 @@ class Engine:
             if len(self._pending) + self._running >= self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({self.settings.max_queue} requests waiting "
                                 f"or running); retry later")
-            job.serial = next(self._serial)
             job.arrival = time.monotonic()
             self._pending.append(job)
             self._update_gauges()
@@ -261,7 +258,7 @@ class Engine:
             if not self._pending:
                 return None
             first = self._pending[0]
-            limit = 1 if first.random else self.settings.max_batch
+            limit = self.settings.max_batch
             # Wait for as many as recent batches held (clients answered together come back
             # together), counting the window from when the worker became free; a lone client
             # (recent batches of one) never waits.
@@ -303,7 +300,7 @@ class Engine:
     def _run(self, jobs: Sequence[Job]) -> None:
         """Runs one batch through the streaming sampler and resolves the jobs' futures."""
         first = jobs[0]
-        rows = self.batch_size(len(jobs)) if not first.random else self.settings.batch_sizes[0]
+        rows = self.batch_size(len(jobs))
         tag = next(_tags) % 2 ** 31
 
         def listener(block: int, block_tokens: np.ndarray) -> None:
@@ -316,7 +313,8 @@ class Engine:
         try:
             # Every job's prompt fits its bucket `width`, so the width as the bucket is exact.
             out = self.generator.generate_ids(
-                [j.prompt for j in jobs], first.sampler, seed=first.seed,
+                [j.prompt for j in jobs], first.sampler,
+                seed=[j.seed for j in jobs] if first.random else first.seed,
                 images=None if first.images is None else [j.images for j in jobs],
                 prompt_bucket=first.width, batch_size=rows, stream=_dispatch, stream_tag=tag)
         finally:
