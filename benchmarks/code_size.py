@@ -6,7 +6,12 @@
 Code lines are the lines that hold a Python token other than a comment or a docstring (blank
 lines, comment lines and docstrings do not count); raw lines are every line of every `.py` file.
 "At equal features" leaves out the files of features the base did not have (serving, MoE);
-their sizes are printed on their own. Prints one JSON object.
+their sizes are printed on their own. Those features also added code to files the base had
+(the MoE fields of ModelConfig, the expert axis, the router losses in the train step, the
+sampler's streaming hook and per-row keys): `FEATURE_COMMITS` names the commits that did, and
+`feature_code_in_shared_files` is what each added to those files, measured on its own diff
+(code lines of each file after the commit minus before). `equal_features_code_lines_adjusted`
+subtracts it; the unadjusted figure stays the conservative one. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -23,6 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Files of features added after the base revision (issues 16, 17).
 NEW_FEATURE_FILES = ("llada_jax/serving/", "llada_jax/model/moe.py",
                      "llada_jax/interop/llada_moe.py", "llada_jax/interop/llada2.py")
+
+# Commits of issues 16 (mixture of experts) and 17 (serving) that added code to files the base
+# already had (found with `git log --no-merges 42ab7a0..HEAD -- llada_jax/`, one per feature).
+FEATURE_COMMITS = {
+    "160886a": "issue 16: the expert mesh axis",
+    "51f3586": "issue 16: MoE fields of ModelConfig, dense_blocks, QK-norm, partial rotary",
+    "4c91c42": "issue 16: router losses and expert-bias update in the train step",
+    "f5bdada": "issue 16: weight_tying and fused-key groups for the MoE layouts",
+    "927959f": "issue 16: active-parameter FLOPs",
+    "0550875": "issue 16: train.moe_* weights, expert divisibility of the mesh",
+    "bcea1d6": "issue 17: the sampler's streaming hook",
+    "0114ea3": "issue 17: one PRNG key per row (batched sampled requests)",
+}
 
 
 def code_lines(source: str) -> int:
@@ -62,6 +80,25 @@ def package_files(revision: str | None) -> dict[str, str]:
             for path in listing.split() if path.endswith(".py")}
 
 
+def _show(revision: str, path: str) -> str:
+    out = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:{path}"], capture_output=True,
+                         text=True)
+    return out.stdout if out.returncode == 0 else ""
+
+
+def feature_code_in_shared_files() -> dict[str, int]:
+    """{commit: code lines it added to files outside NEW_FEATURE_FILES} for FEATURE_COMMITS."""
+    added = {}
+    for commit in FEATURE_COMMITS:
+        paths = subprocess.run(["git", "-C", ROOT, "diff-tree", "--no-commit-id", "-r",
+                                "--name-only", f"{commit}^", commit, "--", "llada_jax/"],
+                               check=True, capture_output=True, text=True).stdout.split()
+        added[commit] = sum(code_lines(_show(commit, p)) - code_lines(_show(f"{commit}^", p))
+                            for p in paths
+                            if p.endswith(".py") and not p.startswith(NEW_FEATURE_FILES))
+    return added
+
+
 def measure(files: dict[str, str]) -> dict:
     sizes = {path: (code_lines(source), len(source.splitlines()))
              for path, source in sorted(files.items())}
@@ -84,6 +121,12 @@ def main() -> None:
     report = {"base": args.base, "now": now, "before": base,
               "code_lines_change": now["equal_features_code_lines"] / base["code_lines"] - 1,
               "raw_lines_change": now["equal_features_raw_lines"] / base["raw_lines"] - 1}
+    added = feature_code_in_shared_files()
+    report["feature_code_in_shared_files"] = {f"{c} ({FEATURE_COMMITS[c]})": n
+                                              for c, n in added.items()}
+    adjusted = now["equal_features_code_lines"] - sum(added.values())
+    report["equal_features_code_lines_adjusted"] = adjusted
+    report["code_lines_change_adjusted"] = adjusted / base["code_lines"] - 1
     if not args.files:
         for side in ("now", "before"):
             del report[side]["files"]
