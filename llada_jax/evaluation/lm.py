@@ -166,13 +166,12 @@ class LladaJaxLM(LM):
                              f"equals the mask id; padding would be read as masks")
         # Every batch fills the mesh's batch axes: its rows are a multiple of their size.
         self.row_multiple = batch_rows(self.generator.mesh)
-        pairs_per_call = round_up(int(pairs_per_call), self.row_multiple)
-        gen_batch_size = round_up(int(gen_batch_size), self.row_multiple)
+        self.pairs_per_call = round_up(int(pairs_per_call), self.row_multiple)
+        self.gen_batch_size = round_up(int(gen_batch_size), self.row_multiple)
         self.mc_num, self.mc_batch_size, self.cfg = mc_num, mc_batch_size, float(cfg)
         self.add_bos, self.chat = _as_bool(add_bos, "add_bos"), _as_bool(chat, "chat")
         self.prefix = [self.tokenizer.bos_id] if self.add_bos else []   # starts every context
-        self.pairs_per_call, self.pad_multiple = int(pairs_per_call), int(pad_multiple)
-        self.gen_batch_size, self.prompt_bucket = int(gen_batch_size), int(prompt_bucket)
+        self.pad_multiple, self.prompt_bucket = int(pad_multiple), int(prompt_bucket)
         self.seed, self.progress = int(seed), _as_bool(progress, "progress")
         self.max_length = int(config.model.max_sequence_length)
         sampler_overrides = {k: (_as_bool(v, k) if isinstance(
