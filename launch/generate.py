@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
         calls += 1
         totals["seconds"] += out.seconds
         totals["forward_passes"] += out.forward_passes
-        totals["generated_tokens"] += out.generated_tokens
+        totals["generated_tokens"] += int(out.tokens.size)
         for i, row in enumerate(out.tokens):
             text = generator.decode_answer(row)
             prompt = prompts[start + i]

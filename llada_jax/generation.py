@@ -26,7 +26,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -46,10 +45,6 @@ class GenerationOutput:
     seconds: float
     forward_passes: int
 
-    @property
-    def generated_tokens(self) -> int:
-        return int(self.tokens.size)
-
 
 def batch_rows(mesh: Any) -> int:
     """Rows a prompt batch must be a multiple of: the size of the mesh's batch axes (1 without
@@ -57,13 +52,6 @@ def batch_rows(mesh: Any) -> int:
     if mesh is None:
         return 1
     return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES if a in mesh.shape]))
-
-
-def check_tokenizer(tokenizer: Tokenizer, config: ml_collections.ConfigDict, where: str) -> None:
-    """ValueError naming the tokenizer (`where`) when it has ids the model cannot embed."""
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"{where} has {tokenizer.vocab_size} ids but the model's vocab_size "
-                         f"is {config.model.vocab_size}")
 
 
 def bucketed_width(longest: int, bucket: int, limit: int) -> int:
@@ -74,38 +62,17 @@ def bucketed_width(longest: int, bucket: int, limit: int) -> int:
     return max(longest, min(limit, -(-longest // bucket) * bucket))
 
 
-def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int, *, rows_multiple: int = 1,
-                 width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded (tokens int32 [R, W], mask bool [R, W]) of id lists.
-
-    W is `width` (default: the longest prompt). R is len(prompts) rounded up to a multiple of
-    `rows_multiple`; the extra rows repeat the last prompt (callers drop their outputs).
-    """
-    if len(prompts) == 0:
-        raise ValueError("prompts: expected at least one prompt, found none")
-    rows = -(-len(prompts) // rows_multiple) * rows_multiple
-    tokens, mask = pad_prompts([*prompts, *[prompts[-1]] * (rows - len(prompts))], pad_id)
-    width = tokens.shape[1] if width is None else width
-    if width < tokens.shape[1]:
-        raise ValueError(f"prompt_batch: width={width} is shorter than the longest prompt "
-                         f"({tokens.shape[1]} tokens)")
-    left = ((0, 0), (width - tokens.shape[1], 0))
-    return np.pad(tokens, left, constant_values=pad_id), np.pad(mask, left)
-
-
 def shard_batch(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
     """The same whole batch on every process -> global arrays split over the mesh's batch axes.
 
     Each process places the rows of its own devices (on several hosts every process builds the
     same requests, so each holds every row; `parallel.global_batch` is for per-process slices).
     """
-    out = {}
-    for name, value in batch.items():
-        value = np.asarray(value)
-        out[name] = jax.make_array_from_callback(value.shape,
-                                                 parallel.batch_sharding(mesh, value.ndim),
-                                                 lambda index, v=value: v[index])
-    return out
+    host = {name: np.asarray(value) for name, value in batch.items()}
+    return {name: jax.make_array_from_callback(value.shape,
+                                               parallel.batch_sharding(mesh, value.ndim),
+                                               lambda index, v=value: v[index])
+            for name, value in host.items()}
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -173,8 +140,7 @@ class Generator:
         model_config, params = hf.import_hf(hf_dir, mesh=mesh, rules=parallel.logical_rules(config),
                                             param_dtype=param_dtype,
                                             overrides=None if dtype is None else {"dtype": dtype})
-        for name, value in dataclasses.asdict(model_config).items():
-            config.model[name] = value
+        config.model.update(dataclasses.asdict(model_config))
         config.data.tokenizer = tokenizer
         config.train.seq_len = min(config.train.seq_len, model_config.max_sequence_length)
         config_lib.validate(config)
@@ -192,7 +158,9 @@ class Generator:
             where = f"tokenizer {spec!r}" if tokenizer else \
                 f"the checkpoint's tokenizer {spec!r} (config.data.tokenizer)"
             loaded = load_tokenizer(spec)
-        check_tokenizer(loaded, config, tokenizer_where or where)
+        if loaded.vocab_size > config.model.vocab_size:   # ids the model cannot embed
+            raise ValueError(f"{tokenizer_where or where} has {loaded.vocab_size} ids but the "
+                             f"model's vocab_size is {config.model.vocab_size}")
         return cls(config, state.make_model(config), params, loaded, mesh)
 
     def sampler(self, **overrides: Any) -> SamplerConfig:
@@ -235,16 +203,19 @@ class Generator:
         if batch_size is not None and (batch_size < count or batch_size % rows):
             raise ValueError(f"batch_size: expected a multiple of the mesh's batch axes ({rows} "
                              f"rows) holding {count} prompts, found {batch_size}")
-        longest = max((len(p) for p in prompts), default=0)
-        width = bucketed_width(longest, prompt_bucket, self.max_prompt_length(sampler))
-        tokens, mask = prompt_batch(prompts, self.tokenizer.pad_id,
-                                    rows_multiple=batch_size or rows, width=width)
+        # Rows past the prompts repeat the last one (and image); their outputs are dropped.
+        size = batch_size or -(-count // rows) * rows
+        pad_id = self.tokenizer.pad_id
+        tokens, mask = pad_prompts([*prompts, *prompts[-1:] * (size - count)], pad_id)
+        width = bucketed_width(tokens.shape[1], prompt_bucket, self.max_prompt_length(sampler))
+        left = ((0, 0), (width - tokens.shape[1], 0))
+        tokens, mask = np.pad(tokens, left, constant_values=pad_id), np.pad(mask, left)
         if isinstance(seed, (list, tuple)):
             if len(seed) != count:
                 raise ValueError(f"seed: expected one int or one per prompt ({count}), found "
                                  f"{len(seed)}")
-            padded = list(seed) + [0] * (len(tokens) - count)
-            rng = jnp.stack([jax.random.key(s) for s in padded])
+            # One key per row, each `jax.random.key(seed[i])` (int64 as key() reads a Python int).
+            rng = jax.vmap(jax.random.key)(np.asarray([*seed, *[0] * (size - count)], np.int64))
         else:
             rng = jax.random.key(seed) if isinstance(seed, int) else seed
         host_batch = {"tokens": tokens, "mask": mask}
@@ -252,7 +223,13 @@ class Generator:
             if len(images) != count:
                 raise ValueError(f"images: expected one per prompt ({count}), found "
                                  f"{len(images)}")
-            host_batch.update(self._image_inputs(tokens, list(images), sampler))
+            # LLaDA-V: the images laid over the sampler's canvas (the prompt, then the masks).
+            canvas = np.pad(tokens, ((0, 0), (0, sampler.gen_length)),
+                            constant_values=sampler.mask_id)
+            vision = self.config.vision
+            host_batch.update(multimodal_data.image_inputs(
+                canvas, [*images, *images[-1:] * (size - count)], vision.max_views,
+                vision.image_size, (vision.image_size // vision.patch_size) ** 2))
         start = time.perf_counter()
         with self.mesh_context():
             batch = host_batch if self.mesh is None else shard_batch(host_batch, self.mesh)
@@ -271,18 +248,6 @@ class Generator:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(parallel.logical_rules(self.config)))
         return stack
-
-    def _image_inputs(self, tokens: np.ndarray, conversations: list,
-                      sampler: SamplerConfig) -> dict[str, np.ndarray]:
-        """LLaDA-V: the image arrays of prompt rows `tokens` [R, W] laid over the sampler's
-        canvas (the prompt, then gen_length masks); padding rows repeat the last image."""
-        canvas = np.concatenate(
-            [tokens, np.full((len(tokens), sampler.gen_length), sampler.mask_id, np.int32)], 1)
-        conversations += [conversations[-1]] * (len(tokens) - len(conversations))
-        vision = self.config.vision
-        return multimodal_data.image_inputs(
-            canvas, conversations, vision.max_views, vision.image_size,
-            (vision.image_size // vision.patch_size) ** 2)
 
     def image_prompt(self, messages: str | Sequence[dict], images: Sequence[Any]) -> Any:
         """LLaDA-V: a conversation about `images` (paths, PIL images or uint8 [H, W, 3]) rendered
@@ -339,16 +304,15 @@ class Generator:
             raise ValueError("prompts: expected a list of prompts, found a single one; wrap it "
                              "in a list")
         sampler = sampler or self.sampler()
-        encoded = None
-        if images is not None:
+        if images is None:
+            encoded, ids = None, [self.encode_prompt(p, chat=chat) for p in prompts]
+        else:
             if len(images) != len(prompts):
                 raise ValueError(f"images: expected one per prompt ({len(prompts)}), found "
                                  f"{len(images)}")
             encoded = [self.image_prompt(p, [image])
                        for p, image in zip(prompts, images, strict=True)]
             ids = [conversation.ids for conversation in encoded]
-        else:
-            ids = [self.encode_prompt(p, chat=chat) for p in prompts]
         for i, row in enumerate(ids):
             self.check_prompt_length(sampler, len(row), f"prompt {i}")
         out = self.generate_ids(ids, sampler, seed=seed, prompt_bucket=prompt_bucket,

@@ -26,16 +26,10 @@ def generator(tmp_path_factory):
     return generation.Generator.load(directory), model, params
 
 
-def test_prompt_batch_left_pads_and_fills_rows():
-    tokens, mask = generation.prompt_batch([[5, 6, 7], [8]], pad_id=0, rows_multiple=4, width=5)
-    assert tokens.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 0, 8], [0, 0, 0, 0, 8],
-                               [0, 0, 0, 0, 8]]
-    assert mask.sum(1).tolist() == [3, 1, 1, 1]
+def test_bucketed_width_rounds_up_within_the_limit():
     assert generation.bucketed_width(5, 4, 100) == 8
     assert generation.bucketed_width(5, 4, 6) == 6
     assert generation.bucketed_width(9, 4, 6) == 9
-    with pytest.raises(ValueError, match="prompts: expected at least one prompt"):
-        generation.prompt_batch([], pad_id=0)
 
 
 def test_batched_rows_equal_lone_unpadded_calls(generator):
@@ -108,3 +102,37 @@ def test_from_hf_round_trips_an_export(tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert loaded.params["wte"].sharding.spec == params["wte"].sharding.spec
+
+
+def test_the_sampler_gets_left_padded_rows_and_one_key_per_seed(generator, monkeypatch):
+    # What generate_ids hands the sampler, caught before any sampling: the prompts left-padded
+    # to the bucket width, the rows filled up to the mesh's 8 batch rows by repeating the last
+    # prompt, and row i's key equal to `jax.random.key(seed[i])` (padding rows: seed 0).
+    gen, _, _ = generator
+
+    class Handed(Exception):
+        pass
+
+    seen = {}
+
+    def catch(params, model, tokens, mask, sampler, rng, **kwargs):
+        seen.update(tokens=np.asarray(tokens), mask=np.asarray(mask), rng=rng)
+        raise Handed
+
+    monkeypatch.setattr(generation, "generate", catch)
+    prompts = [[5, 6, 7], [8], [9, 9], [1], [2], [3, 4]]
+    seeds = [0, 7, -3, 2**31 - 1, 2**31, 2**40 + 5]   # also past int32: key() reads int64
+    with pytest.raises(Handed):
+        gen.generate_ids(prompts, gen.sampler(), seed=seeds, prompt_bucket=4)
+    p = gen.tokenizer.pad_id
+    assert seen["tokens"].tolist() == [[p, 5, 6, 7], [p, p, p, 8], [p, p, 9, 9], [p, p, p, 1],
+                                       [p, p, p, 2], [p, p, 3, 4], [p, p, 3, 4], [p, p, 3, 4]]
+    assert seen["mask"].sum(1).tolist() == [3, 1, 2, 1, 1, 2, 2, 2]
+    assert not seen["mask"][:, 0].any() and seen["mask"][:, -1].all()   # padding on the left
+    lone_keys = [jax.random.key_data(jax.random.key(s)) for s in [*seeds, 0, 0]]
+    np.testing.assert_array_equal(jax.random.key_data(seen["rng"]), np.stack(lone_keys))
+    with pytest.raises(ValueError, match=r"batch_size: expected a multiple of the mesh's batch "
+                                         r"axes \(8 rows\) holding 6 prompts, found 4"):
+        gen.generate_ids(prompts, gen.sampler(), batch_size=4)
+    with pytest.raises(ValueError, match="expected at least one prompt"):
+        gen.generate_ids([], gen.sampler())

@@ -16,9 +16,8 @@ Item = TypeVar("Item")
 
 
 def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of `multiple` that is >= max(n, 1)."""
-    if multiple <= 0:
-        raise ValueError(f"round_up: multiple must be a positive integer, found {multiple}")
+    """The smallest multiple of `multiple` (positive: the model arguments are checked) that is
+    >= max(n, 1)."""
     return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -28,19 +27,15 @@ def bucketed_batches(items: Sequence[Item], bucket_of: Callable[[Item], Hashable
     """Batches of item indices, [(bucket key, indices)], each with 1..batch_size indices.
 
     Items are sorted by `length_of` (longest first, so the slowest compile and any
-    out-of-memory happen at once), grouped by `bucket_of` and cut into `batch_size` chunks.
+    out-of-memory happen at once), grouped by `bucket_of` and cut into `batch_size` chunks
+    (positive: the model arguments are checked).
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch size must be a positive integer, found {batch_size}")
     order = sorted(range(len(items)), key=lambda i: -length_of(items[i]))
     groups: dict[Hashable, list[int]] = {}
     for i in order:
         groups.setdefault(bucket_of(items[i]), []).append(i)
-    batches = []
-    for key, indices in groups.items():
-        for start in range(0, len(indices), batch_size):
-            batches.append((key, indices[start:start + batch_size]))
-    return batches
+    return [(key, indices[start:start + batch_size])
+            for key, indices in groups.items() for start in range(0, len(indices), batch_size)]
 
 
 def padded_size(n: int, batch_size: int, multiple: int = 1) -> int:

@@ -61,7 +61,8 @@ class RequestCache:
         return len(self._values)
 
     def get(self, key: str) -> Any:
-        return self._values[key]
+        """The stored result, or None when `key` has none."""
+        return self._values.get(key)
 
     def put_many(self, items: list[tuple[str, Any]]) -> None:
         """Stores results and, with a path, appends and flushes them at once."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import re
 import sys
@@ -165,13 +166,12 @@ class LladaJaxLM(LM):
                              f"equals the mask id; padding would be read as masks")
         # Every batch fills the mesh's batch axes: its rows are a multiple of their size.
         self.row_multiple = batch_rows(self.generator.mesh)
-        pairs_per_call = round_up(int(pairs_per_call), self.row_multiple)
-        gen_batch_size = round_up(int(gen_batch_size), self.row_multiple)
+        self.pairs_per_call = round_up(int(pairs_per_call), self.row_multiple)
+        self.gen_batch_size = round_up(int(gen_batch_size), self.row_multiple)
         self.mc_num, self.mc_batch_size, self.cfg = mc_num, mc_batch_size, float(cfg)
         self.add_bos, self.chat = _as_bool(add_bos, "add_bos"), _as_bool(chat, "chat")
         self.prefix = [self.tokenizer.bos_id] if self.add_bos else []   # starts every context
-        self.pairs_per_call, self.pad_multiple = int(pairs_per_call), int(pad_multiple)
-        self.gen_batch_size, self.prompt_bucket = int(gen_batch_size), int(prompt_bucket)
+        self.pad_multiple, self.prompt_bucket = int(pad_multiple), int(prompt_bucket)
         self.seed, self.progress = int(seed), _as_bool(progress, "progress")
         self.max_length = int(config.model.max_sequence_length)
         sampler_overrides = {k: (_as_bool(v, k) if isinstance(
@@ -191,7 +191,13 @@ class LladaJaxLM(LM):
         self._tokenizer_name = (tokenizer if isinstance(tokenizer, str) else
                                 config.data.tokenizer if tokenizer is None else
                                 type(tokenizer).__name__)
-        self._find_special_tokens()
+        # How `encode` finds special tokens: not at all when the tokenizer parses them itself.
+        self._special_by_text = {self.tokenizer.decode([i], skip_special=False): i
+                                 for i in sorted(self.tokenizer.special_ids)}
+        eot = self.tokenizer.decode([self.tokenizer.eot_id], skip_special=False)
+        texts = sorted(self._special_by_text, key=len, reverse=True)
+        self._special_pattern = None if self.tokenizer.encode(eot) == [self.tokenizer.eot_id] \
+            else re.compile("(" + "|".join(map(re.escape, texts)) + ")")
 
     # ----------------------------------------------------------------- shared machinery
     def _run_cached(self, kind: str, requests: list, prepare: Callable[[Any], Any],
@@ -200,8 +206,7 @@ class LladaJaxLM(LM):
         """Results of `requests` (cached ones read back, the others computed bucket by bucket;
         each finished batch is written to the cache at once)."""
         keys = [request_key(kind, _jsonable(r.args), self.fingerprint) for r in requests]
-        results: list = [self.request_cache.get(key) if key in self.request_cache else None
-                         for key in keys]
+        results: list = [self.request_cache.get(key) for key in keys]
         todo = [i for i, key in enumerate(keys) if key not in self.request_cache]
         prepared = [prepare(requests[i]) for i in todo]
         done, start = len(requests) - len(todo), time.perf_counter()
@@ -211,20 +216,15 @@ class LladaJaxLM(LM):
                 results[todo[m]] = output
             self.request_cache.put_many([(keys[todo[m]], results[todo[m]]) for m in members])
             done += len(members)
-            self._report(kind, done, len(requests), len(todo), start)
+            if self.progress:
+                elapsed, left = time.perf_counter() - start, len(requests) - done
+                rate = (len(todo) - left) / elapsed if elapsed > 0 else 0.0
+                eta = left / rate if rate > 0 else float("nan")
+                print(f"{kind}: {done}/{len(requests)} requests, {rate:.2f} requests/s, ETA "
+                      f"{eta:.0f} s", file=sys.stderr, flush=True)
         for request, result in zip(requests, results, strict=True):
             self.cache_hook.add_partial(kind, request.args, _from_json(kind, result))
         return [_from_json(kind, r) for r in results]
-
-    def _report(self, kind: str, done: int, total: int, computed: int, start: float) -> None:
-        if not self.progress:
-            return
-        elapsed = time.perf_counter() - start
-        fresh = computed - (total - done)
-        rate = fresh / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        print(f"{kind}: {done}/{total} requests, {rate:.2f} requests/s, ETA {eta:.0f} s",
-              file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------- likelihood
     def encode(self, text: str) -> list[int]:
@@ -239,16 +239,6 @@ class LladaJaxLM(LM):
             elif piece:
                 ids += self.tokenizer.encode(piece)
         return ids
-
-    def _find_special_tokens(self) -> None:
-        """How `encode` finds special tokens: not at all when the tokenizer parses them itself."""
-        self._special_pattern = None
-        self._special_by_text = {self.tokenizer.decode([i], skip_special=False): i
-                                 for i in sorted(self.tokenizer.special_ids)}
-        eot = self.tokenizer.decode([self.tokenizer.eot_id], skip_special=False)
-        if self.tokenizer.encode(eot) != [self.tokenizer.eot_id]:
-            texts = sorted(self._special_by_text, key=len, reverse=True)
-            self._special_pattern = re.compile("(" + "|".join(map(re.escape, texts)) + ")")
 
     # ----------------------------------------------------------------- chat templates
     def apply_chat_template(self, chat_history: list[dict[str, str]],
@@ -337,9 +327,8 @@ class LladaJaxLM(LM):
                 for m, score in zip(members, self._estimate_pairs(b, [flat[m] for m in members]),
                                     strict=True):
                     scores[m] = score
-            ends = np.cumsum([len(windows_of) for windows_of in items])
-            return [float(sum(scores[end - len(windows_of):end]))
-                    for windows_of, end in zip(items, ends, strict=True)]
+            consecutive = iter(scores)   # each request's windows, in order
+            return [float(sum(itertools.islice(consecutive, len(w)))) for w in items]
 
         return self._run_cached("loglikelihood_rolling", requests, windows,
                                 lambda w: sum(len(a) for _, a in w), lambda w: 0,
@@ -361,7 +350,7 @@ class LladaJaxLM(LM):
         context, gen_kwargs = request.args
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [stop for stop in ([until] if isinstance(until, str) else until) if stop]
         ids = (self.generator.encode_prompt(context, chat=True) if self.chat
                else self.prefix + self.encode(context))
         if not ids:
@@ -380,8 +369,7 @@ class LladaJaxLM(LM):
         for generated, (_, _, until) in zip(out.tokens, items, strict=True):
             text = self.generator.decode_answer(generated)
             for stop in until:
-                if stop and stop in text:
-                    text = text.split(stop)[0]
+                text = text.split(stop)[0]
             texts.append(text)
         return texts
 
