@@ -104,21 +104,26 @@ def abstract_params(config: ModelConfig) -> dict:
     return jax.eval_shape(init)["params"]
 
 
-def hf_from_param(x: Any, num_in_dims: int | None) -> Any:
-    """Our (per-layer, per-expert) parameter slice -> the HF tensor (numpy or jax alike)."""
-    if num_in_dims is None:
-        return x
-    return x.reshape(math.prod(x.shape[:num_in_dims]), -1).T   # [in, out] -> [out, in]
+def to_hf(x: Any, kind: int | str | None) -> Any:
+    """Our (per-layer, per-expert) param slice -> the HF tensor (numpy or jax alike). kind: a
+    rule's `num_in_dims`, or a `TableRow`'s kind (which adds "flat" and "conv")."""
+    if kind == "conv":   # our [p, p, C, width] -> PyTorch OIHW [width, C, p, p]
+        return x.transpose(3, 2, 0, 1)
+    if kind is None or kind == "flat":
+        return x if kind is None else x.reshape(-1)
+    return x.reshape(math.prod(x.shape[:kind]), -1).T   # [in, out] -> [out, in]
 
 
-def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
-    """Writes the HF tensor `w` as our param slice (PyTorch [out, in] transposed, heads split
-    head-major) into the (contiguous) slot `out` without an extra copy."""
-    if rule.num_in_dims is None:
+def _read_into(out: np.ndarray, w: np.ndarray, kind: int | str | None) -> None:
+    """Writes the HF tensor `w` as our param slice (the inverse of `to_hf`: PyTorch [out, in]
+    transposed, heads split head-major) into the (contiguous) slot `out` without an extra
+    copy, cast to its dtype."""
+    if kind == "conv":
+        np.copyto(out, w.transpose(2, 3, 1, 0), casting="unsafe")
+    elif kind is None or kind == "flat":
         np.copyto(out, w.reshape(out.shape), casting="unsafe")
     else:
-        in_size = math.prod(out.shape[:rule.num_in_dims])
-        np.copyto(out.reshape(in_size, -1), w.T, casting="unsafe")
+        np.copyto(out.reshape(math.prod(out.shape[:kind]), -1), w.T, casting="unsafe")
 
 
 def _hf_shape(rule: TensorRule, abstract: Mapping) -> tuple[tuple[int, ...], str]:
@@ -275,7 +280,7 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
                     # Its rows of a fused tensor (all of them when not fused): a view.
                     w = reader.read(key, stored[key].shard)[start:start + tensor.rows[n]]
                     slot = host[layer] if rule.stacked else host
-                    _read_into(slot[expert] if rule.experts else slot, w, rule)
+                    _read_into(slot[expert] if rule.experts else slot, w, rule.num_in_dims)
                     del w
                 reader.close()
                 put(params, rule.path, io.place(host, get(shardings, rule.path)))
@@ -304,7 +309,7 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
                 x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
             if rule.experts:
                 x = jax.lax.dynamic_index_in_dim(x, expert, 0, keepdims=False)
-            parts.append(hf_from_param(x, rule.num_in_dims).astype(io.DTYPES[dtype]))
+            parts.append(to_hf(x, rule.num_in_dims).astype(io.DTYPES[dtype]))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
     if mesh is not None:
@@ -366,20 +371,6 @@ def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelC
 TableRow = tuple[str, tuple[str, ...], int | str | None]
 
 
-def _to_hf(a: Any, kind: int | str | None) -> Any:
-    """Our (per-layer) param slice -> the HF tensor (numpy or jax alike)."""
-    if kind == "conv":
-        return a.transpose(3, 2, 0, 1)
-    return a.reshape(-1) if kind == "flat" else hf_from_param(a, kind)
-
-
-def _from_hf(t: np.ndarray, kind: int | str | None, shape: tuple[int, ...]) -> np.ndarray:
-    """The HF tensor -> our param slice of `shape` (the inverse of `_to_hf`)."""
-    if kind == "conv":
-        return t.transpose(2, 3, 1, 0)
-    return (t if kind in (None, "flat") else t.T).reshape(shape)
-
-
 def listing(names: Iterable[str], limit: int = 12) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
@@ -394,25 +385,21 @@ def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstra
     params: dict = {}
     missing: list[str] = []
     for rel, path, kind in table:
-        shape = tuple(get(abstract, path).shape)
-        slice_shape = shape[1:] if "{i}" in rel else shape
-        expected = jax.eval_shape(lambda a, kind=kind: _to_hf(a, kind),
-                                  jax.ShapeDtypeStruct(slice_shape, jnp.float32)).shape
-        slices = []
-        for i in range(shape[0]) if "{i}" in rel else [0]:
+        stacked = "{i}" in rel
+        host = np.empty(get(abstract, path).shape, io.DTYPES[dtype])
+        for i in range(host.shape[0]) if stacked else [0]:
             name = prefix + rel.format(i=i)
             if name not in tensors:
                 missing.append(name)
                 continue
+            slot = host[i] if stacked else host
             t = np.asarray(tensors[name])
+            expected = to_hf(slot, kind).shape   # numpy views: nothing is computed
             if tuple(t.shape) != expected:
                 raise ValueError(f"tensor {name}: expected shape {expected} (Hugging Face "
                                  f"layout), found {tuple(t.shape)}")
-            slices.append(_from_hf(t, kind, slice_shape).astype(io.DTYPES[dtype]))
-        if slices and "{i}" in rel:
-            put(params, path, np.stack(slices))
-        elif slices:
-            put(params, path, slices[0])
+            _read_into(slot, t, kind)
+        put(params, path, host)   # incomplete only when tensors are missing: refused below
     if missing:
         raise ValueError(f"missing {missing_what}: {listing(missing)}")
     return params
@@ -426,7 +413,7 @@ def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix:
     for rel, path, kind in table:
         param = np.asarray(get(params, path))
         for i, a in enumerate(param) if "{i}" in rel else [(0, param)]:
-            hf = _to_hf(a, kind)
+            hf = to_hf(a, kind)
             out[prefix + rel.format(i=i)] = hf if dtype is None else hf.astype(io.DTYPES[dtype])
     return out
 
