@@ -306,12 +306,6 @@ class ExportSummary:
     num_shards: int
 
 
-def write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-
-
 def write_export(out_dir: str, shards: Sequence[tuple[str, Sequence[PlannedTensor]]],
                  json_files: Mapping[str, Any], *, tokenizer_dir: str | None = None,
                  code_dir: str | None = None, overwrite: bool = False) -> ExportSummary:
@@ -343,10 +337,11 @@ def write_export(out_dir: str, shards: Sequence[tuple[str, Sequence[PlannedTenso
             total += sum(math.prod(shape) * np.dtype(dtype).itemsize
                          for _, dtype, shape, _ in tensors)
         if writer:
-            write_json(os.path.join(tmp, INDEX_FILE),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
-            for name, value in json_files.items():
-                write_json(os.path.join(tmp, name), value)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            for name, value in {INDEX_FILE: index, **json_files}.items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(value, f, indent=2)
+                    f.write("\n")
             _copy_extras(tmp, tokenizer_dir, code_dir)
             replace_dir(tmp, out_dir)
     except BaseException:

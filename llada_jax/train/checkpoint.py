@@ -72,10 +72,9 @@ def _write_error(message: str, cause: BaseException) -> CheckpointWriteError:
     found = re.search(r"([^:\[\]]+?) \[os_error_code='(\d+)'\]", str(cause))
     if found and not reason:
         reason, code = found.group(1).strip(), int(found.group(2))
-    if reason and code:
-        error = CheckpointWriteError(f"{message}: {reason} ({errno.errorcode.get(code, code)})")
-    else:
-        error = CheckpointWriteError(f"{message}: {first_line(cause)}")
+    detail = (f"{reason} ({errno.errorcode.get(code, code)})" if reason and code
+              else first_line(cause))
+    error = CheckpointWriteError(f"{message}: {detail}")
     error.errno = code
     return error
 
@@ -182,8 +181,7 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest *complete* checkpoint's step (unfinished saves are ignored), or None."""
-        steps = self.all_steps()
-        return max(steps) if steps else None
+        return max(self.all_steps(), default=None)
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints, ascending."""
