@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -80,20 +81,6 @@ def get(tree: Mapping, path: Sequence[str]) -> Any:
     for name in path:
         tree = tree[name]
     return tree
-
-
-def put(tree: dict, path: Sequence[str], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def tree_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from tree_paths(value, (*prefix, name))
-        else:
-            yield (*prefix, name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -178,7 +165,7 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     Rules for params the config does not create are skipped; a param with no rule is refused.
     """
     abstract = abstract_params(config)
-    paths = set(tree_paths(nn.unbox(abstract)))
+    paths = set(flatten_dict(abstract))
     present = [r for r in rules if r.path in paths]
     missing = sorted(paths - {r.path for r in present})
     if missing:
@@ -237,11 +224,10 @@ def check_tensors(stored: Mapping[str, io.StoredTensor], rules: Sequence[TensorR
 
 def _check_divisible(abstract: Mapping, shardings: Mapping) -> None:
     """Refuses, before anything is read, a mesh that cannot split a parameter evenly."""
-    for path in tree_paths(nn.unbox(abstract)):
+    for path, box in flatten_dict(abstract).items():
         sharding = get(shardings, path)
         if not isinstance(sharding, NamedSharding):
             continue
-        box = get(abstract, path)
         spec = tuple(sharding.spec) + (None,) * (len(box.value.shape) - len(sharding.spec))
         for size, name, axes in zip(box.value.shape, box.names, spec, strict=True):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -268,7 +254,7 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
     shardings = io.param_shardings(abstract, mesh, rules_table)
     _check_divisible(abstract, shardings)
     reader = io.ShardReader(directory)
-    params: dict = {}
+    params: dict = {}   # path -> array
     try:
         for tensor in hf_tensors(rules, config):
             for n, rule in enumerate(tensor.rules):
@@ -283,11 +269,11 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
                     _read_into(slot[expert] if rule.experts else slot, w, rule.num_in_dims)
                     del w
                 reader.close()
-                put(params, rule.path, io.place(host, get(shardings, rule.path)))
+                params[rule.path] = io.place(host, get(shardings, rule.path))
                 del host   # the devices hold it now
     finally:
         reader.close()
-    return params
+    return unflatten_dict(params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,8 +306,8 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
 def check_params(params: Mapping, config: ModelConfig) -> None:
     """Refuses params whose tree or shapes differ from what `config` creates."""
     abstract = abstract_params(config)
-    expected = {p: tuple(get(abstract, p).value.shape) for p in tree_paths(nn.unbox(abstract))}
-    found = set(tree_paths(params))
+    expected = {p: tuple(box.value.shape) for p, box in flatten_dict(abstract).items()}
+    found = set(flatten_dict(params))
     unexpected = sorted("/".join(p) for p in found - set(expected))
     if unexpected:
         raise ValueError(f"params have parameter(s) the language tower does not: {unexpected}")
@@ -382,7 +368,7 @@ def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstra
     """HF tensors (name -> array) -> our params by `table`, shaped like the (unboxed) abstract
     params `abstract`, in `dtype`. A wrong shape is a ValueError naming the tensor; missing
     tensors are one ValueError "missing {missing_what}: names"."""
-    params: dict = {}
+    params: dict = {}   # path -> array
     missing: list[str] = []
     for rel, path, kind in table:
         stacked = "{i}" in rel
@@ -399,10 +385,10 @@ def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstra
                 raise ValueError(f"tensor {name}: expected shape {expected} (Hugging Face "
                                  f"layout), found {tuple(t.shape)}")
             _read_into(slot, t, kind)
-        put(params, path, host)   # incomplete only when tensors are missing: refused below
+        params[path] = host   # incomplete only when tensors are missing: refused below
     if missing:
         raise ValueError(f"missing {missing_what}: {listing(missing)}")
-    return params
+    return unflatten_dict(params)
 
 
 def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix: str,
