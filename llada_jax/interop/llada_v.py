@@ -22,6 +22,7 @@ An export is written once (`safetensors_io.write_export`): the language shards, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -180,13 +181,10 @@ def import_llada_v(hf_dir: str | os.PathLike[str], *, mesh: Any = None, rules: A
     hf_config = io.read_json(os.path.join(hf_dir, "config.json"))
     vision = vision_config_from_hf(hf_config) if vision is None else vision
     vision = dataclasses.replace(vision, param_dtype=model_cfg.param_dtype)
-    reader = io.ShardReader(hf_dir)
-    try:
+    with contextlib.closing(io.ShardReader(hf_dir)) as reader:
         tensors = {key: reader.read(key, stored.shard)
                    for key, stored in io.list_tensors(hf_dir).items()
                    if key.startswith(LLADA_V_MULTIMODAL_PREFIXES)}
-    finally:
-        reader.close()
     host = import_llada_v_multimodal(tensors, vision, model_cfg.d_model, model_cfg.param_dtype)
 
     # The same shardings LLaDAV's own init gives these params.

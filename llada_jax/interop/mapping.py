@@ -25,6 +25,7 @@ between a dict of arrays and nested numpy params, with shapes from the module's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -253,9 +254,8 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
     abstract = abstract_params(config)
     shardings = io.param_shardings(abstract, mesh, rules_table)
     _check_divisible(abstract, shardings)
-    reader = io.ShardReader(directory)
     params: dict = {}   # path -> array
-    try:
+    with contextlib.closing(io.ShardReader(directory)) as reader:
         for tensor in hf_tensors(rules, config):
             for n, rule in enumerate(tensor.rules):
                 start = sum(tensor.rows[:n])
@@ -271,8 +271,6 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
                 reader.close()
                 params[rule.path] = io.place(host, get(shardings, rule.path))
                 del host   # the devices hold it now
-    finally:
-        reader.close()
     return unflatten_dict(params)
 
 
