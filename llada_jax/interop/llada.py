@@ -217,14 +217,20 @@ def _shared_derivations(c: Mapping, source: str) -> dict[str, Callable[[Any, dic
             "rope_theta": rope_theta, "tie_embeddings": lambda value, fields: tied(c)}
 
 
-def _olmo_fields(c: Mapping, source: str) -> dict:
-    """Fields of the released LLaDA (OLMo-style) config.json, after refusing what we lack."""
-    for field, supported in _OLMO_CHOICES.items():
+def _refuse(c: Mapping, source: str, choices: Mapping[str, str], off: Sequence[str]) -> None:
+    """Refuses a field of `choices` set to another value than its one supported value, and a
+    field of `off` switched on."""
+    for field, supported in choices.items():
         if c.get(field) is not None and c[field] != supported:
             reject(source, field, c[field], repr(supported))
-    for field in _OLMO_OFF:
+    for field in off:
         if c.get(field):
             reject(source, field, c[field], "false")
+
+
+def _olmo_fields(c: Mapping, source: str) -> dict:
+    """Fields of the released LLaDA (OLMo-style) config.json, after refusing what we lack."""
+    _refuse(c, source, _OLMO_CHOICES, _OLMO_OFF)
     if c.get("rope") is False:
         reject(source, "rope", False, "true (rotary embeddings)")
     if c.get("clip_qkv") is not None:
@@ -247,11 +253,7 @@ def _olmo_fields(c: Mapping, source: str) -> dict:
 def llama_attention_fields(c: Mapping, source: str, more: Sequence = ()) -> dict:
     """The fields every Llama-style config.json has (`LLAMA_FIELDS`), and those of the table
     `more`, after refusing what we lack; head_dim defaults to hidden_size / num_attention_heads."""
-    if c.get("hidden_act") not in (None, "silu"):
-        reject(source, "hidden_act", c["hidden_act"], "'silu'")
-    for field in ("attention_bias", "mlp_bias"):
-        if c.get(field):
-            reject(source, field, c[field], "false")
+    _refuse(c, source, {"hidden_act": "silu"}, ("attention_bias", "mlp_bias"))
     if c.get("rope_scaling") is not None:
         reject(source, "rope_scaling", c["rope_scaling"], "null (plain RoPE)")
     rope_type = (c.get("rope_parameters") or {}).get("rope_type", "default")

@@ -147,7 +147,6 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: Vi
     renamed into place when complete; an existing directory is replaced only under the rules
     of `safetensors_io.check_replaceable`.
     """
-    params = dict(params)
     missing = [k for k in ("vision_tower", "projector", "language_model") if k not in params]
     if missing:
         raise ValueError(f"params: expected LLaDAV params with vision_tower, projector and "
@@ -155,10 +154,8 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: Vi
     io.check_replaceable(os.path.abspath(os.fspath(out_dir)), overwrite)   # refused first
     language, json_files = hf.export_plan(params["language_model"], model_cfg, "llama", dtype)
     json_files["config.json"].update(llada_v_config_fields(vision, image_aspect_ratio, max_grid))
-    host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)),
-                        {"vision_tower": params["vision_tower"], "projector": params["projector"]})
-    multimodal = [(name, t.dtype, t.shape, lambda t=t: t)
-                  for name, t in export_llada_v_multimodal(host, vision, dtype).items()]
+    multimodal = [(name, t.dtype, t.shape, lambda t=t: t)   # host arrays (export_tensors)
+                  for name, t in export_llada_v_multimodal(params, vision, dtype).items()]
     shards = [*io.plan_shards(language, 2 * 1024 ** 3), (VISION_SHARD, multimodal)]
     return io.write_export(os.fspath(out_dir), shards, json_files, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite)

@@ -274,8 +274,7 @@ def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor],
                 raise RuntimeError(f"{path}: the header changed size while being completed")
             f.seek(8)
             f.write(final)
-        f.flush()
-        if path is not None:
+            f.flush()
             os.fsync(f.fileno())   # a full disk shows up here, not after the rename
 
 
