@@ -291,15 +291,6 @@ def token_ids_dict(config: ModelConfig) -> dict:
 
 def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
     """config.json for `config` in the released LLaDA (OLMo-style) or the Llama-style flavour."""
-    common = {
-        "architectures": ["LLaDAModelLM"],
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModel": "modeling_llada.LLaDAModelLM",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-        "model_type": "llada",
-        "torch_dtype": dtype,
-        **token_ids_dict(config),
-    }
     if naming == "llada":
         fields = {
             **written_fields(config, _OLMO_FIELDS),
@@ -316,7 +307,11 @@ def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
     else:
         fields = {**llama_attention_dict(config), **written_fields(config, _DENSE_LLAMA_FIELDS),
                   "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1}
-    return {**common, **fields}
+    return {"architectures": ["LLaDAModelLM"],
+            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                         "AutoModel": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+            "model_type": "llada", "torch_dtype": dtype, **token_ids_dict(config), **fields}
 
 
 def check_exportable(config: ModelConfig, naming: str) -> None:

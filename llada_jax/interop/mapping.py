@@ -303,19 +303,29 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
 
 def check_params(params: Mapping, config: ModelConfig) -> None:
     """Refuses params whose tree or shapes differ from what `config` creates."""
-    abstract = abstract_params(config)
-    expected = {p: tuple(box.value.shape) for p, box in flatten_dict(abstract).items()}
-    found = set(flatten_dict(params))
-    unexpected = sorted("/".join(p) for p in found - set(expected))
+    expected = {p: tuple(box.value.shape)
+                for p, box in flatten_dict(abstract_params(config)).items()}
+    found = flatten_dict(params)
+    unexpected = sorted("/".join(p) for p in found.keys() - expected.keys())
     if unexpected:
         raise ValueError(f"params have parameter(s) the language tower does not: {unexpected}")
     for path, shape in expected.items():
         if path not in found:
             raise ValueError(f"params lack {'/'.join(path)} (expected shape {list(shape)})")
-        leaf = get(params, path)
-        if tuple(leaf.shape) != shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {list(leaf.shape)}, but the "
-                             f"config implies {list(shape)}")
+        if tuple(found[path].shape) != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {list(found[path].shape)}, but "
+                             f"the config implies {list(shape)}")
+
+
+def _produce(params: Mapping, tensor: HFTensor, dtype: str, layer: int, expert: int
+             ) -> np.ndarray:
+    """One stored copy of `tensor` (its `layer` and `expert` slice) in `dtype`, on the host."""
+    xs = [get(params, r.path) for r in tensor.rules]
+    xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
+    sharding = xs[0].sharding
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
+        xs, jnp.int32(layer), jnp.int32(expert)))
 
 
 def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelConfig,
@@ -323,23 +333,12 @@ def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelC
     """The HF tensors of `params` in file order, each produced from the devices when written
     (one layer/expert slice at a time)."""
     abstract = abstract_params(config)
-    target = io.DTYPES[dtype]
-
-    def producer(tensor: HFTensor, layer: int, expert: int) -> Callable[[], np.ndarray]:
-        def produce() -> np.ndarray:
-            xs = [get(params, r.path) for r in tensor.rules]
-            xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
-            sharding = xs[0].sharding
-            mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-            return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
-                xs, jnp.int32(layer), jnp.int32(expert)))
-        return produce
-
     instances = [(hf_layer, t, key, layer, expert) for t in hf_tensors(rules, config)
                  for key, layer, expert, hf_layer in t.instances(abstract)]
     # Layer by layer (a shard holds whole layers); sorted() is stable: table order, then expert.
     instances.sort(key=lambda s: (s[1].section, s[0] if s[1].section == 1 else 0))
-    return [(key, target, t.shape, producer(t, layer, expert))
+    return [(key, io.DTYPES[dtype], t.shape,
+             functools.partial(_produce, params, t, dtype, layer, expert))
             for _, t, key, layer, expert in instances]
 
 

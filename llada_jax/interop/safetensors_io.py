@@ -130,19 +130,18 @@ def read_json(path: str) -> dict:
 def list_tensors(hf_dir: str) -> dict[str, StoredTensor]:
     """Key -> StoredTensor for every tensor of a safetensors checkpoint (sharded or single)."""
     index_path = os.path.join(hf_dir, INDEX_FILE)
+    by_shard: dict[str, list[str]] = {SINGLE_FILE: []}   # no keys listed: all of the file's
     if os.path.isfile(index_path):
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
-    elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-        weight_map = None
-    else:
+        by_shard = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+    elif not os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         found = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else "no such directory"
         raise FileNotFoundError(f"{hf_dir}: expected {INDEX_FILE} or {SINGLE_FILE} (only "
                                 f"safetensors checkpoints are supported), found {found}")
-    by_shard: dict[str, list[str]] = {SINGLE_FILE: []} if weight_map is None else {}
-    for key, shard in (weight_map or {}).items():
-        by_shard.setdefault(shard, []).append(key)
     tensors = {}
     for shard, keys in by_shard.items():
         path = os.path.join(hf_dir, shard)
