@@ -165,16 +165,16 @@ def _pick_id(name: str, candidates, default: int, vocab: int, source: str,
 
 
 # config.json <-> ModelConfig, one table per style walked both ways: (our field, config.json
-# key, type). `read_fields` reads each field (refusing a missing or null one unless the style
-# derives it), `written_fields` writes them back.
+# key, type), in reading order. `read_fields` reads each field (refusing a missing or null one
+# unless the style derives it), `written_fields` writes them back.
 _OLMO_FIELDS = (
     ("d_model", "d_model", int), ("n_heads", "n_heads", int), ("n_kv_heads", "n_kv_heads", int),
-    ("n_layers", "n_layers", int), ("mlp_hidden_size", "mlp_hidden_size", int),
-    ("vocab_size", "vocab_size", int), ("max_sequence_length", "max_sequence_length", int),
-    ("rope_theta", "rope_theta", float), ("rms_norm_eps", "rms_norm_eps", float),
+    ("mlp_hidden_size", "mlp_hidden_size", int), ("vocab_size", "vocab_size", int),
+    ("n_layers", "n_layers", int), ("rope_theta", "rope_theta", float),
+    ("rms_norm_eps", "rms_norm_eps", float), ("max_sequence_length", "max_sequence_length", int),
     ("tie_embeddings", "weight_tying", bool))
 # The fields every Llama-style config.json has (the MoE families' too).
-LLAMA_FIELDS = (
+_LLAMA_FIELDS = (
     ("d_model", "hidden_size", int), ("n_heads", "num_attention_heads", int),
     ("n_kv_heads", "num_key_value_heads", int), ("head_dim", "head_dim", int),
     ("vocab_size", "vocab_size", int), ("max_sequence_length", "max_position_embeddings", int),
@@ -235,23 +235,26 @@ def _olmo_fields(c: Mapping, source: str) -> dict:
         reject(source, "rope", False, "true (rotary embeddings)")
     if c.get("clip_qkv") is not None:
         reject(source, "clip_qkv", c["clip_qkv"], "null")
-    fields = read_fields(c, _OLMO_FIELDS, source, {
-        **_shared_derivations(c, source),
-        "n_kv_heads": lambda value, fields: value if value is not None
-        else 1 if c.get("multi_query_attention") else fields["n_heads"],
-        "mlp_hidden_size": lambda value, fields: value if value is not None
-        else int(require(c, "mlp_ratio", source)) * fields["d_model"]})
-    embedding_size = c.get("embedding_size")
-    if embedding_size is not None:
-        if embedding_size < fields["vocab_size"]:
+
+    def vocab_size(value: Any, fields: dict) -> Any:
+        embedding_size = c.get("embedding_size")
+        value = int(require(c, "vocab_size", source))
+        if embedding_size is not None and embedding_size < value:
             raise ValueError(f"{source}: embedding_size={embedding_size} is smaller than "
-                             f"vocab_size={fields['vocab_size']}")
-        fields["vocab_size"] = int(embedding_size)   # the embedding (and LM head) has its rows
-    return {**fields, "head_dim": None}
+                             f"vocab_size={value}")
+        # The embedding (and LM head) has embedding_size rows.
+        return value if embedding_size is None else embedding_size
+
+    return {**read_fields(c, _OLMO_FIELDS, source, {
+        **_shared_derivations(c, source), "vocab_size": vocab_size,
+        "n_kv_heads": lambda value, fields: value if value is not None else (
+            1 if c.get("multi_query_attention") else fields["n_heads"]),
+        "mlp_hidden_size": lambda value, fields: value if value is not None else (
+            int(require(c, "mlp_ratio", source)) * fields["d_model"])}), "head_dim": None}
 
 
 def llama_attention_fields(c: Mapping, source: str, more: Sequence = ()) -> dict:
-    """The fields every Llama-style config.json has (`LLAMA_FIELDS`), and those of the table
+    """The fields every Llama-style config.json has (`_LLAMA_FIELDS`), and those of the table
     `more`, after refusing what we lack; head_dim defaults to hidden_size / num_attention_heads."""
     _refuse(c, source, {"hidden_act": "silu"}, ("attention_bias", "mlp_bias"))
     if c.get("rope_scaling") is not None:
@@ -266,15 +269,15 @@ def llama_attention_fields(c: Mapping, source: str, more: Sequence = ()) -> dict
             return d_model // n_heads
         return value
 
-    return read_fields(c, (*LLAMA_FIELDS, *more), source, {
+    return read_fields(c, (*_LLAMA_FIELDS, *more), source, {
         **_shared_derivations(c, source), "head_dim": head_dim,
         "n_kv_heads": lambda value, fields: value or fields["n_heads"]})
 
 
 def llama_attention_dict(config: ModelConfig) -> dict:
-    """The Llama-style config.json fields `llama_attention_fields` reads, and those it
-    requires."""
-    return {**written_fields(config, LLAMA_FIELDS), "rope_scaling": None, "hidden_act": "silu",
+    """The Llama-style config.json fields `llama_attention_fields` reads, and the one value it
+    accepts of those it checks (plain RoPE, SiLU, no attention bias)."""
+    return {**written_fields(config, _LLAMA_FIELDS), "rope_scaling": None, "hidden_act": "silu",
             "attention_bias": False, "initializer_range": config.init_std}
 
 
