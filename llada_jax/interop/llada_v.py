@@ -122,8 +122,7 @@ def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Vis
     fields = dict(hf_config.get(VISION_CONFIG_FIELD) or {})
     if not fields and "mm_vision_select_layer" in hf_config:
         fields["feature_layer"] = int(hf_config["mm_vision_select_layer"])
-    known = {f.name for f in dataclasses.fields(VisionConfig)}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VisionConfig)})
     if unknown:
         raise ValueError(f"config.json {VISION_CONFIG_FIELD}: unknown field(s) {unknown}")
     fields.update(overrides)

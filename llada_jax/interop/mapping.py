@@ -195,12 +195,11 @@ def check_tensors(stored: Mapping[str, io.StoredTensor], rules: Sequence[TensorR
     """What is wrong with the stored tensors for `config` (missing, unexpected, wrong shape or
     non-float), as messages naming the tensor; [] when they fit."""
     abstract = abstract_params(config)
-    expected, explanations = {}, {}
+    expected: dict[str, HFTensor] = {}   # key of every stored copy -> its tensor
     for t in hf_tensors(rules, config):
         if tied and t.rules[0].tied_to is not None and t.key not in stored:
             continue   # the LM head is the embedding
-        for key, *_ in t.instances(abstract):
-            expected[key], explanations[key] = t.shape, t.explanation
+        expected.update((key, t) for key, *_ in t.instances(abstract))
     problems = []
     missing = [k for k in expected if k not in stored]
     if missing:
@@ -210,12 +209,12 @@ def check_tensors(stored: Mapping[str, io.StoredTensor], rules: Sequence[TensorR
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) for a {config.n_layers}-layer "
                         f"'{layout}' checkpoint: {io.some(unexpected)}")
-    for key, shape in expected.items():
+    for key, t in expected.items():
         if key not in stored:
             continue
-        if stored[key].shape != shape:
+        if stored[key].shape != t.shape:
             problems.append(f"tensor {key!r} has shape {list(stored[key].shape)}, but "
-                            f"config.json implies {list(shape)} = {explanations[key]}")
+                            f"config.json implies {list(t.shape)} = {t.explanation}")
         if stored[key].dtype not in io.FLOAT_DTYPES:
             problems.append(f"tensor {key!r} has dtype {stored[key].dtype}, which cannot be "
                             f"converted to weights (expected one of "
