@@ -16,7 +16,7 @@ checks and the files are `interop.mapping` and `interop.safetensors_io`; the ent
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from llada_jax.config import ModelConfig, validate_model
@@ -27,34 +27,25 @@ logger = logging.getLogger(__name__)
 # LLaDA's special ids (REFERENCE.md section 1), used when a config.json does not give them.
 LLADA_MASK_ID, LLADA_BOS_ID, LLADA_EOS_ID = 126336, 126080, 126081
 
-_T, _L = "model.transformer.", "model.layers.{i}."
-# (our param path, llada key, llama key, num_in_dims)
+_T, _B, _L = "model.transformer.", "model.transformer.blocks.{i}.", "model.layers.{i}."
+# (our param path, llada key, llama key, num_in_dims); every key ends in ".weight".
 _TABLE = (
-    (("wte",), _T + "wte.weight", "model.embed_tokens.weight", None),
-    (("blocks", "attn_norm", "scale"), _T + "blocks.{i}.attn_norm.weight",
-     _L + "input_layernorm.weight", None),
-    (("blocks", "attn", "q_proj", "kernel"), _T + "blocks.{i}.q_proj.weight",
-     _L + "self_attn.q_proj.weight", 1),
-    (("blocks", "attn", "k_proj", "kernel"), _T + "blocks.{i}.k_proj.weight",
-     _L + "self_attn.k_proj.weight", 1),
-    (("blocks", "attn", "v_proj", "kernel"), _T + "blocks.{i}.v_proj.weight",
-     _L + "self_attn.v_proj.weight", 1),
-    (("blocks", "attn", "attn_out", "kernel"), _T + "blocks.{i}.attn_out.weight",
-     _L + "self_attn.o_proj.weight", 2),
-    (("blocks", "ff_norm", "scale"), _T + "blocks.{i}.ff_norm.weight",
-     _L + "post_attention_layernorm.weight", None),
-    (("blocks", "ff_proj", "kernel"), _T + "blocks.{i}.ff_proj.weight",
-     _L + "mlp.gate_proj.weight", 1),
-    (("blocks", "up_proj", "kernel"), _T + "blocks.{i}.up_proj.weight",
-     _L + "mlp.up_proj.weight", 1),
-    (("blocks", "ff_out", "kernel"), _T + "blocks.{i}.ff_out.weight",
-     _L + "mlp.down_proj.weight", 1),
-    (("ln_f", "scale"), _T + "ln_f.weight", "model.norm.weight", None),
-    (("lm_head", "kernel"), _T + "ff_out.weight", "lm_head.weight", 1),
+    (("wte",), _T + "wte", "model.embed_tokens", None),
+    (("blocks", "attn_norm", "scale"), _B + "attn_norm", _L + "input_layernorm", None),
+    (("blocks", "attn", "q_proj", "kernel"), _B + "q_proj", _L + "self_attn.q_proj", 1),
+    (("blocks", "attn", "k_proj", "kernel"), _B + "k_proj", _L + "self_attn.k_proj", 1),
+    (("blocks", "attn", "v_proj", "kernel"), _B + "v_proj", _L + "self_attn.v_proj", 1),
+    (("blocks", "attn", "attn_out", "kernel"), _B + "attn_out", _L + "self_attn.o_proj", 2),
+    (("blocks", "ff_norm", "scale"), _B + "ff_norm", _L + "post_attention_layernorm", None),
+    (("blocks", "ff_proj", "kernel"), _B + "ff_proj", _L + "mlp.gate_proj", 1),
+    (("blocks", "up_proj", "kernel"), _B + "up_proj", _L + "mlp.up_proj", 1),
+    (("blocks", "ff_out", "kernel"), _B + "ff_out", _L + "mlp.down_proj", 1),
+    (("ln_f", "scale"), _T + "ln_f", "model.norm", None),
+    (("lm_head", "kernel"), _T + "ff_out", "lm_head", 1),   # tied: read the embedding
 )
 LAYOUTS: dict[str, tuple[TensorRule, ...]] = {
-    naming: tuple(TensorRule(path, keys[n], num_in, tied_to=_TABLE[0][1 + n]
-                             if path == ("lm_head", "kernel") else None)
+    naming: tuple(TensorRule(path, keys[n] + ".weight", num_in,
+                             tied_to=_TABLE[0][1 + n] + ".weight" if path[0] == "lm_head" else None)
                   for path, *keys, num_in in _TABLE)
     for n, naming in enumerate(("llada", "llama"))}
 
@@ -105,13 +96,10 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     if "d_model" in c:
         fields = _olmo_fields(c, source)
     elif "hidden_size" in c:   # LLaDA-V's re-saved tower
-        fields = {**llama_attention_fields(c, source),
-                  "n_layers": int(require(c, "num_hidden_layers", source)),
-                  "mlp_hidden_size": int(require(c, "intermediate_size", source))}
+        fields = llama_attention_fields(c, source, _DENSE_LLAMA_FIELDS)
     else:
         raise ValueError(f"{source}: neither 'd_model' (LLaDA/OLMo style) nor 'hidden_size' "
                          f"(Llama style) found; is this a LLaDA config?")
-    fields["tie_embeddings"] = tied(c)
     return finish_config(fields, c, generation_config, overrides, source,
                          {"mask_token_id": LLADA_MASK_ID, "bos_token_id": LLADA_BOS_ID,
                           "eos_token_id": LLADA_EOS_ID}, "LLaDA")
@@ -176,86 +164,120 @@ def _pick_id(name: str, candidates, default: int, vocab: int, source: str,
     return default
 
 
-def _rope_theta(c: Mapping, source: str) -> float:
-    theta = c.get("rope_theta")
-    if theta is None:   # newer transformers configs keep it in rope_parameters
-        theta = (c.get("rope_parameters") or {}).get("rope_theta")
-    return float(require({"rope_theta": theta}, "rope_theta", source))
+# config.json <-> ModelConfig, one table per style walked both ways: (our field, config.json
+# key, type), in reading order. `read_fields` reads each field (refusing a missing or null one
+# unless the style derives it), `written_fields` writes them back.
+_OLMO_FIELDS = (
+    ("d_model", "d_model", int), ("n_heads", "n_heads", int), ("n_kv_heads", "n_kv_heads", int),
+    ("mlp_hidden_size", "mlp_hidden_size", int), ("vocab_size", "vocab_size", int),
+    ("n_layers", "n_layers", int), ("rope_theta", "rope_theta", float),
+    ("rms_norm_eps", "rms_norm_eps", float), ("max_sequence_length", "max_sequence_length", int),
+    ("tie_embeddings", "weight_tying", bool))
+# The fields every Llama-style config.json has (the MoE families' too).
+_LLAMA_FIELDS = (
+    ("d_model", "hidden_size", int), ("n_heads", "num_attention_heads", int),
+    ("n_kv_heads", "num_key_value_heads", int), ("head_dim", "head_dim", int),
+    ("vocab_size", "vocab_size", int), ("max_sequence_length", "max_position_embeddings", int),
+    ("rope_theta", "rope_theta", float), ("rms_norm_eps", "rms_norm_eps", float),
+    ("tie_embeddings", "tie_word_embeddings", bool))
+_DENSE_LLAMA_FIELDS = (("n_layers", "num_hidden_layers", int),
+                       ("mlp_hidden_size", "intermediate_size", int))
+# OLMo-style fields whose one supported value the export writes and the import requires.
+_OLMO_CHOICES = {"layer_norm_type": "rms", "activation_type": "silu", "block_type": "llama"}
+_OLMO_OFF = ("include_bias", "include_qkv_bias", "alibi", "scale_logits", "input_emb_norm",
+             "attention_layer_norm")
+
+
+def read_fields(c: Mapping, table: Sequence, source: str,
+                derived: Mapping[str, Callable[[Any, dict], Any]]) -> dict:
+    """The fields of `table` from config.json `c`: `derived[field](value, fields read so far)`
+    for a field the style derives or defaults (value: None when missing), else the value,
+    refused when missing or null; each converted to its type."""
+    fields: dict[str, Any] = {}
+    for ours, key, kind in table:
+        value = derived[ours](c.get(key), fields) if ours in derived else require(c, key, source)
+        fields[ours] = None if value is None else kind(value)
+    return fields
+
+
+def written_fields(config: ModelConfig, table: Sequence) -> dict:
+    """The config.json fields of `table` for `config` (what `read_fields` reads back)."""
+    return {key: getattr(config, ours) for ours, key, _ in table}
+
+
+def _shared_derivations(c: Mapping, source: str) -> dict[str, Callable[[Any, dict], Any]]:
+    """Derivations of both styles: the sequence length defaults to 4096, rope_theta may sit in
+    ``rope_parameters`` (newer transformers configs), and either tying key ties."""
+    def rope_theta(value: Any, fields: dict) -> Any:
+        if value is None:
+            value = (c.get("rope_parameters") or {}).get("rope_theta")
+        return require({"rope_theta": value}, "rope_theta", source)
+
+    return {"max_sequence_length": lambda value, fields: value or 4096,
+            "rope_theta": rope_theta, "tie_embeddings": lambda value, fields: tied(c)}
+
+
+def _refuse(c: Mapping, source: str, choices: Mapping[str, str], off: Sequence[str]) -> None:
+    """Refuses a field of `choices` set to another value than its one supported value, and a
+    field of `off` switched on."""
+    for field, supported in choices.items():
+        if c.get(field) is not None and c[field] != supported:
+            reject(source, field, c[field], repr(supported))
+    for field in off:
+        if c.get(field):
+            reject(source, field, c[field], "false")
 
 
 def _olmo_fields(c: Mapping, source: str) -> dict:
     """Fields of the released LLaDA (OLMo-style) config.json, after refusing what we lack."""
-    checks = {"block_type": ("llama",), "layer_norm_type": ("rms",),
-              "activation_type": ("silu",)}
-    for field, allowed in checks.items():
-        if c.get(field) is not None and c[field] not in allowed:
-            reject(source, field, c[field], " or ".join(map(repr, allowed)))
-    for field in ("include_bias", "include_qkv_bias", "alibi", "scale_logits", "input_emb_norm",
-                  "attention_layer_norm"):
-        if c.get(field):
-            reject(source, field, c[field], "false")
+    _refuse(c, source, _OLMO_CHOICES, _OLMO_OFF)
     if c.get("rope") is False:
         reject(source, "rope", False, "true (rotary embeddings)")
     if c.get("clip_qkv") is not None:
         reject(source, "clip_qkv", c["clip_qkv"], "null")
-    d_model = int(require(c, "d_model", source))
-    n_heads = int(require(c, "n_heads", source))
-    n_kv_heads = c.get("n_kv_heads")
-    if n_kv_heads is None:
-        n_kv_heads = 1 if c.get("multi_query_attention") else n_heads
-    mlp = c.get("mlp_hidden_size")
-    if mlp is None:
-        mlp = int(require(c, "mlp_ratio", source)) * d_model
-    vocab = int(require(c, "vocab_size", source))
-    embedding_size = c.get("embedding_size")
-    if embedding_size is not None:
-        if embedding_size < vocab:
+
+    def vocab_size(value: Any, fields: dict) -> Any:
+        embedding_size = c.get("embedding_size")
+        value = int(require(c, "vocab_size", source))
+        if embedding_size is not None and embedding_size < value:
             raise ValueError(f"{source}: embedding_size={embedding_size} is smaller than "
-                             f"vocab_size={vocab}")
-        vocab = int(embedding_size)   # the embedding (and LM head) has embedding_size rows
-    return {"d_model": d_model, "n_layers": int(require(c, "n_layers", source)),
-            "n_heads": n_heads, "n_kv_heads": int(n_kv_heads), "head_dim": None,
-            "mlp_hidden_size": int(mlp), "vocab_size": vocab,
-            "rope_theta": _rope_theta(c, source),
-            "rms_norm_eps": float(require(c, "rms_norm_eps", source)),
-            "max_sequence_length": int(c.get("max_sequence_length") or 4096)}
+                             f"vocab_size={value}")
+        # The embedding (and LM head) has embedding_size rows.
+        return value if embedding_size is None else embedding_size
+
+    return {**read_fields(c, _OLMO_FIELDS, source, {
+        **_shared_derivations(c, source), "vocab_size": vocab_size,
+        "n_kv_heads": lambda value, fields: value if value is not None else (
+            1 if c.get("multi_query_attention") else fields["n_heads"]),
+        "mlp_hidden_size": lambda value, fields: value if value is not None else (
+            int(require(c, "mlp_ratio", source)) * fields["d_model"])}), "head_dim": None}
 
 
-def llama_attention_fields(c: Mapping, source: str) -> dict:
-    """The fields every Llama-style config.json has (sizes, heads, RoPE, norms), after refusing
-    what we lack; head_dim defaults to hidden_size / num_attention_heads."""
-    if c.get("hidden_act") not in (None, "silu"):
-        reject(source, "hidden_act", c["hidden_act"], "'silu'")
-    for field in ("attention_bias", "mlp_bias"):
-        if c.get(field):
-            reject(source, field, c[field], "false")
+def llama_attention_fields(c: Mapping, source: str, more: Sequence = ()) -> dict:
+    """The fields every Llama-style config.json has (`_LLAMA_FIELDS`), and those of the table
+    `more`, after refusing what we lack; head_dim defaults to hidden_size / num_attention_heads."""
+    _refuse(c, source, {"hidden_act": "silu"}, ("attention_bias", "mlp_bias"))
     if c.get("rope_scaling") is not None:
         reject(source, "rope_scaling", c["rope_scaling"], "null (plain RoPE)")
     rope_type = (c.get("rope_parameters") or {}).get("rope_type", "default")
     if rope_type != "default":
         reject(source, "rope_parameters.rope_type", rope_type, "'default'")
-    d_model = int(require(c, "hidden_size", source))
-    n_heads = int(require(c, "num_attention_heads", source))
-    head_dim = c.get("head_dim")
-    if head_dim is None and n_heads > 0 and d_model % n_heads == 0:
-        head_dim = d_model // n_heads
-    return {"d_model": d_model, "n_heads": n_heads,
-            "n_kv_heads": int(c.get("num_key_value_heads") or n_heads),
-            "head_dim": None if head_dim is None else int(head_dim),
-            "vocab_size": int(require(c, "vocab_size", source)),
-            "rope_theta": _rope_theta(c, source),
-            "rms_norm_eps": float(require(c, "rms_norm_eps", source)),
-            "max_sequence_length": int(c.get("max_position_embeddings") or 4096)}
+
+    def head_dim(value: Any, fields: dict) -> Any:
+        d_model, n_heads = fields["d_model"], fields["n_heads"]
+        if value is None and n_heads > 0 and d_model % n_heads == 0:
+            return d_model // n_heads
+        return value
+
+    return read_fields(c, (*_LLAMA_FIELDS, *more), source, {
+        **_shared_derivations(c, source), "head_dim": head_dim,
+        "n_kv_heads": lambda value, fields: value or fields["n_heads"]})
 
 
 def llama_attention_dict(config: ModelConfig) -> dict:
-    """The Llama-style config.json fields `llama_attention_fields` reads."""
-    return {"hidden_size": config.d_model, "num_attention_heads": config.n_heads,
-            "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-            "vocab_size": config.vocab_size,
-            "max_position_embeddings": config.max_sequence_length,
-            "rope_theta": config.rope_theta, "rope_scaling": None,
-            "rms_norm_eps": config.rms_norm_eps, "hidden_act": "silu",
+    """The Llama-style config.json fields `llama_attention_fields` reads, and the one value it
+    accepts of those it checks (plain RoPE, SiLU, no attention bias)."""
+    return {**written_fields(config, _LLAMA_FIELDS), "rope_scaling": None, "hidden_act": "silu",
             "attention_bias": False, "initializer_range": config.init_std}
 
 
@@ -272,42 +294,27 @@ def token_ids_dict(config: ModelConfig) -> dict:
 
 def hf_config_dict(config: ModelConfig, naming: str, dtype: str) -> dict:
     """config.json for `config` in the released LLaDA (OLMo-style) or the Llama-style flavour."""
-    common = {
-        "architectures": ["LLaDAModelLM"],
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModel": "modeling_llada.LLaDAModelLM",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-        "model_type": "llada",
-        "torch_dtype": dtype,
-        **token_ids_dict(config),
-    }
     if naming == "llada":
         fields = {
-            "d_model": config.d_model, "n_heads": config.n_heads,
-            "n_kv_heads": config.n_kv_heads, "n_layers": config.n_layers,
-            "mlp_hidden_size": config.mlp_hidden_size,
+            **written_fields(config, _OLMO_FIELDS),
             "mlp_ratio": max(1, config.mlp_hidden_size // config.d_model),
-            "vocab_size": config.vocab_size, "embedding_size": config.vocab_size,
-            "max_sequence_length": config.max_sequence_length,
-            "rope": True, "rope_theta": config.rope_theta, "rope_full_precision": True,
-            "rms_norm_eps": config.rms_norm_eps, "layer_norm_type": "rms",
-            "layer_norm_with_affine": True, "activation_type": "silu", "block_type": "llama",
-            "block_group_size": 1, "weight_tying": config.tie_embeddings,
-            "alibi_bias_max": 8.0, "multi_query_attention": None, "clip_qkv": None,
-            "init_fn": "mitchell", "init_std": config.init_std, "init_device": "meta",
-            "init_cutoff_factor": None, "precision": "amp_bf16",
-            **dict.fromkeys(("bias_for_layer_norm", "attention_layer_norm",
-                             "attention_layer_norm_with_affine", "include_bias",
-                             "include_qkv_bias", "alibi", "input_emb_norm", "scale_logits",
-                             "flash_attention"), False),
+            "embedding_size": config.vocab_size, **_OLMO_CHOICES,
+            "rope": True, "rope_full_precision": True, "layer_norm_with_affine": True,
+            "block_group_size": 1, "alibi_bias_max": 8.0, "multi_query_attention": None,
+            "clip_qkv": None, "init_fn": "mitchell", "init_std": config.init_std,
+            "init_device": "meta", "init_cutoff_factor": None, "precision": "amp_bf16",
+            **dict.fromkeys((*_OLMO_OFF, "bias_for_layer_norm",
+                             "attention_layer_norm_with_affine", "flash_attention"), False),
             **dict.fromkeys(("attention_dropout", "residual_dropout", "embedding_dropout"), 0.0),
         }
     else:
-        fields = {**llama_attention_dict(config), "num_hidden_layers": config.n_layers,
-                  "intermediate_size": config.mlp_hidden_size, "attention_dropout": 0.0,
-                  "mlp_bias": False, "tie_word_embeddings": config.tie_embeddings,
-                  "pretraining_tp": 1}
-    return {**common, **fields}
+        fields = {**llama_attention_dict(config), **written_fields(config, _DENSE_LLAMA_FIELDS),
+                  "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1}
+    return {"architectures": ["LLaDAModelLM"],
+            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                         "AutoModel": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+            "model_type": "llada", "torch_dtype": dtype, **token_ids_dict(config), **fields}
 
 
 def check_exportable(config: ModelConfig, naming: str) -> None:

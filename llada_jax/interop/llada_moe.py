@@ -83,13 +83,13 @@ def rotary_dim(c: Mapping, head_dim: int, source: str) -> int:
 
 
 def moe_fields(c: Mapping, source: str) -> dict:
-    """The fields both MoE families read alike: the Llama-style attention fields, the experts,
-    their scaling, the partial rotary and the tying."""
+    """The fields both MoE families read alike: the Llama-style fields (tying included), the
+    experts, their scaling and the partial rotary."""
     fields = llada.llama_attention_fields(c, source)
     fields.update(num_experts=int(llada.require(c, "num_experts", source)),
                   experts_per_token=int(llada.require(c, "num_experts_per_tok", source)),
                   routed_scaling=float(c.get("routed_scaling_factor") or 1.0),
-                  rotary_dim=rotary_dim(c, fields["head_dim"], source), tie_embeddings=tied(c))
+                  rotary_dim=rotary_dim(c, fields["head_dim"], source))
     return fields
 
 
@@ -111,7 +111,7 @@ def moe_config_dict(config: ModelConfig, architecture: str, model_type: str, dty
         "num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
         "routed_scaling_factor": config.routed_scaling,
         "partial_rotary_factor": (config.rotary_dim or config.head_dim) / config.head_dim,
-        "tie_word_embeddings": config.tie_embeddings, **llada.token_ids_dict(config),
+        **llada.token_ids_dict(config),
     }
 
 

@@ -22,6 +22,7 @@ An export is written once (`safetensors_io.write_export`): the language shards, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -121,8 +122,7 @@ def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Vis
     fields = dict(hf_config.get(VISION_CONFIG_FIELD) or {})
     if not fields and "mm_vision_select_layer" in hf_config:
         fields["feature_layer"] = int(hf_config["mm_vision_select_layer"])
-    known = {f.name for f in dataclasses.fields(VisionConfig)}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VisionConfig)})
     if unknown:
         raise ValueError(f"config.json {VISION_CONFIG_FIELD}: unknown field(s) {unknown}")
     fields.update(overrides)
@@ -146,7 +146,6 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: Vi
     renamed into place when complete; an existing directory is replaced only under the rules
     of `safetensors_io.check_replaceable`.
     """
-    params = dict(params)
     missing = [k for k in ("vision_tower", "projector", "language_model") if k not in params]
     if missing:
         raise ValueError(f"params: expected LLaDAV params with vision_tower, projector and "
@@ -154,10 +153,8 @@ def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: Vi
     io.check_replaceable(os.path.abspath(os.fspath(out_dir)), overwrite)   # refused first
     language, json_files = hf.export_plan(params["language_model"], model_cfg, "llama", dtype)
     json_files["config.json"].update(llada_v_config_fields(vision, image_aspect_ratio, max_grid))
-    host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)),
-                        {"vision_tower": params["vision_tower"], "projector": params["projector"]})
-    multimodal = [(name, t.dtype, t.shape, lambda t=t: t)
-                  for name, t in export_llada_v_multimodal(host, vision, dtype).items()]
+    multimodal = [(name, t.dtype, t.shape, lambda t=t: t)   # host arrays (export_tensors)
+                  for name, t in export_llada_v_multimodal(params, vision, dtype).items()]
     shards = [*io.plan_shards(language, 2 * 1024 ** 3), (VISION_SHARD, multimodal)]
     return io.write_export(os.fspath(out_dir), shards, json_files, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite)
@@ -180,13 +177,10 @@ def import_llada_v(hf_dir: str | os.PathLike[str], *, mesh: Any = None, rules: A
     hf_config = io.read_json(os.path.join(hf_dir, "config.json"))
     vision = vision_config_from_hf(hf_config) if vision is None else vision
     vision = dataclasses.replace(vision, param_dtype=model_cfg.param_dtype)
-    reader = io.ShardReader(hf_dir)
-    try:
+    with contextlib.closing(io.ShardReader(hf_dir)) as reader:
         tensors = {key: reader.read(key, stored.shard)
                    for key, stored in io.list_tensors(hf_dir).items()
                    if key.startswith(LLADA_V_MULTIMODAL_PREFIXES)}
-    finally:
-        reader.close()
     host = import_llada_v_multimodal(tensors, vision, model_cfg.d_model, model_cfg.param_dtype)
 
     # The same shardings LLaDAV's own init gives these params.

@@ -25,6 +25,7 @@ between a dict of arrays and nested numpy params, with shapes from the module's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -35,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -82,20 +84,6 @@ def get(tree: Mapping, path: Sequence[str]) -> Any:
     return tree
 
 
-def put(tree: dict, path: Sequence[str], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def tree_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from tree_paths(value, (*prefix, name))
-        else:
-            yield (*prefix, name)
-
-
 @functools.lru_cache(maxsize=16)
 def abstract_params(config: ModelConfig) -> dict:
     """Our param tree as boxed `ShapeDtypeStruct`s with logical axis names (no allocation)."""
@@ -104,21 +92,26 @@ def abstract_params(config: ModelConfig) -> dict:
     return jax.eval_shape(init)["params"]
 
 
-def hf_from_param(x: Any, num_in_dims: int | None) -> Any:
-    """Our (per-layer, per-expert) parameter slice -> the HF tensor (numpy or jax alike)."""
-    if num_in_dims is None:
-        return x
-    return x.reshape(math.prod(x.shape[:num_in_dims]), -1).T   # [in, out] -> [out, in]
+def to_hf(x: Any, kind: int | str | None) -> Any:
+    """Our (per-layer, per-expert) param slice -> the HF tensor (numpy or jax alike). kind: a
+    rule's `num_in_dims`, or a `TableRow`'s kind (which adds "flat" and "conv")."""
+    if kind == "conv":   # our [p, p, C, width] -> PyTorch OIHW [width, C, p, p]
+        return x.transpose(3, 2, 0, 1)
+    if kind is None or kind == "flat":
+        return x if kind is None else x.reshape(-1)
+    return x.reshape(math.prod(x.shape[:kind]), -1).T   # [in, out] -> [out, in]
 
 
-def _read_into(out: np.ndarray, w: np.ndarray, rule: TensorRule) -> None:
-    """Writes the HF tensor `w` as our param slice (PyTorch [out, in] transposed, heads split
-    head-major) into the (contiguous) slot `out` without an extra copy."""
-    if rule.num_in_dims is None:
+def _read_into(out: np.ndarray, w: np.ndarray, kind: int | str | None) -> None:
+    """Writes the HF tensor `w` as our param slice (the inverse of `to_hf`: PyTorch [out, in]
+    transposed, heads split head-major) into the (contiguous) slot `out` without an extra
+    copy, cast to its dtype."""
+    if kind == "conv":
+        np.copyto(out, w.transpose(2, 3, 1, 0), casting="unsafe")
+    elif kind is None or kind == "flat":
         np.copyto(out, w.reshape(out.shape), casting="unsafe")
     else:
-        in_size = math.prod(out.shape[:rule.num_in_dims])
-        np.copyto(out.reshape(in_size, -1), w.T, casting="unsafe")
+        np.copyto(out.reshape(math.prod(out.shape[:kind]), -1), w.T, casting="unsafe")
 
 
 def _hf_shape(rule: TensorRule, abstract: Mapping) -> tuple[tuple[int, ...], str]:
@@ -173,7 +166,7 @@ def hf_tensors(rules: Sequence[TensorRule], config: ModelConfig) -> list[HFTenso
     Rules for params the config does not create are skipped; a param with no rule is refused.
     """
     abstract = abstract_params(config)
-    paths = set(tree_paths(nn.unbox(abstract)))
+    paths = set(flatten_dict(abstract))
     present = [r for r in rules if r.path in paths]
     missing = sorted(paths - {r.path for r in present})
     if missing:
@@ -202,12 +195,11 @@ def check_tensors(stored: Mapping[str, io.StoredTensor], rules: Sequence[TensorR
     """What is wrong with the stored tensors for `config` (missing, unexpected, wrong shape or
     non-float), as messages naming the tensor; [] when they fit."""
     abstract = abstract_params(config)
-    expected, explanations = {}, {}
+    expected: dict[str, HFTensor] = {}   # key of every stored copy -> its tensor
     for t in hf_tensors(rules, config):
         if tied and t.rules[0].tied_to is not None and t.key not in stored:
             continue   # the LM head is the embedding
-        for key, *_ in t.instances(abstract):
-            expected[key], explanations[key] = t.shape, t.explanation
+        expected.update((key, t) for key, *_ in t.instances(abstract))
     problems = []
     missing = [k for k in expected if k not in stored]
     if missing:
@@ -217,12 +209,12 @@ def check_tensors(stored: Mapping[str, io.StoredTensor], rules: Sequence[TensorR
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) for a {config.n_layers}-layer "
                         f"'{layout}' checkpoint: {io.some(unexpected)}")
-    for key, shape in expected.items():
+    for key, t in expected.items():
         if key not in stored:
             continue
-        if stored[key].shape != shape:
+        if stored[key].shape != t.shape:
             problems.append(f"tensor {key!r} has shape {list(stored[key].shape)}, but "
-                            f"config.json implies {list(shape)} = {explanations[key]}")
+                            f"config.json implies {list(t.shape)} = {t.explanation}")
         if stored[key].dtype not in io.FLOAT_DTYPES:
             problems.append(f"tensor {key!r} has dtype {stored[key].dtype}, which cannot be "
                             f"converted to weights (expected one of "
@@ -232,11 +224,10 @@ def check_tensors(stored: Mapping[str, io.StoredTensor], rules: Sequence[TensorR
 
 def _check_divisible(abstract: Mapping, shardings: Mapping) -> None:
     """Refuses, before anything is read, a mesh that cannot split a parameter evenly."""
-    for path in tree_paths(nn.unbox(abstract)):
+    for path, box in flatten_dict(abstract).items():
         sharding = get(shardings, path)
         if not isinstance(sharding, NamedSharding):
             continue
-        box = get(abstract, path)
         spec = tuple(sharding.spec) + (None,) * (len(box.value.shape) - len(sharding.spec))
         for size, name, axes in zip(box.value.shape, box.names, spec, strict=True):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -262,9 +253,8 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
     abstract = abstract_params(config)
     shardings = io.param_shardings(abstract, mesh, rules_table)
     _check_divisible(abstract, shardings)
-    reader = io.ShardReader(directory)
-    params: dict = {}
-    try:
+    params: dict = {}   # path -> array
+    with contextlib.closing(io.ShardReader(directory)) as reader:
         for tensor in hf_tensors(rules, config):
             for n, rule in enumerate(tensor.rules):
                 start = sum(tensor.rows[:n])
@@ -275,14 +265,12 @@ def load_params(directory: str, stored: Mapping[str, io.StoredTensor],
                     # Its rows of a fused tensor (all of them when not fused): a view.
                     w = reader.read(key, stored[key].shard)[start:start + tensor.rows[n]]
                     slot = host[layer] if rule.stacked else host
-                    _read_into(slot[expert] if rule.experts else slot, w, rule)
+                    _read_into(slot[expert] if rule.experts else slot, w, rule.num_in_dims)
                     del w
                 reader.close()
-                put(params, rule.path, io.place(host, get(shardings, rule.path)))
+                params[rule.path] = io.place(host, get(shardings, rule.path))
                 del host   # the devices hold it now
-    finally:
-        reader.close()
-    return params
+    return unflatten_dict(params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +292,7 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
                 x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
             if rule.experts:
                 x = jax.lax.dynamic_index_in_dim(x, expert, 0, keepdims=False)
-            parts.append(hf_from_param(x, rule.num_in_dims).astype(io.DTYPES[dtype]))
+            parts.append(to_hf(x, rule.num_in_dims).astype(io.DTYPES[dtype]))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
     if mesh is not None:
@@ -314,19 +302,29 @@ def _host_slice_fn(rules: tuple[TensorRule, ...], dtype: str,
 
 def check_params(params: Mapping, config: ModelConfig) -> None:
     """Refuses params whose tree or shapes differ from what `config` creates."""
-    abstract = abstract_params(config)
-    expected = {p: tuple(get(abstract, p).value.shape) for p in tree_paths(nn.unbox(abstract))}
-    found = set(tree_paths(params))
-    unexpected = sorted("/".join(p) for p in found - set(expected))
+    expected = {p: tuple(box.value.shape)
+                for p, box in flatten_dict(abstract_params(config)).items()}
+    found = flatten_dict(params)
+    unexpected = sorted("/".join(p) for p in found.keys() - expected.keys())
     if unexpected:
         raise ValueError(f"params have parameter(s) the language tower does not: {unexpected}")
     for path, shape in expected.items():
         if path not in found:
             raise ValueError(f"params lack {'/'.join(path)} (expected shape {list(shape)})")
-        leaf = get(params, path)
-        if tuple(leaf.shape) != shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {list(leaf.shape)}, but the "
-                             f"config implies {list(shape)}")
+        if tuple(found[path].shape) != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {list(found[path].shape)}, but "
+                             f"the config implies {list(shape)}")
+
+
+def _produce(params: Mapping, tensor: HFTensor, dtype: str, layer: int, expert: int
+             ) -> np.ndarray:
+    """One stored copy of `tensor` (its `layer` and `expert` slice) in `dtype`, on the host."""
+    xs = [get(params, r.path) for r in tensor.rules]
+    xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
+    sharding = xs[0].sharding
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
+        xs, jnp.int32(layer), jnp.int32(expert)))
 
 
 def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelConfig,
@@ -334,23 +332,12 @@ def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelC
     """The HF tensors of `params` in file order, each produced from the devices when written
     (one layer/expert slice at a time)."""
     abstract = abstract_params(config)
-    target = io.DTYPES[dtype]
-
-    def producer(tensor: HFTensor, layer: int, expert: int) -> Callable[[], np.ndarray]:
-        def produce() -> np.ndarray:
-            xs = [get(params, r.path) for r in tensor.rules]
-            xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
-            sharding = xs[0].sharding
-            mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-            return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
-                xs, jnp.int32(layer), jnp.int32(expert)))
-        return produce
-
     instances = [(hf_layer, t, key, layer, expert) for t in hf_tensors(rules, config)
                  for key, layer, expert, hf_layer in t.instances(abstract)]
     # Layer by layer (a shard holds whole layers); sorted() is stable: table order, then expert.
     instances.sort(key=lambda s: (s[1].section, s[0] if s[1].section == 1 else 0))
-    return [(key, target, t.shape, producer(t, layer, expert))
+    return [(key, io.DTYPES[dtype], t.shape,
+             functools.partial(_produce, params, t, dtype, layer, expert))
             for _, t, key, layer, expert in instances]
 
 
@@ -366,20 +353,6 @@ def planned_tensors(params: Mapping, rules: Sequence[TensorRule], config: ModelC
 TableRow = tuple[str, tuple[str, ...], int | str | None]
 
 
-def _to_hf(a: Any, kind: int | str | None) -> Any:
-    """Our (per-layer) param slice -> the HF tensor (numpy or jax alike)."""
-    if kind == "conv":
-        return a.transpose(3, 2, 0, 1)
-    return a.reshape(-1) if kind == "flat" else hf_from_param(a, kind)
-
-
-def _from_hf(t: np.ndarray, kind: int | str | None, shape: tuple[int, ...]) -> np.ndarray:
-    """The HF tensor -> our param slice of `shape` (the inverse of `_to_hf`)."""
-    if kind == "conv":
-        return t.transpose(2, 3, 1, 0)
-    return (t if kind in (None, "flat") else t.T).reshape(shape)
-
-
 def listing(names: Iterable[str], limit: int = 12) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
@@ -391,31 +364,27 @@ def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstra
     """HF tensors (name -> array) -> our params by `table`, shaped like the (unboxed) abstract
     params `abstract`, in `dtype`. A wrong shape is a ValueError naming the tensor; missing
     tensors are one ValueError "missing {missing_what}: names"."""
-    params: dict = {}
+    params: dict = {}   # path -> array
     missing: list[str] = []
     for rel, path, kind in table:
-        shape = tuple(get(abstract, path).shape)
-        slice_shape = shape[1:] if "{i}" in rel else shape
-        expected = jax.eval_shape(lambda a, kind=kind: _to_hf(a, kind),
-                                  jax.ShapeDtypeStruct(slice_shape, jnp.float32)).shape
-        slices = []
-        for i in range(shape[0]) if "{i}" in rel else [0]:
+        stacked = "{i}" in rel
+        host = np.empty(get(abstract, path).shape, io.DTYPES[dtype])
+        for i in range(host.shape[0]) if stacked else [0]:
             name = prefix + rel.format(i=i)
             if name not in tensors:
                 missing.append(name)
                 continue
+            slot = host[i] if stacked else host
             t = np.asarray(tensors[name])
+            expected = to_hf(slot, kind).shape   # numpy views: nothing is computed
             if tuple(t.shape) != expected:
                 raise ValueError(f"tensor {name}: expected shape {expected} (Hugging Face "
                                  f"layout), found {tuple(t.shape)}")
-            slices.append(_from_hf(t, kind, slice_shape).astype(io.DTYPES[dtype]))
-        if slices and "{i}" in rel:
-            put(params, path, np.stack(slices))
-        elif slices:
-            put(params, path, slices[0])
+            _read_into(slot, t, kind)
+        params[path] = host   # incomplete only when tensors are missing: refused below
     if missing:
         raise ValueError(f"missing {missing_what}: {listing(missing)}")
-    return params
+    return unflatten_dict(params)
 
 
 def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix: str,
@@ -426,7 +395,7 @@ def export_tensors(params: Mapping[str, Any], table: Sequence[TableRow], prefix:
     for rel, path, kind in table:
         param = np.asarray(get(params, path))
         for i, a in enumerate(param) if "{i}" in rel else [(0, param)]:
-            hf = _to_hf(a, kind)
+            hf = to_hf(a, kind)
             out[prefix + rel.format(i=i)] = hf if dtype is None else hf.astype(io.DTYPES[dtype])
     return out
 

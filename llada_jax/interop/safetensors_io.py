@@ -130,19 +130,18 @@ def read_json(path: str) -> dict:
 def list_tensors(hf_dir: str) -> dict[str, StoredTensor]:
     """Key -> StoredTensor for every tensor of a safetensors checkpoint (sharded or single)."""
     index_path = os.path.join(hf_dir, INDEX_FILE)
+    by_shard: dict[str, list[str]] = {SINGLE_FILE: []}   # no keys listed: all of the file's
     if os.path.isfile(index_path):
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
-    elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-        weight_map = None
-    else:
+        by_shard = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+    elif not os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         found = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else "no such directory"
         raise FileNotFoundError(f"{hf_dir}: expected {INDEX_FILE} or {SINGLE_FILE} (only "
                                 f"safetensors checkpoints are supported), found {found}")
-    by_shard: dict[str, list[str]] = {SINGLE_FILE: []} if weight_map is None else {}
-    for key, shard in (weight_map or {}).items():
-        by_shard.setdefault(shard, []).append(key)
     tensors = {}
     for shard, keys in by_shard.items():
         path = os.path.join(hf_dir, shard)
@@ -274,8 +273,7 @@ def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor],
                 raise RuntimeError(f"{path}: the header changed size while being completed")
             f.seek(8)
             f.write(final)
-        f.flush()
-        if path is not None:
+            f.flush()
             os.fsync(f.fileno())   # a full disk shows up here, not after the rename
 
 
@@ -304,12 +302,6 @@ class ExportSummary:
     num_tensors: int
     num_bytes: int
     num_shards: int
-
-
-def write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
 
 
 def write_export(out_dir: str, shards: Sequence[tuple[str, Sequence[PlannedTensor]]],
@@ -343,10 +335,11 @@ def write_export(out_dir: str, shards: Sequence[tuple[str, Sequence[PlannedTenso
             total += sum(math.prod(shape) * np.dtype(dtype).itemsize
                          for _, dtype, shape, _ in tensors)
         if writer:
-            write_json(os.path.join(tmp, INDEX_FILE),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
-            for name, value in json_files.items():
-                write_json(os.path.join(tmp, name), value)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            for name, value in {INDEX_FILE: index, **json_files}.items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(value, f, indent=2)
+                    f.write("\n")
             _copy_extras(tmp, tokenizer_dir, code_dir)
             replace_dir(tmp, out_dir)
     except BaseException:

@@ -72,10 +72,9 @@ def _write_error(message: str, cause: BaseException) -> CheckpointWriteError:
     found = re.search(r"([^:\[\]]+?) \[os_error_code='(\d+)'\]", str(cause))
     if found and not reason:
         reason, code = found.group(1).strip(), int(found.group(2))
-    if reason and code:
-        error = CheckpointWriteError(f"{message}: {reason} ({errno.errorcode.get(code, code)})")
-    else:
-        error = CheckpointWriteError(f"{message}: {first_line(cause)}")
+    detail = (f"{reason} ({errno.errorcode.get(code, code)})" if reason and code
+              else first_line(cause))
+    error = CheckpointWriteError(f"{message}: {detail}")
     error.errno = code
     return error
 
@@ -141,10 +140,8 @@ def _grain_state_from_json(state: Any) -> Any:
 
 
 class _JsonSafeIterator(grain.DatasetIterator):
-    """Wraps a grain iterator for grain's orbax handler, repairing the state it reads back."""
-
-    def __init__(self, iterator: grain.DatasetIterator) -> None:
-        super().__init__(iterator)
+    """Wraps a grain iterator (its one parent) for grain's orbax handler, repairing the state it
+    reads back."""
 
     def __next__(self):
         return next(self._parent)
@@ -161,11 +158,6 @@ class _JsonSafeIterator(grain.DatasetIterator):
         pass
 
 
-def _item_handlers() -> dict[str, Any]:
-    return {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
-            CONFIG: ocp.JsonCheckpointHandler()}
-
-
 class Checkpointer:
     """Saves and restores (TrainState, data-iterator position, config) under `directory`."""
 
@@ -178,17 +170,18 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, best_fn=lambda metrics: metrics[LOSS_METRIC],
             best_mode="min", create=True, enable_async_checkpointing=async_save)
+        handlers = {STATE: ocp.StandardCheckpointHandler(),
+                    DATA: grain.checkpoint.CheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_handlers=_item_handlers())
+                                                  item_handlers=handlers)
         except OSError as e:
             raise _write_error(f"cannot create checkpoint directory {self.directory}", e) from e
         self._pending_step: int | None = None
 
     def latest_step(self) -> int | None:
         """The newest *complete* checkpoint's step (unfinished saves are ignored), or None."""
-        steps = self.all_steps()
-        return max(steps) if steps else None
+        return max(self.all_steps(), default=None)
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints, ascending."""
@@ -295,10 +288,8 @@ def save_params(directory: str, config: ml_collections.ConfigDict, params: Any) 
     target = directory / PARAMS_SUBDIR
     if target.exists():
         raise FileExistsError(f"params checkpoint already exists: {target}")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, params)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    with ocp.StandardCheckpointer() as checkpointer:   # closing waits for the save to finish
+        checkpointer.save(target, params)
     if jax.process_index() == 0:
         # The config is written after the params (which orbax commits atomically): a directory
         # with config.json always has complete params.
@@ -310,14 +301,6 @@ def _param_targets(config: ml_collections.ConfigDict, mesh: Mesh | None, rules) 
     boxed = state_lib.abstract_boxed_params(state_lib.make_model(config), mesh)
     rules = parallel.logical_rules(config) if rules is None and mesh is not None else rules
     return state_lib.with_shardings(boxed, safetensors_io.param_shardings(boxed, mesh, rules))
-
-
-def _trainer_checkpoint_dir(directory: epath.Path) -> epath.Path | None:
-    """The orbax manager directory inside a workdir (or the directory itself), if any."""
-    for candidate in (directory / CHECKPOINT_SUBDIR, directory):
-        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
-            return candidate
-    return None
 
 
 def load_params(directory: str, step: int | None = None, mesh: Mesh | None = None,
@@ -343,36 +326,34 @@ def load_params(directory: str, step: int | None = None, mesh: Mesh | None = Non
             raise ValueError(f"step={step} was given, but {directory} is a params-only "
                              f"checkpoint without steps")
         config = config_from_json(json.loads(config_path.read_text()))
-        checkpointer = ocp.StandardCheckpointer()
-        params = checkpointer.restore(params_dir, _param_targets(config, mesh, rules))
-        checkpointer.close()
-        _check_finite_params(params, str(directory))
-        return config, params
-
-    manager_dir = _trainer_checkpoint_dir(directory)
-    if manager_dir is None:
-        raise FileNotFoundError(
-            f"{directory} holds neither a params checkpoint ({PARAMS_SUBDIR}/ + {CONFIG_FILE}) "
-            f"nor trainer checkpoints ({CHECKPOINT_SUBDIR}/<step>/)")
-    manager = ocp.CheckpointManager(
-        manager_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                                    CONFIG: ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(create=False))
-    steps = sorted(_complete_steps(manager, manager_dir))
-    step = (steps[-1] if steps else None) if step is None else step
-    if step is None or step not in steps:
-        raise FileNotFoundError(f"no complete checkpoint of step {step} in {manager_dir}; "
-                                f"found steps {steps}")
-    config = config_from_json(manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
-    targets = _param_targets(config, mesh, rules)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-        item={"params": targets}, restore_args={"params": restore_args},
-        partial_restore=True)}))
-    manager.close()
-    params = restored[STATE]["params"]
-    _check_finite_params(params, f"{manager_dir}/{step}")
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(params_dir, _param_targets(config, mesh, rules))
+    else:
+        # The orbax manager directory: the workdir's checkpoints/, or the directory itself.
+        manager_dir = next((d for d in (directory / CHECKPOINT_SUBDIR, directory)
+                            if d.is_dir() and any(p.name.isdigit() for p in d.iterdir())), None)
+        if manager_dir is None:
+            raise FileNotFoundError(
+                f"{directory} holds neither a params checkpoint ({PARAMS_SUBDIR}/ + "
+                f"{CONFIG_FILE}) nor trainer checkpoints ({CHECKPOINT_SUBDIR}/<step>/)")
+        handlers = {STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+        with ocp.CheckpointManager(manager_dir, item_handlers=handlers,
+                                   options=ocp.CheckpointManagerOptions(create=False)) as manager:
+            steps = sorted(_complete_steps(manager, manager_dir))
+            step = (steps[-1] if steps else None) if step is None else step
+            if step is None or step not in steps:
+                raise FileNotFoundError(f"no complete checkpoint of step {step} in "
+                                        f"{manager_dir}; found steps {steps}")
+            config = config_from_json(manager.restore(step, args=ocp.args.Composite(
+                **{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
+            targets = _param_targets(config, mesh, rules)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
+            params = manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.PyTreeRestore(item={"params": targets},
+                                              restore_args={"params": restore_args},
+                                              partial_restore=True)}))[STATE]["params"]
+        directory = manager_dir / str(step)   # the step directory, for the message below
+    _check_finite_params(params, str(directory))
     return config, params
 
 
