@@ -319,8 +319,12 @@ def check_fields(where: str, values: Any, rules: Sequence[tuple[str, Rule]]) -> 
                 raise ValueError(f"{where.format(name)}: expected {expected}, found {value!r}")
 
 
+ROUTERS = ("softmax", "sigmoid_grouped")
+
+
 def validate_model(m: ModelConfig) -> None:
-    """Checks a ModelConfig; raises ValueError naming the field."""
+    """Checks a ModelConfig (its mixture-of-experts fields too); raises ValueError naming the
+    field."""
     check_fields("config.model.{}", m, (
         ("vocab_size d_model n_layers n_heads n_kv_heads head_dim mlp_hidden_size "
          "max_sequence_length", POSITIVE_INT),
@@ -336,14 +340,7 @@ def validate_model(m: ModelConfig) -> None:
         ("rotary_dim", (lambda v: not isinstance(v, int) or not 0 <= v <= m.head_dim or v % 2,
                         f"an even number in [0, head_dim={m.head_dim}] (0: all)")),
     ))
-    validate_moe(m)
-
-
-ROUTERS = ("softmax", "sigmoid_grouped")
-
-
-def validate_moe(m: ModelConfig) -> None:
-    """Checks the mixture-of-experts fields of a ModelConfig; raises ValueError naming the field."""
+    # Mixture of experts.
     check_fields("config.model.{}", m, (
         ("num_experts experts_per_token expert_mlp_hidden_size num_shared_experts first_k_dense",
          COUNT),))

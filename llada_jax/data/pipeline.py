@@ -42,14 +42,7 @@ import numpy as np
 
 from llada_jax.config import BAD_RECORDS, CONVERSATION_OBJECTIVES, PACKINGS
 from llada_jax.data import chat, sources
-from llada_jax.data.bad_records import (  # noqa: F401  (re-exported: the trainer and tests)
-    RowBuilder,
-    check_document,
-    prescan,
-    reset_skipped_records,
-    skipped_records,
-    skipped_summary,
-)
+from llada_jax.data.bad_records import RowBuilder, check_document, prescan
 from llada_jax.data.multimodal_data import ImageProcessor, MultimodalRows
 from llada_jax.data.schema import ORIGIN
 from llada_jax.data.tokenizer import Tokenizer
@@ -125,21 +118,6 @@ def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in batch.items()}
 
 
-def batch_and_prefetch(rows: grain.IterDataset, data: ml_collections.ConfigDict,
-                       host_batch_size: int) -> grain.IterDataset:
-    """Batches rows for this host and, with `data.num_workers`, prefetches in worker processes."""
-    dataset = rows.batch(host_batch_size, drop_remainder=True)
-    if data.num_workers > 0:
-        from absl import flags  # grain's workers read absl flags; a library may parse none
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(to_numpy)
-    return dataset
-
-
 def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                   split: str = "train", *, process_index: int | None = None,
                   process_count: int | None = None,
@@ -169,7 +147,6 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     shuffle = data.shuffle if training else False
-    num_epochs = data.num_epochs if training else 0
     batch_size = train.batch_size if batch_size is None else batch_size
     seed, seq_len = train.seed, train.seq_len
     if batch_size % process_count:
@@ -191,8 +168,8 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         screen = functools.partial(prescan, check=check, policy=data.bad_records)
     records = sources.record_dataset(
         components, sources.SourceOptions.from_config(config), process_index=process_index,
-        process_count=process_count, shuffle=shuffle, seed=seed, num_epochs=num_epochs or None,
-        screen=screen, default_split=split)
+        process_count=process_count, shuffle=shuffle, seed=seed, screen=screen,
+        num_epochs=(data.num_epochs if training else 0) or None, default_split=split)
     read_options = grain.ReadOptions(num_threads=data.read_threads,
                                      prefetch_buffer_size=data.prefetch_buffer_size)
 
@@ -225,4 +202,13 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             raise ValueError(f"config.data.packing: expected one of {PACKINGS}, "
                              f"found {data.packing!r}")
 
-    return batch_and_prefetch(dataset, data, batch_size // process_count)
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
+    if data.num_workers > 0:
+        from absl import flags  # grain's workers read absl flags; a library may parse none
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+        dataset = dataset.map(to_numpy)
+    return dataset
