@@ -42,14 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from llada_jax.config import SFT_MULTITURN
 from llada_jax.data.llava_format import LLAVA_SYSTEM_MESSAGE, PLAIN_SEPARATOR
 from llada_jax.data.schema import ERROR, IMAGE_MARK, IMAGE_PLACEHOLDER_ID, ORIGIN, BadRecordError
 from llada_jax.data.tokenizer import Tokenizer
 
-__all__ = ["BadRecordError", "EncodedIds", "build_sft_example", "encode_conversation",
-           "llava_messages", "move_image_to_front", "parse_messages"]
-
-MULTITURN_MODES = ("sample_turn", "all_responses")
 ROLES = ("system", "user", "assistant")
 STYLES = ("llada", "llava_llada", "llada_plain")
 TRUNCATIONS = ("drop_oldest", "drop_last_exchange")
@@ -181,15 +178,13 @@ def _llada_turns(messages: Sequence[dict], trained: set[int],
 
 
 def _llava_turns(messages: Sequence[dict], counts: Sequence[int], tokenizer: Tokenizer,
-                 add_generation_prompt: bool, has_images: bool) -> list[_Turn]:
-    structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
-                  tokenizer.eot_id}
+                 add_generation_prompt: bool, structural: set[int]) -> list[_Turn]:
     turns, used = [], 0
     for m in messages:
         content = m["content"]
         if add_generation_prompt:     # the released chat template trims every message
             content = content.strip()
-        elif has_images:              # training rows of records with images
+        elif counts:                  # training rows of records with images
             content = move_image_to_front(content)
         n = content.count(IMAGE_MARK)
         ids = render_llava_turn(tokenizer, m["role"], content, counts[used:used + n])
@@ -290,6 +285,8 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
                              origin)
     messages = list(messages)
     suffix: list[int] = []
+    structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
+                  tokenizer.eot_id}
     if style == "llada":
         head = [tokenizer.bos_id]
         trained = ({i for i, m in enumerate(messages) if m["role"] == "assistant"}
@@ -306,7 +303,7 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
             suffix = [tokenizer.start_header_id, *tokenizer.encode("assistant"),
                       tokenizer.end_header_id, *tokenizer.encode("\n\n")]
         head = [tokenizer.bos_id, *render_llava_turn(tokenizer, "system", system_message, [])]
-        turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, bool(counts))
+        turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, structural)
     if max_length is None:
         ids, mask, kept = _joined(turns)
     elif truncation == "drop_oldest":
@@ -315,8 +312,6 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
     else:
         ids, mask, kept = _drop_last_exchange(head, turns, suffix, max_length, counts,
                                               not add_generation_prompt, origin)
-    structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
-                  tokenizer.eot_id}
     head_mask = ([False] * len(head) if style == "llada" or add_generation_prompt
                  else [i in structural for i in head])
     return EncodedIds(head + ids + suffix, head_mask + mask + [False] * len(suffix),
@@ -357,12 +352,10 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
     whether the EOS padding is trained on (True for objective 'sft', False for
     'masked_response').
     """
-    if multiturn not in MULTITURN_MODES:
-        raise ValueError(f"config.data.sft_multiturn: expected one of {MULTITURN_MODES}, "
+    if multiturn not in SFT_MULTITURN:
+        raise ValueError(f"config.data.sft_multiturn: expected one of {SFT_MULTITURN}, "
                          f"found {multiturn!r}")
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant_turns:
-        raise BadRecordError(origin, "the conversation has no assistant turn to train on")
     if multiturn == "sample_turn":
         if len(assistant_turns) == 1:
             target = assistant_turns[0]

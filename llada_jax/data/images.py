@@ -44,8 +44,7 @@ MAX_NUM_TILES = 4         # the 4 of "anyres_max_4"
 # How far above MAX_NUM_TILES * 729 tokens (in the square root of the ratio) the tile grid may go
 # before it is downsampled: `times = sqrt(h * w / (4 * 729)); if times > 1.1: downsample`.
 DOWNSAMPLE_THRESHOLD = 1.1
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
+IMAGE_MEAN = (0.5, 0.5, 0.5)   # and the std: `normalize`
 # The background LLaDA-V pads multi-image views to a square with: the image mean in 8 bits,
 # `tuple(int(x * 255) for x in image_mean)` = (127, 127, 127).
 PAD_BACKGROUND = tuple(int(m * 255) for m in IMAGE_MEAN)
@@ -284,25 +283,19 @@ def anyres_num_tokens(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
 
 
 # --- AnyRes pixels ------------------------------------------------------------------------------
-def resize_and_pad(image: Image.Image, canvas: tuple[int, int]) -> Image.Image:
-    """Resizes to fit `canvas` (bicubic, aspect ratio kept) and centres it on black."""
-    new_w, new_h = resized_size_in_canvas(image.size, canvas)
-    padded = Image.new("RGB", canvas, (0, 0, 0))
-    padded.paste(resize(image, (new_w, new_h)), ((canvas[0] - new_w) // 2,
-                                                 (canvas[1] - new_h) // 2))
-    return padded
-
-
 def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
                   max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
     """An image -> (views uint8 [1 + cols * rows, tile, tile, 3], its (width, height)).
 
-    View 0 is the whole image resized to tile x tile; then the tiles of the padded canvas, row by
-    row, left to right. Keep the returned size: the feature side needs it to unpad.
+    View 0 is the whole image resized to tile x tile; then the tiles of the canvas (the image
+    resized to fit it, aspect ratio kept, centred on black), row by row, left to right. Keep the
+    returned size: the feature side needs it to unpad.
     """
     rgb = as_rgb(image)
     canvas = select_best_resolution(rgb.size, grid_resolutions(tile_size, max_grid))
-    padded = resize_and_pad(rgb, canvas)
+    new_w, new_h = resized_size_in_canvas(rgb.size, canvas)
+    padded = Image.new("RGB", canvas, (0, 0, 0))
+    padded.paste(resize(rgb, (new_w, new_h)), ((canvas[0] - new_w) // 2, (canvas[1] - new_h) // 2))
     tiles = [padded.crop((x, y, x + tile_size, y + tile_size))
              for y in range(0, canvas[1], tile_size) for x in range(0, canvas[0], tile_size)]
     views = [resize(rgb, (tile_size, tile_size)), *tiles]

@@ -41,7 +41,6 @@ from PIL import Image
 from llada_jax import config as config_lib
 from llada_jax.data import chat, images
 from llada_jax.data.bad_records import RowBuilder
-from llada_jax.data.chat import llava_messages
 from llada_jax.data.llava_format import DEFAULT_TEMPLATE, LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.schema import (
     IMAGE_FIELDS,
@@ -156,19 +155,6 @@ class EncodedConversation(chat.EncodedIds):
         return sum(len(v) for v in self.views)
 
 
-def _process_images(image_list: Sequence[Any], processor: ImageProcessor, origin: str
-                    ) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Each image's (views, plan); a multi-image record gives one padded square view each."""
-    multi = len(image_list) > 1
-    processed = []
-    for image in image_list:
-        try:
-            processed.append(processor(image, pad_to_square=multi))
-        except (FileNotFoundError, ValueError) as e:
-            raise BadRecordError(origin, str(e), "unreadable") from e
-    return processed
-
-
 def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
                         tokenizer: Tokenizer, processor: ImageProcessor, *,
                         add_generation_prompt: bool = False, origin: str = "",
@@ -186,7 +172,12 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
     if marks != len(image_list):
         raise BadRecordError(origin, f"the conversation has {marks} {IMAGE_MARK} mark(s) but "
                              f"the record has {len(image_list)} image(s)")
-    processed = _process_images(image_list, processor, origin)
+    processed = []
+    for image in image_list:  # a multi-image record: one padded square view per image
+        try:
+            processed.append(processor(image, pad_to_square=len(image_list) > 1))
+        except (FileNotFoundError, ValueError) as e:
+            raise BadRecordError(origin, str(e), "unreadable") from e
     encoded = chat.encode_conversation(
         messages, tokenizer, style=template.format,
         image_token_counts=[plan[0].shape[0] for _, plan in processed],
@@ -232,7 +223,7 @@ class MultimodalRows(RowBuilder):
 
     def row(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         origin = str(record.get(ORIGIN, ""))
-        encoded = encode_conversation(llava_messages(record), record_images(record),
+        encoded = encode_conversation(chat.llava_messages(record), record_images(record),
                                       self.tokenizer, self.processor, origin=origin,
                                       max_length=self.seq_len)
         fill_labelled = self.processor.template.fill_is_labelled

@@ -68,7 +68,6 @@ _JSON_TYPE_NAMES = {list: "list", str: "string", int: "number", float: "number",
 _INDEX_CHUNK_BYTES = 1 << 23
 
 
-KINDS = ("synthetic", "synthetic_chat", "shapes", "tfds", "files", "llava")
 # Built-in sets named without ':' and the splits they offer ("" : chosen by the dataset split).
 BUILT_IN_SPLITS = {"synthetic": ("train", "eval"), "synthetic_chat": ("train", "test"),
                    "shapes": ("train", "test")}
@@ -81,7 +80,8 @@ _GRAMMAR = ("'tfds:NAME[@SPLIT]', 'files:GLOB', 'llava:GLOB', 'synthetic[@SPLIT]
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One parsed source: `kind` in KINDS, its argument (name or glob), split and weight."""
+    """One parsed source: `kind` (synthetic, synthetic_chat, shapes, tfds, files or llava), its
+    argument (name or glob), split and weight."""
 
     kind: str
     argument: str
