@@ -417,8 +417,8 @@ class SamplerConfig:
     def __post_init__(self):
         validate_sampler(self)
         if self.stop_at_eot and self.eot_id < 0:
-            raise ValueError("config.sampler.stop_at_eot: expected False when there is no EoT id "
-                             "(sampler.eot_token_id and the tokenizer give none), found True")
+            fail("sampler.stop_at_eot", "False when there is no EoT id (sampler.eot_token_id "
+                 "and the tokenizer give none)", True)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from llada_jax.config import SFT_MULTITURN
+from llada_jax.config import SFT_MULTITURN, fail
 from llada_jax.data.llava_format import LLAVA_SYSTEM_MESSAGE, PLAIN_SEPARATOR
 from llada_jax.data.schema import ERROR, IMAGE_MARK, IMAGE_PLACEHOLDER_ID, ORIGIN, BadRecordError
 from llada_jax.data.tokenizer import Tokenizer
@@ -269,8 +269,7 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
     (default: the style's `DEFAULT_TRUNCATION`): see the module docstring.
     """
     if style not in STYLES:
-        raise ValueError(f"config.data.conversation_format: expected one of {STYLES[1:]}, "
-                         f"found {style!r}")
+        fail("data.conversation_format", f"one of {STYLES[1:]}", style)
     truncation = DEFAULT_TRUNCATION[style] if truncation is None else truncation
     if truncation not in TRUNCATIONS:
         raise ValueError(f"encode_conversation: truncation must be one of {TRUNCATIONS}, found "
@@ -353,8 +352,7 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
     'masked_response').
     """
     if multiturn not in SFT_MULTITURN:
-        raise ValueError(f"config.data.sft_multiturn: expected one of {SFT_MULTITURN}, "
-                         f"found {multiturn!r}")
+        fail("data.sft_multiturn", f"one of {SFT_MULTITURN}", multiturn)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if multiturn == "sample_turn":
         if len(assistant_turns) == 1:

@@ -40,7 +40,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from llada_jax.config import BAD_RECORDS, CONVERSATION_OBJECTIVES, PACKINGS
+from llada_jax.config import BAD_RECORDS, CONVERSATION_OBJECTIVES, PACKINGS, fail
 from llada_jax.data import chat, sources
 from llada_jax.data.bad_records import RowBuilder, check_document, prescan
 from llada_jax.data.multimodal_data import ImageProcessor, MultimodalRows
@@ -138,9 +138,8 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     field = "data.source" if training else "data.eval_source"
     source = data.source if training else data.eval_source
     if not source:
-        raise ValueError(f"config.{field}: expected a source spec (e.g. 'synthetic', "
-                         f"'synthetic_chat@test' or 'shapes@test') for evaluation "
-                         f"batches, found ''")
+        fail(field, "a source spec (e.g. 'synthetic', 'synthetic_chat@test' or 'shapes@test') "
+             "for evaluation batches", source)
     if process_index is None or process_count is None:
         import jax
 
@@ -153,8 +152,7 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the number "
                          f"of processes ({process_count})")
     if data.bad_records not in BAD_RECORDS:
-        raise ValueError(f"config.data.bad_records: expected one of {BAD_RECORDS}, "
-                         f"found {data.bad_records!r}")
+        fail("data.bad_records", f"one of {BAD_RECORDS}", data.bad_records)
 
     vision = config.vision.enabled
     components = ([sources.parse_image_source_spec(source, field)] if vision
@@ -183,9 +181,8 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             fill_maskable=train.objective == "sft"), seed=seed).to_iter_dataset(read_options)
     else:
         if components[0].kind == "synthetic" and data.packing != "concat":
-            raise ValueError(f"config.data.packing: expected 'concat' with {field}="
-                             f"{source!r} (the built-in corpus is concatenated), found "
-                             f"{data.packing!r}")
+            fail("data.packing", f"'concat' with {field}={source!r} (the built-in corpus is "
+                 "concatenated)", data.packing)
         documents = records.map(DocumentTokens(tokenizer, data.text_field, data.add_bos,
                                                data.bad_records)).to_iter_dataset(read_options)
         if data.packing == "concat":
@@ -199,8 +196,7 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                 seed=seed, shuffle_bins=shuffle, padding_struct={"tokens": tokenizer.pad_id})
             dataset = packed.map(_packed_row)
         else:
-            raise ValueError(f"config.data.packing: expected one of {PACKINGS}, "
-                             f"found {data.packing!r}")
+            fail("data.packing", f"one of {PACKINGS}", data.packing)
 
     dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
     if data.num_workers > 0:

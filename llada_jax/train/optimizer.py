@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llada_jax.config import PARAM_GROUPS, parse_trainable
+from llada_jax.config import PARAM_GROUPS, fail, parse_trainable
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
@@ -72,8 +72,7 @@ def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
             frac = jnp.clip((s - warmup) / span, 0.0, 1.0)
             after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
         else:
-            raise ValueError(f"config.train.schedule: expected one of wsd, cosine, constant, "
-                             f"found {kind!r}")
+            fail("train.schedule", "one of wsd, cosine, constant", kind)
         return jnp.where(s < warmup, warm, after)
 
     return schedule
