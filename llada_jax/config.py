@@ -439,8 +439,7 @@ class SamplerConfig:
         fields.update(
             mask_id=config.model.mask_token_id, eos_id=config.model.eos_token_id,
             eot_id=s.eot_token_id if s.eot_token_id >= 0 else (-1 if eot_id is None else eot_id))
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**(fields | overrides))
 
     @property
     def num_blocks(self) -> int:

@@ -149,13 +149,6 @@ def expand_to_square(image: Image.Image,
     return canvas
 
 
-def padded_square_pixels(image: Image.Image | str | os.PathLike[str],
-                         size: int = TILE_SIZE) -> np.ndarray:
-    """One view of a multi-image record: padded to a square with the mean colour
-    (`expand_to_square`), then resized to size x size -> uint8 [size, size, 3]."""
-    return square_pixels(expand_to_square(as_rgb(image)), size)
-
-
 # --- AnyRes geometry (pure Python) --------------------------------------------------------------
 def grid_resolutions(tile_size: int = TILE_SIZE, max_grid: int = MAX_GRID) -> list[tuple[int, int]]:
     """Candidate canvases (width, height) = (i * tile, j * tile), i outer, j inner, 1..max_grid.

@@ -7,7 +7,7 @@ there); this module adds the images:
 * `ImageProcessor`: a record with one image is processed by `vision.image_aspect_ratio`
   (`square`: one view + a newline; `anyres_max_N`: base view then tiles); every image of a
   multi-image record gets ONE view padded to a square with the mean colour
-  (`images.padded_square_pixels`): its tokens and one newline. Stage 1 (`llada_plain`): one
+  (`images.expand_to_square`): its tokens and one newline. Stage 1 (`llada_plain`): one
   square view of `image_size` whose tokens are merged flat (no newline token).
 * `encode_conversation`: messages + images -> `EncodedConversation` (ids with placeholders,
   maskable, each kept image's views and plan).
@@ -105,7 +105,7 @@ class ImageProcessor:
         """(views uint8 [n, S, S, 3], plan (index [T, 4], weight [T, 4], is_newline [T]))."""
         image = images.as_rgb(image)
         if pad_to_square:
-            views = images.padded_square_pixels(image, self.image_size)[None]
+            views = images.square_pixels(images.expand_to_square(image), self.image_size)[None]
             return views, self._single_view_plan(newline=True)
         if self.max_num_tiles is None:
             views = images.square_pixels(image, self.image_size)[None]

@@ -85,12 +85,6 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def trainable_groups(train: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The parameter groups that train (`train.trainable`; 'all': every group). The groups
-    and the spec's grammar are schema (`config.PARAM_GROUPS`, `config.parse_trainable`)."""
-    return parse_trainable(train.trainable)
-
-
 def param_group(path: tuple[Any, ...]) -> str:
     """The group of the parameter at `path` (a tree path): its top-level name if that is one of
     `PARAM_GROUPS` (LLaDA-V), else `language_model` (a plain LLaDA model)."""
@@ -134,7 +128,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
                            eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
                            mask=weight_decay_mask)
 
-    trainable = trainable_groups(train)
+    trainable = parse_trainable(train.trainable)
     peaks = group_peak_learning_rates(train)
     steps = []
     if trainable == PARAM_GROUPS and len(set(peaks.values())) == 1:
