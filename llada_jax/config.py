@@ -258,8 +258,7 @@ def default_config() -> ml_collections.ConfigDict:
     # learning rates (0: train.learning_rate); every group follows train.schedule's shape.
     # LLaDA-V stage 1: trainable='projector'; stage 2: 'all' with vision_tower 2e-6.
     c.train.trainable = "all"        # 'all' or a comma-separated list of groups
-    c.train.group_learning_rates = ml_collections.ConfigDict(
-        {"vision_tower": 0.0, "projector": 0.0, "language_model": 0.0})
+    c.train.group_learning_rates = ml_collections.ConfigDict(dict.fromkeys(PARAM_GROUPS, 0.0))
 
     return c
 

@@ -113,11 +113,6 @@ def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "maskable": segment_ids > 0}
 
 
-def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Copies a batch out of grain's shared memory, so it outlives the worker's buffer."""
-    return {k: np.array(v) for k, v in batch.items()}
-
-
 def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                   split: str = "train", *, process_index: int | None = None,
                   process_count: int | None = None,
@@ -206,5 +201,6 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(to_numpy)
+        # Copies of the batches: grain's shared memory is reused once the worker's buffer moves on.
+        dataset = dataset.map(lambda batch: {k: np.array(v) for k, v in batch.items()})
     return dataset

@@ -140,13 +140,12 @@ def parse_source_spec(spec: str, field: str = "data.source") -> list[SourceSpec]
 def parse_image_source_spec(spec: str, field: str = "data.source") -> SourceSpec:
     """A source of image-text records (`vision.enabled`): shapes, llava:, or files: read as
     llava:; ValueError naming `config.{field}` for anything else."""
-    parsed = None
     try:
-        parsed = parse_source_spec(spec, field)
-    except ValueError:
-        pass
-    if parsed and len(parsed) == 1 and parsed[0].kind in (*IMAGE_KINDS, "files"):
-        return dataclasses.replace(parsed[0], kind=parsed[0].kind.replace("files", "llava"))
+        (parsed,) = parse_source_spec(spec, field)
+    except ValueError:  # not a source spec, or a mixture of several
+        parsed = None
+    if parsed and parsed.kind in (*IMAGE_KINDS, "files"):
+        return dataclasses.replace(parsed, kind=parsed.kind.replace("files", "llava"))
     raise ValueError(f"config.{field}: expected an image-text source with vision.enabled: "
                      f"'shapes', 'shapes@test', 'files:GLOB' or 'llava:GLOB' (LLaVA JSON/JSONL), "
                      f"found {spec!r}")
@@ -192,8 +191,7 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ends = np.concatenate(newline_positions).astype(np.int64)
     counts = np.concatenate(content_counts).astype(np.int64)
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-    previous = np.concatenate([[0], counts[:-1]])
-    keep = counts > previous
+    keep = counts > np.concatenate([[0], counts[:-1]])  # more content than at the last newline
     line_numbers = np.flatnonzero(keep).astype(np.int64) + 1
     return starts[keep], ends[keep], line_numbers
 
