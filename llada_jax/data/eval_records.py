@@ -99,9 +99,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
     continuation gets no token of its own.
     """
     stripped = context.rstrip()
-    if len(stripped) < len(context):
-        continuation = context[len(stripped):] + continuation
-        context = stripped
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     continuation_ids = whole[len(context_ids):]
