@@ -639,8 +639,7 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(t.group_learning_rates) - set(PARAM_GROUPS))
     if unknown:
         fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
-    v = config.vision
-    if not v.enabled:
+    if not config.vision.enabled:
         if groups != PARAM_GROUPS and groups != ("language_model",):
             fail("train.trainable", "'all' or 'language_model' without a vision tower "
                  "(vision.enabled=False)", t.trainable)

@@ -111,9 +111,8 @@ class ImageProcessor:
             views = images.square_pixels(image, self.image_size)[None]
             return views, self._single_view_plan(self.newline)
         views, size = images.anyres_pixels(image, self.image_size, self.max_grid)
-        plan = images.anyres_token_sources(size, len(views), self.image_size, self.max_grid,
-                                           self.max_num_tiles, self.tokens_per_side)
-        return views, plan
+        return views, images.anyres_token_sources(size, len(views), self.image_size, self.max_grid,
+                                                  self.max_num_tiles, self.tokens_per_side)
 
     def num_tokens(self, image_size: tuple[int, int], pad_to_square: bool = False) -> int:
         """Image tokens of an image of (width, height) `image_size`."""
