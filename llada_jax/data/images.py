@@ -324,8 +324,7 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     if num_views is not None and num_views != 1 + cols * rows:
         raise ValueError(f"an image of size {tuple(image_size)} has a {cols}x{rows} tile grid, so "
                          f"1 + {cols * rows} views, not {num_views}")
-    grid_h, grid_w = rows * tokens_per_side, cols * tokens_per_side
-    r0, r1, c0, c1 = unpad_crop(image_size, (grid_h, grid_w))
+    r0, r1, c0, c1 = unpad_crop(image_size, (rows * tokens_per_side, cols * tokens_per_side))
     h, w = r1 - r0, c1 - c0
     target = downsampled_shape((h, w), max_num_tiles, tokens_per_side)
     if target is None:      # identity "interpolation": one source with weight 1

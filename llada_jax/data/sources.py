@@ -234,14 +234,10 @@ class FileLinesSource:
         self._open_lock = threading.Lock()
 
     def _read(self, file_id: int, start: int, end: int) -> bytes:
-        descriptor = self._descriptors.get(file_id)
-        if descriptor is None:
-            with self._open_lock:
-                descriptor = self._descriptors.get(file_id)
-                if descriptor is None:
-                    descriptor = os.open(self.paths[file_id], os.O_RDONLY)
-                    self._descriptors[file_id] = descriptor
-        return os.pread(descriptor, end - start, start)  # pread: no shared file position
+        with self._open_lock:  # one descriptor per file, whichever thread reads it first
+            if file_id not in self._descriptors:
+                self._descriptors[file_id] = os.open(self.paths[file_id], os.O_RDONLY)
+        return os.pread(self._descriptors[file_id], end - start, start)  # no shared position
 
     def _record(self, file_id: int, line_number: int, raw: bytes) -> dict[str, Any]:
         """One line's record, or `{"_error": reason}` for a line that cannot be one."""
