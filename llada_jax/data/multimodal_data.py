@@ -157,16 +157,15 @@ class EncodedConversation(chat.EncodedIds):
 def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
                         tokenizer: Tokenizer, processor: ImageProcessor, *,
                         add_generation_prompt: bool = False, origin: str = "",
-                        max_length: int | None = None,
-                        template: ConversationTemplate | None = None) -> EncodedConversation:
-    """A conversation in `template`'s format (default: `processor.template`) with its images.
+                        max_length: int | None = None) -> EncodedConversation:
+    """A conversation in the format of `processor.template`, with its images.
 
     `messages`: `{"role", "content"}` dicts (a leading system message replaces the template's
     system message). With `add_generation_prompt` the result is a prompt to sample from (see
     `chat.encode_conversation`). `max_length`: drop trailing exchanges (with their images) while
     longer and another answer is left; BadRecordError ('overlong') if it still does not fit.
     """
-    template = processor.template if template is None else template
+    template = processor.template
     marks = sum(m["content"].count(IMAGE_MARK) for m in messages)
     if marks != len(image_list):
         raise BadRecordError(origin, f"the conversation has {marks} {IMAGE_MARK} mark(s) but "
