@@ -94,32 +94,26 @@ class ImageProcessor:
     def tokens_per_view(self) -> int:
         return self.tokens_per_side ** 2
 
-    def _single_view_plan(self, newline: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        plan = images.anyres_token_sources((self.image_size, self.image_size), num_views=1,
-                                           tokens_per_side=self.tokens_per_side)
-        return plan if newline else tuple(a[:self.tokens_per_view] for a in plan)
-
     def __call__(self, image: Image.Image | np.ndarray | str | os.PathLike[str],
                  pad_to_square: bool = False
                  ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(views uint8 [n, S, S, 3], plan (index [T, 4], weight [T, 4], is_newline [T]))."""
         image = images.as_rgb(image)
-        if pad_to_square:
-            views = images.square_pixels(images.expand_to_square(image), self.image_size)[None]
-            return views, self._single_view_plan(newline=True)
-        if self.max_num_tiles is None:
-            views = images.square_pixels(image, self.image_size)[None]
-            return views, self._single_view_plan(self.newline)
+        if pad_to_square or self.max_num_tiles is None:  # one view: its tokens, then a newline
+            square = images.expand_to_square(image) if pad_to_square else image
+            plan = images.anyres_token_sources((self.image_size, self.image_size), num_views=1,
+                                               tokens_per_side=self.tokens_per_side)
+            if not (pad_to_square or self.newline):  # stage 1's flat merge: no newline
+                plan = tuple(a[:self.tokens_per_view] for a in plan)
+            return images.square_pixels(square, self.image_size)[None], plan
         views, size = images.anyres_pixels(image, self.image_size, self.max_grid)
         return views, images.anyres_token_sources(size, len(views), self.image_size, self.max_grid,
                                                   self.max_num_tiles, self.tokens_per_side)
 
     def num_tokens(self, image_size: tuple[int, int], pad_to_square: bool = False) -> int:
         """Image tokens of an image of (width, height) `image_size`."""
-        if pad_to_square:
-            return self.tokens_per_view + 1
-        if self.max_num_tiles is None:
-            return self.tokens_per_view + int(self.newline)
+        if pad_to_square or self.max_num_tiles is None:
+            return self.tokens_per_view + int(pad_to_square or self.newline)
         return images.anyres_num_tokens(image_size, self.image_size, self.max_grid,
                                         self.max_num_tiles, self.tokens_per_side)
 
