@@ -114,9 +114,6 @@ def encode_requests(tokenizer: Tokenizer, contexts: Sequence[str], continuations
                     ) -> tuple[list[list[int]], list[list[int]]]:
     """`encode_pair` over parallel lists; `prefix` (e.g. [BOS]) starts every context."""
     where = where or [f"record {n + 1}" for n in range(len(contexts))]
-    contexts_ids, continuations_ids = [], []
-    for context, continuation, name in zip(contexts, continuations, where, strict=True):
-        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, name)
-        contexts_ids.append([*prefix, *context_ids])
-        continuations_ids.append(continuation_ids)
-    return contexts_ids, continuations_ids
+    pairs = [encode_pair(tokenizer, context, continuation, name) for context, continuation, name
+             in zip(contexts, continuations, where, strict=True)]
+    return [[*prefix, *context] for context, _ in pairs], [answer for _, answer in pairs]
