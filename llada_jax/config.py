@@ -621,8 +621,7 @@ def parse_trainable(spec: str) -> tuple[str, ...]:
     if spec.strip() == "all":
         return PARAM_GROUPS
     groups = tuple(g.strip() for g in spec.split(","))
-    unknown = [g for g in groups if g not in PARAM_GROUPS]
-    if unknown or len(set(groups)) != len(groups):
+    if not set(groups) <= set(PARAM_GROUPS) or len(set(groups)) != len(groups):
         fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
     return groups
 

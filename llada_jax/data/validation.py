@@ -54,7 +54,6 @@ def check(config: ml_collections.ConfigDict) -> None:
             fail(f"data.{name}", "a text source with vision.enabled=False (image-text records "
                  "need the LLaDA-V model)", d[name])
     kinds = {spec.kind for spec in sources.parse_source_spec(d.source)}
-    if config.train.objective in CONVERSATION_OBJECTIVES and "synthetic" in kinds:
-        fail("data.source", f"a source of conversations for train.objective="
-             f"'{config.train.objective}' (e.g. 'synthetic_chat' or 'files:/data/sft/*.jsonl')",
-             d.source)
+    if t.objective in CONVERSATION_OBJECTIVES and "synthetic" in kinds:
+        fail("data.source", f"a source of conversations for train.objective='{t.objective}' "
+             "(e.g. 'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)
