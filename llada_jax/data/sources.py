@@ -431,11 +431,10 @@ class LlavaFilesSource:
     """
 
     def __init__(self, pattern: str, image_folder: str = "") -> None:
-        paths = matching_files(pattern)
         self.image_folder = image_folder
         # (path, list of (line, record) or a line source, length)
         self._parts: list[tuple[str, Any, int]] = []
-        for path in paths:
+        for path in matching_files(pattern):
             records = (read_json_list(path) if path.endswith(".json") and _starts_with_bracket(path)
                        else FileLinesSource(path))
             self._parts.append((path, records, len(records)))

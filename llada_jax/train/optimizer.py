@@ -129,9 +129,8 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
                            mask=weight_decay_mask)
 
     trainable = parse_trainable(train.trainable)
-    peaks = group_peak_learning_rates(train)
     steps = []
-    if trainable == PARAM_GROUPS and len(set(peaks.values())) == 1:
+    if trainable == PARAM_GROUPS and len(set(group_peak_learning_rates(train).values())) == 1:
         update = adamw(make_schedule(train))
     else:
         frozen = tuple(g for g in PARAM_GROUPS if g not in trainable)
