@@ -44,7 +44,7 @@ MAX_NUM_TILES = 4         # the 4 of "anyres_max_4"
 # How far above MAX_NUM_TILES * 729 tokens (in the square root of the ratio) the tile grid may go
 # before it is downsampled: `times = sqrt(h * w / (4 * 729)); if times > 1.1: downsample`.
 DOWNSAMPLE_THRESHOLD = 1.1
-IMAGE_MEAN = (0.5, 0.5, 0.5)   # and the std: `normalize`
+IMAGE_MEAN = (0.5, 0.5, 0.5)   # per channel; the std is 0.5 too (`normalize`)
 # The background LLaDA-V pads multi-image views to a square with: the image mean in 8 bits,
 # `tuple(int(x * 255) for x in image_mean)` = (127, 127, 127).
 PAD_BACKGROUND = tuple(int(m * 255) for m in IMAGE_MEAN)
@@ -328,14 +328,14 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     h, w = r1 - r0, c1 - c0
     target = downsampled_shape((h, w), max_num_tiles, tokens_per_side)
     if target is None:      # identity "interpolation": one source with weight 1
-        ys, wy = (np.arange(h, dtype=np.int32),) * 2, np.zeros(h, np.float32)
-        xs, wx = (np.arange(w, dtype=np.int32),) * 2, np.zeros(w, np.float32)
         h_out, w_out = h, w
+        y_lo = y_hi = np.arange(h, dtype=np.int32)
+        x_lo = x_hi = np.arange(w, dtype=np.int32)
+        wy, wx = np.zeros(h, np.float32), np.zeros(w, np.float32)
     else:
         h_out, w_out = target
         y_lo, y_hi, wy = bilinear_sources(h, h_out)
         x_lo, x_hi, wx = bilinear_sources(w, w_out)
-        ys, xs = (y_lo, y_hi), (x_lo, x_hi)
 
     def flat(y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Index in views_flat of unpadded-grid cell (y, x) (broadcast)."""
@@ -344,8 +344,7 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
         inner = (gy % tokens_per_side) * tokens_per_side + gx % tokens_per_side
         return (1 + tile) * per_view + inner
 
-    y_lo, y_hi = ys[0][:, None], ys[1][:, None]
-    x_lo, x_hi = xs[0][None, :], xs[1][None, :]
+    y_lo, y_hi, x_lo, x_hi = y_lo[:, None], y_hi[:, None], x_lo[None, :], x_hi[None, :]
     a, b = wy[:, None], wx[None, :]
     grid_index = np.stack([flat(y_lo, x_lo), flat(y_lo, x_hi), flat(y_hi, x_lo), flat(y_hi, x_hi)],
                           axis=-1)                                    # [h_out, w_out, 4]
