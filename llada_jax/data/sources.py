@@ -42,6 +42,7 @@ This module only reads: it never writes next to the data and never downloads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -291,10 +292,8 @@ class FileLinesSource:
 
     def __del__(self) -> None:
         for descriptor in getattr(self, "_descriptors", {}).values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(descriptor)
-            except OSError:
-                pass
 
 
 class TfdsSource:
@@ -470,8 +469,7 @@ class LlavaFilesSource:
 
 def _starts_with_bracket(path: str) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"[")
+        return f.read(4096).lstrip().startswith(b"[")
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
