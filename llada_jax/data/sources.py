@@ -282,8 +282,7 @@ class FileLinesSource:
 
     def without(self, indices: Sequence[int]) -> FileLinesSource:
         """A copy of this source without the records at `indices` (e.g. bad lines)."""
-        keep = np.ones((len(self),), bool)
-        keep[np.asarray(indices, np.int64)] = False
+        keep = ~np.isin(np.arange(len(self)), indices)
         copy = FileLinesSource.__new__(FileLinesSource)
         copy.__setstate__(self.__getstate__())
         for name in ("_starts", "_ends", "_line_numbers", "_file_ids"):
