@@ -299,8 +299,8 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
             system_message = messages.pop(0)["content"]
         if add_generation_prompt:
             system_message = system_message.strip()
-            suffix = [tokenizer.start_header_id, *tokenizer.encode("assistant"),
-                      tokenizer.end_header_id, *tokenizer.encode("\n\n")]
+            # The open assistant header: an empty assistant turn without its <|eot_id|>.
+            suffix = render_llava_turn(tokenizer, "assistant", "", [])[:-1]
         head = [tokenizer.bos_id, *render_llava_turn(tokenizer, "system", system_message, [])]
         turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, structural)
     if max_length is None:
