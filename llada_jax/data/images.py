@@ -352,11 +352,10 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     # Append the newline column: [h_out, w_out + 1, 4].
     grid_index = np.concatenate([grid_index, np.zeros((h_out, 1, 4), grid_index.dtype)], axis=1)
     grid_weight = np.concatenate([grid_weight, np.zeros((h_out, 1, 4), grid_weight.dtype)], axis=1)
-    grid_newline = np.zeros((h_out, w_out + 1), bool)
-    grid_newline[:, -1] = True
+    grid_newline = np.tile(np.arange(w_out + 1) == w_out, h_out)   # the last column, per row
     index = np.concatenate([base_index, grid_index.reshape(-1, 4)]).astype(np.int32)
     weight = np.concatenate([base_weight, grid_weight.reshape(-1, 4)]).astype(np.float32)
-    newline = np.concatenate([np.zeros(per_view, bool), grid_newline.reshape(-1)])
+    newline = np.concatenate([np.zeros(per_view, bool), grid_newline])
     return index, weight, newline
 
 
