@@ -80,9 +80,8 @@ def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
 
 def weight_decay_mask(params: Any) -> Any:
     """True for every parameter that gets weight decay: all but the RMSNorm `scale`s."""
-    def decayed(path, _):
-        return not any(getattr(entry, "key", None) == "scale" for entry in path)
-    return jax.tree_util.tree_map_with_path(decayed, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(entry, "key", None) == "scale" for entry in path), params)
 
 
 def param_group(path: tuple[Any, ...]) -> str:
@@ -184,9 +183,8 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], p
         return loss, grads, aux
 
     def constrain(tree):
-        if grad_shardings is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, grad_shardings)
+        return (tree if grad_shardings is None
+                else jax.lax.with_sharding_constraint(tree, grad_shardings))
 
     def body(carry, micro_batch):
         loss_sum, grad_sum, aux_sum = carry
