@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    rows = parallel.per_host_batch_size(config.train.batch_size)
+    rows = config.train.batch_size // jax.process_count()
     seq_len = config.train.seq_len
     iterator = iter(pipeline.build_dataset(config, tokenizer))
     seconds, last_batches = time_pipeline(iterator, _WARMUP.value, _BATCHES.value)

@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
     row = rows({"image": image, "conversations": [
         {"from": "human", "value": "<image>\n" + "x" * (filler // 2)},
         {"from": "gpt", "value": "y" * (filler - filler // 2)}]})
-    host = {k: np.stack([v] * parallel.per_host_batch_size(train.batch_size))
+    host = {k: np.stack([v] * (train.batch_size // jax.process_count()))
             for k, v in row.items()}
     batch = parallel.global_batch(host, mesh)
     train_step = step_lib.make_train_step(config, model, tx, mesh, shardings)

@@ -258,8 +258,7 @@ def default_config() -> ml_collections.ConfigDict:
     # learning rates (0: train.learning_rate); every group follows train.schedule's shape.
     # LLaDA-V stage 1: trainable='projector'; stage 2: 'all' with vision_tower 2e-6.
     c.train.trainable = "all"        # 'all' or a comma-separated list of groups
-    c.train.group_learning_rates = ml_collections.ConfigDict(
-        {"vision_tower": 0.0, "projector": 0.0, "language_model": 0.0})
+    c.train.group_learning_rates = ml_collections.ConfigDict(dict.fromkeys(PARAM_GROUPS, 0.0))
 
     return c
 
@@ -319,8 +318,12 @@ def check_fields(where: str, values: Any, rules: Sequence[tuple[str, Rule]]) -> 
                 raise ValueError(f"{where.format(name)}: expected {expected}, found {value!r}")
 
 
+ROUTERS = ("softmax", "sigmoid_grouped")
+
+
 def validate_model(m: ModelConfig) -> None:
-    """Checks a ModelConfig; raises ValueError naming the field."""
+    """Checks a ModelConfig (its mixture-of-experts fields too); raises ValueError naming the
+    field."""
     check_fields("config.model.{}", m, (
         ("vocab_size d_model n_layers n_heads n_kv_heads head_dim mlp_hidden_size "
          "max_sequence_length", POSITIVE_INT),
@@ -336,14 +339,7 @@ def validate_model(m: ModelConfig) -> None:
         ("rotary_dim", (lambda v: not isinstance(v, int) or not 0 <= v <= m.head_dim or v % 2,
                         f"an even number in [0, head_dim={m.head_dim}] (0: all)")),
     ))
-    validate_moe(m)
-
-
-ROUTERS = ("softmax", "sigmoid_grouped")
-
-
-def validate_moe(m: ModelConfig) -> None:
-    """Checks the mixture-of-experts fields of a ModelConfig; raises ValueError naming the field."""
+    # Mixture of experts.
     check_fields("config.model.{}", m, (
         ("num_experts experts_per_token expert_mlp_hidden_size num_shared_experts first_k_dense",
          COUNT),))
@@ -420,8 +416,8 @@ class SamplerConfig:
     def __post_init__(self):
         validate_sampler(self)
         if self.stop_at_eot and self.eot_id < 0:
-            raise ValueError("config.sampler.stop_at_eot: expected False when there is no EoT id "
-                             "(sampler.eot_token_id and the tokenizer give none), found True")
+            fail("sampler.stop_at_eot", "False when there is no EoT id (sampler.eot_token_id "
+                 "and the tokenizer give none)", True)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -442,8 +438,7 @@ class SamplerConfig:
         fields.update(
             mask_id=config.model.mask_token_id, eos_id=config.model.eos_token_id,
             eot_id=s.eot_token_id if s.eot_token_id >= 0 else (-1 if eot_id is None else eot_id))
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**(fields | overrides))
 
     @property
     def num_blocks(self) -> int:
@@ -626,8 +621,7 @@ def parse_trainable(spec: str) -> tuple[str, ...]:
     if spec.strip() == "all":
         return PARAM_GROUPS
     groups = tuple(g.strip() for g in spec.split(","))
-    unknown = [g for g in groups if g not in PARAM_GROUPS]
-    if unknown or len(set(groups)) != len(groups):
+    if not set(groups) <= set(PARAM_GROUPS) or len(set(groups)) != len(groups):
         fail("train.trainable", f"'all' or distinct names among {PARAM_GROUPS}", spec)
     return groups
 
@@ -644,8 +638,7 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(t.group_learning_rates) - set(PARAM_GROUPS))
     if unknown:
         fail("train.group_learning_rates", f"only the groups {PARAM_GROUPS}", unknown)
-    v = config.vision
-    if not v.enabled:
+    if not config.vision.enabled:
         if groups != PARAM_GROUPS and groups != ("language_model",):
             fail("train.trainable", "'all' or 'language_model' without a vision tower "
                  "(vision.enabled=False)", t.trainable)

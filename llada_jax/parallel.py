@@ -160,10 +160,3 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
                                                          np.asarray(value))
             for name, value in host_batch.items()}
 
-
-def per_host_batch_size(global_batch_size: int) -> int:
-    """Rows of the global batch that this process loads."""
-    if global_batch_size % jax.process_count():
-        raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the "
-                         f"number of processes ({jax.process_count()})")
-    return global_batch_size // jax.process_count()

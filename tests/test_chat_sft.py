@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
 from llada_jax.config import default_config
-from llada_jax.data import pipeline, synthetic_chat
+from llada_jax.data import bad_records, pipeline, synthetic_chat
 from llada_jax.data.chat import BadRecordError, build_sft_example, parse_messages
 from llada_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from llada_jax.diffusion.noise import forward_process
@@ -356,13 +356,13 @@ def test_bad_records_error_names_the_line_or_are_skipped_and_counted(tmp_path):
         with pytest.raises(BadRecordError, match=f"{path}:{line}: .*{message}"):
             build_sft_example(parse_messages(record), TOK, seq_len=48, origin=record["_origin"])
     c.data.bad_records = "skip"
-    pipeline.reset_skipped_records()
+    bad_records.reset_skipped_records()
     rows = list(pipeline.build_dataset(c, TOK, process_index=0, process_count=1))
     assert len(rows) == 2  # the two good conversations, nothing else
     for batch in rows:
         assert TOK.decode(batch["tokens"][0][batch["maskable"][0]], skip_special=False) == (
             "yo<|eot_id|>" + "<|endoftext|>" * (48 - 25 - 3))
-    assert pipeline.skipped_records() == {"unreadable": 1, "invalid": 5, "empty": 1,
+    assert bad_records.skipped_records() == {"unreadable": 1, "invalid": 5, "empty": 1,
                                           "overlong": 1}
 
 

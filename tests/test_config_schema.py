@@ -98,17 +98,12 @@ def test_old_import_paths_still_work():
         validate_vision(VisionConfig(width=0))
 
 
-def test_trainable_groups_next_to_the_optimizer():
-    from llada_jax.train.optimizer import trainable_groups
-
-    train = config_lib.default_config().train
-    assert trainable_groups(train) == ("vision_tower", "projector", "language_model")
-    train.trainable = " projector,vision_tower"
-    assert trainable_groups(train) == ("projector", "vision_tower")
-    train.trainable = "projector,projector"
+def test_trainable_groups():
+    assert config_lib.parse_trainable("all") == ("vision_tower", "projector", "language_model")
+    assert config_lib.parse_trainable(" projector,vision_tower") == ("projector", "vision_tower")
     with pytest.raises(ValueError, match=r"^config.train.trainable: expected 'all' or distinct "
                                          r"names among"):
-        trainable_groups(train)
+        config_lib.parse_trainable("projector,projector")
 
 
 def test_validation_needs_neither_jax_nor_the_data_or_model_layers():

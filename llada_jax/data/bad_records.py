@@ -69,17 +69,6 @@ def skipped_summary() -> str:
             f"{_counts_text(_SKIPPED)}")
 
 
-def handle_bad_record(error: BadRecordError, policy: str) -> None:
-    """Raises `error` (policy 'error') or logs it and counts it by kind (policy 'skip')."""
-    if policy == "error":
-        raise error
-    _SKIPPED[error.kind] += 1
-    total = sum(_SKIPPED.values())
-    if total <= LOGGED_SKIPS or total & (total - 1) == 0:  # the first ones, then powers of two
-        logging.warning("skipping bad record %d (config.data.bad_records='skip'; so far in "
-                        "process %d: %s): %s", total, os.getpid(), _counts_text(_SKIPPED), error)
-
-
 class RowBuilder:
     """Base of the record -> row transforms of the pipeline: `row(record[, rng])` may raise
     BadRecordError, which `self.bad_records` ('error' | 'skip') raises or turns into None."""
@@ -93,7 +82,14 @@ class RowBuilder:
         try:
             return self.row(record, *rng)
         except BadRecordError as error:
-            handle_bad_record(error, self.bad_records)
+            if self.bad_records == "error":
+                raise
+            _SKIPPED[error.kind] += 1
+            total = sum(_SKIPPED.values())
+            if total <= LOGGED_SKIPS or total & (total - 1) == 0:  # the first ones, then 2**k
+                logging.warning("skipping bad record %d (config.data.bad_records='skip'; so far in "
+                                "process %d: %s): %s", total, os.getpid(), _counts_text(_SKIPPED),
+                                error)
             return None
 
 
@@ -113,20 +109,19 @@ def check_document(record: dict[str, Any], text_field: str) -> str:
 
 
 def prescan(spec: SourceSpec, source: Any, check: Callable[[dict[str, Any]], Any],
-            policy: str, max_bytes: int | None = None) -> Any:
+            policy: str) -> Any:
     """Checks every record of a local-files source before training (see the module docstring).
 
     Returns the source (policy 'error': unchanged, or raises the first bad record's
     BadRecordError), or a copy without its bad lines (policy 'skip'). Other sources, and files
-    larger in total than `max_bytes`, are returned unchecked.
+    larger in total than `PRESCAN_MAX_BYTES`, are returned unchecked.
     """
     if not isinstance(source, FileLinesSource):
         return source
-    max_bytes = PRESCAN_MAX_BYTES if max_bytes is None else max_bytes
-    if source.total_bytes > max_bytes:
+    if source.total_bytes > PRESCAN_MAX_BYTES:
         logging.info("data: files:%s holds %.1f GB, more than the pre-scan limit of %.1f GB; "
                      "its records are checked as they are read", spec.argument,
-                     source.total_bytes / 1e9, max_bytes / 1e9)
+                     source.total_bytes / 1e9, PRESCAN_MAX_BYTES / 1e9)
         return source
     stats = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in source.paths)
     key = (tuple(source.paths), stats, repr(check), policy)

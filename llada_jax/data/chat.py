@@ -42,14 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from llada_jax.config import SFT_MULTITURN, fail
 from llada_jax.data.llava_format import LLAVA_SYSTEM_MESSAGE, PLAIN_SEPARATOR
 from llada_jax.data.schema import ERROR, IMAGE_MARK, IMAGE_PLACEHOLDER_ID, ORIGIN, BadRecordError
 from llada_jax.data.tokenizer import Tokenizer
 
-__all__ = ["BadRecordError", "EncodedIds", "build_sft_example", "encode_conversation",
-           "llava_messages", "move_image_to_front", "parse_messages"]
-
-MULTITURN_MODES = ("sample_turn", "all_responses")
 ROLES = ("system", "user", "assistant")
 STYLES = ("llada", "llava_llada", "llada_plain")
 TRUNCATIONS = ("drop_oldest", "drop_last_exchange")
@@ -181,15 +178,13 @@ def _llada_turns(messages: Sequence[dict], trained: set[int],
 
 
 def _llava_turns(messages: Sequence[dict], counts: Sequence[int], tokenizer: Tokenizer,
-                 add_generation_prompt: bool, has_images: bool) -> list[_Turn]:
-    structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
-                  tokenizer.eot_id}
+                 add_generation_prompt: bool, structural: set[int]) -> list[_Turn]:
     turns, used = [], 0
     for m in messages:
         content = m["content"]
         if add_generation_prompt:     # the released chat template trims every message
             content = content.strip()
-        elif has_images:              # training rows of records with images
+        elif counts:                  # training rows of records with images
             content = move_image_to_front(content)
         n = content.count(IMAGE_MARK)
         ids = render_llava_turn(tokenizer, m["role"], content, counts[used:used + n])
@@ -274,8 +269,7 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
     (default: the style's `DEFAULT_TRUNCATION`): see the module docstring.
     """
     if style not in STYLES:
-        raise ValueError(f"config.data.conversation_format: expected one of {STYLES[1:]}, "
-                         f"found {style!r}")
+        fail("data.conversation_format", f"one of {STYLES[1:]}", style)
     truncation = DEFAULT_TRUNCATION[style] if truncation is None else truncation
     if truncation not in TRUNCATIONS:
         raise ValueError(f"encode_conversation: truncation must be one of {TRUNCATIONS}, found "
@@ -290,6 +284,8 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
                              origin)
     messages = list(messages)
     suffix: list[int] = []
+    structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
+                  tokenizer.eot_id}
     if style == "llada":
         head = [tokenizer.bos_id]
         trained = ({i for i, m in enumerate(messages) if m["role"] == "assistant"}
@@ -303,10 +299,10 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
             system_message = messages.pop(0)["content"]
         if add_generation_prompt:
             system_message = system_message.strip()
-            suffix = [tokenizer.start_header_id, *tokenizer.encode("assistant"),
-                      tokenizer.end_header_id, *tokenizer.encode("\n\n")]
+            # The open assistant header: an empty assistant turn without its <|eot_id|>.
+            suffix = render_llava_turn(tokenizer, "assistant", "", [])[:-1]
         head = [tokenizer.bos_id, *render_llava_turn(tokenizer, "system", system_message, [])]
-        turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, bool(counts))
+        turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, structural)
     if max_length is None:
         ids, mask, kept = _joined(turns)
     elif truncation == "drop_oldest":
@@ -315,8 +311,6 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
     else:
         ids, mask, kept = _drop_last_exchange(head, turns, suffix, max_length, counts,
                                               not add_generation_prompt, origin)
-    structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
-                  tokenizer.eot_id}
     head_mask = ([False] * len(head) if style == "llada" or add_generation_prompt
                  else [i in structural for i in head])
     return EncodedIds(head + ids + suffix, head_mask + mask + [False] * len(suffix),
@@ -357,12 +351,9 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
     whether the EOS padding is trained on (True for objective 'sft', False for
     'masked_response').
     """
-    if multiturn not in MULTITURN_MODES:
-        raise ValueError(f"config.data.sft_multiturn: expected one of {MULTITURN_MODES}, "
-                         f"found {multiturn!r}")
+    if multiturn not in SFT_MULTITURN:
+        fail("data.sft_multiturn", f"one of {SFT_MULTITURN}", multiturn)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant_turns:
-        raise BadRecordError(origin, "the conversation has no assistant turn to train on")
     if multiturn == "sample_turn":
         if len(assistant_turns) == 1:
             target = assistant_turns[0]

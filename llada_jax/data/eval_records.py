@@ -35,30 +35,27 @@ def _check_record(record: object, where: str) -> dict:
     if has_likelihood and has_choice:
         raise ValueError(f"{where}: a record is either {{'prompt', 'answer'}} or {{'question', "
                          f"'choices', 'label'}}, found keys {sorted(record)}")
+    if not has_likelihood and not has_choice:
+        raise ValueError(f"{where}: expected {{'prompt', 'answer'}} or {{'question', 'choices', "
+                         f"'label'}}, found keys {sorted(record)}")
+    for field in ("prompt", "answer") if has_likelihood else ("question",):
+        if not isinstance(record.get(field), str):
+            raise ValueError(f"{where}: field {field!r} must be a string, found "
+                             f"{_describe(record, field)}")
     if has_likelihood:
-        for field in ("prompt", "answer"):
-            if not isinstance(record.get(field), str):
-                raise ValueError(f"{where}: field {field!r} must be a string, found "
-                                 f"{_describe(record, field)}")
         if not record["answer"]:
             raise ValueError(f"{where}: field 'answer' is empty")
         return record
-    if has_choice:
-        if not isinstance(record.get("question"), str):
-            raise ValueError(f"{where}: field 'question' must be a string, found "
-                             f"{_describe(record, 'question')}")
-        choices = record.get("choices")
-        if not (isinstance(choices, list) and choices
-                and all(isinstance(c, str) and c for c in choices)):
-            raise ValueError(f"{where}: field 'choices' must be a non-empty list of non-empty "
-                             f"strings, found {_describe(record, 'choices')}")
-        label = record.get("label")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-            raise ValueError(f"{where}: field 'label' must be an integer in [0, {len(choices)}), "
-                             f"found {_describe(record, 'label')}")
-        return record
-    raise ValueError(f"{where}: expected {{'prompt', 'answer'}} or {{'question', 'choices', "
-                     f"'label'}}, found keys {sorted(record)}")
+    choices = record.get("choices")
+    if not (isinstance(choices, list) and choices
+            and all(isinstance(c, str) and c for c in choices)):
+        raise ValueError(f"{where}: field 'choices' must be a non-empty list of non-empty "
+                         f"strings, found {_describe(record, 'choices')}")
+    label = record.get("label")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise ValueError(f"{where}: field 'label' must be an integer in [0, {len(choices)}), "
+                         f"found {_describe(record, 'label')}")
+    return record
 
 
 def _describe(record: dict, field: str) -> str:
@@ -102,9 +99,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
     continuation gets no token of its own.
     """
     stripped = context.rstrip()
-    if len(stripped) < len(context):
-        continuation = context[len(stripped):] + continuation
-        context = stripped
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     continuation_ids = whole[len(context_ids):]
@@ -119,9 +114,6 @@ def encode_requests(tokenizer: Tokenizer, contexts: Sequence[str], continuations
                     ) -> tuple[list[list[int]], list[list[int]]]:
     """`encode_pair` over parallel lists; `prefix` (e.g. [BOS]) starts every context."""
     where = where or [f"record {n + 1}" for n in range(len(contexts))]
-    contexts_ids, continuations_ids = [], []
-    for context, continuation, name in zip(contexts, continuations, where, strict=True):
-        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, name)
-        contexts_ids.append([*prefix, *context_ids])
-        continuations_ids.append(continuation_ids)
-    return contexts_ids, continuations_ids
+    pairs = [encode_pair(tokenizer, context, continuation, name) for context, continuation, name
+             in zip(contexts, continuations, where, strict=True)]
+    return [[*prefix, *context] for context, _ in pairs], [answer for _, answer in pairs]

@@ -44,8 +44,7 @@ MAX_NUM_TILES = 4         # the 4 of "anyres_max_4"
 # How far above MAX_NUM_TILES * 729 tokens (in the square root of the ratio) the tile grid may go
 # before it is downsampled: `times = sqrt(h * w / (4 * 729)); if times > 1.1: downsample`.
 DOWNSAMPLE_THRESHOLD = 1.1
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
+IMAGE_MEAN = (0.5, 0.5, 0.5)   # per channel; the std is 0.5 too (`normalize`)
 # The background LLaDA-V pads multi-image views to a square with: the image mean in 8 bits,
 # `tuple(int(x * 255) for x in image_mean)` = (127, 127, 127).
 PAD_BACKGROUND = tuple(int(m * 255) for m in IMAGE_MEAN)
@@ -148,13 +147,6 @@ def expand_to_square(image: Image.Image,
     canvas.paste(image, (0, (width - height) // 2) if width > height else
                  ((height - width) // 2, 0))
     return canvas
-
-
-def padded_square_pixels(image: Image.Image | str | os.PathLike[str],
-                         size: int = TILE_SIZE) -> np.ndarray:
-    """One view of a multi-image record: padded to a square with the mean colour
-    (`expand_to_square`), then resized to size x size -> uint8 [size, size, 3]."""
-    return square_pixels(expand_to_square(as_rgb(image)), size)
 
 
 # --- AnyRes geometry (pure Python) --------------------------------------------------------------
@@ -284,25 +276,19 @@ def anyres_num_tokens(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
 
 
 # --- AnyRes pixels ------------------------------------------------------------------------------
-def resize_and_pad(image: Image.Image, canvas: tuple[int, int]) -> Image.Image:
-    """Resizes to fit `canvas` (bicubic, aspect ratio kept) and centres it on black."""
-    new_w, new_h = resized_size_in_canvas(image.size, canvas)
-    padded = Image.new("RGB", canvas, (0, 0, 0))
-    padded.paste(resize(image, (new_w, new_h)), ((canvas[0] - new_w) // 2,
-                                                 (canvas[1] - new_h) // 2))
-    return padded
-
-
 def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
                   max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:
     """An image -> (views uint8 [1 + cols * rows, tile, tile, 3], its (width, height)).
 
-    View 0 is the whole image resized to tile x tile; then the tiles of the padded canvas, row by
-    row, left to right. Keep the returned size: the feature side needs it to unpad.
+    View 0 is the whole image resized to tile x tile; then the tiles of the canvas (the image
+    resized to fit it, aspect ratio kept, centred on black), row by row, left to right. Keep the
+    returned size: the feature side needs it to unpad.
     """
     rgb = as_rgb(image)
     canvas = select_best_resolution(rgb.size, grid_resolutions(tile_size, max_grid))
-    padded = resize_and_pad(rgb, canvas)
+    new_w, new_h = resized_size_in_canvas(rgb.size, canvas)
+    padded = Image.new("RGB", canvas, (0, 0, 0))
+    padded.paste(resize(rgb, (new_w, new_h)), ((canvas[0] - new_w) // 2, (canvas[1] - new_h) // 2))
     tiles = [padded.crop((x, y, x + tile_size, y + tile_size))
              for y in range(0, canvas[1], tile_size) for x in range(0, canvas[0], tile_size)]
     views = [resize(rgb, (tile_size, tile_size)), *tiles]
@@ -338,19 +324,18 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     if num_views is not None and num_views != 1 + cols * rows:
         raise ValueError(f"an image of size {tuple(image_size)} has a {cols}x{rows} tile grid, so "
                          f"1 + {cols * rows} views, not {num_views}")
-    grid_h, grid_w = rows * tokens_per_side, cols * tokens_per_side
-    r0, r1, c0, c1 = unpad_crop(image_size, (grid_h, grid_w))
+    r0, r1, c0, c1 = unpad_crop(image_size, (rows * tokens_per_side, cols * tokens_per_side))
     h, w = r1 - r0, c1 - c0
     target = downsampled_shape((h, w), max_num_tiles, tokens_per_side)
     if target is None:      # identity "interpolation": one source with weight 1
-        ys, wy = (np.arange(h, dtype=np.int32),) * 2, np.zeros(h, np.float32)
-        xs, wx = (np.arange(w, dtype=np.int32),) * 2, np.zeros(w, np.float32)
         h_out, w_out = h, w
+        y_lo = y_hi = np.arange(h, dtype=np.int32)
+        x_lo = x_hi = np.arange(w, dtype=np.int32)
+        wy, wx = np.zeros(h, np.float32), np.zeros(w, np.float32)
     else:
         h_out, w_out = target
         y_lo, y_hi, wy = bilinear_sources(h, h_out)
         x_lo, x_hi, wx = bilinear_sources(w, w_out)
-        ys, xs = (y_lo, y_hi), (x_lo, x_hi)
 
     def flat(y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Index in views_flat of unpadded-grid cell (y, x) (broadcast)."""
@@ -359,8 +344,7 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
         inner = (gy % tokens_per_side) * tokens_per_side + gx % tokens_per_side
         return (1 + tile) * per_view + inner
 
-    y_lo, y_hi = ys[0][:, None], ys[1][:, None]
-    x_lo, x_hi = xs[0][None, :], xs[1][None, :]
+    y_lo, y_hi, x_lo, x_hi = y_lo[:, None], y_hi[:, None], x_lo[None, :], x_hi[None, :]
     a, b = wy[:, None], wx[None, :]
     grid_index = np.stack([flat(y_lo, x_lo), flat(y_lo, x_hi), flat(y_hi, x_lo), flat(y_hi, x_hi)],
                           axis=-1)                                    # [h_out, w_out, 4]
@@ -368,11 +352,10 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     # Append the newline column: [h_out, w_out + 1, 4].
     grid_index = np.concatenate([grid_index, np.zeros((h_out, 1, 4), grid_index.dtype)], axis=1)
     grid_weight = np.concatenate([grid_weight, np.zeros((h_out, 1, 4), grid_weight.dtype)], axis=1)
-    grid_newline = np.zeros((h_out, w_out + 1), bool)
-    grid_newline[:, -1] = True
+    grid_newline = np.tile(np.arange(w_out + 1) == w_out, h_out)   # the last column, per row
     index = np.concatenate([base_index, grid_index.reshape(-1, 4)]).astype(np.int32)
     weight = np.concatenate([base_weight, grid_weight.reshape(-1, 4)]).astype(np.float32)
-    newline = np.concatenate([np.zeros(per_view, bool), grid_newline.reshape(-1)])
+    newline = np.concatenate([np.zeros(per_view, bool), grid_newline])
     return index, weight, newline
 
 

@@ -10,6 +10,8 @@ import dataclasses
 
 import ml_collections
 
+from llada_jax.config import fail
+
 # LLaDA-V's conversation formats (its `--version`): chat for stage 2, captions for stage 1.
 LLAVA_LLADA = "llava_llada"
 LLADA_PLAIN = "llada_plain"
@@ -42,14 +44,12 @@ class ConversationTemplate:
 
     def __post_init__(self) -> None:
         if self.format not in CONVERSATION_FORMATS:
-            raise ValueError(f"config.data.conversation_format: expected one of "
-                             f"{CONVERSATION_FORMATS}, found {self.format!r}")
+            fail("data.conversation_format", f"one of {CONVERSATION_FORMATS}", self.format)
         if not isinstance(self.system_message, str):
-            raise ValueError(f"config.data.system_message: expected a string, found "
-                             f"{self.system_message!r}")
+            fail("data.system_message", "a string", self.system_message)
         if self.label_eos_padding not in (None, True, False):
-            raise ValueError(f"config.data.label_eos_padding: expected None (the released "
-                             f"recipe), True or False, found {self.label_eos_padding!r}")
+            fail("data.label_eos_padding", "None (the released recipe), True or False",
+                 self.label_eos_padding)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ConversationTemplate:

@@ -7,7 +7,7 @@ there); this module adds the images:
 * `ImageProcessor`: a record with one image is processed by `vision.image_aspect_ratio`
   (`square`: one view + a newline; `anyres_max_N`: base view then tiles); every image of a
   multi-image record gets ONE view padded to a square with the mean colour
-  (`images.padded_square_pixels`): its tokens and one newline. Stage 1 (`llada_plain`): one
+  (`images.expand_to_square`): its tokens and one newline. Stage 1 (`llada_plain`): one
   square view of `image_size` whose tokens are merged flat (no newline token).
 * `encode_conversation`: messages + images -> `EncodedConversation` (ids with placeholders,
   maskable, each kept image's views and plan).
@@ -41,7 +41,6 @@ from PIL import Image
 from llada_jax import config as config_lib
 from llada_jax.data import chat, images
 from llada_jax.data.bad_records import RowBuilder
-from llada_jax.data.chat import llava_messages
 from llada_jax.data.llava_format import DEFAULT_TEMPLATE, LLADA_PLAIN, ConversationTemplate
 from llada_jax.data.schema import (
     IMAGE_FIELDS,
@@ -95,33 +94,26 @@ class ImageProcessor:
     def tokens_per_view(self) -> int:
         return self.tokens_per_side ** 2
 
-    def _single_view_plan(self, newline: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        plan = images.anyres_token_sources((self.image_size, self.image_size), num_views=1,
-                                           tokens_per_side=self.tokens_per_side)
-        return plan if newline else tuple(a[:self.tokens_per_view] for a in plan)
-
     def __call__(self, image: Image.Image | np.ndarray | str | os.PathLike[str],
                  pad_to_square: bool = False
                  ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(views uint8 [n, S, S, 3], plan (index [T, 4], weight [T, 4], is_newline [T]))."""
         image = images.as_rgb(image)
-        if pad_to_square:
-            views = images.padded_square_pixels(image, self.image_size)[None]
-            return views, self._single_view_plan(newline=True)
-        if self.max_num_tiles is None:
-            views = images.square_pixels(image, self.image_size)[None]
-            return views, self._single_view_plan(self.newline)
+        if pad_to_square or self.max_num_tiles is None:  # one view: its tokens, then a newline
+            square = images.expand_to_square(image) if pad_to_square else image
+            plan = images.anyres_token_sources((self.image_size, self.image_size), num_views=1,
+                                               tokens_per_side=self.tokens_per_side)
+            if not (pad_to_square or self.newline):  # stage 1's flat merge: no newline
+                plan = tuple(a[:self.tokens_per_view] for a in plan)
+            return images.square_pixels(square, self.image_size)[None], plan
         views, size = images.anyres_pixels(image, self.image_size, self.max_grid)
-        plan = images.anyres_token_sources(size, len(views), self.image_size, self.max_grid,
-                                           self.max_num_tiles, self.tokens_per_side)
-        return views, plan
+        return views, images.anyres_token_sources(size, len(views), self.image_size, self.max_grid,
+                                                  self.max_num_tiles, self.tokens_per_side)
 
     def num_tokens(self, image_size: tuple[int, int], pad_to_square: bool = False) -> int:
         """Image tokens of an image of (width, height) `image_size`."""
-        if pad_to_square:
-            return self.tokens_per_view + 1
-        if self.max_num_tiles is None:
-            return self.tokens_per_view + int(self.newline)
+        if pad_to_square or self.max_num_tiles is None:
+            return self.tokens_per_view + int(pad_to_square or self.newline)
         return images.anyres_num_tokens(image_size, self.image_size, self.max_grid,
                                         self.max_num_tiles, self.tokens_per_side)
 
@@ -156,37 +148,28 @@ class EncodedConversation(chat.EncodedIds):
         return sum(len(v) for v in self.views)
 
 
-def _process_images(image_list: Sequence[Any], processor: ImageProcessor, origin: str
-                    ) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Each image's (views, plan); a multi-image record gives one padded square view each."""
-    multi = len(image_list) > 1
-    processed = []
-    for image in image_list:
-        try:
-            processed.append(processor(image, pad_to_square=multi))
-        except (FileNotFoundError, ValueError) as e:
-            raise BadRecordError(origin, str(e), "unreadable") from e
-    return processed
-
-
 def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
                         tokenizer: Tokenizer, processor: ImageProcessor, *,
                         add_generation_prompt: bool = False, origin: str = "",
-                        max_length: int | None = None,
-                        template: ConversationTemplate | None = None) -> EncodedConversation:
-    """A conversation in `template`'s format (default: `processor.template`) with its images.
+                        max_length: int | None = None) -> EncodedConversation:
+    """A conversation in the format of `processor.template`, with its images.
 
     `messages`: `{"role", "content"}` dicts (a leading system message replaces the template's
     system message). With `add_generation_prompt` the result is a prompt to sample from (see
     `chat.encode_conversation`). `max_length`: drop trailing exchanges (with their images) while
     longer and another answer is left; BadRecordError ('overlong') if it still does not fit.
     """
-    template = processor.template if template is None else template
+    template = processor.template
     marks = sum(m["content"].count(IMAGE_MARK) for m in messages)
     if marks != len(image_list):
         raise BadRecordError(origin, f"the conversation has {marks} {IMAGE_MARK} mark(s) but "
                              f"the record has {len(image_list)} image(s)")
-    processed = _process_images(image_list, processor, origin)
+    processed = []
+    for image in image_list:  # a multi-image record: one padded square view per image
+        try:
+            processed.append(processor(image, pad_to_square=len(image_list) > 1))
+        except (FileNotFoundError, ValueError) as e:
+            raise BadRecordError(origin, str(e), "unreadable") from e
     encoded = chat.encode_conversation(
         messages, tokenizer, style=template.format,
         image_token_counts=[plan[0].shape[0] for _, plan in processed],
@@ -232,7 +215,7 @@ class MultimodalRows(RowBuilder):
 
     def row(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         origin = str(record.get(ORIGIN, ""))
-        encoded = encode_conversation(llava_messages(record), record_images(record),
+        encoded = encode_conversation(chat.llava_messages(record), record_images(record),
                                       self.tokenizer, self.processor, origin=origin,
                                       max_length=self.seq_len)
         fill_labelled = self.processor.template.fill_is_labelled

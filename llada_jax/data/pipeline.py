@@ -40,16 +40,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from llada_jax.config import BAD_RECORDS, CONVERSATION_OBJECTIVES, PACKINGS
+from llada_jax.config import BAD_RECORDS, CONVERSATION_OBJECTIVES, PACKINGS, fail
 from llada_jax.data import chat, sources
-from llada_jax.data.bad_records import (  # noqa: F401  (re-exported: the trainer and tests)
-    RowBuilder,
-    check_document,
-    prescan,
-    reset_skipped_records,
-    skipped_records,
-    skipped_summary,
-)
+from llada_jax.data.bad_records import RowBuilder, check_document, prescan
 from llada_jax.data.multimodal_data import ImageProcessor, MultimodalRows
 from llada_jax.data.schema import ORIGIN
 from llada_jax.data.tokenizer import Tokenizer
@@ -120,26 +113,6 @@ def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "maskable": segment_ids > 0}
 
 
-def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Copies a batch out of grain's shared memory, so it outlives the worker's buffer."""
-    return {k: np.array(v) for k, v in batch.items()}
-
-
-def batch_and_prefetch(rows: grain.IterDataset, data: ml_collections.ConfigDict,
-                       host_batch_size: int) -> grain.IterDataset:
-    """Batches rows for this host and, with `data.num_workers`, prefetches in worker processes."""
-    dataset = rows.batch(host_batch_size, drop_remainder=True)
-    if data.num_workers > 0:
-        from absl import flags  # grain's workers read absl flags; a library may parse none
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-        dataset = dataset.map(to_numpy)
-    return dataset
-
-
 def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                   split: str = "train", *, process_index: int | None = None,
                   process_count: int | None = None,
@@ -160,24 +133,21 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     field = "data.source" if training else "data.eval_source"
     source = data.source if training else data.eval_source
     if not source:
-        raise ValueError(f"config.{field}: expected a source spec (e.g. 'synthetic', "
-                         f"'synthetic_chat@test' or 'shapes@test') for evaluation "
-                         f"batches, found ''")
+        fail(field, "a source spec (e.g. 'synthetic', 'synthetic_chat@test' or 'shapes@test') "
+             "for evaluation batches", source)
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     shuffle = data.shuffle if training else False
-    num_epochs = data.num_epochs if training else 0
     batch_size = train.batch_size if batch_size is None else batch_size
     seed, seq_len = train.seed, train.seq_len
     if batch_size % process_count:
         raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the number "
                          f"of processes ({process_count})")
     if data.bad_records not in BAD_RECORDS:
-        raise ValueError(f"config.data.bad_records: expected one of {BAD_RECORDS}, "
-                         f"found {data.bad_records!r}")
+        fail("data.bad_records", f"one of {BAD_RECORDS}", data.bad_records)
 
     vision = config.vision.enabled
     components = ([sources.parse_image_source_spec(source, field)] if vision
@@ -191,8 +161,8 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         screen = functools.partial(prescan, check=check, policy=data.bad_records)
     records = sources.record_dataset(
         components, sources.SourceOptions.from_config(config), process_index=process_index,
-        process_count=process_count, shuffle=shuffle, seed=seed, num_epochs=num_epochs or None,
-        screen=screen, default_split=split)
+        process_count=process_count, shuffle=shuffle, seed=seed, screen=screen,
+        num_epochs=(data.num_epochs if training else 0) or None, default_split=split)
     read_options = grain.ReadOptions(num_threads=data.read_threads,
                                      prefetch_buffer_size=data.prefetch_buffer_size)
 
@@ -206,9 +176,8 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             fill_maskable=train.objective == "sft"), seed=seed).to_iter_dataset(read_options)
     else:
         if components[0].kind == "synthetic" and data.packing != "concat":
-            raise ValueError(f"config.data.packing: expected 'concat' with {field}="
-                             f"{source!r} (the built-in corpus is concatenated), found "
-                             f"{data.packing!r}")
+            fail("data.packing", f"'concat' with {field}={source!r} (the built-in corpus is "
+                 "concatenated)", data.packing)
         documents = records.map(DocumentTokens(tokenizer, data.text_field, data.add_bos,
                                                data.bad_records)).to_iter_dataset(read_options)
         if data.packing == "concat":
@@ -222,7 +191,16 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                 seed=seed, shuffle_bins=shuffle, padding_struct={"tokens": tokenizer.pad_id})
             dataset = packed.map(_packed_row)
         else:
-            raise ValueError(f"config.data.packing: expected one of {PACKINGS}, "
-                             f"found {data.packing!r}")
+            fail("data.packing", f"one of {PACKINGS}", data.packing)
 
-    return batch_and_prefetch(dataset, data, batch_size // process_count)
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
+    if data.num_workers > 0:
+        from absl import flags  # grain's workers read absl flags; a library may parse none
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+        # Copies of the batches: grain's shared memory is reused once the worker's buffer moves on.
+        dataset = dataset.map(lambda batch: {k: np.array(v) for k, v in batch.items()})
+    return dataset

@@ -42,6 +42,7 @@ This module only reads: it never writes next to the data and never downloads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -68,7 +69,6 @@ _JSON_TYPE_NAMES = {list: "list", str: "string", int: "number", float: "number",
 _INDEX_CHUNK_BYTES = 1 << 23
 
 
-KINDS = ("synthetic", "synthetic_chat", "shapes", "tfds", "files", "llava")
 # Built-in sets named without ':' and the splits they offer ("" : chosen by the dataset split).
 BUILT_IN_SPLITS = {"synthetic": ("train", "eval"), "synthetic_chat": ("train", "test"),
                    "shapes": ("train", "test")}
@@ -81,7 +81,8 @@ _GRAMMAR = ("'tfds:NAME[@SPLIT]', 'files:GLOB', 'llava:GLOB', 'synthetic[@SPLIT]
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One parsed source: `kind` in KINDS, its argument (name or glob), split and weight."""
+    """One parsed source: `kind` (synthetic, synthetic_chat, shapes, tfds, files or llava), its
+    argument (name or glob), split and weight."""
 
     kind: str
     argument: str
@@ -140,13 +141,12 @@ def parse_source_spec(spec: str, field: str = "data.source") -> list[SourceSpec]
 def parse_image_source_spec(spec: str, field: str = "data.source") -> SourceSpec:
     """A source of image-text records (`vision.enabled`): shapes, llava:, or files: read as
     llava:; ValueError naming `config.{field}` for anything else."""
-    parsed = None
     try:
-        parsed = parse_source_spec(spec, field)
-    except ValueError:
-        pass
-    if parsed and len(parsed) == 1 and parsed[0].kind in (*IMAGE_KINDS, "files"):
-        return dataclasses.replace(parsed[0], kind=parsed[0].kind.replace("files", "llava"))
+        (parsed,) = parse_source_spec(spec, field)
+    except ValueError:  # not a source spec, or a mixture of several
+        parsed = None
+    if parsed and parsed.kind in (*IMAGE_KINDS, "files"):
+        return dataclasses.replace(parsed, kind=parsed.kind.replace("files", "llava"))
     raise ValueError(f"config.{field}: expected an image-text source with vision.enabled: "
                      f"'shapes', 'shapes@test', 'files:GLOB' or 'llava:GLOB' (LLaVA JSON/JSONL), "
                      f"found {spec!r}")
@@ -192,8 +192,7 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ends = np.concatenate(newline_positions).astype(np.int64)
     counts = np.concatenate(content_counts).astype(np.int64)
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-    previous = np.concatenate([[0], counts[:-1]])
-    keep = counts > previous
+    keep = counts > np.concatenate([[0], counts[:-1]])  # more content than at the last newline
     line_numbers = np.flatnonzero(keep).astype(np.int64) + 1
     return starts[keep], ends[keep], line_numbers
 
@@ -236,14 +235,10 @@ class FileLinesSource:
         self._open_lock = threading.Lock()
 
     def _read(self, file_id: int, start: int, end: int) -> bytes:
-        descriptor = self._descriptors.get(file_id)
-        if descriptor is None:
-            with self._open_lock:
-                descriptor = self._descriptors.get(file_id)
-                if descriptor is None:
-                    descriptor = os.open(self.paths[file_id], os.O_RDONLY)
-                    self._descriptors[file_id] = descriptor
-        return os.pread(descriptor, end - start, start)  # pread: no shared file position
+        with self._open_lock:  # one descriptor per file, whichever thread reads it first
+            if file_id not in self._descriptors:
+                self._descriptors[file_id] = os.open(self.paths[file_id], os.O_RDONLY)
+        return os.pread(self._descriptors[file_id], end - start, start)  # no shared position
 
     def _record(self, file_id: int, line_number: int, raw: bytes) -> dict[str, Any]:
         """One line's record, or `{"_error": reason}` for a line that cannot be one."""
@@ -287,8 +282,7 @@ class FileLinesSource:
 
     def without(self, indices: Sequence[int]) -> FileLinesSource:
         """A copy of this source without the records at `indices` (e.g. bad lines)."""
-        keep = np.ones((len(self),), bool)
-        keep[np.asarray(indices, np.int64)] = False
+        keep = ~np.isin(np.arange(len(self)), indices)
         copy = FileLinesSource.__new__(FileLinesSource)
         copy.__setstate__(self.__getstate__())
         for name in ("_starts", "_ends", "_line_numbers", "_file_ids"):
@@ -297,10 +291,8 @@ class FileLinesSource:
 
     def __del__(self) -> None:
         for descriptor in getattr(self, "_descriptors", {}).values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(descriptor)
-            except OSError:
-                pass
 
 
 class TfdsSource:
@@ -437,11 +429,10 @@ class LlavaFilesSource:
     """
 
     def __init__(self, pattern: str, image_folder: str = "") -> None:
-        paths = matching_files(pattern)
         self.image_folder = image_folder
         # (path, list of (line, record) or a line source, length)
         self._parts: list[tuple[str, Any, int]] = []
-        for path in paths:
+        for path in matching_files(pattern):
             records = (read_json_list(path) if path.endswith(".json") and _starts_with_bracket(path)
                        else FileLinesSource(path))
             self._parts.append((path, records, len(records)))
@@ -477,8 +468,7 @@ class LlavaFilesSource:
 
 def _starts_with_bracket(path: str) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"[")
+        return f.read(4096).lstrip().startswith(b"[")
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")

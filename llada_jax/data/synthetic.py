@@ -106,9 +106,8 @@ class SyntheticTextSource:
         if not 0 <= index < self.size:
             raise IndexError(f"{type(self).__name__} index {index} out of range [0, {self.size})")
         rng = _rng(self.seed, self.split, index)
-        lines = []
-        for _ in range(int(rng.integers(1, 4))):
-            prompt, answer = TASKS[int(rng.integers(len(TASKS)))](rng)
-            lines.append(prompt + answer)
+        # One to three lines, each a task's prompt and answer.
+        lines = ["".join(TASKS[int(rng.integers(len(TASKS)))](rng))
+                 for _ in range(int(rng.integers(1, 4)))]
         return {"text": "\n".join(lines), ORIGIN: f"synthetic@{self.split}[{index}]"}
 

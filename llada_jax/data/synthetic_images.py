@@ -29,16 +29,14 @@ def draw_shape(shape: str, colour: str, size: int, rng: np.random.Generator) -> 
         raise ValueError(f"shape must be one of {SHAPES}, found {shape!r}")
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {sorted(COLOURS)}, found {colour!r}")
-    image = np.empty((size, size, 3), np.uint8)
-    image[...] = BACKGROUND
+    image = np.full((size, size, 3), BACKGROUND, np.uint8)
     # Large and near the centre (a few pixels of jitter): in a 32 px picture of 8 px patches the
     # outline then falls on the same few patches, so a tiny tower learns shapes in minutes.
     extent = int(rng.integers(5 * size // 8, 3 * size // 4 + 1))
     jitter = max(size // 16, 1)
     top, left = (int(np.clip((size - extent) // 2 + v, 0, size - extent))
                  for v in rng.integers(-jitter, jitter + 1, size=2))
-    ys, xs = np.mgrid[0:size, 0:size]
-    ys, xs = ys - top, xs - left
+    ys, xs = np.mgrid[-top:size - top, -left:size - left]  # relative to the shape's corner
     inside = (ys >= 0) & (ys < extent) & (xs >= 0) & (xs < extent)
     if shape == "circle":
         r = (extent - 1) / 2

@@ -208,9 +208,7 @@ class SentencePieceTokenizer(Tokenizer):
         return list(self._sp.encode(text))
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        ids = self._vocabulary_ids(ids)
-        if skip_special:
-            ids = [i for i in ids if i not in self.special_ids]
+        ids = [i for i in self._vocabulary_ids(ids) if not (skip_special and i in self.special_ids)]
         return self._sp.decode(ids)
 
 
@@ -277,10 +275,8 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        if skip_special:
-            ids = [i for i in ids if i not in self.special_ids]
-        return self._tok.decode(ids, skip_special_tokens=False)
+        kept = [int(i) for i in ids if not (skip_special and int(i) in self.special_ids)]
+        return self._tok.decode(kept, skip_special_tokens=False)
 
     def _header_text(self, role: str) -> str:
         token = self._tok.id_to_token

@@ -1,8 +1,9 @@
 """Checks of the config fields the data layer reads, before anything is built.
 
-`check(config)` = `check_vision_data(config)` + `check_data(config)`. Spec syntax only: files are
-opened when the pipeline is built. Every error is one `ValueError` line naming the field, the
-expected and the found value (`config.data.source: expected ..., found ...`).
+`check(config)`: with `vision.enabled`, the image processing fields, the objective and the
+conversation format; then the `data` section's choices, sizes and source specs. Spec syntax
+only: files are opened when the pipeline is built. Every error is one `ValueError` line naming
+the field, the expected and the found value (`config.data.source: expected ..., found ...`).
 """
 
 from __future__ import annotations
@@ -17,31 +18,21 @@ from llada_jax.data.llava_format import ConversationTemplate
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Checks the `data` section and the data side of `vision`; raises ValueError."""
-    check_vision_data(config)
-    check_data(config)
-
-
-def check_vision_data(config: ml_collections.ConfigDict) -> None:
-    """With `vision.enabled`: image processing fields, the objective, the conversation format."""
     v, t = config.vision, config.train
-    if not v.enabled:
-        return
-    config_lib.anyres_max_tiles(v.image_aspect_ratio)
-    config_lib.check_fields("config.vision.{}", v, (
-        ("max_grid", config_lib.POSITIVE_INT),
-        ("max_views", (config_lib.POSITIVE_INT[0], "a positive integer (pixel views per example)")),
-    ))
-    if t.objective not in CONVERSATION_OBJECTIVES:
-        fail("train.objective", f"one of {CONVERSATION_OBJECTIVES} with vision.enabled=True "
-             "(LLaDA-V trains the masked-response loss: responses are noised, images and "
-             "prompts never)", t.objective)
-    if not isinstance(config.data.image_folder, str):
-        fail("data.image_folder", "a directory or ''", config.data.image_folder)
-    ConversationTemplate.from_config(config)  # format, system message, EOS-padding labels
-
-
-def check_data(config: ml_collections.ConfigDict) -> None:
-    """Checks the `data` section: choices, sizes and the source specs' syntax."""
+    if v.enabled:
+        config_lib.anyres_max_tiles(v.image_aspect_ratio)
+        config_lib.check_fields("config.vision.{}", v, (
+            ("max_grid", config_lib.POSITIVE_INT),
+            ("max_views", (config_lib.POSITIVE_INT[0],
+                           "a positive integer (pixel views per example)")),
+        ))
+        if t.objective not in CONVERSATION_OBJECTIVES:
+            fail("train.objective", f"one of {CONVERSATION_OBJECTIVES} with vision.enabled=True "
+                 "(LLaDA-V trains the masked-response loss: responses are noised, images and "
+                 "prompts never)", t.objective)
+        if not isinstance(config.data.image_folder, str):
+            fail("data.image_folder", "a directory or ''", config.data.image_folder)
+        ConversationTemplate.from_config(config)  # format, system message, EOS-padding labels
     d = config.data
     config_lib.check_fields("config.data.{}", d, (
         ("packing", config_lib.one_of(PACKINGS)),
@@ -51,12 +42,11 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         ("pack_bins read_threads prefetch_buffer_size worker_buffer_size synthetic_size",
          config_lib.POSITIVE_INT),
     ))
-    parse = (sources.parse_image_source_spec if config.vision.enabled
-             else sources.parse_source_spec)
+    parse = sources.parse_image_source_spec if v.enabled else sources.parse_source_spec
     for name in ("source", "eval_source"):
         if name == "source" or d[name]:
             parse(d[name], field=f"data.{name}")
-    if config.vision.enabled:
+    if v.enabled:
         return
     for name in ("source", "eval_source"):
         images = {s.kind for s in sources.parse_source_spec(d[name] or "synthetic")}
@@ -64,7 +54,6 @@ def check_data(config: ml_collections.ConfigDict) -> None:
             fail(f"data.{name}", "a text source with vision.enabled=False (image-text records "
                  "need the LLaDA-V model)", d[name])
     kinds = {spec.kind for spec in sources.parse_source_spec(d.source)}
-    if config.train.objective in CONVERSATION_OBJECTIVES and "synthetic" in kinds:
-        fail("data.source", f"a source of conversations for train.objective="
-             f"'{config.train.objective}' (e.g. 'synthetic_chat' or 'files:/data/sft/*.jsonl')",
-             d.source)
+    if t.objective in CONVERSATION_OBJECTIVES and "synthetic" in kinds:
+        fail("data.source", f"a source of conversations for train.objective='{t.objective}' "
+             "(e.g. 'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)

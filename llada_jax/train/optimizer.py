@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llada_jax.config import PARAM_GROUPS, parse_trainable
+from llada_jax.config import PARAM_GROUPS, fail, parse_trainable
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
@@ -72,8 +72,7 @@ def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
             frac = jnp.clip((s - warmup) / span, 0.0, 1.0)
             after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
         else:
-            raise ValueError(f"config.train.schedule: expected one of wsd, cosine, constant, "
-                             f"found {kind!r}")
+            fail("train.schedule", "one of wsd, cosine, constant", kind)
         return jnp.where(s < warmup, warm, after)
 
     return schedule
@@ -81,15 +80,8 @@ def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
 
 def weight_decay_mask(params: Any) -> Any:
     """True for every parameter that gets weight decay: all but the RMSNorm `scale`s."""
-    def decayed(path, _):
-        return not any(getattr(entry, "key", None) == "scale" for entry in path)
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
-def trainable_groups(train: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The parameter groups that train (`train.trainable`; 'all': every group). The groups
-    and the spec's grammar are schema (`config.PARAM_GROUPS`, `config.parse_trainable`)."""
-    return parse_trainable(train.trainable)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(entry, "key", None) == "scale" for entry in path), params)
 
 
 def param_group(path: tuple[Any, ...]) -> str:
@@ -135,10 +127,9 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
                            eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
                            mask=weight_decay_mask)
 
-    trainable = trainable_groups(train)
-    peaks = group_peak_learning_rates(train)
+    trainable = parse_trainable(train.trainable)
     steps = []
-    if trainable == PARAM_GROUPS and len(set(peaks.values())) == 1:
+    if trainable == PARAM_GROUPS and len(set(group_peak_learning_rates(train).values())) == 1:
         update = adamw(make_schedule(train))
     else:
         frozen = tuple(g for g in PARAM_GROUPS if g not in trainable)
@@ -192,9 +183,8 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], p
         return loss, grads, aux
 
     def constrain(tree):
-        if grad_shardings is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, grad_shardings)
+        return (tree if grad_shardings is None
+                else jax.lax.with_sharding_constraint(tree, grad_shardings))
 
     def body(carry, micro_batch):
         loss_sum, grad_sum, aux_sum = carry

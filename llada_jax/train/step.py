@@ -61,7 +61,7 @@ import optax
 from jax.sharding import Mesh
 
 from llada_jax import parallel
-from llada_jax.config import PARAM_GROUPS
+from llada_jax.config import PARAM_GROUPS, parse_trainable
 from llada_jax.diffusion import losses, noise
 from llada_jax.model.layers import dtype_of
 from llada_jax.model.moe import RouterStats, expert_bias_update
@@ -72,7 +72,6 @@ from llada_jax.train.optimizer import (
     make_schedule,
     split_micro_batches,
     stop_frozen_gradients,
-    trainable_groups,
 )
 from llada_jax.train.state import TrainState
 
@@ -242,7 +241,7 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
                            float(train.get("moe_z_loss_weight", 0.0)))
     num_micro = int(train.grad_accum_steps)
     bias_rate = float(train.get("moe_bias_update_rate", 0.0))
-    trainable = trainable_groups(train)
+    trainable = parse_trainable(train.trainable)
     if trainable != PARAM_GROUPS:
         full_loss_fn = loss_fn
 

@@ -502,7 +502,7 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
 
     if end > last_saved:
         save(end)
-    from llada_jax.data.pipeline import skipped_summary  # data.bad_records='skip': say how many
+    from llada_jax.data.bad_records import skipped_summary  # data.bad_records='skip': say how many
 
     if skipped := skipped_summary():
         _progress(skipped)
