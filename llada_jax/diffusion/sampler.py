@@ -132,21 +132,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
     return tokens, mask
 
 
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """RoPE positions of a left-padded batch: 0 at each row's first real token."""
-    mask = jnp.asarray(attention_mask, jnp.int32)
-    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-
-
 def build_canvas(prompt_tokens: jax.Array, prompt_mask: jax.Array, gen_length: int,
                  mask_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(tokens [B, Lp + G], attention_mask [B, Lp + G], positions [B, Lp + G]) to sample into."""
+    """(tokens [B, Lp + G], attention_mask [B, Lp + G], positions [B, Lp + G]) to sample into.
+    The RoPE positions of the left-padded rows are 0 at each row's first real token."""
     batch = prompt_tokens.shape[0]
     tokens = jnp.concatenate([jnp.asarray(prompt_tokens, jnp.int32),
                               jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
     attention_mask = jnp.concatenate([jnp.asarray(prompt_mask, bool),
                                       jnp.ones((batch, gen_length), bool)], axis=1)
-    return tokens, attention_mask, positions_from_mask(attention_mask)
+    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return tokens, attention_mask, positions
 
 
 def _finished_stops(gen: jax.Array, stop_ids: Sequence[int], mask_id: int) -> jax.Array:
@@ -154,21 +150,6 @@ def _finished_stops(gen: jax.Array, stop_ids: Sequence[int], mask_id: int) -> ja
     is_mask = (gen == mask_id).astype(jnp.int32)
     masks_before = jnp.cumsum(is_mask, axis=1) - is_mask
     return jnp.isin(gen, jnp.asarray(stop_ids, gen.dtype)) & (masks_before == 0)
-
-
-def eos_fill(tokens: jax.Array, gen_start: int, eos_id: int, mask_id: int,
-             stop_ids: Sequence[int] | None = None) -> jax.Array:
-    """Everything after a row's first finished stop token (EOS by default; nothing masked before
-    it) becomes EOS."""
-    gen = tokens[:, gen_start:]
-    finished = _finished_stops(gen, (eos_id,) if stop_ids is None else stop_ids, mask_id)
-    after = jnp.cumsum(finished.astype(jnp.int32), axis=1) - finished > 0
-    return tokens.at[:, gen_start:].set(jnp.where(after, eos_id, gen))
-
-
-def _all_rows_finished(tokens: jax.Array, gen_start: int, stop_ids: Sequence[int],
-                       mask_id: int) -> jax.Array:
-    return jnp.all(jnp.any(_finished_stops(tokens[:, gen_start:], stop_ids, mask_id), axis=1))
 
 
 def _constrain(x: jax.Array) -> jax.Array:
@@ -186,9 +167,8 @@ def _prefix_window_groups(config: SamplerConfig, length: int) -> list[tuple[int,
     nb, bl = config.num_blocks, config.block_length
     quantum = bl * math.ceil(nb / _MAX_PREFIX_WINDOW_LENGTHS)
     groups: list[tuple[int, int, int]] = []
-    for j in range(nb):
-        needed = config.gen_length - j * bl
-        window = min(length, math.ceil(needed / quantum) * quantum)
+    for j in range(nb):  # block j needs the positions from its start to the end
+        window = min(length, math.ceil((config.gen_length - j * bl) / quantum) * quantum)
         if groups and groups[-1][2] == window:
             groups[-1] = (groups[-1][0], j + 1, window)
         else:
@@ -314,8 +294,13 @@ def commit_mask(confidence: jax.Array, eligible: jax.Array, count: jax.Array) ->
     return eligible & (rank < count[:, None])
 
 
-def guidance(cond: jax.Array, uncond: jax.Array, cfg_scale: float) -> jax.Array:
-    """Classifier-free guidance: un + (s + 1) (cond - un)."""
+def guidance(logits: jax.Array, cfg_scale: float, pair_axis: int) -> jax.Array:
+    """float32 logits; with `cfg_scale` > 0, their (conditional, unconditional) pairs along
+    `pair_axis` combined by classifier-free guidance: un + (s + 1) (cond - un)."""
+    logits = logits.astype(jnp.float32)
+    if cfg_scale <= 0:
+        return logits
+    cond, uncond = jnp.moveaxis(logits, pair_axis, 0)
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
@@ -393,11 +378,10 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         """The current block's guided float32 logits [B, bl, V]: sliced out of the pass's output
         first, so the LM head (given `head`) and the float32 cast see the block only."""
         out = jax.lax.dynamic_slice_in_dim(out, offset, bl, 1)
-        logits = (out if head is None else head(out)).astype(jnp.float32)
-        if not use_cfg:
-            return logits
-        pair = logits.reshape(batch, 2, *logits.shape[1:])
-        return guidance(pair[:, 0], pair[:, 1], c.cfg_scale)
+        logits = out if head is None else head(out)
+        if use_cfg:
+            logits = logits.reshape(batch, 2, *logits.shape[1:])
+        return guidance(logits, c.cfg_scale, 1)
 
     def block_logits(x, cache, step, block_start, window):
         """Logits [B, block_length, V] of the current block, the (maybe refreshed) cache, and
@@ -475,8 +459,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             old = jax.lax.dynamic_slice_in_dim(s.commit_pass, s.block * bl, bl, 1)
             commit_pass = jax.lax.dynamic_update_slice_in_dim(
                 s.commit_pass, jnp.where(committed, s.passes, old), s.block * bl, 1)
-            done = (_all_rows_finished(x, gen_start, finish_ids, c.mask_id) if finish_ids
-                    else s.done)
+            done = (jnp.all(jnp.any(_finished_stops(x[:, gen_start:], finish_ids, c.mask_id), 1))
+                    if finish_ids else s.done)
             return s._replace(tokens=x, cache=cache, step=s.step + 1, commit_pass=commit_pass,
                               passes=s.passes + 1, positions=s.positions + computed, done=done)
 
@@ -515,7 +499,10 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     if finish_ids:
         # What follows a finished row's stop token becomes EOS (the official LLaDA-V code cuts
         # the answer there; positions after an EoT are never committed once it is).
-        out = eos_fill(out, gen_start, c.eos_id, c.mask_id, finish_ids)
+        gen = out[:, gen_start:]
+        finished = _finished_stops(gen, finish_ids, c.mask_id)
+        after = jnp.cumsum(finished.astype(jnp.int32), axis=1) - finished > 0
+        out = out.at[:, gen_start:].set(jnp.where(after, c.eos_id, gen))
     return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 

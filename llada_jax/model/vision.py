@@ -26,8 +26,6 @@ position embeddings) and is not what LLaDA-V uses.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -42,15 +40,8 @@ from llada_jax.model.layers import Projection, scan_layers
 
 # Logical axis names of the activations between blocks.
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-def so400m_patch14_384(**overrides: Any) -> VisionConfig:
-    """SigLIP2 so400m/14 at 384 px as LLaDA-V uses it (27 blocks, features of block 26)."""
-    return dataclasses.replace(VisionConfig(), **overrides)
-
-
-def _param_init(init: Callable[..., Any], axes: tuple[str, ...]) -> Callable[..., Any]:
-    return nn.with_logical_partitioning(init, axes)
+# Every parameter is created with its logical axis names.
+_param_init = nn.with_logical_partitioning
 
 
 def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
