@@ -349,14 +349,13 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         raise ValueError(f"sample: the canvas has {length - gen_start} generation columns after "
                          f"gen_start={gen_start}, expected gen_length={c.gen_length}")
     use_cfg = c.cfg_scale > 0
-    conditioning = attention_mask & (tokens != c.mask_id)
     model_kwargs = {} if head is None else {"return_hidden": True}
 
     def rows(a):  # [B, ...] -> [2B, ...]: each row followed by its unconditional twin
         return jnp.repeat(a, 2, axis=0) if use_cfg else a
 
     model_mask, model_positions = rows(attention_mask), rows(positions)
-    model_conditioning = rows(conditioning)
+    model_conditioning = rows(attention_mask & (tokens != c.mask_id))
 
     def model_tokens(x, start, width):
         x = jax.lax.dynamic_slice_in_dim(rows(x), start, width, axis=1)
@@ -424,7 +423,6 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         noise_key, remask_key = pair
         candidates = draw_candidates(logits, c.temperature, noise_key)          # [B, bl]
         confidence = candidate_confidence(logits, candidates, c, remask_key)
-        num_eligible = jnp.sum(eligible, axis=1)
         if c.threshold > 0:
             count = jnp.maximum(jnp.sum(eligible & (confidence >= c.threshold), axis=1), 1)
         elif c.factor > 0:
@@ -432,7 +430,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         else:
             count = jax.lax.dynamic_index_in_dim(state.schedule, state.step, axis=1,
                                                  keepdims=False)
-        committed = commit_mask(confidence, eligible, jnp.minimum(count, num_eligible))
+        committed = commit_mask(confidence, eligible, jnp.minimum(count, jnp.sum(eligible, 1)))
         block_tokens = jnp.where(committed, candidates, block_tokens)
         x = jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1)
         return x, committed
@@ -481,8 +479,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         tokens=_constrain(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
         schedule=jnp.zeros((batch, c.schedule_steps), jnp.int32),
         commit_pass=jnp.full((batch, c.gen_length), -1, jnp.int32), passes=jnp.int32(0),
-        positions=jnp.int32(0),
-        done=jnp.bool_(False))
+        positions=jnp.int32(0), done=jnp.bool_(False))
 
     if c.cache == "prefix":
         groups = _prefix_window_groups(c, length)
@@ -547,10 +544,8 @@ def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, s
             io_callback(stream, None, stream_tag, block, block_tokens, ordered=False)
     # The LM head alone (`Transformer.logits_from_hidden` / `LLaDAV.logits_from_hidden`).
     head = functools.partial(model.apply, variables, method=type(model).logits_from_hidden)
-    if images is None:
-        forward = functools.partial(model.apply, variables)
-    else:
-        forward = image_conditioned_forward(model, params, images)
+    forward = (functools.partial(model.apply, variables) if images is None
+               else image_conditioned_forward(model, params, images))
     return sample(forward, tokens, attention_mask, positions, gen_start, config, rng, head=head,
                   on_block=on_block)
 
@@ -622,13 +617,12 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
                                                      config.gen_length, config.mask_id)
     if images is not None:
         images = tuple(images)
-        expected = tokens.shape
-        found = tuple(a.shape[:2] for a in images[1:])
-        if len(images) != 4 or images[0].shape[0] != expected[0] or any(
-                f != expected for f in found):
+        if len(images) != 4 or images[0].shape[0] != tokens.shape[0] or any(
+                a.shape[:2] != tokens.shape for a in images[1:]):
             raise ValueError(f"generate: images must be (pixel_values [B, V, H, W, 3], index, "
                              f"weight, is_newline) over the canvas [B, Lp + gen_length] = "
-                             f"{list(expected)}; found shapes {[tuple(a.shape) for a in images]}")
+                             f"{list(tokens.shape)}; found shapes "
+                             f"{[tuple(a.shape) for a in images]}")
     tag = None if stream is None else jnp.int32(stream_tag)
     out = _generate_jit(params, tokens, attention_mask, positions, rng, images, tag, model=model,
                         config=config, gen_start=prompt_tokens.shape[1], stream=stream)
