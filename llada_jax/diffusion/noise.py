@@ -78,5 +78,4 @@ def random_length_cut(rng: jax.Array, seq_len: int, prob: float) -> tuple[jax.Ar
     use_cut = jax.random.uniform(use_rng, ()) < prob
     drawn = jax.random.randint(len_rng, (), 1, seq_len + 1, dtype=jnp.int32)
     cut_length = jnp.where(use_cut, drawn, jnp.int32(seq_len))
-    valid = jnp.arange(seq_len, dtype=jnp.int32) < cut_length
-    return cut_length, valid
+    return cut_length, jnp.arange(seq_len, dtype=jnp.int32) < cut_length

@@ -567,11 +567,9 @@ def _check_prompts(prompt_tokens, prompt_mask, config: SamplerConfig, model) -> 
     if model_mask_id != config.mask_id:
         raise ValueError(f"generate: sampler mask_id={config.mask_id} but the model's "
                          f"mask_token_id={model_mask_id}")
-    concrete = all(isinstance(a, np.ndarray) or (isinstance(a, jax.Array) and
-                                                 a.is_fully_addressable)
-                   for a in (prompt_tokens, prompt_mask))
-    if not concrete:
-        return
+    if not all(isinstance(a, np.ndarray) or (isinstance(a, jax.Array) and a.is_fully_addressable)
+               for a in (prompt_tokens, prompt_mask)):
+        return  # values this host cannot read (traced, or spread over other hosts)
     tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask).astype(bool)
     empty = np.flatnonzero(~mask.any(axis=1))
     if empty.size:

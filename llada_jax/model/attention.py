@@ -195,11 +195,10 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(
             q, ("activation_batch", "activation_length", "activation_heads", None))
         window_kv = (k, v)
-        if cache is not None:
-            cache_k, cache_v = cache
+        if cache is not None:  # the window's keys/values written over the cached sequence
             start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k.astype(k.dtype), k, start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v.astype(v.dtype), v, start, axis=1)
+            k, v = (jax.lax.dynamic_update_slice_in_dim(cached.astype(new.dtype), new, start, 1)
+                    for cached, new in zip(cache, (k, v), strict=True))
         out = BACKENDS[c.attention_backend](q, k, v, mask)
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", None))

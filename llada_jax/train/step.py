@@ -143,8 +143,7 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     prepared = {
         "noisy_tokens": noised.noisy_tokens, "tokens": tokens, "noised": noised.noised,
         "mask_prob": noised.mask_prob, "maskable": maskable,
-        "cut_length": jnp.broadcast_to(cut_length, (rows,)),
-    }
+        "cut_length": jnp.broadcast_to(cut_length, (rows,))}
     # A key mask is only built when some key must be hidden: attention backends without mask
     # support (splash) then still run plain pre-training batches.
     if use_cut or segment_ids is not None or fill is not None:

@@ -127,14 +127,11 @@ def _check_same_shapes(expected: Any, found: Any, source: str) -> None:
 def _evaluate(config, eval_step, params, tokenizer, mesh) -> dict[str, float]:
     """Loss and accuracy over `train.eval_batches` batches of the eval source. The noise keys
     are the same at every evaluation, so successive losses are directly comparable."""
-    iterator = iter(pipeline.build_dataset(config, tokenizer, "eval"))
     eval_base = jax.random.fold_in(jax.random.key(config.train.seed), 2)
     losses, correct, noised = [], 0, 0
-    for i in range(config.train.eval_batches):
-        try:
-            host_batch = next(iterator)
-        except StopIteration:
-            break
+    # At most eval_batches batches (zip takes no batch past the last index).
+    for i, host_batch in zip(range(config.train.eval_batches),
+                             pipeline.build_dataset(config, tokenizer, "eval"), strict=False):
         key = jax.random.key_data(jax.random.fold_in(eval_base, i))
         out = jax.device_get(eval_step(params, parallel.global_batch(host_batch, mesh), key))
         losses.append(float(out["loss"]))
