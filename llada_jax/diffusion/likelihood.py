@@ -142,8 +142,7 @@ def pack_pairs(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
 
     width_p = round_up(max(len(p) for p in prompts))
     width_a = round_up(max(len(a) for a in answers))
-    n = len(prompts)
-    tokens = np.full((n, width_p + width_a), pad_id, np.int32)
+    tokens = np.full((len(prompts), width_p + width_a), pad_id, np.int32)
     mask = np.zeros(tokens.shape, bool)
     answer_mask = np.zeros(tokens.shape, bool)
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):

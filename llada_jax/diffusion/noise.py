@@ -47,8 +47,7 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, mask_prob: jax.Array, mask_id
 
     tokens int [B, L]; mask_prob float [B]; maskable bool [B, L] or None (= all True).
     """
-    draws = jax.random.uniform(rng, tokens.shape, jnp.float32)
-    noised = draws < mask_prob[:, None]
+    noised = jax.random.uniform(rng, tokens.shape, jnp.float32) < mask_prob[:, None]
     if maskable is not None:
         noised = noised & maskable.astype(bool)
     noisy_tokens = jnp.where(noised, jnp.asarray(mask_id, tokens.dtype), tokens)

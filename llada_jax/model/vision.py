@@ -36,10 +36,8 @@ from jax.ad_checkpoint import checkpoint_name
 # The schema lives with the other config sections; imported from here by the tower's users.
 from llada_jax.config import VisionConfig
 from llada_jax.config import validate_vision_tower as validate_vision
-from llada_jax.model.layers import Projection, scan_layers
+from llada_jax.model.layers import HIDDEN_AXES, Projection, scan_layers
 
-# Logical axis names of the activations between blocks.
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 # Every parameter is created with its logical axis names.
 _param_init = nn.with_logical_partitioning
 
@@ -149,7 +147,7 @@ class EncoderBlock(nn.Module):
         cfg = self.config
         x = x + SelfAttention(cfg, name="self_attn")(_layer_norm(cfg, "layer_norm1")(x))
         x = x + Mlp(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x))
-        return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+        return nn.with_logical_constraint(x, HIDDEN_AXES), None
 
 
 class VisionEncoder(nn.Module):
@@ -172,7 +170,7 @@ class VisionEncoder(nn.Module):
                              f"{expected[1]}, {expected[2]}] (channels last), found "
                              f"{tuple(pixels.shape)}")
         x = PatchEmbedding(cfg, name="embeddings")(pixels)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = nn.with_logical_constraint(x, HIDDEN_AXES)
 
         stack = scan_layers(EncoderBlock, cfg.num_layers_used, cfg.remat_policy, nn.broadcast)
         x, _ = stack(cfg, name="layers")(x, None)
