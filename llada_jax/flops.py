@@ -112,6 +112,5 @@ def roofline_seconds(flops: float, bytes_moved: float, peak_flops: float | None,
 
 def train_flops_per_step(model: ModelConfig, batch_size: int, seq_len: int) -> float:
     """Model FLOPs of one training step of the language model (see the module docstring)."""
-    matmul_params = model.num_matmul_params
     attention = 12 * model.n_layers * seq_len ** 2 * model.n_heads * model.head_dim * batch_size
-    return 6.0 * matmul_params * batch_size * seq_len + float(attention)
+    return 6.0 * model.num_matmul_params * batch_size * seq_len + float(attention)

@@ -22,17 +22,13 @@ import time
 from etils import epath
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
-        table.append(crc)
-    return table
+def _crc32c_of_byte(crc: int) -> int:
+    for _ in range(8):
+        crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+    return crc
 
 
-_CRC32C_TABLE = _crc32c_table()
+_CRC32C_TABLE = [_crc32c_of_byte(byte) for byte in range(256)]
 
 
 def crc32c(data: bytes) -> int:
