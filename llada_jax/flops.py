@@ -32,35 +32,32 @@ PEAK_TFLOPS = {
     "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0,
 }
 
-# Peak memory bandwidth (bytes/s) of one device, by `device_kind` prefix (the longest wins).
+# Peak memory bandwidth (GB/s) of one device, by `device_kind` prefix (the longest wins).
 PEAK_BANDWIDTH = {
-    "TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9,
-    "TPU v5": 2765e9, "TPU v6 lite": 1640e9, "TPU v6e": 1640e9, "NVIDIA H200": 4.8e12,
-    "NVIDIA H100": 3.35e12, "NVIDIA A100": 2.039e12, "NVIDIA B200": 8.0e12,
+    "TPU v4": 1228.0, "TPU v5 lite": 819.0, "TPU v5e": 819.0, "TPU v5p": 2765.0, "TPU v5": 2765.0,
+    "TPU v6 lite": 1640.0, "TPU v6e": 1640.0, "NVIDIA H200": 4800.0, "NVIDIA H100": 3350.0,
+    "NVIDIA A100": 2039.0, "NVIDIA B200": 8000.0,
 }
 
 
-def _by_device_kind(table: dict[str, float], device_kind: str, unit: float) -> float | None:
-    """unit x the table entry of the longest prefix of `device_kind`; None if unknown."""
-    for prefix in sorted(table, key=len, reverse=True):
-        if device_kind.startswith(prefix):
-            return table[prefix] * unit
-    return None
+def _peak(table: dict[str, float], device_kind: str, override: float | None,
+          unit: float) -> float | None:
+    """unit x (`override` if given, else the table entry of the longest prefix of
+    `device_kind`); None if unknown."""
+    value = override or next((table[prefix] for prefix in sorted(table, key=len, reverse=True)
+                              if device_kind.startswith(prefix)), None)
+    return None if value is None else value * unit
 
 
 def peak_flops_per_device(device_kind: str, override_tflops: float | None = None) -> float | None:
     """Peak FLOP/s of one device: `override_tflops` if given, else the table; None if unknown."""
-    if override_tflops:
-        return override_tflops * 1e12
-    return _by_device_kind(PEAK_TFLOPS, device_kind, 1e12)
+    return _peak(PEAK_TFLOPS, device_kind, override_tflops, 1e12)
 
 
 def peak_bandwidth_per_device(device_kind: str,
                               override_gbps: float | None = None) -> float | None:
     """Peak memory bandwidth in bytes/s: `override_gbps` (GB/s) if given, else the table."""
-    if override_gbps:
-        return override_gbps * 1e9
-    return _by_device_kind(PEAK_BANDWIDTH, device_kind, 1.0)
+    return _peak(PEAK_BANDWIDTH, device_kind, override_gbps, 1e9)
 
 
 def _attention_weights(model: ModelConfig) -> int:
@@ -115,6 +112,5 @@ def roofline_seconds(flops: float, bytes_moved: float, peak_flops: float | None,
 
 def train_flops_per_step(model: ModelConfig, batch_size: int, seq_len: int) -> float:
     """Model FLOPs of one training step of the language model (see the module docstring)."""
-    matmul_params = model.num_matmul_params
     attention = 12 * model.n_layers * seq_len ** 2 * model.n_heads * model.head_dim * batch_size
-    return 6.0 * matmul_params * batch_size * seq_len + float(attention)
+    return 6.0 * model.num_matmul_params * batch_size * seq_len + float(attention)

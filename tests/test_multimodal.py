@@ -256,13 +256,14 @@ def test_llada_v_smoke():
                      bos_token_id=1, pad_token_id=2)
     vision = VisionConfig(image_size=8, patch_size=4, width=8, n_layers=2, n_heads=2, mlp_dim=16)
     model = mm.LLaDAV(lm, vision)
-    # Row 0: a plain image (1 view: 4 tokens + newline = 5 positions); row 1 none. 3 views given
-    # (2 padding).
+    # Row 0: a plain image (1 view: 4 tokens + newline = 5 positions); row 1 none. 2 views per
+    # row given (row 0's second and both of row 1's are padding); row 0's plan indices are
+    # row-local because it is the first row.
     plan = images.anyres_token_sources((8, 8), num_views=1, tokens_per_side=2)
     ids = np.array([[1, P, P, P, P, P, 7, 8], [1, 9, 10, 11, 12, 13, 14, 15]])
     sources = images.place_token_sources(ids, [[plan], []], [[1], []], P, tokens_per_view=4)
     sources = tuple(jnp.asarray(s) for s in sources)
-    pixels = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3), minval=-1, maxval=1)
+    pixels = jax.random.uniform(jax.random.key(1), (2, 2, 8, 8, 3), minval=-1, maxval=1)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(ids), pixels, sources)
     params = nn.unbox(variables)["params"]
     assert sorted(params) == ["language_model", "projector", "vision_tower"]
@@ -274,7 +275,7 @@ def test_llada_v_smoke():
         variables, jnp.asarray(ids), pixels, sources)
     np.testing.assert_array_equal(np.asarray(positions), ids == P)
     views = mm.Projector(16).apply({"params": params["projector"]}, VisionEncoder(vision).apply(
-        {"params": params["vision_tower"]}, pixels))
+        {"params": params["vision_tower"]}, pixels[0]))
     np.testing.assert_allclose(np.asarray(emb[0, 1:5]), np.asarray(views[0]), rtol=1e-6,
                                atol=1e-6)
     np.testing.assert_allclose(np.asarray(emb[0, 5]), np.asarray(params["projector"]["image_newline"]),

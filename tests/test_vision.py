@@ -18,7 +18,6 @@ from llada_jax.interop import siglip
 from llada_jax.model.vision import (
     VisionConfig,
     VisionEncoder,
-    so400m_patch14_384,
     validate_vision,
 )
 from tests.interop_helpers import import_vision_from_safetensors
@@ -254,8 +253,9 @@ def test_so400m_param_count_by_eval_shape():
     full (27 layers + post-LN 2W):    1518336 + 27 * 15239504 + 2304 = 412987248
     (plus the 15.2M attention-pooling head that neither uses: the "so400m" ~428M.)
     """
-    for cfg, expected in ((so400m_patch14_384(), 397_745_440),
-                          (so400m_patch14_384(feature_layer=-1, use_post_layernorm=True),
+    # VisionConfig's defaults are SigLIP2 so400m/14 at 384 px as LLaDA-V uses it.
+    for cfg, expected in ((VisionConfig(), 397_745_440),
+                          (VisionConfig(feature_layer=-1, use_post_layernorm=True),
                            412_987_248)):
         abstract = jax.eval_shape(VisionEncoder(cfg).init, jax.random.key(0),
                                   jnp.zeros((1, 384, 384, 3)))
@@ -263,7 +263,7 @@ def test_so400m_param_count_by_eval_shape():
         assert count == expected == cfg.num_params
         out = jax.eval_shape(VisionEncoder(cfg).apply, abstract, jnp.zeros((2, 384, 384, 3)))
         assert out.shape == (2, 729, 1152)
-    assert so400m_patch14_384().num_layers_used == 26
+    assert VisionConfig().num_layers_used == 26
 
 
 @pytest.mark.parametrize("field,value", [

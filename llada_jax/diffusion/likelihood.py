@@ -79,12 +79,6 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
 
     model_mask, model_positions = rows(attention_mask), rows(positions)
 
-    def guided(logits):  # [P, b, (2,) C, V] float32 -> [P, b, C, V] (CFG combination)
-        logits = logits.astype(jnp.float32)
-        if not use_cfg:
-            return logits
-        return guidance(logits[:, :, 0], logits[:, :, 1], cfg_scale)
-
     def batch_loss(key):
         count_key, subset_key = jax.random.split(key)
         k = jax.random.randint(count_key, (pairs,), 1, answer_lengths + 1)          # U{1..L}
@@ -106,7 +100,7 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
                       **({} if head is None else {"return_hidden": True}))
         out = out.reshape(pairs, b, *((2,) if use_cfg else ()), length, -1)
         cross_entropy, _ = losses.chunked_cross_entropy(                            # [P, b, L]
-            lambda x: guided(x if head is None else head(x)), out, targets,
+            lambda x: guidance(x if head is None else head(x), cfg_scale, 2), out, targets,
             0 if head is None else chunk_size)
         weight = answer_lengths[:, None].astype(jnp.float32) / counts.astype(jnp.float32)
         row_loss = jnp.sum(jnp.where(masked, cross_entropy, 0.0), axis=-1) * weight
@@ -148,8 +142,7 @@ def pack_pairs(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
 
     width_p = round_up(max(len(p) for p in prompts))
     width_a = round_up(max(len(a) for a in answers))
-    n = len(prompts)
-    tokens = np.full((n, width_p + width_a), pad_id, np.int32)
+    tokens = np.full((len(prompts), width_p + width_a), pad_id, np.int32)
     mask = np.zeros(tokens.shape, bool)
     answer_mask = np.zeros(tokens.shape, bool)
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):

@@ -76,10 +76,8 @@ def chunked_cross_entropy(logits_fn: Callable[[Any], jax.Array], hidden: Any, ta
     def one_chunk(hidden_chunk, target_chunk):
         return cross_entropy_and_hits(logits_fn(hidden_chunk), target_chunk)
 
-    def body(carry, xs):
-        return carry, one_chunk(*xs)
-
-    _, (ce, hits) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+    _, (ce, hits) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None,
+                                 (hidden_chunks, target_chunks))
     return _join_chunks(ce, -1, length), _join_chunks(hits, -1, length)
 
 
@@ -170,8 +168,7 @@ def lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
 
     def body(_, xs):
         hidden_chunk, target_chunk = xs
-        ce, hits, _ = _chunk_cross_entropy(_chunk_logits(hidden_chunk, weights), target_chunk)
-        return None, (ce, hits)
+        return None, _chunk_cross_entropy(_chunk_logits(hidden_chunk, weights), target_chunk)[:2]
 
     _, (ce, hits) = jax.lax.scan(body, None, (_split_chunks(hidden, -2, chunk_size),
                                               _split_chunks(targets, -1, chunk_size)))
@@ -258,5 +255,4 @@ def hit_counts(hits: jax.Array, noised: jax.Array) -> tuple[jax.Array, jax.Array
     """(number of noised positions whose argmax prediction is the clean token, number noised),
     from argmax hits bool [B, L] (`cross_entropy_and_hits`). Counts rather than a ratio, so
     that micro-batches and devices can be summed before dividing."""
-    correct = hits & noised
-    return jnp.sum(correct.astype(jnp.int32)), jnp.sum(noised.astype(jnp.int32))
+    return jnp.sum((hits & noised).astype(jnp.int32)), jnp.sum(noised.astype(jnp.int32))

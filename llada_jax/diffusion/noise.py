@@ -47,8 +47,7 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, mask_prob: jax.Array, mask_id
 
     tokens int [B, L]; mask_prob float [B]; maskable bool [B, L] or None (= all True).
     """
-    draws = jax.random.uniform(rng, tokens.shape, jnp.float32)
-    noised = draws < mask_prob[:, None]
+    noised = jax.random.uniform(rng, tokens.shape, jnp.float32) < mask_prob[:, None]
     if maskable is not None:
         noised = noised & maskable.astype(bool)
     noisy_tokens = jnp.where(noised, jnp.asarray(mask_id, tokens.dtype), tokens)
@@ -78,5 +77,4 @@ def random_length_cut(rng: jax.Array, seq_len: int, prob: float) -> tuple[jax.Ar
     use_cut = jax.random.uniform(use_rng, ()) < prob
     drawn = jax.random.randint(len_rng, (), 1, seq_len + 1, dtype=jnp.int32)
     cut_length = jnp.where(use_cut, drawn, jnp.int32(seq_len))
-    valid = jnp.arange(seq_len, dtype=jnp.int32) < cut_length
-    return cut_length, valid
+    return cut_length, jnp.arange(seq_len, dtype=jnp.int32) < cut_length

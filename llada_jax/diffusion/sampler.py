@@ -132,21 +132,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
     return tokens, mask
 
 
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """RoPE positions of a left-padded batch: 0 at each row's first real token."""
-    mask = jnp.asarray(attention_mask, jnp.int32)
-    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-
-
 def build_canvas(prompt_tokens: jax.Array, prompt_mask: jax.Array, gen_length: int,
                  mask_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(tokens [B, Lp + G], attention_mask [B, Lp + G], positions [B, Lp + G]) to sample into."""
+    """(tokens [B, Lp + G], attention_mask [B, Lp + G], positions [B, Lp + G]) to sample into.
+    The RoPE positions of the left-padded rows are 0 at each row's first real token."""
     batch = prompt_tokens.shape[0]
     tokens = jnp.concatenate([jnp.asarray(prompt_tokens, jnp.int32),
                               jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
     attention_mask = jnp.concatenate([jnp.asarray(prompt_mask, bool),
                                       jnp.ones((batch, gen_length), bool)], axis=1)
-    return tokens, attention_mask, positions_from_mask(attention_mask)
+    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return tokens, attention_mask, positions
 
 
 def _finished_stops(gen: jax.Array, stop_ids: Sequence[int], mask_id: int) -> jax.Array:
@@ -154,21 +150,6 @@ def _finished_stops(gen: jax.Array, stop_ids: Sequence[int], mask_id: int) -> ja
     is_mask = (gen == mask_id).astype(jnp.int32)
     masks_before = jnp.cumsum(is_mask, axis=1) - is_mask
     return jnp.isin(gen, jnp.asarray(stop_ids, gen.dtype)) & (masks_before == 0)
-
-
-def eos_fill(tokens: jax.Array, gen_start: int, eos_id: int, mask_id: int,
-             stop_ids: Sequence[int] | None = None) -> jax.Array:
-    """Everything after a row's first finished stop token (EOS by default; nothing masked before
-    it) becomes EOS."""
-    gen = tokens[:, gen_start:]
-    finished = _finished_stops(gen, (eos_id,) if stop_ids is None else stop_ids, mask_id)
-    after = jnp.cumsum(finished.astype(jnp.int32), axis=1) - finished > 0
-    return tokens.at[:, gen_start:].set(jnp.where(after, eos_id, gen))
-
-
-def _all_rows_finished(tokens: jax.Array, gen_start: int, stop_ids: Sequence[int],
-                       mask_id: int) -> jax.Array:
-    return jnp.all(jnp.any(_finished_stops(tokens[:, gen_start:], stop_ids, mask_id), axis=1))
 
 
 def _constrain(x: jax.Array) -> jax.Array:
@@ -186,9 +167,8 @@ def _prefix_window_groups(config: SamplerConfig, length: int) -> list[tuple[int,
     nb, bl = config.num_blocks, config.block_length
     quantum = bl * math.ceil(nb / _MAX_PREFIX_WINDOW_LENGTHS)
     groups: list[tuple[int, int, int]] = []
-    for j in range(nb):
-        needed = config.gen_length - j * bl
-        window = min(length, math.ceil(needed / quantum) * quantum)
+    for j in range(nb):  # block j needs the positions from its start to the end
+        window = min(length, math.ceil((config.gen_length - j * bl) / quantum) * quantum)
         if groups and groups[-1][2] == window:
             groups[-1] = (groups[-1][0], j + 1, window)
         else:
@@ -314,8 +294,13 @@ def commit_mask(confidence: jax.Array, eligible: jax.Array, count: jax.Array) ->
     return eligible & (rank < count[:, None])
 
 
-def guidance(cond: jax.Array, uncond: jax.Array, cfg_scale: float) -> jax.Array:
-    """Classifier-free guidance: un + (s + 1) (cond - un)."""
+def guidance(logits: jax.Array, cfg_scale: float, pair_axis: int) -> jax.Array:
+    """float32 logits; with `cfg_scale` > 0, their (conditional, unconditional) pairs along
+    `pair_axis` combined by classifier-free guidance: un + (s + 1) (cond - un)."""
+    logits = logits.astype(jnp.float32)
+    if cfg_scale <= 0:
+        return logits
+    cond, uncond = jnp.moveaxis(logits, pair_axis, 0)
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
@@ -364,14 +349,13 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         raise ValueError(f"sample: the canvas has {length - gen_start} generation columns after "
                          f"gen_start={gen_start}, expected gen_length={c.gen_length}")
     use_cfg = c.cfg_scale > 0
-    conditioning = attention_mask & (tokens != c.mask_id)
     model_kwargs = {} if head is None else {"return_hidden": True}
 
     def rows(a):  # [B, ...] -> [2B, ...]: each row followed by its unconditional twin
         return jnp.repeat(a, 2, axis=0) if use_cfg else a
 
     model_mask, model_positions = rows(attention_mask), rows(positions)
-    model_conditioning = rows(conditioning)
+    model_conditioning = rows(attention_mask & (tokens != c.mask_id))
 
     def model_tokens(x, start, width):
         x = jax.lax.dynamic_slice_in_dim(rows(x), start, width, axis=1)
@@ -393,11 +377,10 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         """The current block's guided float32 logits [B, bl, V]: sliced out of the pass's output
         first, so the LM head (given `head`) and the float32 cast see the block only."""
         out = jax.lax.dynamic_slice_in_dim(out, offset, bl, 1)
-        logits = (out if head is None else head(out)).astype(jnp.float32)
-        if not use_cfg:
-            return logits
-        pair = logits.reshape(batch, 2, *logits.shape[1:])
-        return guidance(pair[:, 0], pair[:, 1], c.cfg_scale)
+        logits = out if head is None else head(out)
+        if use_cfg:
+            logits = logits.reshape(batch, 2, *logits.shape[1:])
+        return guidance(logits, c.cfg_scale, 1)
 
     def block_logits(x, cache, step, block_start, window):
         """Logits [B, block_length, V] of the current block, the (maybe refreshed) cache, and
@@ -440,7 +423,6 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         noise_key, remask_key = pair
         candidates = draw_candidates(logits, c.temperature, noise_key)          # [B, bl]
         confidence = candidate_confidence(logits, candidates, c, remask_key)
-        num_eligible = jnp.sum(eligible, axis=1)
         if c.threshold > 0:
             count = jnp.maximum(jnp.sum(eligible & (confidence >= c.threshold), axis=1), 1)
         elif c.factor > 0:
@@ -448,7 +430,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         else:
             count = jax.lax.dynamic_index_in_dim(state.schedule, state.step, axis=1,
                                                  keepdims=False)
-        committed = commit_mask(confidence, eligible, jnp.minimum(count, num_eligible))
+        committed = commit_mask(confidence, eligible, jnp.minimum(count, jnp.sum(eligible, 1)))
         block_tokens = jnp.where(committed, candidates, block_tokens)
         x = jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1)
         return x, committed
@@ -475,8 +457,8 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             old = jax.lax.dynamic_slice_in_dim(s.commit_pass, s.block * bl, bl, 1)
             commit_pass = jax.lax.dynamic_update_slice_in_dim(
                 s.commit_pass, jnp.where(committed, s.passes, old), s.block * bl, 1)
-            done = (_all_rows_finished(x, gen_start, finish_ids, c.mask_id) if finish_ids
-                    else s.done)
+            done = (jnp.all(jnp.any(_finished_stops(x[:, gen_start:], finish_ids, c.mask_id), 1))
+                    if finish_ids else s.done)
             return s._replace(tokens=x, cache=cache, step=s.step + 1, commit_pass=commit_pass,
                               passes=s.passes + 1, positions=s.positions + computed, done=done)
 
@@ -497,8 +479,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         tokens=_constrain(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
         schedule=jnp.zeros((batch, c.schedule_steps), jnp.int32),
         commit_pass=jnp.full((batch, c.gen_length), -1, jnp.int32), passes=jnp.int32(0),
-        positions=jnp.int32(0),
-        done=jnp.bool_(False))
+        positions=jnp.int32(0), done=jnp.bool_(False))
 
     if c.cache == "prefix":
         groups = _prefix_window_groups(c, length)
@@ -515,7 +496,10 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
     if finish_ids:
         # What follows a finished row's stop token becomes EOS (the official LLaDA-V code cuts
         # the answer there; positions after an EoT are never committed once it is).
-        out = eos_fill(out, gen_start, c.eos_id, c.mask_id, finish_ids)
+        gen = out[:, gen_start:]
+        finished = _finished_stops(gen, finish_ids, c.mask_id)
+        after = jnp.cumsum(finished.astype(jnp.int32), axis=1) - finished > 0
+        out = out.at[:, gen_start:].set(jnp.where(after, c.eos_id, gen))
     return SampleOutput(out, state.commit_pass, state.passes, state.positions)
 
 
@@ -560,10 +544,8 @@ def _generate_jit(params, tokens, attention_mask, positions, rng, images=None, s
             io_callback(stream, None, stream_tag, block, block_tokens, ordered=False)
     # The LM head alone (`Transformer.logits_from_hidden` / `LLaDAV.logits_from_hidden`).
     head = functools.partial(model.apply, variables, method=type(model).logits_from_hidden)
-    if images is None:
-        forward = functools.partial(model.apply, variables)
-    else:
-        forward = image_conditioned_forward(model, params, images)
+    forward = (functools.partial(model.apply, variables) if images is None
+               else image_conditioned_forward(model, params, images))
     return sample(forward, tokens, attention_mask, positions, gen_start, config, rng, head=head,
                   on_block=on_block)
 
@@ -585,11 +567,9 @@ def _check_prompts(prompt_tokens, prompt_mask, config: SamplerConfig, model) -> 
     if model_mask_id != config.mask_id:
         raise ValueError(f"generate: sampler mask_id={config.mask_id} but the model's "
                          f"mask_token_id={model_mask_id}")
-    concrete = all(isinstance(a, np.ndarray) or (isinstance(a, jax.Array) and
-                                                 a.is_fully_addressable)
-                   for a in (prompt_tokens, prompt_mask))
-    if not concrete:
-        return
+    if not all(isinstance(a, np.ndarray) or (isinstance(a, jax.Array) and a.is_fully_addressable)
+               for a in (prompt_tokens, prompt_mask)):
+        return  # values this host cannot read (traced, or spread over other hosts)
     tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask).astype(bool)
     empty = np.flatnonzero(~mask.any(axis=1))
     if empty.size:
@@ -635,13 +615,12 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
                                                      config.gen_length, config.mask_id)
     if images is not None:
         images = tuple(images)
-        expected = tokens.shape
-        found = tuple(a.shape[:2] for a in images[1:])
-        if len(images) != 4 or images[0].shape[0] != expected[0] or any(
-                f != expected for f in found):
+        if len(images) != 4 or images[0].shape[0] != tokens.shape[0] or any(
+                a.shape[:2] != tokens.shape for a in images[1:]):
             raise ValueError(f"generate: images must be (pixel_values [B, V, H, W, 3], index, "
                              f"weight, is_newline) over the canvas [B, Lp + gen_length] = "
-                             f"{list(expected)}; found shapes {[tuple(a.shape) for a in images]}")
+                             f"{list(tokens.shape)}; found shapes "
+                             f"{[tuple(a.shape) for a in images]}")
     tag = None if stream is None else jnp.int32(stream_tag)
     out = _generate_jit(params, tokens, attention_mask, positions, rng, images, tag, model=model,
                         config=config, gen_start=prompt_tokens.shape[1], stream=stream)

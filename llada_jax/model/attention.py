@@ -30,6 +30,8 @@ from llada_jax.config import ModelConfig
 from llada_jax.model.layers import Projection, RMSNorm, dtype_of, rotary_embedding
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Logical axes of per-head activations [B, L, heads, head_dim].
+_HEAD_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 
 
 class MaskInfo(NamedTuple):
@@ -180,29 +182,27 @@ class Attention(nn.Module):
         c = self.config
         dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
         proj = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.init_std)
-        q = Projection((c.n_heads, c.head_dim), ("embed",), ("heads", "head_dim"),
-                       name="q_proj", **proj)(x)
-        k = Projection((c.n_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                       name="k_proj", **proj)(x)
-        v = Projection((c.n_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                       name="v_proj", **proj)(x)
+
+        def project(name: str, heads: int, heads_axis: str) -> jax.Array:  # [B, Lw, heads, hd]
+            return Projection((heads, c.head_dim), ("embed",), (heads_axis, "head_dim"),
+                              name=f"{name}_proj", **proj)(x)
+
+        q, k, v = (project("q", c.n_heads, "heads"), project("k", c.n_kv_heads, "kv_heads"),
+                   project("v", c.n_kv_heads, "kv_heads"))
         if c.qk_norm:  # RMSNorm over head_dim of every query and key head, before RoPE
             norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
             q = RMSNorm(name="q_norm", **norm)(q)
             k = RMSNorm(name="k_norm", **norm)(k)
         q = rotary_embedding(q, positions, c.rope_theta, c.rotary_dim)
         k = rotary_embedding(k, positions, c.rope_theta, c.rotary_dim)
-        q = nn.with_logical_constraint(
-            q, ("activation_batch", "activation_length", "activation_heads", None))
+        q = nn.with_logical_constraint(q, _HEAD_ACTIVATION_AXES)
         window_kv = (k, v)
-        if cache is not None:
-            cache_k, cache_v = cache
+        if cache is not None:  # the window's keys/values written over the cached sequence
             start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k.astype(k.dtype), k, start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v.astype(v.dtype), v, start, axis=1)
-        out = BACKENDS[c.attention_backend](q, k, v, mask)
-        out = nn.with_logical_constraint(
-            out, ("activation_batch", "activation_length", "activation_heads", None))
+            k, v = (jax.lax.dynamic_update_slice_in_dim(cached.astype(new.dtype), new, start, 1)
+                    for cached, new in zip(cache, (k, v), strict=True))
+        out = nn.with_logical_constraint(BACKENDS[c.attention_backend](q, k, v, mask),
+                                         _HEAD_ACTIVATION_AXES)
         out = Projection((c.d_model,), ("heads", "head_dim"), ("embed",), name="attn_out",
                          **proj)(out)
         return out, window_kv

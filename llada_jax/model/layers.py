@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 Initializer = nn.initializers.Initializer
+# Logical axes of the hidden states [B, L, d] between blocks.
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 REMAT_POLICIES = {

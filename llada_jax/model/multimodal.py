@@ -103,13 +103,10 @@ class LLaDAV(nn.Module):
     """The LLaDA-V mask predictor: images and (noisy) text in, logits out.
 
     `input_ids` [B, L] hold `image_placeholder_id` at every image-token position. The image
-    tokens come from `pixel_values` and the gather plan `image_sources = (index, weight,
-    is_newline)`, in one of two layouts:
-      * per row (what training batches use): pixel_values [B, V, H, W, 3], plan indices into the
-        row's own V views (`images.place_token_sources` of one row); padding views are allowed;
-      * flat: pixel_values [V, H, W, 3], all views of the batch in reading order, plan indices
-        into all of them (`images.place_token_sources` of the whole batch).
-    Pixels are uint8 (normalised on device by `normalize_pixels`) or already-normalised floats.
+    tokens come from `pixel_values` [B, V, H, W, 3] and the gather plan `image_sources = (index,
+    weight, is_newline)`, whose indices point into the row's own V views
+    (`images.place_token_sources` of one row); padding views are allowed. Pixels are uint8
+    (normalised on device by `normalize_pixels`) or already-normalised floats.
     Or pass `image_embeddings` [B, L, d_model] computed once by `image_embeddings(...)` (the
     sampler does: the tower runs once, not at every step).
 
@@ -139,20 +136,17 @@ class LLaDAV(nn.Module):
                          image_sources: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         """The image token at every position [B, L, d_model] (zeros where the plan is empty)."""
         index, weight, is_newline = image_sources
-        views = self.encode_images(pixel_values)
-        newline = self.projector.newline()
-        if pixel_values.ndim == 5:              # per row: [B, V, T, d], row-local indices
-            batch, num_views, tokens, dim = views.shape
-            if index.shape[0] != batch:
-                raise ValueError(f"image_sources: expected {batch} rows like pixel_values, "
-                                 f"found {index.shape[0]}")
-            return jax.vmap(gather_image_tokens, in_axes=(0, 0, 0, 0, None))(
-                views.reshape(batch, num_views * tokens, dim), index, weight, is_newline, newline)
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values: expected [B, V, H, W, C] or [V, H, W, C], found "
-                             f"shape {pixel_values.shape}")
-        return gather_image_tokens(views.reshape(-1, views.shape[-1]), index, weight, is_newline,
-                                   newline)
+        if pixel_values.ndim != 5:
+            raise ValueError(f"pixel_values: expected [B, V, H, W, C], found shape "
+                             f"{pixel_values.shape}")
+        views = self.encode_images(pixel_values)              # [B, V, T, d]
+        batch, num_views, tokens, dim = views.shape
+        if index.shape[0] != batch:
+            raise ValueError(f"image_sources: expected {batch} rows like pixel_values, "
+                             f"found {index.shape[0]}")
+        return jax.vmap(gather_image_tokens, in_axes=(0, 0, 0, 0, None))(
+            views.reshape(batch, num_views * tokens, dim), index, weight, is_newline,
+            self.projector.newline())
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
               image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None,

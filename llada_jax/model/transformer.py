@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.config import ModelConfig
 from llada_jax.model.attention import Attention, MaskInfo
-from llada_jax.model.layers import Projection, RMSNorm, dtype_of, scan_layers, swiglu
+from llada_jax.model.layers import HIDDEN_AXES, Projection, RMSNorm, dtype_of, scan_layers, swiglu
 from llada_jax.model.moe import MoE
 
 
@@ -86,8 +86,7 @@ class Block(nn.Module):
 
         a = RMSNorm(name="attn_norm", **norm)(h)
         a, (k, v) = Attention(c, name="attn")(a, positions, mask, cache, cache_index)
-        a = checkpoint_name(a, "attention_out")
-        h = h + a
+        h = h + checkpoint_name(a, "attention_out")
 
         f = RMSNorm(name="ff_norm", **norm)(h)
         stats = None
@@ -97,8 +96,7 @@ class Block(nn.Module):
             f = swiglu(f, c.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype,
                        init_std=c.init_std, d_model=c.d_model)
         h = h + f
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
-                                           "activation_embed"))
+        h = nn.with_logical_constraint(h, HIDDEN_AXES)
         return h, ((KVCache(k, v) if return_kv else None), stats)
 
 
@@ -174,8 +172,7 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: attention_mask must be [batch={batch}, "
                              f"keys={key_length}], found {attention_mask.shape}")
         mask = MaskInfo(attention_mask, segment_ids, segment_ids)
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
-                                           "activation_embed"))
+        h = nn.with_logical_constraint(h, HIDDEN_AXES)
         h, window_kv = self._run_blocks(h, positions, mask, kv_cache, cache_index, return_kv)
         out = self.ln_f(h) if return_hidden else self.logits_from_hidden(self.ln_f(h))
         return (out, window_kv) if return_kv else out

@@ -26,8 +26,6 @@ position embeddings) and is not what LLaDA-V uses.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -38,19 +36,10 @@ from jax.ad_checkpoint import checkpoint_name
 # The schema lives with the other config sections; imported from here by the tower's users.
 from llada_jax.config import VisionConfig
 from llada_jax.config import validate_vision_tower as validate_vision
-from llada_jax.model.layers import Projection, scan_layers
+from llada_jax.model.layers import HIDDEN_AXES, Projection, scan_layers
 
-# Logical axis names of the activations between blocks.
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-def so400m_patch14_384(**overrides: Any) -> VisionConfig:
-    """SigLIP2 so400m/14 at 384 px as LLaDA-V uses it (27 blocks, features of block 26)."""
-    return dataclasses.replace(VisionConfig(), **overrides)
-
-
-def _param_init(init: Callable[..., Any], axes: tuple[str, ...]) -> Callable[..., Any]:
-    return nn.with_logical_partitioning(init, axes)
+# Every parameter is created with its logical axis names.
+_param_init = nn.with_logical_partitioning
 
 
 def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
@@ -158,7 +147,7 @@ class EncoderBlock(nn.Module):
         cfg = self.config
         x = x + SelfAttention(cfg, name="self_attn")(_layer_norm(cfg, "layer_norm1")(x))
         x = x + Mlp(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x))
-        return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+        return nn.with_logical_constraint(x, HIDDEN_AXES), None
 
 
 class VisionEncoder(nn.Module):
@@ -181,7 +170,7 @@ class VisionEncoder(nn.Module):
                              f"{expected[1]}, {expected[2]}] (channels last), found "
                              f"{tuple(pixels.shape)}")
         x = PatchEmbedding(cfg, name="embeddings")(pixels)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = nn.with_logical_constraint(x, HIDDEN_AXES)
 
         stack = scan_layers(EncoderBlock, cfg.num_layers_used, cfg.remat_policy, nn.broadcast)
         x, _ = stack(cfg, name="layers")(x, None)

@@ -95,20 +95,6 @@ class HeldOutElbo:
         return metrics
 
 
-def _evaluator_class(kind: Any, index: int) -> tuple[type, str | None, str | None]:
-    """The class of an evaluator kind (a short name or `module:Class`), its required key and
-    what that key holds."""
-    target, required, what = EVALUATOR_KINDS.get(kind, (kind, None, None))
-    if not isinstance(target, str) or ":" not in target:
-        raise ValueError(f"evaluator {index}: 'kind' must be one of {sorted(EVALUATOR_KINDS)} "
-                         f"or 'module:Class', found {kind!r}")
-    module_name, class_name = target.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module_name), class_name), required, what
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"evaluator {index}: cannot load kind {kind!r} ({target}): {e}") from None
-
-
 def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
                     tokenizer: Tokenizer) -> list[Evaluator]:
     """Evaluators from plain-dict specs (see the module docstring); errors name the spec."""
@@ -116,7 +102,17 @@ def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.C
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("kind", None)
-        cls, required, what = _evaluator_class(kind, i)
+        # The class of the kind (a short name or `module:Class`), its required key and what
+        # that key holds.
+        target, required, what = EVALUATOR_KINDS.get(kind, (kind, None, None))
+        if not isinstance(target, str) or ":" not in target:
+            raise ValueError(f"evaluator {i}: 'kind' must be one of {sorted(EVALUATOR_KINDS)} "
+                             f"or 'module:Class', found {kind!r}")
+        module_name, class_name = target.split(":", 1)
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"evaluator {i}: cannot load kind {kind!r} ({target}): {e}") from None
         if required and required not in spec:
             raise ValueError(f"evaluator {i} ({kind}): expected {what}")
         evaluators.append(cls(config, tokenizer, **spec))
@@ -129,8 +125,5 @@ def make_evaluators(specs: Sequence[Mapping[str, Any]], config: ml_collections.C
 def run_evaluators(evaluators: Sequence[Evaluator], params: Any, step: int
                    ) -> dict[str, float]:
     """Every evaluator's metrics, keyed ``eval/<evaluator name>/<metric>``."""
-    metrics = {}
-    for evaluator in evaluators:
-        for key, value in evaluator.run(params, step).items():
-            metrics[f"eval/{evaluator.name}/{key}"] = value
-    return metrics
+    return {f"eval/{evaluator.name}/{key}": value for evaluator in evaluators
+            for key, value in evaluator.run(params, step).items()}

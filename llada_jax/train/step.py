@@ -61,7 +61,7 @@ import optax
 from jax.sharding import Mesh
 
 from llada_jax import parallel
-from llada_jax.config import PARAM_GROUPS, parse_trainable
+from llada_jax.config import parse_trainable
 from llada_jax.diffusion import losses, noise
 from llada_jax.model.layers import dtype_of
 from llada_jax.model.moe import RouterStats, expert_bias_update
@@ -143,8 +143,7 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     prepared = {
         "noisy_tokens": noised.noisy_tokens, "tokens": tokens, "noised": noised.noised,
         "mask_prob": noised.mask_prob, "maskable": maskable,
-        "cut_length": jnp.broadcast_to(cut_length, (rows,)),
-    }
+        "cut_length": jnp.broadcast_to(cut_length, (rows,))}
     # A key mask is only built when some key must be hidden: attention backends without mask
     # support (splash) then still run plain pre-training batches.
     if use_cut or segment_ids is not None or fill is not None:
@@ -242,11 +241,9 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     num_micro = int(train.grad_accum_steps)
     bias_rate = float(train.get("moe_bias_update_rate", 0.0))
     trainable = parse_trainable(train.trainable)
-    if trainable != PARAM_GROUPS:
-        full_loss_fn = loss_fn
 
-        def loss_fn(params, micro):  # frozen groups: no gradient is even computed
-            return full_loss_fn(stop_frozen_gradients(params, trainable), micro)
+    def trained_loss_fn(params, micro):  # frozen groups: no gradient is even computed
+        return loss_fn(stop_frozen_gradients(params, trainable), micro)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -258,22 +255,11 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
         micro_batches = jax.tree.map(
             lambda x: nn.with_logical_constraint(
                 x, (None, "activation_batch") + (None,) * (x.ndim - 2)), micro_batches)
-        loss, grads, counts = accumulate_gradients(loss_fn, state.params, micro_batches,
+        loss, grads, counts = accumulate_gradients(trained_loss_fn, state.params, micro_batches,
                                                    num_micro, grad_shardings)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        moe = {}
-        if "moe_load" in counts:
-            # expert_bias is no trained parameter: it keeps its value through the optimizer
-            # (no weight decay) and moves only by the load-balancing update.
-            params = expert_bias_update(params, counts["moe_load"], bias_rate, state.params)
-            # The router losses (means over micro-batches and layers), and the worst layer's
-            # max / mean expert load (1 = perfectly balanced).
-            moe = {k: counts[k] / num_micro for k in ("lm_loss", "moe_aux_loss", "moe_z_loss")}
-            load = counts["moe_load"]
-            moe["moe_load_max_over_mean"] = jnp.max(
-                jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))
         metrics = {
             "loss": loss,
             "accuracy": counts["correct"] / jnp.maximum(counts["noised"], 1),
@@ -281,10 +267,19 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
             "learning_rate": schedule(state.step),
             "noised_tokens": counts["noised"],
             "cut_length": prepared["cut_length"][0],
-            **moe,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        if "moe_load" in counts:
+            # expert_bias is no trained parameter: it keeps its value through the optimizer
+            # (no weight decay) and moves only by the load-balancing update.
+            params = expert_bias_update(params, counts["moe_load"], bias_rate, state.params)
+            # The router losses (means over micro-batches and layers), and the worst layer's
+            # max / mean expert load (1 = perfectly balanced).
+            metrics.update({k: counts[k] / num_micro
+                            for k in ("lm_loss", "moe_aux_loss", "moe_z_loss")})
+            load = counts["moe_load"]
+            metrics["moe_load_max_over_mean"] = jnp.max(
+                jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
@@ -312,12 +307,11 @@ def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: 
     loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size))
 
     def eval_step(params, batch, rng_data):
-        rng = jax.random.wrap_key_data(rng_data)
-        prepared = prepare_batch(batch, train, mask_id, rng, allow_cut=False)
+        prepared = prepare_batch(batch, train, mask_id, jax.random.wrap_key_data(rng_data),
+                                 allow_cut=False)
         loss, counts = loss_fn(params, prepared)
-        if "lm_loss" in counts:  # MoE: evaluate the diffusion loss only (router weights 0)
-            counts = {"correct": counts["correct"], "noised": counts["noised"]}
-        return {"loss": loss, **counts}
+        # MoE: the diffusion loss only (router weights 0), without the router metrics.
+        return {"loss": loss, "correct": counts["correct"], "noised": counts["noised"]}
 
     replicated = parallel.replicated(mesh)
     jitted = jax.jit(eval_step,

@@ -22,17 +22,13 @@ import time
 from etils import epath
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
-        table.append(crc)
-    return table
+def _crc32c_of_byte(crc: int) -> int:
+    for _ in range(8):
+        crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+    return crc
 
 
-_CRC32C_TABLE = _crc32c_table()
+_CRC32C_TABLE = [_crc32c_of_byte(byte) for byte in range(256)]
 
 
 def crc32c(data: bytes) -> int:
@@ -70,23 +66,18 @@ def _field_bytes(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(fields: bytes, wall_time: float | None) -> bytes:
-    """A serialized `Event`: its wall time (now by default), then `fields`."""
-    wall_time = time.time() if wall_time is None else wall_time
-    return _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + fields
+def _event(fields: bytes) -> bytes:
+    """A serialized `Event`: its wall time (now), then `fields`."""
+    return _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + fields
 
 
-def scalar_event(step: int, scalars: dict[str, float], wall_time: float | None = None) -> bytes:
+def scalar_event(step: int, scalars: dict[str, float]) -> bytes:
     """The serialized `Event` holding one `simple_value` per tag."""
     values = b"".join(
         _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
                      + struct.pack("<f", float(value)))
         for tag, value in scalars.items())
-    return _event(_varint(2 << 3 | 0) + _varint(int(step)) + _field_bytes(5, values), wall_time)
-
-
-def version_event(wall_time: float | None = None) -> bytes:
-    return _event(_field_bytes(3, b"brain.Event:2"), wall_time)
+    return _event(_varint(2 << 3 | 0) + _varint(int(step)) + _field_bytes(5, values))
 
 
 class SummaryWriter:
@@ -103,7 +94,8 @@ class SummaryWriter:
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.fspath(directory / name)
         self._remote = "://" in os.fspath(logdir)
-        self._pending = bytearray(tfrecord(version_event()))
+        # The first event of a file names its format version.
+        self._pending = bytearray(tfrecord(_event(_field_bytes(3, b"brain.Event:2"))))
         self._written = bytearray()  # remote files only: everything written so far
         self.flush()
 

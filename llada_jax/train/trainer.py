@@ -29,6 +29,7 @@ What protects a run (tests/test_train_faults.py):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -45,7 +46,7 @@ from jax.sharding import Mesh
 
 from llada_jax import config as config_lib
 from llada_jax import parallel
-from llada_jax.data import pipeline
+from llada_jax.data import bad_records, pipeline
 from llada_jax.data import validation as data_validation
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.train import checkpoint as checkpoint_lib
@@ -54,8 +55,6 @@ from llada_jax.train import state as state_lib
 from llada_jax.train import step as step_lib
 from llada_jax.train.optimizer import make_optimizer
 from llada_jax.train.summary import SummaryWriter
-
-LogicalRules = tuple[tuple[str, Any], ...]
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,7 +75,7 @@ class TrainSetup(NamedTuple):
     """What training needs before it builds anything; made once, by `prepare`."""
 
     mesh: Mesh
-    rules: LogicalRules   # the config's logical-axis rules, as Linen takes them
+    rules: tuple[tuple[str, Any], ...]   # the config's logical-axis rules, as Linen takes them
     tokenizer: Tokenizer
 
 
@@ -125,21 +124,14 @@ def _check_same_shapes(expected: Any, found: Any, source: str) -> None:
                              f"shape {value.shape}, found {found[name].shape}")
 
 
-def _format_duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
-
-
 def _evaluate(config, eval_step, params, tokenizer, mesh) -> dict[str, float]:
     """Loss and accuracy over `train.eval_batches` batches of the eval source. The noise keys
     are the same at every evaluation, so successive losses are directly comparable."""
-    iterator = iter(pipeline.build_dataset(config, tokenizer, "eval"))
     eval_base = jax.random.fold_in(jax.random.key(config.train.seed), 2)
     losses, correct, noised = [], 0, 0
-    for i in range(config.train.eval_batches):
-        try:
-            host_batch = next(iterator)
-        except StopIteration:
-            break
+    # At most eval_batches batches (zip takes no batch past the last index).
+    for i, host_batch in zip(range(config.train.eval_batches),
+                             pipeline.build_dataset(config, tokenizer, "eval"), strict=False):
         key = jax.random.key_data(jax.random.fold_in(eval_base, i))
         out = jax.device_get(eval_step(params, parallel.global_batch(host_batch, mesh), key))
         losses.append(float(out["loss"]))
@@ -175,7 +167,6 @@ _RESUME_OPTIMISER_FIELDS = (
     "train.min_lr_ratio", "train.weight_decay", "train.b1", "train.b2", "train.adam_eps",
     "train.grad_clip", "train.group_learning_rates.", "train.trainable", "train.max_bad_steps",
     "train.mask_eps", "train.random_length_prob", "train.seed")
-_MODEL_SECTIONS = ("model.", "vision.")
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -234,7 +225,7 @@ def check_resume_config(saved: ml_collections.ConfigDict, config: ml_collections
     optimiser = {k: v for k, v in differences.items() if k not in blocking}
     if blocking:
         workdir = os.path.dirname(os.path.dirname(checkpoint))
-        if any(k.startswith(_MODEL_SECTIONS) for k in blocking):
+        if any(k.startswith(("model.", "vision.")) for k in blocking):
             advice = "resume with the checkpoint's model settings, or use a new --workdir"
         else:
             advice = (f"resume with the checkpoint's settings, or fine-tune its params in a new "
@@ -347,8 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             state = state_lib.create_train_state(model, tx, mesh, rules, train_cfg.seed,
                                                  shardings)
             if train_cfg.init_from:
-                _, params = checkpoint_lib.load_params(train_cfg.init_from, mesh=mesh,
-                                                       rules=rules)
+                _, params = checkpoint_lib.load_params(train_cfg.init_from, mesh=mesh, rules=rules)
                 _check_same_shapes(state.params, params, train_cfg.init_from)
                 params = jax.tree.map(lambda new, old: new.astype(old.dtype), params,
                                       state.params)
@@ -384,37 +374,35 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
     max_bad_steps = int(train_cfg.max_bad_steps)
     start = int(state.step)
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     _progress(f"training {sum(p.size for p in jax.tree.leaves(state.params)):,} params on mesh "
-              f"{dict(mesh.shape)}, steps {start} -> {end}, "
-              f"{train_cfg.batch_size * train_cfg.seq_len} tokens per step")
+              f"{dict(mesh.shape)}, steps {start} -> {end}, {tokens_per_step} tokens per step")
 
     train_step = step_lib.make_train_step(config, model, tx, mesh, shardings)
     eval_step, evaluators = None, []
     if train_cfg.eval_every > 0:
         eval_step = step_lib.make_eval_step(config, model, mesh, shardings.params)
-        if train_cfg.evaluators:  # pluggable evaluators (train/evaluators.py), built once
-            evaluators = evaluators_lib.make_evaluators(list(train_cfg.evaluators), config,
-                                                        tokenizer)
+        # Pluggable evaluators (train/evaluators.py), built once; none by default.
+        evaluators = evaluators_lib.make_evaluators(list(train_cfg.evaluators or []), config,
+                                                    tokenizer)
 
     history: list[dict[str, float]] = []
     eval_history: list[dict[str, float]] = []
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     window_start, window_steps = time.time(), 0
     last_saved = start
     bad_in_a_row = 0
 
-    def checkpoints_left() -> str:
-        try:
+    def diverged(what: str, advice: str = "") -> TrainingDiverged:
+        """The error that stops a diverged run, naming the checkpoints it leaves."""
+        with contextlib.suppress(OSError):
             checkpointer.wait()  # the save in flight, if any, counts
-        except OSError:
-            pass
-        latest, best = checkpointer.latest_step(), checkpointer.best_step()
-        if latest is None:
-            return "there is no checkpoint yet"
-        where = checkpointer.directory
-        return (f"newest checkpoint {where}/{latest}, lowest-loss checkpoint {where}/{best} "
-                f"(rotation keeps it)")
+        latest, where = checkpointer.latest_step(), checkpointer.directory
+        left = ("there is no checkpoint yet" if latest is None else
+                f"newest checkpoint {where}/{latest}, lowest-loss checkpoint "
+                f"{where}/{checkpointer.best_step()} (rotation keeps it)")
+        return TrainingDiverged(f"training diverged: {what}; {left} (lower train.learning_rate "
+                                f"(now {train_cfg.learning_rate:g}){advice})")
 
     def fetch_metrics() -> None:
         """Brings the pending steps' metrics to the host; stops on a diverged step."""
@@ -433,11 +421,8 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
             if bad_in_a_row > max_bad_steps:
                 skipped = (f" after {max_bad_steps} skipped updates in a row" if max_bad_steps
                            else "")
-                raise TrainingDiverged(
-                    f"training diverged: {what}{skipped}; nothing of it was saved; "
-                    f"{checkpoints_left()} (lower train.learning_rate "
-                    f"(now {train_cfg.learning_rate:g}), or let train.max_bad_steps skip "
-                    f"isolated bad updates)")
+                raise diverged(f"{what}{skipped}; nothing of it was saved",
+                               ", or let train.max_bad_steps skip isolated bad updates")
             logging.warning("non-finite %s: update skipped (%d in a row, at most "
                             "train.max_bad_steps=%d)", what, bad_in_a_row, max_bad_steps)
         pending = []
@@ -447,11 +432,8 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
         fetch_metrics()
         bad = state_lib.non_finite_paths(state)
         if bad:
-            raise TrainingDiverged(
-                f"training diverged: the state after step {done} holds non-finite values "
-                f"({len(bad)} arrays, e.g. {bad[0]}); it was not saved; "
-                f"{checkpoints_left()} (lower train.learning_rate (now "
-                f"{train_cfg.learning_rate:g}))")
+            raise diverged(f"the state after step {done} holds non-finite values ({len(bad)} "
+                           f"arrays, e.g. {bad[0]}); it was not saved")
         losses = [h["loss"] for h in history if h["step"] >= last_saved
                   and math.isfinite(h["loss"])]
         checkpointer.save(done, state, config, iterator,
@@ -467,18 +449,16 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
 
         if done % train_cfg.log_every == 0 or done == end:
             fetch_metrics()
-            elapsed = time.time() - window_start
-            steps_per_second = window_steps / max(elapsed, 1e-9)
+            steps_per_second = window_steps / max(time.time() - window_start, 1e-9)
+            tokens_per_second = steps_per_second * tokens_per_step
+            eta = datetime.timedelta(seconds=int(max(train_cfg.steps - done, 0) / steps_per_second))
             last = history[-1]
             if writer:
-                writer.scalars(step, {"train/tokens_per_second":
-                                      steps_per_second * tokens_per_step})
+                writer.scalars(step, {"train/tokens_per_second": tokens_per_second})
                 writer.flush()
             _progress(f"step {done}/{train_cfg.steps} | loss {last['loss']:.4f} | acc "
                       f"{last['accuracy']:.3f} | lr {last['learning_rate']:.3g} | grad "
-                      f"{last['grad_norm']:.3f} | {steps_per_second * tokens_per_step:,.0f} "
-                      f"tok/s | eta "
-                      f"{_format_duration((train_cfg.steps - done) / steps_per_second)}")
+                      f"{last['grad_norm']:.3f} | {tokens_per_second:,.0f} tok/s | eta {eta}")
             window_start, window_steps = time.time(), 0
 
         if eval_step is not None and done % train_cfg.eval_every == 0:
@@ -502,8 +482,6 @@ def _run(config, state, model, tx, setup, shardings, iterator, checkpointer, wri
 
     if end > last_saved:
         save(end)
-    from llada_jax.data.bad_records import skipped_summary  # data.bad_records='skip': say how many
-
-    if skipped := skipped_summary():
+    if skipped := bad_records.skipped_summary():  # data.bad_records='skip': say how many
         _progress(skipped)
     return TrainResult(state, history, eval_history)
