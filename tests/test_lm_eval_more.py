@@ -63,12 +63,18 @@ def ll_request(context, continuation, idx=0):
     return Instance("loglikelihood", {}, (context, continuation), idx)
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def model_logits(params, ids, *, model):
+    """The model's logits, compiled once per shape (op by op it takes seconds per call)."""
+    return model.apply({"params": params}, ids)
+
+
 def guided_log_prob(params, model, context_ids, token, cfg):
     """log softmax(un + (cfg + 1) (cond - un))[token] at the one masked position (NumPy)."""
     mask = model.config.mask_token_id
     cond = np.asarray([[*context_ids, mask]], np.int32)
     uncond = np.full_like(cond, mask)
-    logits = [np.asarray(model.apply({"params": params}, jnp.asarray(ids)), np.float64)[0, -1]
+    logits = [np.asarray(model_logits(params, jnp.asarray(ids), model=model), np.float64)[0, -1]
               for ids in (cond, uncond)]
     guided = logits[1] + (cfg + 1) * (logits[0] - logits[1])
     shifted = guided - guided.max()
