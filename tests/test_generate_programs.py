@@ -62,7 +62,8 @@ def program_results(tiny_checkpoint, llada_v_checkpoint, tmp_path_factory):
                                        llada_v_checkpoint=llada_v_checkpoint)
         groups[name] = build(inputs)
     jobs = [job for group_jobs, _ in groups.values() for job in group_jobs]
-    results = iter(run_programs(jobs, tmp_path_factory.mktemp("runs")))
+    # About two minutes on the loaded 2-core box; each program had 300 s when run alone.
+    results = iter(run_programs(jobs, tmp_path_factory.mktemp("runs"), timeout=1200))
     return {name: ([next(results) for _ in group_jobs], info)
             for name, (group_jobs, info) in groups.items()}
 
