@@ -1,9 +1,17 @@
-"""launch/generate.py, launch/chat.py and launch/evaluate.py end to end on a tiny checkpoint."""
+"""launch/generate.py, launch/chat.py and launch/evaluate.py end to end on a tiny checkpoint.
+
+Every launch-program run of this file goes into one `run_programs` call (the `program_results`
+fixture): each program still runs as a user runs it, in its own process with its own stdin,
+stdout, stderr and flags, but the forked processes share one import of JAX, flax and orbax
+instead of paying a few CPU seconds each. Each test's runs come from its `*_jobs` function
+(registered with `@program_jobs`); the test checks its own results.
+"""
 
 import json
 import os
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -34,14 +42,36 @@ def tiny_checkpoint(tmp_path_factory):
     return directory, config, model, params
 
 
-def run_program(name, *args, stdin=None, status=0):
-    """stdout of a launch program run as a user runs it; with status != 0 the whole result."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: quick start
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", name), *args],
-                            input=stdin, capture_output=True, text=True, env=env, timeout=300,
-                            cwd=ROOT, check=False)
-    assert result.returncode == status, result.stderr[-3000:]
-    return result.stdout if status == 0 else result
+JOB_BUILDERS = {}
+
+
+def program_jobs(build):
+    """Registers `build(inputs) -> (jobs, info)` for the test named like it without `_jobs`:
+    jobs are run_programs jobs; info is whatever the test needs besides their results."""
+    JOB_BUILDERS[build.__name__.removesuffix("_jobs")] = build
+    return build
+
+
+@pytest.fixture(scope="module")
+def program_results(tiny_checkpoint, llada_v_checkpoint, tmp_path_factory):
+    """{test name: (its jobs' results, info)}: all the jobs in one run_programs call."""
+    groups = {}
+    for name, build in JOB_BUILDERS.items():
+        inputs = types.SimpleNamespace(folder=tmp_path_factory.mktemp(name),
+                                       tiny=tiny_checkpoint, checkpoint=tiny_checkpoint[0],
+                                       llada_v_checkpoint=llada_v_checkpoint)
+        groups[name] = build(inputs)
+    jobs = [job for group_jobs, _ in groups.values() for job in group_jobs]
+    # About two minutes on the loaded 2-core box; each program had 300 s when run alone.
+    results = iter(run_programs(jobs, tmp_path_factory.mktemp("runs"), timeout=1200))
+    return {name: ([next(results) for _ in group_jobs], info)
+            for name, (group_jobs, info) in groups.items()}
+
+
+def program_stdout(result):
+    """stdout of a launch program run that must have succeeded."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def last_error_line(result):
@@ -65,14 +95,20 @@ def expected_completion(config, model, params, prompt_ids, rng):
     return tokenizer.decode(answer)
 
 
-def test_generate_program(tiny_checkpoint, tmp_path):
-    directory, config, model, params = tiny_checkpoint
-    prompts_file = tmp_path / "prompts.txt"
+@program_jobs
+def generate_program_jobs(inputs):
+    prompts_file = inputs.folder / "prompts.txt"
     prompts_file.write_text('A third prompt\n\n"with\\na newline"\n')
-    output = tmp_path / "out.jsonl"
-    stdout = run_program("generate.py", f"--checkpoint={directory}", "--prompt=Hello",
-                         "--prompt=2+2=", f"--prompts_file={prompts_file}", "--seed=5",
-                         "--batch_size=2", f"--output={output}")
+    output = inputs.folder / "out.jsonl"
+    return [("generate.py", [f"--checkpoint={inputs.checkpoint}", "--prompt=Hello",
+                             "--prompt=2+2=", f"--prompts_file={prompts_file}", "--seed=5",
+                             "--batch_size=2", f"--output={output}"], "")], output
+
+
+def test_generate_program(tiny_checkpoint, program_results):
+    _, config, model, params = tiny_checkpoint
+    (result,), output = program_results["generate_program"]
+    stdout = program_stdout(result)
     assert stdout.count("=== prompt") == 4
     stats = json.loads(stdout.strip().splitlines()[-1])
     assert stats["generated_tokens"] == 4 * 16
@@ -88,27 +124,34 @@ def test_generate_program(tiny_checkpoint, tmp_path):
     assert records[0]["completion"] == first
 
 
-def test_generate_program_fast_options_and_errors(tiny_checkpoint):
-    directory, *_ = tiny_checkpoint
-    stdout = run_program("generate.py", f"--checkpoint={directory}", "--prompt=Hi", "--chat",
-                         "--cache=dual", "--threshold=0.5", "--early_exit", "--gen_length=16",
-                         "--block_length=4")
-    stats = json.loads(stdout.strip().splitlines()[-1])
+@program_jobs
+def generate_program_fast_options_and_errors_jobs(inputs):
+    return [("generate.py", [f"--checkpoint={inputs.checkpoint}", "--prompt=Hi", "--chat",
+                             "--cache=dual", "--threshold=0.5", "--early_exit",
+                             "--gen_length=16", "--block_length=4"], ""),
+            ("generate.py", [f"--checkpoint={inputs.checkpoint}", "--prompt=Hi",
+                             "--block_length=5"], "")], None
+
+
+def test_generate_program_fast_options_and_errors(program_results):
+    (fast, bad), _ = program_results["generate_program_fast_options_and_errors"]
+    stats = json.loads(program_stdout(fast).strip().splitlines()[-1])
     assert 4 <= stats["forward_passes"] <= 16   # threshold: between 1 and 4 passes per block
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"),
-                          f"--checkpoint={directory}", "--prompt=Hi", "--block_length=5"],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --block_length: expected a "
                                                           "positive divisor of")
 
 
-def test_chat_program(tiny_checkpoint):
-    directory, config, model, params = tiny_checkpoint
-    stdout = run_program("chat.py", f"--checkpoint={directory}", "--seed=3",
-                         stdin="hello\nand then?\n/reset\n\nbye\n")
-    lines = stdout.splitlines()
+@program_jobs
+def chat_program_jobs(inputs):
+    return [("chat.py", [f"--checkpoint={inputs.checkpoint}", "--seed=3"],
+             "hello\nand then?\n/reset\n\nbye\n")], None
+
+
+def test_chat_program(tiny_checkpoint, program_results):
+    _, config, model, params = tiny_checkpoint
+    (result,), _ = program_results["chat_program"]
+    lines = program_stdout(result).splitlines()
     replies = [line for line in lines if line.startswith("assistant:")]
     assert len(replies) == 3 and "(new conversation)" in lines
     tokenizer = CharTokenizer()
@@ -118,8 +161,11 @@ def test_chat_program(tiny_checkpoint):
     assert replies[0] == f"assistant: {first}"
 
 
-def test_evaluate_program(tiny_checkpoint, tmp_path):
-    directory, config, model, params = tiny_checkpoint
+@program_jobs
+def evaluate_program_jobs(inputs):
+    """The labels are the options of highest exact log-probability (computed here), so the
+    program must score every multiple-choice record right."""
+    _, config, model, params = inputs.tiny
     tokenizer = CharTokenizer()
     apply = jax.jit(lambda x: model.apply({"params": params}, x))
 
@@ -133,21 +179,26 @@ def test_evaluate_program(tiny_checkpoint, tmp_path):
     questions = [("The sky is", ["a", "b", "c"]), ("1+1=", ["2", "3"])]
     labels = [int(np.argmax([exact_log_prob(q, o) for o in options]))
               for q, options in questions]
-    data = tmp_path / "eval.jsonl"
+    data = inputs.folder / "eval.jsonl"
     lines = [{"prompt": "Hello", "answer": "x"}, {"prompt": "Hi", "answer": " there"}]
     lines += [{"question": q, "choices": o, "label": label}
               for (q, o), label in zip(questions, labels, strict=True)]
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    output = tmp_path / "scores.jsonl"
-    stdout = run_program("evaluate.py", f"--checkpoint={directory}", f"--data={data}",
-                         "--mc_num=1", "--mc_batch_size=1", f"--output={output}",
-                         "--pairs_per_call=4")
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    output = inputs.folder / "scores.jsonl"
+    jobs = [("evaluate.py", [f"--checkpoint={inputs.checkpoint}", f"--data={data}",
+                             "--mc_num=1", "--mc_batch_size=1", f"--output={output}",
+                             "--pairs_per_call=4"], "")]
+    return jobs, (labels, exact_log_prob("Hello", "x"), output)
+
+
+def test_evaluate_program(program_results):
+    (result,), (labels, hello_x_log_prob, output) = program_results["evaluate_program"]
+    summary = json.loads(program_stdout(result).strip().splitlines()[-1])
     assert summary["multiple_choice"] == {"records": 2, "accuracy": 1.0}
     assert summary["likelihood"]["records"] == 2
     scored = [json.loads(line) for line in output.read_text().splitlines()]
     # One answer token and mc_num = 1: the estimate is the exact log-probability.
-    np.testing.assert_allclose(scored[0]["log_likelihood"], exact_log_prob("Hello", "x"),
+    np.testing.assert_allclose(scored[0]["log_likelihood"], hello_x_log_prob,
                                rtol=1e-4, atol=1e-4)
     assert scored[1]["log_likelihood"] < 0
     assert [s["prediction"] for s in scored[2:]] == labels
@@ -160,13 +211,17 @@ MISSING_CHECKPOINT_ERRORS = [
 ]
 
 
-def test_user_errors_are_one_line_without_traceback(tmp_path):
-    jobs = [(program, [f"--checkpoint={tmp_path / 'missing'}", *args], "")
-            for program, args, _ in MISSING_CHECKPOINT_ERRORS]
-    for job, result, (*_, message) in zip(jobs, run_programs(jobs, tmp_path / "runs"),
-                                          MISSING_CHECKPOINT_ERRORS, strict=True):
-        assert result.returncode == 1, (job, result.stderr[-3000:])
-        assert last_error_line(result).startswith(message), (job, result.stderr[-3000:])
+@program_jobs
+def user_errors_are_one_line_without_traceback_jobs(inputs):
+    return [(program, [f"--checkpoint={inputs.folder / 'missing'}", *args], "")
+            for program, args, _ in MISSING_CHECKPOINT_ERRORS], None
+
+
+def test_user_errors_are_one_line_without_traceback(program_results):
+    results, _ = program_results["user_errors_are_one_line_without_traceback"]
+    for result, (*_, message) in zip(results, MISSING_CHECKPOINT_ERRORS, strict=True):
+        assert result.returncode == 1, (result.args, result.stderr[-3000:])
+        assert last_error_line(result).startswith(message), (result.args, result.stderr[-3000:])
 
 
 FLAG_ERRORS = [
@@ -197,10 +252,9 @@ PROMPTS_FILE_ERRORS = [
 ]
 
 
-def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
-    """Flag errors name the flag; --output is checked before any work; --prompts_file errors
-    name the file and line. One process imports the libraries once (run_programs)."""
-    directory, *_ = tiny_checkpoint
+@program_jobs
+def generate_user_errors_are_one_named_line_jobs(inputs):
+    directory, tmp_path = inputs.checkpoint, inputs.folder
     jobs, expected = [], []
     for args, status, message in FLAG_ERRORS:
         jobs.append(("generate.py", [f"--checkpoint={directory}", "--prompt=Hi", *args], ""))
@@ -228,8 +282,15 @@ def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
         jobs.append(("generate.py", [f"--checkpoint={missing}", f"--prompts_file={prompts}"], ""))
         expected.append((1, lambda line, p=str(prompts), m=message:
                          line.startswith("error: ") and p in line and m in line))
-    results = run_programs(jobs, tmp_path / "runs")
-    for job, result, (status, check) in zip(jobs, results, expected, strict=True):
+    return jobs, (expected, kept)
+
+
+def test_generate_user_errors_are_one_named_line(program_results):
+    """Flag errors name the flag; --output is checked before any work; --prompts_file errors
+    name the file and line."""
+    results, (expected, kept) = program_results["generate_user_errors_are_one_named_line"]
+    for result, (status, check) in zip(results, expected, strict=True):
+        job = result.args
         assert result.returncode == status, (job, result.stderr[-3000:])
         assert check(last_error_line(result)), (job, result.stderr[-3000:])
         # Nothing else on stderr: no orbax / JAX INFO chatter before the error at the default
@@ -239,23 +300,31 @@ def test_generate_user_errors_are_one_named_line(tiny_checkpoint, tmp_path):
     assert kept.read_text() == "a prompt\n"
 
 
-def test_chat_skips_a_message_that_is_not_utf8(tiny_checkpoint, tmp_path):
-    directory, *_ = tiny_checkpoint
-    (result,) = run_programs([("chat.py", [f"--checkpoint={directory}"], "ab\udcffc\n")],
-                             tmp_path)
+@program_jobs
+def chat_skips_a_message_that_is_not_utf8_jobs(inputs):
+    return [("chat.py", [f"--checkpoint={inputs.checkpoint}"], "ab\udcffc\n")], None
+
+
+def test_chat_skips_a_message_that_is_not_utf8(program_results):
+    (result,), _ = program_results["chat_skips_a_message_that_is_not_utf8"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
         "error: stdin line 1 is not UTF-8 text (invalid start byte at byte 2); message skipped"]
 
 
-def test_chat_drops_the_oldest_turns(tiny_checkpoint):
+@program_jobs
+def chat_drops_the_oldest_turns_jobs(inputs):
     # max_sequence_length 128 - gen_length 16: 112 prompt tokens. Each turn below takes about
     # 60 of them, so from the third message on the oldest turns must go; a message longer than
     # 112 tokens on its own is refused, and the chat goes on.
-    directory, *_ = tiny_checkpoint
     messages = ["tell me more about it please, now"] * 4 + ["y" * 120, "bye"]
-    stdout = run_program("chat.py", f"--checkpoint={directory}", "--seed=1",
-                         stdin="\n".join(messages) + "\n")
+    return [("chat.py", [f"--checkpoint={inputs.checkpoint}", "--seed=1"],
+             "\n".join(messages) + "\n")], None
+
+
+def test_chat_drops_the_oldest_turns(program_results):
+    (result,), _ = program_results["chat_drops_the_oldest_turns"]
+    stdout = program_stdout(result)
     lines = stdout.splitlines()
     assert len([line for line in lines if line.startswith("assistant: ")]) == 5, stdout
     assert len([line for line in lines if line.startswith("(the conversation outgrew")]) == 1
@@ -328,28 +397,33 @@ def llada_v_checkpoint(tmp_path_factory):
     return directory
 
 
-def test_llada_v_checkpoint_without_image_warns(llada_v_checkpoint):
+@program_jobs
+def llada_v_checkpoint_without_image_warns_jobs(inputs):
+    checkpoint = inputs.llada_v_checkpoint
+    return [("chat.py", [f"--checkpoint={checkpoint}"], ""),
+            ("generate.py", [f"--checkpoint={checkpoint}", "--prompt=Colour?", "--gen_length=4",
+                             "--block_length=4", "--steps=4"], "")], None
+
+
+def test_llada_v_checkpoint_without_image_warns(llada_v_checkpoint, program_results):
     warning = (f"warning: --checkpoint={llada_v_checkpoint} is a LLaDA-V checkpoint "
                f"(vision.enabled) and no image is given: the answers come from the text alone")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    chat = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "chat.py"),
-                           f"--checkpoint={llada_v_checkpoint}"], input="", env=env,
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    (chat, generate), _ = program_results["llada_v_checkpoint_without_image_warns"]
     assert chat.returncode == 0, chat.stderr[-3000:]
     # The warning is all there is on stderr (no INFO logs of orbax loading the checkpoint).
     (line,) = chat.stderr.strip().splitlines()
     assert line.startswith(warning), chat.stderr
-    generate = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"),
-                               f"--checkpoint={llada_v_checkpoint}", "--prompt=Colour?",
-                               "--gen_length=4", "--block_length=4", "--steps=4"],
-                              env=env, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                              check=False)
     assert generate.returncode == 0 and warning in generate.stderr, generate.stderr[-3000:]
     assert "=== prompt 0: Colour?" in generate.stdout
 
 
-def test_chat_help_documents_the_commands(tmp_path):
-    (result,) = run_programs([("chat.py", ["--help"], "")], tmp_path)
+@program_jobs
+def chat_help_documents_the_commands_jobs(inputs):
+    return [("chat.py", ["--help"], "")], None
+
+
+def test_chat_help_documents_the_commands(program_results):
+    (result,), _ = program_results["chat_help_documents_the_commands"]
     assert result.returncode == 1, result.stderr[-3000:]   # absl's --help exits with 1
     for documented in ("/reset", "/quit", "oldest turns", "are dropped", "--verbose"):
         assert documented in result.stdout, documented

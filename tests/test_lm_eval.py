@@ -34,6 +34,7 @@ from llada_jax.diffusion.likelihood import log_likelihood
 from llada_jax.evaluation.lm import LladaJaxLM, pair_rng
 from llada_jax.evaluation.tasks import local_task_folder
 from llada_jax.train import state as state_lib
+from tests.test_lm_eval_more import model_logits
 
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_tasks")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -120,7 +121,7 @@ def test_loglikelihood_equals_the_projects_estimator():
 def numpy_log_prob(params, model, context_ids, token):
     """log softmax(logits)[token] at the masked position after the context (float64 NumPy)."""
     ids = np.asarray([[*context_ids, model.config.mask_token_id]], np.int32)
-    logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids)), np.float64)[0, -1]
+    logits = np.asarray(model_logits(params, jnp.asarray(ids), model=model), np.float64)[0, -1]
     shifted = logits - logits.max()
     return shifted[token] - np.log(np.exp(shifted).sum())
 
@@ -149,8 +150,11 @@ def test_batch_composition_does_not_change_results():
 def run_tasks(lm, limit=None):
     folder, names = local_task_folder([os.path.join(TASKS, "copy_letter_mc.yaml"),
                                        os.path.join(TASKS, "copy_letter_gen.yaml")])
-    out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=folder),
-                          limit=limit, log_samples=False, bootstrap_iters=0)
+    # Only the local tasks: indexing lm-eval's ~15,000 built-in task YAMLs (include_defaults)
+    # costs about 20 CPU seconds per TaskManager and none of them is used.
+    manager = TaskManager(include_path=folder, include_defaults=False)
+    out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                          log_samples=False, bootstrap_iters=0)
     return out["results"]
 
 

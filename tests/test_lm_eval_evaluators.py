@@ -1,4 +1,7 @@
-"""Training-time evaluators: held-out ELBO equals the likelihood module; specs are checked."""
+"""Training-time evaluators: held-out ELBO equals the likelihood module; specs are checked.
+
+The held-out check is an equality, so it uses the random tiny model of tests/test_lm_eval_more.py
+(spread-out logits: every token's log-probability differs) instead of training one."""
 
 import json
 
@@ -8,7 +11,7 @@ import pytest
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.diffusion.likelihood import log_likelihood
 from llada_jax.train.evaluators import make_evaluators, run_evaluators
-from tests.test_lm_eval import trained
+from tests.test_lm_eval_more import tiny
 
 
 def test_held_out_elbo_is_the_mean_nll_per_token(tmp_path):
@@ -16,7 +19,7 @@ def test_held_out_elbo_is_the_mean_nll_per_token(tmp_path):
     records = [{"prompt": "a>", "answer": "a"}, {"prompt": "q>", "answer": "q"},
                {"question": "k>", "choices": ["z", "k"], "label": 1}]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config, params = trained()
+    config, params = tiny()
     tok = CharTokenizer()
     (evaluator,) = make_evaluators([{"kind": "elbo", "data": str(data), "mc_num": 1,
                                      "add_bos": False, "name": "heldout"}], config, tok)
@@ -33,7 +36,7 @@ def test_held_out_elbo_is_the_mean_nll_per_token(tmp_path):
 
 
 def test_bad_specs_name_the_evaluator():
-    config, _ = trained()
+    config, _ = tiny()
     with pytest.raises(ValueError, match=r"^evaluator 0: 'kind' must be one of \['elbo', 'tasks'\] "
                                          r"or 'module:Class', found 'bleu'$"):
         make_evaluators([{"kind": "bleu"}], config, CharTokenizer())

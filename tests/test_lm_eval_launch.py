@@ -1,21 +1,16 @@
-"""launch/evaluate.py benchmark mode end to end: local task YAMLs, --limit, table, JSON, cache."""
+"""launch/evaluate.py benchmark mode end to end: local task YAMLs, --limit, table, JSON, cache.
+
+The program runs as a user runs it, each run in its own process, through `run_programs`. The
+first run goes alone (the test reads its cache before the second); the second run and the two
+flag errors are forked from one process that imported JAX, flax and orbax once. The lm-eval
+datasets stay offline: tests.test_lm_eval sets HF_*_OFFLINE in the environment they inherit."""
 
 import json
 import os
-import subprocess
-import sys
 
 from llada_jax.train import checkpoint
 from tests.test_lm_eval import TASKS, trained
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args):
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=900)
+from tests.test_program_runner import run_programs
 
 
 def test_tasks_mode_table_json_and_resume(tmp_path):
@@ -26,7 +21,7 @@ def test_tasks_mode_table_json_and_resume(tmp_path):
     args = [f"--checkpoint={ckpt}", f"--tasks={os.path.join(TASKS, 'copy_letter_mc.yaml')}",
             "--limit=6", "--mc_num=2", "--mc_batch_size=2", f"--cache={cache}",
             f"--results_json={out_json}", "--model_args=pad_multiple=8"]
-    first = run(args)
+    (first,) = run_programs([("evaluate.py", args, "")], tmp_path / "first", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "copy_letter_mc" in first.stdout and "requests/s" in first.stderr
     with open(out_json) as f:
@@ -34,14 +29,17 @@ def test_tasks_mode_table_json_and_resume(tmp_path):
     with open(cache) as f:
         lines = f.readlines()
     assert len(lines) == 6 * 4          # 6 questions x 4 choices, one line each
-    second = run(args)
+    # The second run and the two flag errors share one process's imports.
+    second, bad, both = run_programs(
+        [("evaluate.py", args, ""),
+         ("evaluate.py", [f"--checkpoint={ckpt}", "--tasks=missing.yaml"], ""),
+         ("evaluate.py", [f"--checkpoint={ckpt}", "--tasks=x", "--data=y.jsonl"], "")],
+        tmp_path / "second", timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     with open(cache) as f:
         assert len(f.readlines()) == len(lines)   # nothing recomputed
     with open(out_json) as f:
         assert json.load(f)["results"]["copy_letter_mc"] == results
-    bad = run([f"--checkpoint={ckpt}", "--tasks=missing.yaml"])
     assert bad.returncode == 1 and "error: --tasks: task file not found: missing.yaml" in \
         bad.stderr
-    both = run([f"--checkpoint={ckpt}", "--tasks=x", "--data=y.jsonl"])
     assert both.returncode == 1 and "give either --data" in both.stderr

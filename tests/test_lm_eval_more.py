@@ -63,12 +63,18 @@ def ll_request(context, continuation, idx=0):
     return Instance("loglikelihood", {}, (context, continuation), idx)
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def model_logits(params, ids, *, model):
+    """The model's logits, compiled once per shape (op by op it takes seconds per call)."""
+    return model.apply({"params": params}, ids)
+
+
 def guided_log_prob(params, model, context_ids, token, cfg):
     """log softmax(un + (cfg + 1) (cond - un))[token] at the one masked position (NumPy)."""
     mask = model.config.mask_token_id
     cond = np.asarray([[*context_ids, mask]], np.int32)
     uncond = np.full_like(cond, mask)
-    logits = [np.asarray(model.apply({"params": params}, jnp.asarray(ids)), np.float64)[0, -1]
+    logits = [np.asarray(model_logits(params, jnp.asarray(ids), model=model), np.float64)[0, -1]
               for ids in (cond, uncond)]
     guided = logits[1] + (cfg + 1) * (logits[0] - logits[1])
     shifted = guided - guided.max()
@@ -151,9 +157,11 @@ def test_chat_template_through_lm_eval():
         return score(requests)
 
     lm.loglikelihood = recording
+    # Only the local task: lm-eval's built-in task index (include_defaults) costs about 20 CPU
+    # seconds and none of it is used.
+    manager = TaskManager(include_path=include, include_defaults=False)
     out = simple_evaluate(model=lm, tasks=names, limit=2, apply_chat_template=True,
-                          task_manager=TaskManager(include_path=include), log_samples=False,
-                          bootstrap_iters=0)
+                          task_manager=manager, log_samples=False, bootstrap_iters=0)
     assert 0.0 <= out["results"]["copy_letter_mc"]["acc,none"] <= 1.0
     assert len(seen) == 8   # 2 questions x 4 choices
     # The first two documents ask about "a" and "b": each context is that one user turn.
