@@ -5,6 +5,7 @@ is what it asserts. Trainer runs share one small config and the session's persis
 compilation cache (tests/conftest.py).
 """
 
+import errno
 import logging
 import os
 import re
@@ -284,3 +285,22 @@ def test_io_errors_are_one_line_and_leave_committed_checkpoints(good_run, tmp_pa
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: cannot create checkpoint directory {blocker}/run/checkpoints: Not a directory "
         f"(ENOTDIR)"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("text, expected", [
+    # tensorstore's usual form: the OS message and its code.
+    ("OUT_OF_RANGE: Error writing \"arr0/0\" in OCDBT database at local file \"/c/\": Failed "
+     "writing: \"/c/d/1.__lock\": Failed to write 44090 bytes to file 4: File too large "
+     "[os_error_code='27']", "File too large (EFBIG)"),
+    # The write reported for a batch can be another one than the write that met the error, and
+    # its text may carry the OS message without the code (seen in CI: a ".zarray" write).
+    ("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"a/.zarray\" in OCDBT "
+     "database at local file \"/c/\": Failed writing: No space left on device",
+     "No space left on device (ENOSPC)"),
+    ("CANCELLED: the batch was cancelled", "ValueError: CANCELLED: the batch was cancelled"),
+])
+def test_write_errors_are_named_by_the_operating_system_error(text, expected):
+    error = checkpoint_lib._write_error("could not write checkpoint step 5", ValueError(text))
+    assert str(error) == f"could not write checkpoint step 5: {expected}"
+    assert error.errno == {"File too large (EFBIG)": errno.EFBIG,
+                           "No space left on device (ENOSPC)": errno.ENOSPC}.get(expected)

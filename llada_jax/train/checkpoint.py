@@ -59,6 +59,12 @@ LOSS_METRIC = "loss"
 _NO_LOSS = sys.float_info.max
 
 
+# Operating-system errors a checkpoint write meets (matched by their message when a storage
+# library's error text carries no code).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                   errno.EPERM, errno.EIO, errno.ENOTDIR, errno.ENOENT)
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, no permission, ...); `errno` is set when
     the cause names one."""
@@ -66,12 +72,22 @@ class CheckpointWriteError(OSError):
 
 def _write_error(message: str, cause: BaseException) -> CheckpointWriteError:
     """`message: reason`, the reason being the operating-system error buried in a tensorstore or
-    orbax message (`... No space left on device [os_error_code='28']`) when there is one."""
+    orbax message (`... No space left on device [os_error_code='28']`) when there is one.
+
+    Concurrent writes fail together and orbax reports one of them, not always the one that
+    carries the code (e.g. `Error opening "zarr" driver: Error writing ".zarray" ...` when a
+    full file broke the shared OCDBT data file): without a code, the message of a storage errno
+    (`File too large`, `No space left on device`, ...) names the reason."""
     code = getattr(cause, "errno", None)
     reason = getattr(cause, "strerror", None)
-    found = re.search(r"([^:\[\]]+?) \[os_error_code='(\d+)'\]", str(cause))
-    if found and not reason:
-        reason, code = found.group(1).strip(), int(found.group(2))
+    text = str(cause)
+    if not (reason and code):
+        found = re.search(r"os_error_code\W{0,3}(\d+)", text)
+        if found:
+            code = int(found.group(1))
+        else:
+            code = next((c for c in _STORAGE_ERRNOS if os.strerror(c) in text), None)
+        reason = os.strerror(code) if code else None
     detail = (f"{reason} ({errno.errorcode.get(code, code)})" if reason and code
               else first_line(cause))
     error = CheckpointWriteError(f"{message}: {detail}")
