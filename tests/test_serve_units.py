@@ -55,6 +55,8 @@ def test_stop_string_across_blocks_is_held_back_then_cut():
     (b'{"prompt": "a", "stop": ["x", ""]}', "stop[1]: expected a non-empty string"),
     (b'{"prompt": "a", "threshold": 2}', "threshold: input should be less than or equal to 1"),
     (b'{"prompt": "a", "logprobs": 3}', "logprobs: log probabilities are not supported"),
+    (b'{"prompt": "a", "seed": 9223372036854775800}',
+     "seed: input should be less than or equal to 9223372036854775792"),
 ])
 def test_request_validation_names_the_field(body, message):
     with pytest.raises(protocol.RequestError) as error:

@@ -49,7 +49,9 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = None
-    seed: int | None = None
+    # A PRNG key reads its seed as int64; choice k of the n <= 16 choices samples with seed + k
+    # (an out-of-range seed would otherwise fail the whole batch its rows share).
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 16)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
