@@ -54,6 +54,15 @@ def test_chunked_cross_entropy_values_and_gradients_from_first_principles(chunk)
                                np.einsum("bld,blv->dv", hidden, dlogits), rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiny_model():
+    """test_model's tiny model and its parameters, initialised once for the whole file (every
+    test compares two computations on the same parameters)."""
+    model = Transformer(tiny())
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return model, params
+
+
 def _prepared(objective, rows=4, length=24):
     train = config_lib.default_config().train
     train.objective = objective
@@ -69,9 +78,8 @@ def _prepared(objective, rows=4, length=24):
 
 
 @pytest.mark.parametrize("objective", ["pretrain", "sft", "masked_response"])
-def test_chunked_step_loss_has_the_same_value_gradient_and_accuracy(objective):
-    model = Transformer(tiny())
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+def test_chunked_step_loss_has_the_same_value_gradient_and_accuracy(objective, tiny_model):
+    model, params = tiny_model
     prepared = _prepared(objective)
 
     def run(chunk):
@@ -89,12 +97,11 @@ def test_chunked_step_loss_has_the_same_value_gradient_and_accuracy(objective):
                      grads_c, grads)
 
 
-def test_compiled_chunked_step_holds_no_full_logits():
+def test_compiled_chunked_step_holds_no_full_logits(tiny_model):
     """The HLO of the value-and-gradient program: with chunking no [B, L, V] array of any dtype
     appears (forward or backward); without it, it does (the check can fail)."""
-    config = tiny()
-    model = Transformer(config)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    model, params = tiny_model
+    config = model.config
     prepared = _prepared("pretrain", length=48)
     full_shape = f"[4,48,{config.vocab_size}]"
 
@@ -109,9 +116,8 @@ def test_compiled_chunked_step_holds_no_full_logits():
 
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
-def test_chunked_likelihood_equals_unchunked(cfg_scale):
-    model = Transformer(tiny())
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+def test_chunked_likelihood_equals_unchunked(cfg_scale, tiny_model):
+    model, params = tiny_model
     batch = likelihood.pack_pairs([[9, 10, 11], [12]], [[20, 21, 22, 23, 24], [30, 31]], pad_id=2,
                                   multiple=4)
     variables = {"params": params}
