@@ -1,6 +1,7 @@
 """The mask predictor against numpy formulas and the independent PyTorch reference."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -85,6 +86,14 @@ def tiny(n_heads=4, n_kv_heads=4, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@functools.cache
+def tiny_variables(seed: int = 0) -> dict:
+    """`Transformer(tiny()).init` with key `seed`, run once for the tests that share it. The
+    values do not depend on the tokens init runs on (the parameter shapes come from the config
+    and every initialiser draws from the key alone), so this is what each test's own init gave."""
+    return Transformer(tiny()).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
 def test_logits_match_torch_reference(n_kv_heads):
     c = tiny(n_kv_heads=n_kv_heads)
@@ -129,7 +138,7 @@ def test_segment_ids_keep_documents_apart():
     c = tiny()
     model = Transformer(c)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, c.vocab_size, size=(1, 10)))
-    params = model.init(jax.random.key(0), tokens)
+    params = tiny_variables()
     segments = jnp.asarray([[1] * 4 + [2] * 6])
     packed = model.apply(params, tokens, segment_ids=segments)
     first = model.apply(params, tokens[:, :4])
@@ -159,7 +168,7 @@ def test_embeddings_input_equals_token_input():
     c = tiny()
     model = Transformer(c)
     tokens = jnp.asarray([[1, 2, 3, 4]])
-    params = model.init(jax.random.key(0), tokens)
+    params = tiny_variables()
     embeds = model.apply(params, tokens, method=Transformer.embed)
     np.testing.assert_allclose(model.apply(params, inputs_embeds=embeds),
                                model.apply(params, tokens), atol=1e-6)
@@ -168,7 +177,7 @@ def test_embeddings_input_equals_token_input():
 def test_remat_policies_give_same_gradients():
     c = tiny()
     tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]])
-    params = Transformer(c).init(jax.random.key(0), tokens)
+    params = tiny_variables()
 
     def loss(p, cfg):
         return jnp.mean(Transformer(cfg).apply(p, tokens) ** 2)
