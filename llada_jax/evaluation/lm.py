@@ -205,7 +205,8 @@ class LladaJaxLM(LM):
                     batch_size: int, run_batch: Callable[[Any, list], list]) -> list:
         """Results of `requests` (cached ones read back, the others computed bucket by bucket;
         each finished batch is written to the cache at once)."""
-        keys = [request_key(kind, _jsonable(r.args), self.fingerprint) for r in requests]
+        keys = [request_key(kind, json.loads(json.dumps(r.args, default=str)), self.fingerprint)
+                for r in requests]
         results: list = [self.request_cache.get(key) for key in keys]
         todo = [i for i, key in enumerate(keys) if key not in self.request_cache]
         prepared = [prepare(requests[i]) for i in todo]
@@ -378,10 +379,6 @@ class LladaJaxLM(LM):
             "generate_until", requests, self._prompt, lambda item: len(item[0]),
             lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
             self.gen_batch_size, self._generate_batch)
-
-
-def _jsonable(args: Any) -> Any:
-    return json.loads(json.dumps(args, default=str))
 
 
 def _from_json(kind: str, value: Any) -> Any:

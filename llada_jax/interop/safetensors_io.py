@@ -241,9 +241,8 @@ def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor],
     collectives).
     """
     def header_blob(crcs: Mapping[str, str]) -> bytes:
-        meta = dict(metadata)
-        meta.update({CRC32_PREFIX + name: crcs.get(name, "0" * 8) for name, *_ in tensors})
-        header: dict[str, Any] = {"__metadata__": meta}
+        header: dict[str, Any] = {"__metadata__": {**metadata, **{
+            CRC32_PREFIX + name: crcs.get(name, "0" * 8) for name, *_ in tensors}}}
         offset = 0
         for name, dtype, shape, _ in tensors:
             size = math.prod(shape) * np.dtype(dtype).itemsize
