@@ -73,15 +73,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]
             for name, v in batch.items()}
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as numpy on every process (gathered when it spans several hosts)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
     """Generated ids up to (without) the first EOS or EoT."""
     stops = (tokenizer.eos_id, tokenizer.eot_id)
@@ -234,7 +225,7 @@ class Generator:
             out = generate(self.params, self.model, batch["tokens"], batch["mask"], sampler, rng,
                            images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
                            return_stats=True, stream=stream, stream_tag=stream_tag)
-            generated = to_host(out.tokens)[:count, width:]
+            generated = safetensors_io.to_host(out.tokens)[:count, width:]
         return GenerationOutput(generated, time.perf_counter() - start,
                                 int(out.num_forward_passes))
 

@@ -65,7 +65,8 @@ from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
 from llada_jax.diffusion.sampler import SamplerConfig
 from llada_jax.evaluation.batching import bucketed_batches, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
-from llada_jax.generation import Generator, batch_rows, shard_batch, to_host
+from llada_jax.generation import Generator, batch_rows, shard_batch
+from llada_jax.interop.safetensors_io import to_host
 
 # Sampler fields a model argument may set (the rest come from the checkpoint's config.sampler).
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking",

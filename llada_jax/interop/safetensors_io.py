@@ -436,7 +436,12 @@ def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """A (replicated) device array as a host numpy array, in every process."""
+    """A global array as numpy on every process: a replicated one from this host's copy, any
+    other gathered from every host (then every process must call this)."""
     if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(x.addressable_shards[0].data)   # replicated: every host holds it all
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_shards[0].data)   # every host holds it all
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
