@@ -146,9 +146,8 @@ class LladaJaxLM(LM):
         if mc_num % mc_batch_size:
             raise ValueError(f"llada_jax model: mc_num={mc_num} must be a multiple of "
                              f"mc_batch_size={mc_batch_size} (stratified counts are per batch)")
-        for name, value in (("pairs_per_call", pairs_per_call), ("pad_multiple", pad_multiple),
-                            ("gen_batch_size", gen_batch_size),
-                            ("prompt_bucket", prompt_bucket)):
+        for name, value in dict(pairs_per_call=pairs_per_call, pad_multiple=pad_multiple,
+                                gen_batch_size=gen_batch_size, prompt_bucket=prompt_bucket).items():
             if int(value) <= 0:
                 raise ValueError(f"llada_jax model argument {name}: expected a positive "
                                  f"integer, found {value}")
