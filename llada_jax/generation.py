@@ -33,6 +33,7 @@ from llada_jax import parallel
 from llada_jax.data import multimodal_data
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.diffusion.sampler import SamplerConfig, StreamCallback, generate, pad_prompts
+from llada_jax.interop import safetensors_io
 from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.train import checkpoint, state
 
@@ -68,20 +69,8 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]
     Each process places the rows of its own devices (on several hosts every process builds the
     same requests, so each holds every row; `parallel.global_batch` is for per-process slices).
     """
-    host = {name: np.asarray(value) for name, value in batch.items()}
-    return {name: jax.make_array_from_callback(value.shape,
-                                               parallel.batch_sharding(mesh, value.ndim),
-                                               lambda index, v=value: v[index])
-            for name, value in host.items()}
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as numpy on every process (gathered when it spans several hosts)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return {name: safetensors_io.place(np.asarray(v), parallel.batch_sharding(mesh, np.ndim(v)))
+            for name, v in batch.items()}
 
 
 def answer_ids(generated: Sequence[int], tokenizer: Tokenizer) -> list[int]:
@@ -236,7 +225,7 @@ class Generator:
             out = generate(self.params, self.model, batch["tokens"], batch["mask"], sampler, rng,
                            images=None if images is None else [batch[k] for k in IMAGE_FIELDS],
                            return_stats=True, stream=stream, stream_tag=stream_tag)
-            generated = to_host(out.tokens)[:count, width:]
+            generated = safetensors_io.to_host(out.tokens)[:count, width:]
         return GenerationOutput(generated, time.perf_counter() - start,
                                 int(out.num_forward_passes))
 

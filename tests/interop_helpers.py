@@ -2,8 +2,9 @@
 or a SigLIP tower from a directory of them, and assembling stage-1 LLaDA-V params from separate
 towers."""
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,12 +21,34 @@ from llada_jax.model.vision import VisionConfig
 def read_safetensors(path: str, select: Callable[[str], bool] | None = None
                      ) -> dict[str, np.ndarray]:
     """The checked tensors of one safetensors file whose name passes `select`."""
-    reader = safetensors_io.ShardReader(os.path.dirname(path))
     names = [n for n in safetensors_io.read_header(path)[0] if select is None or select(n)]
-    try:
+    with contextlib.closing(safetensors_io.ShardReader(os.path.dirname(path))) as reader:
         return {name: reader.read(name, os.path.basename(path)) for name in names}
-    finally:
-        reader.close()
+
+
+def split_vision_keys(names: Iterable[str], cfg: VisionConfig,
+                      prefix: str) -> tuple[list[str], list[str], list[str]]:
+    """Sorts the names under `prefix` into (used by `cfg`'s tower, skipped by design,
+    unexpected), as `siglip.import_vision` sees them.
+
+    Skipped by design: the attention-pooling head, the post-layernorm when the config does not
+    use it, and encoder layers in [num_layers_used, n_layers). Names outside `prefix` are not
+    returned at all (a LLaDA-V checkpoint also holds the language model).
+    """
+    used_names = mapping.table_names(siglip._table(cfg.use_post_layernorm), prefix,
+                                     cfg.num_layers_used)
+    known = mapping.table_names(siglip._table(True), prefix, cfg.n_layers)
+    used, skipped, unexpected = [], [], []
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        if name in used_names:
+            used.append(name)
+        elif name in known or name[len(prefix):].startswith("head."):
+            skipped.append(name)
+        else:
+            unexpected.append(name)
+    return used, skipped, unexpected
 
 
 def import_vision_from_safetensors(directory: str | os.PathLike[str], cfg: VisionConfig,

@@ -539,6 +539,17 @@ def test_unsupported_or_broken_configs_are_named():
                                          r"outside the vocabulary \[0, 64\)"):
         hf.model_config_from_hf(no_mask)
     assert hf.model_config_from_hf(no_mask, overrides={"mask_token_id": 7}).mask_token_id == 7
+    # A token id that is not a number names the file, which of the two files, and the field.
+    with pytest.raises(ValueError, match=r"^my/config.json: generation_config eos_token_id='<eos>' "
+                                         r"is not a token id \(an integer\)$"):
+        hf.model_config_from_hf(llama_config(4), {"eos_token_id": ["<eos>", 3]},
+                                source="my/config.json")
+    with pytest.raises(ValueError, match=r"^config.json: config pad_token_id=\[1\] is not a "
+                                         r"token id"):
+        hf.model_config_from_hf(llama_config(4, pad_token_id=[[1]]))
+    # A valid generation_config id is used; the config.json value behind it is not read.
+    assert hf.model_config_from_hf(llama_config(4, bos_token_id="x"),
+                                   {"bos_token_id": [5, 6]}).bos_token_id == 5
     with pytest.raises(ValueError, match="n_kv_heads"):
         hf.model_config_from_hf(olmo_config(3))
 

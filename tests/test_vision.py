@@ -20,7 +20,7 @@ from llada_jax.model.vision import (
     VisionEncoder,
     validate_vision,
 )
-from tests.interop_helpers import import_vision_from_safetensors
+from tests.interop_helpers import import_vision_from_safetensors, split_vision_keys
 
 TINY = {"image_size": 16, "patch_size": 4, "width": 32, "n_layers": 3, "n_heads": 4,
         "mlp_dim": 48}
@@ -104,7 +104,7 @@ def test_export_import_roundtrip_exact(torch_tower):
     for name, value in state.items():
         assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
     # The LLaDA-V config keeps everything but the last layer and the post-layernorm.
-    used, skipped, unexpected = siglip.split_vision_keys(state, LLADA_V, "")
+    used, skipped, unexpected = split_vision_keys(state, LLADA_V, "")
     assert unexpected == []
     assert sorted(skipped) == sorted(k for k in state if k.startswith(
         ("encoder.layers.2.", "post_layernorm.")))

@@ -65,7 +65,8 @@ from llada_jax.diffusion.likelihood import elbo_estimate, pack_pairs
 from llada_jax.diffusion.sampler import SamplerConfig
 from llada_jax.evaluation.batching import bucketed_batches, padded_size, round_up
 from llada_jax.evaluation.cache import RequestCache, request_key
-from llada_jax.generation import Generator, batch_rows, shard_batch, to_host
+from llada_jax.generation import Generator, batch_rows, shard_batch
+from llada_jax.interop.safetensors_io import to_host
 
 # Sampler fields a model argument may set (the rest come from the checkpoint's config.sampler).
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking",
@@ -145,9 +146,8 @@ class LladaJaxLM(LM):
         if mc_num % mc_batch_size:
             raise ValueError(f"llada_jax model: mc_num={mc_num} must be a multiple of "
                              f"mc_batch_size={mc_batch_size} (stratified counts are per batch)")
-        for name, value in (("pairs_per_call", pairs_per_call), ("pad_multiple", pad_multiple),
-                            ("gen_batch_size", gen_batch_size),
-                            ("prompt_bucket", prompt_bucket)):
+        for name, value in dict(pairs_per_call=pairs_per_call, pad_multiple=pad_multiple,
+                                gen_batch_size=gen_batch_size, prompt_bucket=prompt_bucket).items():
             if int(value) <= 0:
                 raise ValueError(f"llada_jax model argument {name}: expected a positive "
                                  f"integer, found {value}")
@@ -205,7 +205,8 @@ class LladaJaxLM(LM):
                     batch_size: int, run_batch: Callable[[Any, list], list]) -> list:
         """Results of `requests` (cached ones read back, the others computed bucket by bucket;
         each finished batch is written to the cache at once)."""
-        keys = [request_key(kind, _jsonable(r.args), self.fingerprint) for r in requests]
+        keys = [request_key(kind, json.loads(json.dumps(r.args, default=str)), self.fingerprint)
+                for r in requests]
         results: list = [self.request_cache.get(key) for key in keys]
         todo = [i for i, key in enumerate(keys) if key not in self.request_cache]
         prepared = [prepare(requests[i]) for i in todo]
@@ -378,10 +379,6 @@ class LladaJaxLM(LM):
             "generate_until", requests, self._prompt, lambda item: len(item[0]),
             lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
             self.gen_batch_size, self._generate_batch)
-
-
-def _jsonable(args: Any) -> Any:
-    return json.loads(json.dumps(args, default=str))
 
 
 def _from_json(kind: str, value: Any) -> Any:

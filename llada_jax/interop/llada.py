@@ -76,10 +76,15 @@ def reject(source: str, field: str, found: Any, supported: str) -> None:
                      f"(expected {supported})")
 
 
-def _first_id(value: Any) -> int | None:
+def _first_id(value: Any, where: str) -> int | None:
+    """A token id of config.json or generation_config.json (a list gives its first), or None;
+    `where` names the field in the message refusing a value that is not a number."""
     if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        value = value[0] if value else None
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}={value!r} is not a token id (an integer)") from None
 
 
 def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
@@ -125,12 +130,26 @@ def finish_config(fields: dict, c: Mapping, generation_config: Mapping | None,
     # generation_config.json gives bos/eos (before config.json); the mask id only config.json.
     generation = {k: v for k, v in (generation_config or {}).items() if k != "mask_token_id"}
     vocab = fields["vocab_size"]
-    overrides = dict(overrides or {})
+    overrides = overrides or {}
     for name, default in default_ids.items():
-        if name not in overrides:
-            candidates = [("generation_config", generation.get(name)), ("config", c.get(name))]
-            fields[name] = _pick_id(name, candidates, default, vocab, source, family)
-    pad = _first_id(c.get("pad_token_id"))
+        if name in overrides:
+            continue
+        # The first id given, read lazily: a later file's value is not looked at.
+        given = ((where, _first_id(value, f"{source}: {where} {name}")) for where, value in
+                 (("generation_config", generation.get(name)), ("config", c.get(name))))
+        where, value = next(((w, v) for w, v in given if v is not None), (None, None))
+        if value is not None and 0 <= value < vocab:
+            fields[name] = value
+            continue
+        if value is not None:
+            logger.warning("%s: %s %s=%d is outside the vocabulary [0, %d); using %d instead",
+                           source, where, name, value, vocab, default)
+        if not 0 <= default < vocab:
+            raise ValueError(f"{source}: {name} is not given and {family}'s {default} is outside "
+                             f"the vocabulary [0, {vocab}); add it to config.json or pass it in "
+                             f"overrides")
+        fields[name] = default
+    pad = _first_id(c.get("pad_token_id"), f"{source}: config pad_token_id")
     if pad is None or not 0 <= pad < vocab:
         pad = overrides.get("eos_token_id", fields.get("eos_token_id"))   # pad with EOS
     fields["pad_token_id"] = pad
@@ -145,23 +164,6 @@ def finish_config(fields: dict, c: Mapping, generation_config: Mapping | None,
     except ValueError as e:
         raise ValueError(f"{source} describes a model llada_jax cannot build: {e}") from None
     return config
-
-
-def _pick_id(name: str, candidates, default: int, vocab: int, source: str,
-             family: str) -> int:
-    for where, value in candidates:
-        value = _first_id(value)
-        if value is None:
-            continue
-        if 0 <= value < vocab:
-            return value
-        logger.warning("%s: %s %s=%d is outside the vocabulary [0, %d); using %d instead",
-                       source, where, name, value, vocab, default)
-        break
-    if not 0 <= default < vocab:
-        raise ValueError(f"{source}: {name} is not given and {family}'s {default} is outside the "
-                         f"vocabulary [0, {vocab}); add it to config.json or pass it in overrides")
-    return default
 
 
 # config.json <-> ModelConfig, one table per style walked both ways: (our field, config.json

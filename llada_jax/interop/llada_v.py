@@ -81,9 +81,8 @@ def import_llada_v_multimodal(tensors: Mapping[str, Any], cfg: VisionConfig, d_m
 def export_llada_v_multimodal(params: Mapping[str, Any], cfg: VisionConfig,
                               dtype: str | None = None) -> dict[str, np.ndarray]:
     """Inverse of `import_llada_v_multimodal`, with LLaDA-V's names."""
-    out = export_vision(params["vision_tower"], cfg, LLADA_V_VISION_PREFIX, dtype)
-    out.update(export_projector(params["projector"], LLADA_V_PREFIX, dtype))
-    return out
+    return {**export_vision(params["vision_tower"], cfg, LLADA_V_VISION_PREFIX, dtype),
+            **export_projector(params["projector"], LLADA_V_PREFIX, dtype)}
 
 
 # --- whole LLaDA-V checkpoints ------------------------------------------------------------------

@@ -240,23 +240,22 @@ def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor],
     producers without writing (other processes of a multi-host export, which must join the same
     collectives).
     """
-    def header_blob(crcs: Mapping[str, str]) -> bytes:
-        meta = dict(metadata)
-        meta.update({CRC32_PREFIX + name: crcs.get(name, "0" * 8) for name, *_ in tensors})
-        header: dict[str, Any] = {"__metadata__": meta}
-        offset = 0
-        for name, dtype, shape, _ in tensors:
-            size = math.prod(shape) * np.dtype(dtype).itemsize
-            header[name] = {"dtype": _SAFETENSORS_NAME[np.dtype(dtype)], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this host is big-endian")
+    meta = {**metadata, **{CRC32_PREFIX + name: "0" * 8 for name, *_ in tensors}}   # placeholders
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, dtype, shape, _ in tensors:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAME[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+
+    def header_blob() -> bytes:
         blob = json.dumps(header, separators=(",", ":")).encode()
         return blob + b" " * (-len(blob) % 8)   # the data starts 8-byte aligned
 
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors files are little-endian; this host is big-endian")
-    blob = header_blob({})
-    crcs = {}
+    blob = header_blob()
     with open(path if path is not None else os.devnull, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -265,10 +264,10 @@ def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor],
             if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"tensor {name!r}: produced {array.dtype}{list(array.shape)}, "
                                  f"planned {np.dtype(dtype)}{list(shape)}")
-            crcs[name] = tensor_crc32(array)
+            meta[CRC32_PREFIX + name] = tensor_crc32(array)
             f.write(array.reshape(-1).view(np.uint8).data)
         if path is not None:
-            final = header_blob(crcs)
+            final = header_blob()
             if len(final) != len(blob):   # cannot happen: the checksums have a fixed width
                 raise RuntimeError(f"{path}: the header changed size while being completed")
             f.seek(8)
@@ -437,7 +436,12 @@ def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """A (replicated) device array as a host numpy array, in every process."""
+    """A global array as numpy on every process: a replicated one from this host's copy, any
+    other gathered from every host (then every process must call this)."""
     if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(x.addressable_shards[0].data)   # replicated: every host holds it all
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_shards[0].data)   # every host holds it all
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -101,29 +101,6 @@ def detect_vision_prefix(names: Iterable[str]) -> str:
                      "pass prefix= explicitly")
 
 
-def split_vision_keys(names: Iterable[str], cfg: VisionConfig,
-                      prefix: str) -> tuple[list[str], list[str], list[str]]:
-    """Sorts the names under `prefix` into (used, skipped by design, unexpected).
-
-    Skipped by design: the attention-pooling head, the post-layernorm when the config does not
-    use it, and encoder layers in [num_layers_used, n_layers). Names outside `prefix` are not
-    returned at all (a LLaDA-V checkpoint also holds the language model).
-    """
-    used_names = table_names(_table(cfg.use_post_layernorm), prefix, cfg.num_layers_used)
-    known = table_names(_table(True), prefix, cfg.n_layers)
-    used, skipped, unexpected = [], [], []
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        if name in used_names:
-            used.append(name)
-        elif name in known or name[len(prefix):].startswith("head."):
-            skipped.append(name)
-        else:
-            unexpected.append(name)
-    return used, skipped, unexpected
-
-
 def import_vision(tensors: Mapping[str, Any], cfg: VisionConfig, prefix: str | None = None,
                   dtype: str | None = None) -> Params:
     """Hugging Face SigLIP vision tensors -> `VisionEncoder` params (nested dict of numpy arrays).
@@ -136,7 +113,12 @@ def import_vision(tensors: Mapping[str, Any], cfg: VisionConfig, prefix: str | N
     validate_vision(cfg)
     if prefix is None:
         prefix = detect_vision_prefix(tensors.keys())
-    _, _, unexpected = split_vision_keys(tensors.keys(), cfg, prefix)
+    # Every name of the full tower is known (those the config skips by design: the layers past
+    # num_layers_used, the post-layernorm when unused), and so is the pooling head `head.*`.
+    # Names outside `prefix` are not ours (a LLaDA-V checkpoint also holds the language model).
+    known = table_names(_table(True), prefix, cfg.n_layers)
+    unexpected = [name for name in tensors if name.startswith(prefix) and name not in known
+                  and not name[len(prefix):].startswith("head.")]
     if unexpected:
         raise ValueError(f"unexpected tensor(s) under prefix {prefix!r} for a {cfg.n_layers}-layer "
                          f"SigLIP vision tower: {listing(unexpected)}")

@@ -78,15 +78,11 @@ def _write_error(message: str, cause: BaseException) -> CheckpointWriteError:
     carries the code (e.g. `Error opening "zarr" driver: Error writing ".zarray" ...` when a
     full file broke the shared OCDBT data file): without a code, the message of a storage errno
     (`File too large`, `No space left on device`, ...) names the reason."""
-    code = getattr(cause, "errno", None)
-    reason = getattr(cause, "strerror", None)
-    text = str(cause)
+    code, reason = getattr(cause, "errno", None), getattr(cause, "strerror", None)
     if not (reason and code):
-        found = re.search(r"os_error_code\W{0,3}(\d+)", text)
-        if found:
-            code = int(found.group(1))
-        else:
-            code = next((c for c in _STORAGE_ERRNOS if os.strerror(c) in text), None)
+        found = re.search(r"os_error_code\W{0,3}(\d+)", str(cause))
+        code = int(found.group(1)) if found else next(
+            (c for c in _STORAGE_ERRNOS if os.strerror(c) in str(cause)), None)
         reason = os.strerror(code) if code else None
     detail = (f"{reason} ({errno.errorcode.get(code, code)})" if reason and code
               else first_line(cause))
