@@ -67,24 +67,6 @@ def _picture(tmp_path, shape, colour, seed):
     return path
 
 
-def test_chat_answers_about_the_image(checkpoint, tmp_path):
-    pictures = (("red", "circle"), ("blue", "square"))
-    results = run_programs(
-        [("chat.py", [f"--checkpoint={checkpoint}",
-                      f"--image={_picture(tmp_path, shape, colour, 123)}"],
-          "Colour?\n/reset\nColour?\n") for colour, shape in pictures],
-        tmp_path / "programs")
-    answers = {}
-    for (colour, _), result in zip(pictures, results, strict=True):
-        assert result.returncode == 0, result.stderr[-3000:]
-        lines = [line for line in result.stdout.splitlines() if line.startswith("assistant: ")]
-        assert len(lines) == 2 and "(new conversation)" in result.stdout, result.stdout
-        # After /reset the image is attached to the new first message again: same answer.
-        assert lines[0] == lines[1]
-        answers[colour] = lines[0][len("assistant: "):]
-    assert answers == {"red": "red", "blue": "blue"}
-
-
 def test_chat_image_errors(untrained_checkpoint, tmp_path):
     missing = str(tmp_path / "missing.png")
     (tmp_path / "not_an_image.png").write_text("hello")
@@ -138,3 +120,23 @@ def test_convert_exports_and_reimports_a_llada_v_checkpoint(untrained_checkpoint
     for path, value in jax.tree_util.tree_flatten_with_path(params_back)[0]:
         np.testing.assert_array_equal(np.asarray(value), np.asarray(original.pop(path)))
     assert not original  # nothing missing
+
+
+# Last in the file: the other tests run while another xdist worker may still be training the
+# session's checkpoint.
+def test_chat_answers_about_the_image(checkpoint, tmp_path):
+    pictures = (("red", "circle"), ("blue", "square"))
+    results = run_programs(
+        [("chat.py", [f"--checkpoint={checkpoint}",
+                      f"--image={_picture(tmp_path, shape, colour, 123)}"],
+          "Colour?\n/reset\nColour?\n") for colour, shape in pictures],
+        tmp_path / "programs")
+    answers = {}
+    for (colour, _), result in zip(pictures, results, strict=True):
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("assistant: ")]
+        assert len(lines) == 2 and "(new conversation)" in result.stdout, result.stdout
+        # After /reset the image is attached to the new first message again: same answer.
+        assert lines[0] == lines[1]
+        answers[colour] = lines[0][len("assistant: "):]
+    assert answers == {"red": "red", "blue": "blue"}
