@@ -295,6 +295,7 @@ POSITIVE_NUMBER: Rule = (lambda v: v <= 0, "a positive number")
 # Counts where a bool (an int subclass) is refused too.
 COUNT: Rule = (lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
                "an integer >= 0")
+POSITIVE_COUNT: Rule = (lambda v: COUNT[0](v) or v == 0, "a positive integer")
 
 
 def not_int_at_least_0(value: Any) -> bool:
@@ -463,13 +464,9 @@ class SamplerConfig:
 def _as_field_type(field: dataclasses.Field, value: Any) -> Any:
     """A section value as its dataclass field takes it: floats and flags cast (a flag may give
     `1` for `1.0`), lists of ids as tuples; other values as they are, for validation to judge."""
-    if field.type == "float":
-        return float(value)
-    if field.type == "bool":
-        return bool(value)
     if field.type.startswith("tuple"):
         return tuple(int(i) for i in value)
-    return value
+    return {"float": float, "bool": bool}.get(field.type, lambda same: same)(value)
 
 
 def validate_sampler(s: Any) -> None:
@@ -506,8 +503,7 @@ def validate_sampler(s: Any) -> None:
                     f"{s.threshold} is set (choose one parallel decoding rule)")),
         ("remasking", (lambda v: parallel and v != "low_confidence", "'low_confidence' with "
                        "threshold/factor decoding (they compare model probabilities)")),
-        ("banned_ids", (lambda v: any(not isinstance(i, int) or isinstance(i, bool) or i < 0
-                                      for i in v), "a list of token ids >= 0")),
+        ("banned_ids", (lambda v: any(COUNT[0](i) for i in v), "a list of token ids >= 0")),
     ))
     eos_banned = s.logits_eos_inf or getattr(s, "eos_id", None) in list(s.banned_ids)
     if s.early_exit and eos_banned and not s.stop_at_eot:
@@ -579,9 +575,7 @@ def validate_vision_tower(cfg: VisionConfig) -> None:
     """Checks a VisionConfig; raises ValueError naming the offending field."""
     n = cfg.n_layers
     check_fields("vision config field {}", cfg, (
-        ("image_size patch_size width n_layers n_heads mlp_dim num_channels",
-         (lambda v: not isinstance(v, int) or isinstance(v, bool) or v <= 0,
-          "a positive integer")),
+        ("image_size patch_size width n_layers n_heads mlp_dim num_channels", POSITIVE_COUNT),
         ("patch_size", (lambda v: v > cfg.image_size, f"at most image_size={cfg.image_size}")),
         ("n_heads", (lambda v: cfg.width % v, f"a divisor of width={cfg.width}")),
         ("feature_layer", (lambda v: not isinstance(v, int) or not (-n <= v <= -1 or 1 <= v <= n),

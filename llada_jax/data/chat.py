@@ -166,17 +166,6 @@ def render_llava_turn(tokenizer: Tokenizer, role: str, content: str,
     return [*ids, tokenizer.eot_id]
 
 
-def _llada_turns(messages: Sequence[dict], trained: set[int],
-                 tokenizer: Tokenizer) -> list[_Turn]:
-    turns = []
-    for i, message in enumerate(messages):
-        ids = tokenizer.render_turn(message["role"], message["content"])
-        header = len(tokenizer.header(message["role"])) if i in trained else len(ids)
-        turns.append(_Turn(message["role"], ids, [k >= header for k in range(len(ids))],
-                           i in trained))
-    return turns
-
-
 def _llava_turns(messages: Sequence[dict], counts: Sequence[int], tokenizer: Tokenizer,
                  add_generation_prompt: bool, structural: set[int]) -> list[_Turn]:
     turns, used = [], 0
@@ -290,7 +279,12 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
         head = [tokenizer.bos_id]
         trained = ({i for i, m in enumerate(messages) if m["role"] == "assistant"}
                    if trained_turns is None else set(trained_turns))
-        turns = _llada_turns(messages, trained, tokenizer)
+        turns = []
+        for i, m in enumerate(messages):  # a trained answer is maskable after its header
+            ids = tokenizer.render_turn(m["role"], m["content"])
+            header = len(tokenizer.header(m["role"])) if i in trained else len(ids)
+            turns.append(_Turn(m["role"], ids, [k >= header for k in range(len(ids))],
+                               i in trained))
     else:
         if messages and messages[0]["role"] == "system":
             if marks[0]:
@@ -356,19 +350,18 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant_turns:
         raise BadRecordError(origin, "the conversation has no assistant turn to train on")
-    if multiturn == "sample_turn":
-        if len(assistant_turns) == 1:
-            target = assistant_turns[0]
-        elif rng is None:
-            raise ValueError("build_sft_example: sample_turn with several assistant turns needs "
-                             "an rng")
-        else:
-            target = assistant_turns[int(rng.integers(len(assistant_turns)))]
-        used, trained = list(messages[:target + 1]), {target}
+    if multiturn == "all_responses":
+        trained = set(assistant_turns)
+    elif len(assistant_turns) == 1:
+        trained = {assistant_turns[0]}
+    elif rng is None:
+        raise ValueError("build_sft_example: sample_turn with several assistant turns needs "
+                         "an rng")
     else:
-        used, trained = list(messages[:assistant_turns[-1] + 1]), set(assistant_turns)
-    encoded = encode_conversation(used, tokenizer, trained_turns=trained, max_length=seq_len,
-                                  origin=origin)
+        trained = {assistant_turns[int(rng.integers(len(assistant_turns)))]}
+    # What follows the last trained answer is dropped.
+    encoded = encode_conversation(messages[:max(trained) + 1], tokenizer, trained_turns=trained,
+                                  max_length=seq_len, origin=origin)
     return pad_row(encoded, seq_len, tokenizer.eos_id, fill_maskable)
 
 

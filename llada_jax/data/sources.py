@@ -430,13 +430,11 @@ class LlavaFilesSource:
 
     def __init__(self, pattern: str, image_folder: str = "") -> None:
         self.image_folder = image_folder
-        # (path, list of (line, record) or a line source, length)
-        self._parts: list[tuple[str, Any, int]] = []
-        for path in matching_files(pattern):
-            records = (read_json_list(path) if path.endswith(".json") and _starts_with_bracket(path)
-                       else FileLinesSource(path))
-            self._parts.append((path, records, len(records)))
-        self._offsets = np.cumsum([0] + [n for _, _, n in self._parts])
+        # (path, list of (line, record) or a line source)
+        self._parts = [(path, read_json_list(path) if path.endswith(".json")
+                        and _starts_with_bracket(path) else FileLinesSource(path))
+                       for path in matching_files(pattern)]
+        self._offsets = np.cumsum([0] + [len(records) for _, records in self._parts])
         if self._offsets[-1] == 0:
             raise ValueError(f"config.data.source: the files matching 'files:{pattern}' hold "
                              f"no record")
@@ -447,7 +445,7 @@ class LlavaFilesSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % len(self)
         part = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        path, records, _ = self._parts[part]
+        path, records = self._parts[part]
         local = index - int(self._offsets[part])
         if isinstance(records, list):
             line, record = records[local]
