@@ -322,10 +322,9 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % len(self)
-        record = self._source[index]
-        out = {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in record.items()}
-        out[ORIGIN] = f"tfds:{self.name}@{self.split}[{index}]"
-        return out
+        return {**{k: (v.decode("utf-8") if isinstance(v, bytes) else v)
+                   for k, v in self._source[index].items()},
+                ORIGIN: f"tfds:{self.name}@{self.split}[{index}]"}
 
 
 @dataclasses.dataclass(frozen=True)
