@@ -339,11 +339,10 @@ def validate_model(m: ModelConfig) -> None:
         ("rope_theta", POSITIVE_NUMBER),
         ("rotary_dim", (lambda v: not isinstance(v, int) or not 0 <= v <= m.head_dim or v % 2,
                         f"an even number in [0, head_dim={m.head_dim}] (0: all)")),
-    ))
-    # Mixture of experts.
-    check_fields("config.model.{}", m, (
+        # Mixture of experts.
         ("num_experts experts_per_token expert_mlp_hidden_size num_shared_experts first_k_dense",
-         COUNT),))
+         COUNT),
+    ))
     if not m.is_moe:
         check_fields("config.model.{}", m, (("experts_per_token num_shared_experts first_k_dense",
                                        (bool, "0 when model.num_experts=0 (a dense model)")),))

@@ -70,13 +70,12 @@ def skipped_summary() -> str:
 
 
 class RowBuilder:
-    """Base of the record -> row transforms of the pipeline: `row(record[, rng])` may raise
-    BadRecordError, which `self.bad_records` ('error' | 'skip') raises or turns into None."""
+    """A record -> row transform of the pipeline: `row(record[, rng])` (the function given, or
+    a subclass's method) may raise BadRecordError, which `self.bad_records` ('error' | 'skip')
+    raises or turns into None."""
 
-    bad_records = "error"
-
-    def row(self, record: dict[str, Any], *rng: Any) -> dict[str, Any]:
-        raise NotImplementedError
+    def __init__(self, row: Callable[..., dict[str, Any]], bad_records: str) -> None:
+        self.row, self.bad_records = row, bad_records
 
     def __call__(self, record: dict[str, Any], *rng: Any) -> dict[str, Any] | None:
         try:
