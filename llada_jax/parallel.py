@@ -77,8 +77,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, in
                              f"found {shown}")
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        product = " * ".join(named)
-        raise ValueError(f"config.mesh: {product} = {known} must equal the "
+        raise ValueError(f"config.mesh: {' * '.join(named)} = {known} must equal the "
                          f"{num_devices} devices; found {shown}")
     return sizes["data"], sizes["fsdp"], sizes["expert"], sizes["tensor"]
 

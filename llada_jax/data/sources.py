@@ -171,8 +171,7 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     size = os.path.getsize(path)
     if size == 0:
-        empty = np.zeros((0,), np.int64)
-        return empty, empty, empty
+        return (np.zeros((0,), np.int64),) * 3
     data = np.memmap(path, dtype=np.uint8, mode="r")
     is_content = np.ones((256,), bool)
     is_content[list(_WHITESPACE_BYTES)] = False
