@@ -166,24 +166,6 @@ def render_llava_turn(tokenizer: Tokenizer, role: str, content: str,
     return [*ids, tokenizer.eot_id]
 
 
-def _llava_turns(messages: Sequence[dict], counts: Sequence[int], tokenizer: Tokenizer,
-                 add_generation_prompt: bool, structural: set[int]) -> list[_Turn]:
-    turns, used = [], 0
-    for m in messages:
-        content = m["content"]
-        if add_generation_prompt:     # the released chat template trims every message
-            content = content.strip()
-        elif counts:                  # training rows of records with images
-            content = move_image_to_front(content)
-        n = content.count(IMAGE_MARK)
-        ids = render_llava_turn(tokenizer, m["role"], content, counts[used:used + n])
-        answer = m["role"] == "assistant" and not add_generation_prompt
-        mask = [answer or (i in structural and not add_generation_prompt) for i in ids]
-        turns.append(_Turn(m["role"], ids, mask, answer, n))
-        used += n
-    return turns
-
-
 # --- truncation ---------------------------------------------------------------------------------
 def _drop_oldest(head: list[int], turns: list[_Turn], max_length: int, header_length: int,
                  origin: str) -> tuple[list[int], list[bool], list[_Turn]]:
@@ -296,7 +278,19 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
             # The open assistant header: an empty assistant turn without its <|eot_id|>.
             suffix = render_llava_turn(tokenizer, "assistant", "", [])[:-1]
         head = [tokenizer.bos_id, *render_llava_turn(tokenizer, "system", system_message, [])]
-        turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, structural)
+        turns, used = [], 0
+        for m in messages:
+            content = m["content"]
+            if add_generation_prompt:     # the released chat template trims every message
+                content = content.strip()
+            elif counts:                  # training rows of records with images
+                content = move_image_to_front(content)
+            n = content.count(IMAGE_MARK)
+            ids = render_llava_turn(tokenizer, m["role"], content, counts[used:used + n])
+            answer = m["role"] == "assistant" and not add_generation_prompt
+            mask = [answer or (i in structural and not add_generation_prompt) for i in ids]
+            turns.append(_Turn(m["role"], ids, mask, answer, n))
+            used += n
     if max_length is None:
         ids, mask, kept = _joined(turns)
     elif truncation == "drop_oldest":
