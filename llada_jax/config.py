@@ -120,20 +120,16 @@ class ModelConfig:
     def num_dense_layers(self) -> int:
         return self.n_layers - self.num_moe_layers
 
-    def _layer_params(self, experts_counted: int) -> tuple[int, int]:
-        """(parameters of a dense layer, of an MoE layer with `experts_counted` routed experts)."""
+    def _total(self, experts_counted: int, embedding: bool) -> int:
+        """Parameters with `experts_counted` routed experts per MoE layer (and the embedding
+        table counted as well as the LM head when `embedding`)."""
         d, hd = self.d_model, self.head_dim
         attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         common = attention + 2 * d + (2 * hd if self.qk_norm else 0)
         dense = common + 3 * d * self.mlp_hidden_size
-        f = self.expert_mlp_hidden_size
         moe = (common + d * self.num_experts                       # router
                + (self.num_experts if self.router == "sigmoid_grouped" else 0)  # expert_bias
-               + 3 * d * f * (experts_counted + self.num_shared_experts))
-        return dense, moe
-
-    def _total(self, experts_counted: int, embedding: bool) -> int:
-        dense, moe = self._layer_params(experts_counted)
+               + 3 * d * self.expert_mlp_hidden_size * (experts_counted + self.num_shared_experts))
         # Vocabulary-sized matrices: the table and the LM head, one when tied (the table is the
         # head's matmul) or when the lookup is not counted.
         tables = 2 if embedding and not self.tie_embeddings else 1
