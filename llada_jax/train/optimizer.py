@@ -178,8 +178,7 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], p
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches == 1:
-        single = jax.tree.map(lambda x: x[0], micro_batches)
-        (loss, aux), grads = grad_fn(params, single)
+        (loss, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches))
         return loss, grads, aux
 
     def constrain(tree):
