@@ -251,8 +251,23 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
         raise BadRecordError(origin, f"the conversation has {sum(marks)} {IMAGE_MARK} mark(s) but "
                              f"the record has {len(counts)} image(s)")
     if style == "llada_plain":
-        return _encode_plain(messages, tokenizer, counts, add_generation_prompt, max_length,
-                             origin)
+        # Image tokens + caption + "\n" (the caption maskable); a prompt is the image alone.
+        wanted = 1 if add_generation_prompt else 2
+        if (len(messages) != wanted or messages[0]["role"] != "user" or len(counts) != 1
+                or IMAGE_MARK not in messages[0]["content"]
+                or (wanted == 2 and messages[1]["role"] != "assistant")):
+            raise BadRecordError(origin, f"a 'llada_plain' (stage 1) record needs exactly one "
+                                 f"human turn with one {IMAGE_MARK} and one gpt caption, found "
+                                 f"{[m['role'] for m in messages]} with {len(counts)} image(s)")
+        image_ids = [IMAGE_PLACEHOLDER_ID] * counts[0]
+        caption = [] if add_generation_prompt else tokenizer.encode(
+            messages[1]["content"] + PLAIN_SEPARATOR)
+        ids = image_ids + caption
+        if max_length is not None and len(ids) > max_length:
+            raise BadRecordError(origin, f"caption too long: {len(ids)} tokens ({len(image_ids)} "
+                                 f"of them image tokens) for config.train.seq_len={max_length}",
+                                 "overlong")
+        return EncodedIds(ids, [False] * len(image_ids) + [True] * len(caption), 1)
     messages = list(messages)
     suffix: list[int] = []
     structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
@@ -303,29 +318,6 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
                  else [i in structural for i in head])
     return EncodedIds(head + ids + suffix, head_mask + mask + [False] * len(suffix),
                       sum(t.images for t in kept))
-
-
-def _encode_plain(messages: Sequence[dict], tokenizer: Tokenizer, counts: list[int],
-                  add_generation_prompt: bool, max_length: int | None,
-                  origin: str) -> EncodedIds:
-    """`llada_plain`: image tokens + caption + "\\n" (the caption maskable); a prompt is the
-    image alone."""
-    wanted = 1 if add_generation_prompt else 2
-    if (len(messages) != wanted or messages[0]["role"] != "user" or len(counts) != 1
-            or IMAGE_MARK not in messages[0]["content"]
-            or (wanted == 2 and messages[1]["role"] != "assistant")):
-        raise BadRecordError(origin, f"a 'llada_plain' (stage 1) record needs exactly one "
-                             f"human turn with one {IMAGE_MARK} and one gpt caption, found "
-                             f"{[m['role'] for m in messages]} with {len(counts)} image(s)")
-    image_ids = [IMAGE_PLACEHOLDER_ID] * counts[0]
-    caption = [] if add_generation_prompt else tokenizer.encode(
-        messages[1]["content"] + PLAIN_SEPARATOR)
-    ids = image_ids + caption
-    if max_length is not None and len(ids) > max_length:
-        raise BadRecordError(origin, f"caption too long: {len(ids)} tokens ({len(image_ids)} of "
-                             f"them image tokens) for config.train.seq_len={max_length}",
-                             "overlong")
-    return EncodedIds(ids, [False] * len(image_ids) + [True] * len(caption), 1)
 
 
 def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: int,
