@@ -255,24 +255,15 @@ def bilinear_sources(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.
     return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)
 
 
-def anyres_feature_shape(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
-                         max_grid: int = MAX_GRID, max_num_tiles: int = MAX_NUM_TILES,
-                         tokens_per_side: int = TOKENS_PER_SIDE) -> tuple[int, int]:
-    """(h, w) of the tiles' token grid after unpadding and downsampling (before newlines)."""
-    cols, rows = anyres_grid_shape(image_size, tile_size, max_grid)
-    r0, r1, c0, c1 = unpad_crop(image_size, (rows * tokens_per_side, cols * tokens_per_side))
-    shape = (r1 - r0, c1 - c0)
-    return downsampled_shape(shape, max_num_tiles, tokens_per_side) or shape
-
-
 def anyres_num_tokens(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
                       max_grid: int = MAX_GRID, max_num_tiles: int = MAX_NUM_TILES,
                       tokens_per_side: int = TOKENS_PER_SIDE) -> int:
     """Image tokens an image of `image_size` turns into: the base view's 27 * 27, then h rows of
-    w tile tokens plus one newline each. The data side expands `<image>` into this many
-    placeholder positions."""
-    h, w = anyres_feature_shape(image_size, tile_size, max_grid, max_num_tiles, tokens_per_side)
-    return tokens_per_side ** 2 + h * (w + 1)
+    w tile tokens plus one newline each (h x w: the tile grid after unpadding and downsampling),
+    as its `anyres_token_sources` plan lays them out. The data side expands `<image>` into this
+    many placeholder positions."""
+    return len(anyres_token_sources(image_size, None, tile_size, max_grid, max_num_tiles,
+                                    tokens_per_side)[2])
 
 
 # --- AnyRes pixels ------------------------------------------------------------------------------
