@@ -200,24 +200,6 @@ def _drop_oldest(head: list[int], turns: list[_Turn], max_length: int, header_le
     return ids[first_trained - budget:], mask[first_trained - budget:], kept
 
 
-def _drop_last_exchange(head: list[int], turns: list[_Turn], suffix: list[int], max_length: int,
-                        counts: Sequence[int], may_drop: bool,
-                        origin: str) -> tuple[list[int], list[bool], list[_Turn]]:
-    def length(ts):
-        return len(head) + sum(len(t.ids) for t in ts) + len(suffix)
-
-    while may_drop and length(turns) > max_length:
-        answers = [i for i, t in enumerate(turns) if t.role == "assistant"]
-        if len(answers) < 2:
-            break
-        turns = turns[:answers[-2] + 1]   # drop the last exchange
-    if length(turns) > max_length:
-        raise BadRecordError(origin, f"conversation too long: {length(turns)} tokens "
-                             f"({sum(counts[:sum(t.images for t in turns)])} of them image "
-                             f"tokens) for config.train.seq_len={max_length}", "overlong")
-    return _joined(turns)
-
-
 def _joined(turns: list[_Turn]) -> tuple[list[int], list[bool], list[_Turn]]:
     """(ids, maskable, turns) of `turns` laid end to end."""
     return [i for t in turns for i in t.ids], [m for t in turns for m in t.maskable], turns
@@ -311,9 +293,20 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
     elif truncation == "drop_oldest":
         ids, mask, kept = _drop_oldest(head, turns, max_length - len(suffix),
                                        len(tokenizer.header("assistant")), origin)
-    else:
-        ids, mask, kept = _drop_last_exchange(head, turns, suffix, max_length, counts,
-                                              not add_generation_prompt, origin)
+    else:  # drop_last_exchange (a prompt is never cut)
+        def length(ts):
+            return len(head) + sum(len(t.ids) for t in ts) + len(suffix)
+
+        while not add_generation_prompt and length(turns) > max_length:
+            answers = [i for i, t in enumerate(turns) if t.role == "assistant"]
+            if len(answers) < 2:
+                break
+            turns = turns[:answers[-2] + 1]   # drop the last exchange
+        if length(turns) > max_length:
+            raise BadRecordError(origin, f"conversation too long: {length(turns)} tokens "
+                                 f"({sum(counts[:sum(t.images for t in turns)])} of them image "
+                                 f"tokens) for config.train.seq_len={max_length}", "overlong")
+        ids, mask, kept = _joined(turns)
     head_mask = ([False] * len(head) if style == "llada" or add_generation_prompt
                  else [i in structural for i in head])
     return EncodedIds(head + ids + suffix, head_mask + mask + [False] * len(suffix),
