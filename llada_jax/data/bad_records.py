@@ -17,9 +17,8 @@ conversation too long for `train.seq_len`) is always found as the record is read
   processes.
 * `'skip'`: the pre-scan drops bad lines from the index and logs ONE warning with their count by
   kind and the first few `path:line`s; records found bad later are logged one by one (the first
-  `LOGGED_SKIPS`, then at every power of two) with the running count. `skipped_records()` (per
-  process: with worker processes every worker counts its own skips) and `skipped_summary()`
-  give the totals.
+  `LOGGED_SKIPS`, then at every power of two) with the running count. `skipped_summary()`
+  gives the totals (per process: with worker processes every worker counts its own skips).
 """
 
 from __future__ import annotations
@@ -45,15 +44,6 @@ _SKIPPED: collections.Counter = collections.Counter()
 # Pre-scan results by (files, sizes, mtimes, check): the eval set is rebuilt at every evaluation
 # and must not be re-scanned (nor its skips re-counted) each time.
 _SCANNED: dict[tuple, tuple[list[int], list[BadRecordError]]] = {}
-
-
-def skipped_records() -> dict[str, int]:
-    """Bad records skipped in this process so far, by reason."""
-    return dict(_SKIPPED)
-
-
-def reset_skipped_records() -> None:
-    _SKIPPED.clear()
 
 
 def _counts_text(counts: dict[str, int]) -> str:
