@@ -167,39 +167,6 @@ def render_llava_turn(tokenizer: Tokenizer, role: str, content: str,
 
 
 # --- truncation ---------------------------------------------------------------------------------
-def _drop_oldest(head: list[int], turns: list[_Turn], max_length: int, header_length: int,
-                 origin: str) -> tuple[list[int], list[bool], list[_Turn]]:
-    """Drops oldest exchanges, then cuts the prompt from the left, until it all fits."""
-    def length(ts):
-        return len(head) + sum(len(t.ids) for t in ts)
-
-    last_trained = max(i for i, t in enumerate(turns) if t.trained)
-    users_before = [i for i in range(last_trained) if turns[i].role == "user"]
-    protected_from = users_before[-1] if users_before else last_trained
-    kept_head = turns[:1] if turns[0].role == "system" else []
-    droppable = turns[len(kept_head):protected_from]
-    protected = turns[protected_from:]
-    while droppable and length(kept_head + droppable + protected) > max_length:
-        droppable = droppable[1:]
-        while droppable and droppable[0].role == "assistant":  # restart at a user turn
-            droppable = droppable[1:]
-    ids, mask, kept = _joined(kept_head + droppable + protected)
-    if len(head) + len(ids) <= max_length:
-        return ids, mask, kept
-    # The first maskable token of the first trained turn (not a maskable prompt token).
-    first = next(i for i, t in enumerate(kept) if t.trained)
-    first_trained = sum(len(t.ids) for t in kept[:first]) + kept[first].maskable.index(True)
-    rest_length = len(ids) - first_trained
-    budget = max_length - len(head) - rest_length  # prompt tokens that fit after the head
-    if budget < header_length:
-        raise BadRecordError(origin, f"conversation too long: BOS, the assistant header "
-                             f"({header_length} tokens) and the trained tokens from the first "
-                             f"answer on ({rest_length}) need "
-                             f"{len(head) + header_length + rest_length} tokens, but "
-                             f"config.train.seq_len is {max_length}", "overlong")
-    return ids[first_trained - budget:], mask[first_trained - budget:], kept
-
-
 def _joined(turns: list[_Turn]) -> tuple[list[int], list[bool], list[_Turn]]:
     """(ids, maskable, turns) of `turns` laid end to end."""
     return [i for t in turns for i in t.ids], [m for t in turns for m in t.maskable], turns
@@ -288,15 +255,39 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
             mask = [answer or (i in structural and not add_generation_prompt) for i in ids]
             turns.append(_Turn(m["role"], ids, mask, answer, n))
             used += n
+    def length(ts):
+        return len(head) + sum(len(t.ids) for t in ts) + len(suffix)
+
     if max_length is None:
         ids, mask, kept = _joined(turns)
-    elif truncation == "drop_oldest":
-        ids, mask, kept = _drop_oldest(head, turns, max_length - len(suffix),
-                                       len(tokenizer.header("assistant")), origin)
+    elif truncation == "drop_oldest":  # drop oldest exchanges, then cut the prompt from the left
+        last_trained = max(i for i, t in enumerate(turns) if t.trained)
+        users_before = [i for i in range(last_trained) if turns[i].role == "user"]
+        protected_from = users_before[-1] if users_before else last_trained
+        kept_head = turns[:1] if turns[0].role == "system" else []
+        droppable = turns[len(kept_head):protected_from]
+        protected = turns[protected_from:]
+        while droppable and length(kept_head + droppable + protected) > max_length:
+            droppable = droppable[1:]
+            while droppable and droppable[0].role == "assistant":  # restart at a user turn
+                droppable = droppable[1:]
+        ids, mask, kept = _joined(kept_head + droppable + protected)
+        if length(kept) > max_length:
+            # The first maskable token of the first trained turn (not a maskable prompt token).
+            first = next(i for i, t in enumerate(kept) if t.trained)
+            first_trained = sum(len(t.ids) for t in kept[:first]) + kept[first].maskable.index(True)
+            rest_length = len(ids) - first_trained
+            fitting = max_length - len(suffix)   # seq_len less the open assistant header, if any
+            budget = fitting - len(head) - rest_length  # prompt tokens that fit after the head
+            header_length = len(tokenizer.header("assistant"))
+            if budget < header_length:
+                raise BadRecordError(origin, f"conversation too long: BOS, the assistant header "
+                                     f"({header_length} tokens) and the trained tokens from "
+                                     f"the first answer on ({rest_length}) need "
+                                     f"{len(head) + header_length + rest_length} tokens, but "
+                                     f"config.train.seq_len is {fitting}", "overlong")
+            ids, mask = ids[first_trained - budget:], mask[first_trained - budget:]
     else:  # drop_last_exchange (a prompt is never cut)
-        def length(ts):
-            return len(head) + sum(len(t.ids) for t in ts) + len(suffix)
-
         while not add_generation_prompt and length(turns) > max_length:
             answers = [i for i, t in enumerate(turns) if t.role == "assistant"]
             if len(answers) < 2:
