@@ -114,32 +114,30 @@ def prescan(spec: SourceSpec, source: Any, check: Callable[[dict[str, Any]], Any
         return source
     stats = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in source.paths)
     key = (tuple(source.paths), stats, repr(check), policy)
-    if key in _SCANNED:
-        bad_indices, errors = _SCANNED[key]
-        if errors and policy == "error":
-            raise errors[0]
-        return source.without(bad_indices) if errors else source
-    bad_indices, errors = [], []
-    for index, record in source.iter_records():
-        try:
-            check(record)
-        except BadRecordError as error:
-            if policy == "error":
-                _SCANNED[key] = ([index], [error])
-                raise
-            bad_indices.append(index)
-            errors.append(error)
-    _SCANNED[key] = (bad_indices, errors)
-    if not errors:
-        return source
-    counts = collections.Counter(error.kind for error in errors)
-    _SKIPPED.update(counts)
-    named = "; ".join(str(error) for error in errors[:NAMED_BAD_LINES])
-    more = f"; and {len(errors) - NAMED_BAD_LINES} more" if len(errors) > NAMED_BAD_LINES else ""
-    logging.warning("data: skipping %d bad record(s) of %d in files:%s "
-                    "(config.data.bad_records='skip'; %s): %s%s", len(errors), len(source),
-                    spec.argument, _counts_text(counts), named, more)
-    if len(errors) == len(source):
-        raise ValueError(f"config.data.source: every one of the {len(source)} records of "
-                         f"files:{spec.argument} is bad; first: {errors[0]}")
-    return source.without(bad_indices)
+    if key not in _SCANNED:
+        bad_indices, errors = [], []
+        for index, record in source.iter_records():
+            try:
+                check(record)
+            except BadRecordError as error:
+                bad_indices.append(index)
+                errors.append(error)
+                if policy == "error":
+                    break
+        _SCANNED[key] = (bad_indices, errors)
+        if errors and policy == "skip":  # logged and counted once, however often rebuilt
+            counts = collections.Counter(error.kind for error in errors)
+            _SKIPPED.update(counts)
+            named = "; ".join(str(error) for error in errors[:NAMED_BAD_LINES])
+            more = (f"; and {len(errors) - NAMED_BAD_LINES} more"
+                    if len(errors) > NAMED_BAD_LINES else "")
+            logging.warning("data: skipping %d bad record(s) of %d in files:%s "
+                            "(config.data.bad_records='skip'; %s): %s%s", len(errors),
+                            len(source), spec.argument, _counts_text(counts), named, more)
+            if len(errors) == len(source):
+                raise ValueError(f"config.data.source: every one of the {len(source)} records "
+                                 f"of files:{spec.argument} is bad; first: {errors[0]}")
+    bad_indices, errors = _SCANNED[key]
+    if errors and policy == "error":
+        raise errors[0]
+    return source.without(bad_indices) if errors else source
