@@ -120,20 +120,16 @@ class ModelConfig:
     def num_dense_layers(self) -> int:
         return self.n_layers - self.num_moe_layers
 
-    def _layer_params(self, experts_counted: int) -> tuple[int, int]:
-        """(parameters of a dense layer, of an MoE layer with `experts_counted` routed experts)."""
+    def _total(self, experts_counted: int, embedding: bool) -> int:
+        """Parameters with `experts_counted` routed experts per MoE layer (and the embedding
+        table counted as well as the LM head when `embedding`)."""
         d, hd = self.d_model, self.head_dim
         attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         common = attention + 2 * d + (2 * hd if self.qk_norm else 0)
         dense = common + 3 * d * self.mlp_hidden_size
-        f = self.expert_mlp_hidden_size
         moe = (common + d * self.num_experts                       # router
                + (self.num_experts if self.router == "sigmoid_grouped" else 0)  # expert_bias
-               + 3 * d * f * (experts_counted + self.num_shared_experts))
-        return dense, moe
-
-    def _total(self, experts_counted: int, embedding: bool) -> int:
-        dense, moe = self._layer_params(experts_counted)
+               + 3 * d * self.expert_mlp_hidden_size * (experts_counted + self.num_shared_experts))
         # Vocabulary-sized matrices: the table and the LM head, one when tied (the table is the
         # head's matmul) or when the lookup is not counted.
         tables = 2 if embedding and not self.tie_embeddings else 1
@@ -295,6 +291,7 @@ POSITIVE_NUMBER: Rule = (lambda v: v <= 0, "a positive number")
 # Counts where a bool (an int subclass) is refused too.
 COUNT: Rule = (lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
                "an integer >= 0")
+POSITIVE_COUNT: Rule = (lambda v: COUNT[0](v) or v == 0, "a positive integer")
 
 
 def not_int_at_least_0(value: Any) -> bool:
@@ -338,11 +335,10 @@ def validate_model(m: ModelConfig) -> None:
         ("rope_theta", POSITIVE_NUMBER),
         ("rotary_dim", (lambda v: not isinstance(v, int) or not 0 <= v <= m.head_dim or v % 2,
                         f"an even number in [0, head_dim={m.head_dim}] (0: all)")),
-    ))
-    # Mixture of experts.
-    check_fields("config.model.{}", m, (
+        # Mixture of experts.
         ("num_experts experts_per_token expert_mlp_hidden_size num_shared_experts first_k_dense",
-         COUNT),))
+         COUNT),
+    ))
     if not m.is_moe:
         check_fields("config.model.{}", m, (("experts_per_token num_shared_experts first_k_dense",
                                        (bool, "0 when model.num_experts=0 (a dense model)")),))
@@ -463,13 +459,9 @@ class SamplerConfig:
 def _as_field_type(field: dataclasses.Field, value: Any) -> Any:
     """A section value as its dataclass field takes it: floats and flags cast (a flag may give
     `1` for `1.0`), lists of ids as tuples; other values as they are, for validation to judge."""
-    if field.type == "float":
-        return float(value)
-    if field.type == "bool":
-        return bool(value)
     if field.type.startswith("tuple"):
         return tuple(int(i) for i in value)
-    return value
+    return {"float": float, "bool": bool}.get(field.type, lambda same: same)(value)
 
 
 def validate_sampler(s: Any) -> None:
@@ -506,8 +498,7 @@ def validate_sampler(s: Any) -> None:
                     f"{s.threshold} is set (choose one parallel decoding rule)")),
         ("remasking", (lambda v: parallel and v != "low_confidence", "'low_confidence' with "
                        "threshold/factor decoding (they compare model probabilities)")),
-        ("banned_ids", (lambda v: any(not isinstance(i, int) or isinstance(i, bool) or i < 0
-                                      for i in v), "a list of token ids >= 0")),
+        ("banned_ids", (lambda v: any(COUNT[0](i) for i in v), "a list of token ids >= 0")),
     ))
     eos_banned = s.logits_eos_inf or getattr(s, "eos_id", None) in list(s.banned_ids)
     if s.early_exit and eos_banned and not s.stop_at_eot:
@@ -579,9 +570,7 @@ def validate_vision_tower(cfg: VisionConfig) -> None:
     """Checks a VisionConfig; raises ValueError naming the offending field."""
     n = cfg.n_layers
     check_fields("vision config field {}", cfg, (
-        ("image_size patch_size width n_layers n_heads mlp_dim num_channels",
-         (lambda v: not isinstance(v, int) or isinstance(v, bool) or v <= 0,
-          "a positive integer")),
+        ("image_size patch_size width n_layers n_heads mlp_dim num_channels", POSITIVE_COUNT),
         ("patch_size", (lambda v: v > cfg.image_size, f"at most image_size={cfg.image_size}")),
         ("n_heads", (lambda v: cfg.width % v, f"a divisor of width={cfg.width}")),
         ("feature_layer", (lambda v: not isinstance(v, int) or not (-n <= v <= -1 or 1 <= v <= n),

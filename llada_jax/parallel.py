@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llada_jax.config import MESH_AXIS_DEFAULTS, check_fields, model_config
+from llada_jax.config import MESH_AXIS_DEFAULTS, check_fields, fail, model_config
 
 MESH_AXES = tuple(MESH_AXIS_DEFAULTS)  # data, fsdp, expert, tensor
 # Set to 1 by launch/tpu_pod.py on every worker of a pod: this process is one of several.
@@ -77,8 +77,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, in
                              f"found {shown}")
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        product = " * ".join(named)
-        raise ValueError(f"config.mesh: {product} = {known} must equal the "
+        raise ValueError(f"config.mesh: {' * '.join(named)} = {known} must equal the "
                          f"{num_devices} devices; found {shown}")
     return sizes["data"], sizes["fsdp"], sizes["expert"], sizes["tensor"]
 
@@ -96,9 +95,8 @@ def validate_mesh(config: ml_collections.ConfigDict,
         del axes["mesh.expert"]
     multiple = math.prod(axes.values())
     if t.batch_size % multiple:
-        raise ValueError(f"config.train.batch_size: expected a multiple of {' * '.join(axes)} = "
-                         f"{' * '.join(map(str, axes.values()))} = {multiple}, found "
-                         f"{t.batch_size!r}")
+        fail("train.batch_size", f"a multiple of {' * '.join(axes)} = "
+             f"{' * '.join(map(str, axes.values()))} = {multiple}", t.batch_size)
     check_fields("config.model.{}", m, (
         ("num_experts", (lambda v: v and v % expert, f"a multiple of mesh.expert={expert}")),
         ("n_heads n_kv_heads mlp_hidden_size vocab_size"

@@ -356,14 +356,14 @@ def test_bad_records_error_names_the_line_or_are_skipped_and_counted(tmp_path):
         with pytest.raises(BadRecordError, match=f"{path}:{line}: .*{message}"):
             build_sft_example(parse_messages(record), TOK, seq_len=48, origin=record["_origin"])
     c.data.bad_records = "skip"
-    bad_records.reset_skipped_records()
+    bad_records._SKIPPED.clear()
     rows = list(pipeline.build_dataset(c, TOK, process_index=0, process_count=1))
     assert len(rows) == 2  # the two good conversations, nothing else
     for batch in rows:
         assert TOK.decode(batch["tokens"][0][batch["maskable"][0]], skip_special=False) == (
             "yo<|eot_id|>" + "<|endoftext|>" * (48 - 25 - 3))
-    assert bad_records.skipped_records() == {"unreadable": 1, "invalid": 5, "empty": 1,
-                                          "overlong": 1}
+    assert dict(bad_records._SKIPPED) == {"unreadable": 1, "invalid": 5, "empty": 1,
+                                       "overlong": 1}
 
 
 def test_synthetic_chat_set():

@@ -77,7 +77,7 @@ def test_skip_drops_bad_lines_and_logs_their_count(tmp_path, caplog):
     lines = [GOOD_CHAT, b"{oops", b'["a list"]', GOOD_CHAT, b'{"messages": []}',
              b'{"messages": "caf\xe9"}', GOOD_CHAT]
     _write(path, lines)
-    bad_records.reset_skipped_records()
+    bad_records._SKIPPED.clear()
     with caplog.at_level(logging.WARNING):
         dataset = pipeline.build_dataset(_config(path, bad_records="skip", num_epochs=1), TOK,
                                          process_index=0, process_count=1)
@@ -86,7 +86,7 @@ def test_skip_drops_bad_lines_and_logs_their_count(tmp_path, caplog):
     assert f"skipping 4 bad record(s) of 7 in files:{path}" in warnings[0]
     assert "invalid 1, unreadable 3" in warnings[0]
     assert f"{path}:2: malformed JSON" in warnings[0] and "and 1 more" in warnings[0]
-    assert bad_records.skipped_records() == {"unreadable": 3, "invalid": 1}
+    assert dict(bad_records._SKIPPED) == {"unreadable": 3, "invalid": 1}
     assert bad_records.skipped_summary() == ("4 bad record(s) skipped "
                                           "(config.data.bad_records='skip'): invalid 1, "
                                           "unreadable 3")
@@ -99,7 +99,7 @@ def test_skip_drops_bad_lines_and_logs_their_count(tmp_path, caplog):
     # does not scan nor count again.
     pipeline.build_dataset(_config(path, bad_records="skip", num_epochs=1), TOK,
                            process_index=0, process_count=1)
-    assert bad_records.skipped_records() == {"unreadable": 3, "invalid": 1}
+    assert dict(bad_records._SKIPPED) == {"unreadable": 3, "invalid": 1}
 
 
 def test_skips_found_while_reading_are_logged_with_the_running_count(tmp_path, caplog):
@@ -107,7 +107,7 @@ def test_skips_found_while_reading_are_logged_with_the_running_count(tmp_path, c
     too_long = json.dumps({"messages": [{"role": "user", "content": "q"},
                                         {"role": "assistant", "content": "w" * 60}]}).encode()
     _write(path, [GOOD_CHAT, too_long, too_long, GOOD_CHAT])
-    bad_records.reset_skipped_records()
+    bad_records._SKIPPED.clear()
     with caplog.at_level(logging.WARNING):
         batches = list(pipeline.build_dataset(_config(path, bad_records="skip", num_epochs=1),
                                               TOK, process_index=0, process_count=1))

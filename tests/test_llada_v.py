@@ -487,7 +487,7 @@ def test_stage2_group_learning_rates(tmp_path):
     c.train.weight_decay = 0.0
     peaks = {"vision_tower": 2e-4, "projector": 1e-3, "language_model": 5e-4}
     for group, peak in peaks.items():
-        schedule = optimizer.group_schedule(c.train, group)
+        schedule = optimizer.make_schedule(c.train, optimizer.group_peak_learning_rates(c.train)[group])
         for s in (0, 3, 4, 10, 22, 39):
             expected = (peak * (s + 1) / 4 if s < 4 else
                         peak * 0.5 * (1 + np.cos(np.pi * (s - 4) / (40 - 4))))

@@ -221,11 +221,11 @@ def test_bad_documents_error_or_skip(tmp_path):
     with pytest.raises(BadRecordError, match=f"{path}:2: empty document"):
         list(pipeline.build_dataset(c, TOK, process_index=0, process_count=1))
     c.data.bad_records = "skip"
-    bad_records.reset_skipped_records()
+    bad_records._SKIPPED.clear()
     batches = list(pipeline.build_dataset(c, TOK, process_index=0, process_count=1))
     text = TOK.decode(np.concatenate([b["tokens"][0] for b in batches]), skip_special=False)
     assert text.startswith("good one<|endoftext|>good two<|endoftext|>good thr")
-    assert bad_records.skipped_records() == {"empty": 1, "invalid": 1, "unreadable": 1}
+    assert dict(bad_records._SKIPPED) == {"empty": 1, "invalid": 1, "unreadable": 1}
 
 
 def test_configuration_errors(tmp_path):

@@ -17,9 +17,8 @@ conversation too long for `train.seq_len`) is always found as the record is read
   processes.
 * `'skip'`: the pre-scan drops bad lines from the index and logs ONE warning with their count by
   kind and the first few `path:line`s; records found bad later are logged one by one (the first
-  `LOGGED_SKIPS`, then at every power of two) with the running count. `skipped_records()` (per
-  process: with worker processes every worker counts its own skips) and `skipped_summary()`
-  give the totals.
+  `LOGGED_SKIPS`, then at every power of two) with the running count. `skipped_summary()`
+  gives the totals (per process: with worker processes every worker counts its own skips).
 """
 
 from __future__ import annotations
@@ -47,15 +46,6 @@ _SKIPPED: collections.Counter = collections.Counter()
 _SCANNED: dict[tuple, tuple[list[int], list[BadRecordError]]] = {}
 
 
-def skipped_records() -> dict[str, int]:
-    """Bad records skipped in this process so far, by reason."""
-    return dict(_SKIPPED)
-
-
-def reset_skipped_records() -> None:
-    _SKIPPED.clear()
-
-
 def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
 
@@ -70,13 +60,12 @@ def skipped_summary() -> str:
 
 
 class RowBuilder:
-    """Base of the record -> row transforms of the pipeline: `row(record[, rng])` may raise
-    BadRecordError, which `self.bad_records` ('error' | 'skip') raises or turns into None."""
+    """A record -> row transform of the pipeline: `row(record[, rng])` (the function given, or
+    a subclass's method) may raise BadRecordError, which `self.bad_records` ('error' | 'skip')
+    raises or turns into None."""
 
-    bad_records = "error"
-
-    def row(self, record: dict[str, Any], *rng: Any) -> dict[str, Any]:
-        raise NotImplementedError
+    def __init__(self, row: Callable[..., dict[str, Any]], bad_records: str) -> None:
+        self.row, self.bad_records = row, bad_records
 
     def __call__(self, record: dict[str, Any], *rng: Any) -> dict[str, Any] | None:
         try:
@@ -125,32 +114,30 @@ def prescan(spec: SourceSpec, source: Any, check: Callable[[dict[str, Any]], Any
         return source
     stats = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in source.paths)
     key = (tuple(source.paths), stats, repr(check), policy)
-    if key in _SCANNED:
-        bad_indices, errors = _SCANNED[key]
-        if errors and policy == "error":
-            raise errors[0]
-        return source.without(bad_indices) if errors else source
-    bad_indices, errors = [], []
-    for index, record in source.iter_records():
-        try:
-            check(record)
-        except BadRecordError as error:
-            if policy == "error":
-                _SCANNED[key] = ([index], [error])
-                raise
-            bad_indices.append(index)
-            errors.append(error)
-    _SCANNED[key] = (bad_indices, errors)
-    if not errors:
-        return source
-    counts = collections.Counter(error.kind for error in errors)
-    _SKIPPED.update(counts)
-    named = "; ".join(str(error) for error in errors[:NAMED_BAD_LINES])
-    more = f"; and {len(errors) - NAMED_BAD_LINES} more" if len(errors) > NAMED_BAD_LINES else ""
-    logging.warning("data: skipping %d bad record(s) of %d in files:%s "
-                    "(config.data.bad_records='skip'; %s): %s%s", len(errors), len(source),
-                    spec.argument, _counts_text(counts), named, more)
-    if len(errors) == len(source):
-        raise ValueError(f"config.data.source: every one of the {len(source)} records of "
-                         f"files:{spec.argument} is bad; first: {errors[0]}")
-    return source.without(bad_indices)
+    if key not in _SCANNED:
+        bad_indices, errors = [], []
+        for index, record in source.iter_records():
+            try:
+                check(record)
+            except BadRecordError as error:
+                bad_indices.append(index)
+                errors.append(error)
+                if policy == "error":
+                    break
+        _SCANNED[key] = (bad_indices, errors)
+        if errors and policy == "skip":  # logged and counted once, however often rebuilt
+            counts = collections.Counter(error.kind for error in errors)
+            _SKIPPED.update(counts)
+            named = "; ".join(str(error) for error in errors[:NAMED_BAD_LINES])
+            more = (f"; and {len(errors) - NAMED_BAD_LINES} more"
+                    if len(errors) > NAMED_BAD_LINES else "")
+            logging.warning("data: skipping %d bad record(s) of %d in files:%s "
+                            "(config.data.bad_records='skip'; %s): %s%s", len(errors),
+                            len(source), spec.argument, _counts_text(counts), named, more)
+            if len(errors) == len(source):
+                raise ValueError(f"config.data.source: every one of the {len(source)} records "
+                                 f"of files:{spec.argument} is bad; first: {errors[0]}")
+    bad_indices, errors = _SCANNED[key]
+    if errors and policy == "error":
+        raise errors[0]
+    return source.without(bad_indices) if errors else source

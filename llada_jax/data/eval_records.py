@@ -100,9 +100,8 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
     """
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped):] + continuation
-    whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    continuation_ids = whole[len(context_ids):]
+    continuation_ids = tokenizer.encode(context + continuation)[len(context_ids):]
     if not continuation_ids:
         raise ValueError(f"{where}: the answer {continuation!r} gets no token of its own when "
                          f"tokenised after its context")

@@ -255,24 +255,15 @@ def bilinear_sources(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.
     return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)
 
 
-def anyres_feature_shape(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
-                         max_grid: int = MAX_GRID, max_num_tiles: int = MAX_NUM_TILES,
-                         tokens_per_side: int = TOKENS_PER_SIDE) -> tuple[int, int]:
-    """(h, w) of the tiles' token grid after unpadding and downsampling (before newlines)."""
-    cols, rows = anyres_grid_shape(image_size, tile_size, max_grid)
-    r0, r1, c0, c1 = unpad_crop(image_size, (rows * tokens_per_side, cols * tokens_per_side))
-    shape = (r1 - r0, c1 - c0)
-    return downsampled_shape(shape, max_num_tiles, tokens_per_side) or shape
-
-
 def anyres_num_tokens(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
                       max_grid: int = MAX_GRID, max_num_tiles: int = MAX_NUM_TILES,
                       tokens_per_side: int = TOKENS_PER_SIDE) -> int:
     """Image tokens an image of `image_size` turns into: the base view's 27 * 27, then h rows of
-    w tile tokens plus one newline each. The data side expands `<image>` into this many
-    placeholder positions."""
-    h, w = anyres_feature_shape(image_size, tile_size, max_grid, max_num_tiles, tokens_per_side)
-    return tokens_per_side ** 2 + h * (w + 1)
+    w tile tokens plus one newline each (h x w: the tile grid after unpadding and downsampling),
+    as its `anyres_token_sources` plan lays them out. The data side expands `<image>` into this
+    many placeholder positions."""
+    return len(anyres_token_sources(image_size, None, tile_size, max_grid, max_num_tiles,
+                                    tokens_per_side)[2])
 
 
 # --- AnyRes pixels ------------------------------------------------------------------------------
@@ -312,14 +303,13 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     num_views: 1 for a plain (non-AnyRes) image (its tokens then one newline); default AnyRes.
     """
     per_view = tokens_per_side ** 2
-    # The base view (view 0): token t is its token t, weight 1.
-    base_index = np.zeros((per_view, 4), np.int32)
-    base_weight = np.zeros((per_view, 4), np.float32)
-    base_index[:, 0], base_weight[:, 0] = np.arange(per_view, dtype=np.int32), 1
+    # The base view (view 0): token t is its token t, weight 1; then the newline of a plain image.
+    base_index = np.zeros((per_view + 1, 4), np.int32)
+    base_weight = np.zeros((per_view + 1, 4), np.float32)
+    base_index[:per_view, 0], base_weight[:per_view, 0] = np.arange(per_view), 1
+    base_newline = np.arange(per_view + 1) == per_view
     if num_views == 1:
-        return (np.concatenate([base_index, np.zeros((1, 4), np.int32)]),
-                np.concatenate([base_weight, np.zeros((1, 4), np.float32)]),
-                np.arange(per_view + 1) == per_view)
+        return base_index, base_weight, base_newline
     cols, rows = anyres_grid_shape(image_size, tile_size, max_grid)
     if num_views is not None and num_views != 1 + cols * rows:
         raise ValueError(f"an image of size {tuple(image_size)} has a {cols}x{rows} tile grid, so "
@@ -353,9 +343,9 @@ def anyres_token_sources(image_size: tuple[int, int], num_views: int | None = No
     grid_index = np.concatenate([grid_index, np.zeros((h_out, 1, 4), grid_index.dtype)], axis=1)
     grid_weight = np.concatenate([grid_weight, np.zeros((h_out, 1, 4), grid_weight.dtype)], axis=1)
     grid_newline = np.tile(np.arange(w_out + 1) == w_out, h_out)   # the last column, per row
-    index = np.concatenate([base_index, grid_index.reshape(-1, 4)]).astype(np.int32)
-    weight = np.concatenate([base_weight, grid_weight.reshape(-1, 4)]).astype(np.float32)
-    newline = np.concatenate([np.zeros(per_view, bool), grid_newline])
+    index = np.concatenate([base_index[:per_view], grid_index.reshape(-1, 4)]).astype(np.int32)
+    weight = np.concatenate([base_weight[:per_view], grid_weight.reshape(-1, 4)]).astype(np.float32)
+    newline = np.concatenate([base_newline[:per_view], grid_newline])
     return index, weight, newline
 
 

@@ -62,9 +62,8 @@ class ConversationTemplate:
     def fill_is_labelled(self) -> bool:
         """Whether the EOS padding of a row is trained on (and attended to): by default only in
         stage 1, whose released collator pads the labels with EOS (see multimodal_data.py)."""
-        if self.label_eos_padding is None:
-            return self.format == LLADA_PLAIN
-        return self.label_eos_padding
+        return (self.format == LLADA_PLAIN if self.label_eos_padding is None
+                else self.label_eos_padding)
 
 
 DEFAULT_TEMPLATE = ConversationTemplate()

@@ -186,22 +186,19 @@ def image_inputs(tokens: np.ndarray, conversations: Sequence[EncodedConversation
     """The `multimodal.IMAGE_FIELDS` arrays of rows `tokens` [B, L] (placeholders where the
     conversations' image tokens go, in order; padding anywhere else is fine)."""
     tokens = np.asarray(tokens)
-    batch, length = tokens.shape
-    pixels = np.zeros((batch, max_views, image_size, image_size, 3), np.uint8)
-    index = np.zeros((batch, length, 4), np.int32)
-    weight = np.zeros((batch, length, 4), np.float32)
-    newline = np.zeros((batch, length), bool)
+    pixels = np.zeros((len(tokens), max_views, image_size, image_size, 3), np.uint8)
+    plans = []  # (index, weight, is_newline) of each row, its view indices row-local
     for b, conversation in enumerate(conversations):
         if conversation.num_views > max_views:
-            origin = origins[b] if origins else ""
-            raise BadRecordError(origin, f"its images need {conversation.num_views} views, more "
-                                 f"than config.vision.max_views={max_views}", "overlong")
+            raise BadRecordError(origins[b] if origins else "", f"its images need "
+                                 f"{conversation.num_views} views, more than "
+                                 f"config.vision.max_views={max_views}", "overlong")
         if conversation.views:
             pixels[b, :conversation.num_views] = np.concatenate(conversation.views)
-        plan = images.place_token_sources(tokens[b:b + 1], [conversation.plans],
-                                          [[len(v) for v in conversation.views]],
-                                          IMAGE_PLACEHOLDER_ID, tokens_per_view)
-        index[b], weight[b], newline[b] = (a[0] for a in plan)
+        plans.append(images.place_token_sources(tokens[b:b + 1], [conversation.plans],
+                                                [[len(v) for v in conversation.views]],
+                                                IMAGE_PLACEHOLDER_ID, tokens_per_view))
+    index, weight, newline = (np.concatenate(rows) for rows in zip(*plans, strict=True))
     return dict(zip(IMAGE_FIELDS, (pixels, index, weight, newline), strict=True))
 
 

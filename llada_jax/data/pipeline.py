@@ -50,38 +50,22 @@ from llada_jax.data.tokenizer import Tokenizer
 SPLITS = ("train", "eval")
 
 
-class DocumentTokens(RowBuilder):
-    """record -> {"tokens": int32 [n]} = [BOS] + encode(text) + [EOS], or None when skipped."""
-
-    def __init__(self, tokenizer: Tokenizer, text_field: str, add_bos: bool,
-                 bad_records: str) -> None:
-        self.tokenizer, self.text_field = tokenizer, text_field
-        self.add_bos, self.bad_records = add_bos, bad_records
-
-    def row(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(check_document(record, self.text_field))
-        prefix = [self.tokenizer.bos_id] if self.add_bos else []
-        return {"tokens": np.array([*prefix, *ids, self.tokenizer.eos_id], np.int32)}
+def _document_tokens(record: dict[str, Any], tokenizer: Tokenizer, text_field: str,
+                     add_bos: bool) -> dict[str, np.ndarray]:
+    """record -> {"tokens": int32 [n]} = [BOS] + encode(text) + [EOS]."""
+    ids = tokenizer.encode(check_document(record, text_field))
+    prefix = [tokenizer.bos_id] if add_bos else []
+    return {"tokens": np.array([*prefix, *ids, tokenizer.eos_id], np.int32)}
 
 
-class ChatRows(RowBuilder):
-    """(record, rng) -> one chat row {"tokens", "maskable", "fill"}, or None when skipped.
-
-    `fill_maskable`: whether the EOS padding is trained on (objective 'sft') or never labelled
-    ('masked_response').
-    """
-
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, multiturn: str, messages_field: str,
-                 bad_records: str, fill_maskable: bool = True) -> None:
-        self.tokenizer, self.seq_len, self.multiturn = tokenizer, seq_len, multiturn
-        self.messages_field, self.bad_records = messages_field, bad_records
-        self.fill_maskable = fill_maskable
-
-    def row(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return chat.build_sft_example(chat.parse_messages(record, self.messages_field),
-                                      self.tokenizer, self.seq_len, self.multiturn, rng,
-                                      origin=str(record.get(ORIGIN, "")),
-                                      fill_maskable=self.fill_maskable)
+def _chat_row(record: dict[str, Any], rng: np.random.Generator, tokenizer: Tokenizer,
+              seq_len: int, multiturn: str, messages_field: str,
+              fill_maskable: bool) -> dict[str, np.ndarray]:
+    """(record, rng) -> one chat row {"tokens", "maskable", "fill"}. `fill_maskable`: whether
+    the EOS padding is trained on (objective 'sft') or never labelled ('masked_response')."""
+    return chat.build_sft_example(chat.parse_messages(record, messages_field), tokenizer,
+                                  seq_len, multiturn, rng, origin=str(record.get(ORIGIN, "")),
+                                  fill_maskable=fill_maskable)
 
 
 class SplitLongDocuments(grain.experimental.FlatMapTransform):
@@ -171,15 +155,17 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             tokenizer, ImageProcessor.from_config(config), seq_len, config.vision.max_views,
             data.bad_records)).to_iter_dataset(read_options)
     elif conversations:
-        dataset = records.random_map(ChatRows(
-            tokenizer, seq_len, data.sft_multiturn, data.messages_field, data.bad_records,
-            fill_maskable=train.objective == "sft"), seed=seed).to_iter_dataset(read_options)
+        dataset = records.random_map(RowBuilder(functools.partial(
+            _chat_row, tokenizer=tokenizer, seq_len=seq_len, multiturn=data.sft_multiturn,
+            messages_field=data.messages_field, fill_maskable=train.objective == "sft"),
+            data.bad_records), seed=seed).to_iter_dataset(read_options)
     else:
         if components[0].kind == "synthetic" and data.packing != "concat":
             fail("data.packing", f"'concat' with {field}={source!r} (the built-in corpus is "
                  "concatenated)", data.packing)
-        documents = records.map(DocumentTokens(tokenizer, data.text_field, data.add_bos,
-                                               data.bad_records)).to_iter_dataset(read_options)
+        documents = records.map(RowBuilder(functools.partial(
+            _document_tokens, tokenizer=tokenizer, text_field=data.text_field,
+            add_bos=data.add_bos), data.bad_records)).to_iter_dataset(read_options)
         if data.packing == "concat":
             windows = grain.experimental.ConcatThenSplitIterDataset(
                 documents, length_struct={"tokens": seq_len})

@@ -171,8 +171,7 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     size = os.path.getsize(path)
     if size == 0:
-        empty = np.zeros((0,), np.int64)
-        return empty, empty, empty
+        return (np.zeros((0,), np.int64),) * 3
     data = np.memmap(path, dtype=np.uint8, mode="r")
     is_content = np.ones((256,), bool)
     is_content[list(_WHITESPACE_BYTES)] = False
@@ -322,10 +321,9 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % len(self)
-        record = self._source[index]
-        out = {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in record.items()}
-        out[ORIGIN] = f"tfds:{self.name}@{self.split}[{index}]"
-        return out
+        return {**{k: (v.decode("utf-8") if isinstance(v, bytes) else v)
+                   for k, v in self._source[index].items()},
+                ORIGIN: f"tfds:{self.name}@{self.split}[{index}]"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,13 +428,11 @@ class LlavaFilesSource:
 
     def __init__(self, pattern: str, image_folder: str = "") -> None:
         self.image_folder = image_folder
-        # (path, list of (line, record) or a line source, length)
-        self._parts: list[tuple[str, Any, int]] = []
-        for path in matching_files(pattern):
-            records = (read_json_list(path) if path.endswith(".json") and _starts_with_bracket(path)
-                       else FileLinesSource(path))
-            self._parts.append((path, records, len(records)))
-        self._offsets = np.cumsum([0] + [n for _, _, n in self._parts])
+        # (path, list of (line, record) or a line source)
+        self._parts = [(path, read_json_list(path) if path.endswith(".json")
+                        and _starts_with_bracket(path) else FileLinesSource(path))
+                       for path in matching_files(pattern)]
+        self._offsets = np.cumsum([0] + [len(records) for _, records in self._parts])
         if self._offsets[-1] == 0:
             raise ValueError(f"config.data.source: the files matching 'files:{pattern}' hold "
                              f"no record")
@@ -447,7 +443,7 @@ class LlavaFilesSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % len(self)
         part = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        path, records, _ = self._parts[part]
+        path, records = self._parts[part]
         local = index - int(self._offsets[part])
         if isinstance(records, list):
             line, record = records[local]

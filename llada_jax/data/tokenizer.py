@@ -142,19 +142,18 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = self._sp.get_piece_size()
 
-        def piece(name: str, required: bool = True) -> int | None:
-            i = self._sp.piece_to_id(name)
-            if i == self._sp.unk_id() and name != self._sp.id_to_piece(self._sp.unk_id()):
-                if required:
-                    raise ValueError(f"SentencePiece model {model_path} has no special token "
-                                     f"{name!r}; train it with launch/train_tokenizer.py")
-                return None
-            return i
+        def piece(name: str) -> int | None:
+            """The id of a piece; None when the model lacks it (`piece_to_id` gives unk's id)."""
+            i, unk = self._sp.piece_to_id(name), self._sp.unk_id()
+            return None if i == unk and name != self._sp.id_to_piece(unk) else i
 
         for attr, name in self.NAMES.items():
             setattr(self, attr, piece(name))
+            if getattr(self, attr) is None:
+                raise ValueError(f"SentencePiece model {model_path} has no special token "
+                                 f"{name!r}; train it with launch/train_tokenizer.py")
         self.pad_id = self.eos_id  # as in LLaDA: EOS pads, and padding is trained on
-        self.image_id = piece("<image>", required=False)
+        self.image_id = piece("<image>")
 
     @classmethod
     def train(cls, texts: Iterable[str], model_path: str, vocab_size: int,

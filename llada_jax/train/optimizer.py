@@ -48,9 +48,11 @@ import optax
 from llada_jax.config import PARAM_GROUPS, fail, parse_trainable
 
 
-def make_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
-    """The learning rate as a function of the update count (jit-friendly), from `config.train`."""
-    peak = float(train.learning_rate)
+def make_schedule(train: ml_collections.ConfigDict,
+                  peak: float | None = None) -> Callable[[jax.Array], jax.Array]:
+    """The learning rate as a function of the update count (jit-friendly), from `config.train`;
+    `peak` (a parameter group's, see `group_peak_learning_rates`) replaces its learning_rate."""
+    peak = float(train.learning_rate if peak is None else peak)
     floor = peak * float(train.min_lr_ratio)
     total = int(train.steps)
     warmup = int(train.warmup_steps)
@@ -102,14 +104,6 @@ def group_peak_learning_rates(train: ml_collections.ConfigDict) -> dict[str, flo
     return {g: float(train.group_learning_rates[g] or train.learning_rate) for g in PARAM_GROUPS}
 
 
-def group_schedule(train: ml_collections.ConfigDict,
-                   group: str) -> Callable[[jax.Array], jax.Array]:
-    """`make_schedule` with the group's peak learning rate (same shape, warmup and floor ratio)."""
-    with_peak = ml_collections.ConfigDict(train.to_dict())
-    with_peak.learning_rate = group_peak_learning_rates(train)[group]
-    return make_schedule(with_peak)
-
-
 def stop_frozen_gradients(params: Any, trainable: tuple[str, ...]) -> Any:
     """`params` with `stop_gradient` on the frozen groups: the step then never computes their
     gradients (stage 1 skips the vision tower's backward pass altogether)."""
@@ -122,22 +116,23 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     per-group AdamW and frozen groups when `train.trainable` / `train.group_learning_rates` ask
     for them; skipping of non-finite updates when `train.max_bad_steps` > 0 (see the module
     docstring)."""
-    def adamw(schedule):
-        return optax.adamw(schedule, b1=float(train.b1), b2=float(train.b2),
+    def adamw(peak=None):  # on the schedule of train.learning_rate, or of `peak`
+        return optax.adamw(make_schedule(train, peak), b1=float(train.b1), b2=float(train.b2),
                            eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
                            mask=weight_decay_mask)
 
     trainable = parse_trainable(train.trainable)
     steps = []
-    if trainable == PARAM_GROUPS and len(set(group_peak_learning_rates(train).values())) == 1:
-        update = adamw(make_schedule(train))
+    peaks = group_peak_learning_rates(train)
+    if trainable == PARAM_GROUPS and len(set(peaks.values())) == 1:
+        update = adamw()
     else:
         frozen = tuple(g for g in PARAM_GROUPS if g not in trainable)
         if frozen:
             steps.append(optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(
                 lambda group: group in frozen, param_group_labels(params))))
         update = optax.multi_transform(
-            {g: adamw(group_schedule(train, g)) if g in trainable else optax.set_to_zero()
+            {g: adamw(peaks[g]) if g in trainable else optax.set_to_zero()
              for g in PARAM_GROUPS}, param_group_labels)
     if train.grad_clip and train.grad_clip > 0:
         steps.append(optax.clip_by_global_norm(float(train.grad_clip)))
@@ -178,8 +173,7 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], p
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches == 1:
-        single = jax.tree.map(lambda x: x[0], micro_batches)
-        (loss, aux), grads = grad_fn(params, single)
+        (loss, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches))
         return loss, grads, aux
 
     def constrain(tree):
