@@ -184,11 +184,10 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
     max_len = getattr(config, "max_sequence_length", None)
     estimates = []
     for call, start in enumerate(range(0, len(prompts), pairs_per_call)):
-        chunk_p = list(prompts[start:start + pairs_per_call])
-        chunk_a = list(answers[start:start + pairs_per_call])
-        real = len(chunk_p)
-        chunk_p += [chunk_p[-1]] * (pairs_per_call - real)
-        chunk_a += [chunk_a[-1]] * (pairs_per_call - real)
+        real = min(pairs_per_call, len(prompts) - start)
+        # The last call repeats its last pair up to `pairs_per_call` (one compiled shape).
+        rows = [start + min(i, real - 1) for i in range(pairs_per_call)]
+        chunk_p, chunk_a = [prompts[i] for i in rows], [answers[i] for i in rows]
         batch = pack_pairs(chunk_p, chunk_a, pad_id, multiple=pad_multiple)
         if max_len is not None and batch["tokens"].shape[1] > max_len:
             longest = max(len(p) + len(a) for p, a in zip(chunk_p, chunk_a, strict=True))

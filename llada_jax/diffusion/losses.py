@@ -224,17 +224,15 @@ def _weight_noised(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array) -> ja
 
 
 def pretrain_loss(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
-                  num_positions: jax.Array | int | None = None) -> jax.Array:
+                  num_positions: jax.Array | int) -> jax.Array:
     """sum over noised positions of CE / p, divided by batch * num_positions.
 
     ce float32 [B, L] (per-position cross-entropies against the clean tokens); noised bool
-    [B, L]; mask_prob [B]; num_positions: the sequence length the batch counts as (the
-    random-length cut; default L).
+    [B, L]; mask_prob [B]; num_positions: the sequence length the batch counts as (L, or the
+    random-length cut).
     """
-    batch, length = ce.shape
-    num_positions = length if num_positions is None else num_positions
     total = jnp.sum(_weight_noised(ce, noised, mask_prob))
-    return total / (batch * jnp.asarray(num_positions, jnp.float32))
+    return total / (ce.shape[0] * jnp.asarray(num_positions, jnp.float32))
 
 
 def sft_loss(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
