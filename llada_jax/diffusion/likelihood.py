@@ -73,11 +73,9 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
     prompt_positions = attention_mask & ~answer_mask
     use_cfg = cfg_scale > 0
     copies = 2 * b if use_cfg else b
-
-    def rows(a):  # [P, ...] -> [P * copies, ...]
-        return jnp.repeat(a, copies, axis=0)
-
-    model_mask, model_positions = rows(attention_mask), rows(positions)
+    # [P, L] -> [P * copies, L]: each pair's rows are consecutive.
+    model_mask, model_positions = (jnp.repeat(a, copies, axis=0)
+                                   for a in (attention_mask, positions))
 
     def batch_loss(key):
         count_key, subset_key = jax.random.split(key)

@@ -105,9 +105,7 @@ def _join_chunks(x: jax.Array, position_axis: int, length: int) -> jax.Array:
 def _mesh_axes(size: int | None = None) -> tuple[str, ...]:
     """The axes (of size > 1) of the mesh the caller is traced under; () without one. With
     `size`, only the leading axes whose product divides it (an even split of that dim)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
+    mesh = jax.sharding.get_abstract_mesh()  # without one: no axis names
     axes, product = [], 1
     for name in mesh.axis_names:
         if mesh.shape[name] > 1:

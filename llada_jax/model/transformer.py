@@ -202,8 +202,7 @@ class Transformer(nn.Module):
         """
         c = self.config
         if c.tie_embeddings:
-            dtype = jnp.dtype(c.dtype)
-            logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.wte.astype(dtype))
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(c.dtype), self.wte.astype(c.dtype))
         else:
             logits = self.lm_head(hidden)
         if logits.ndim == 3:
