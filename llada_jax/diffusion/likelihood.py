@@ -24,7 +24,7 @@ Multiple choice: each option is an answer to the same context; the highest estim
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -33,13 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.diffusion import losses
-from llada_jax.diffusion.sampler import guidance
+from llada_jax.diffusion.sampler import Forward, Head, guidance
 
-# forward(tokens [R, L], *, attention_mask [R, L], positions [R, L]) -> logits [R, L, V]
-# (or, called with return_hidden=True, the final hidden states [R, L, d]).
-Forward = Callable[..., jax.Array]
-# head(hidden [..., d]) -> logits [..., V]: the LM head (Transformer.logits_from_hidden).
-Head = Callable[[jax.Array], jax.Array]
+# The model enters as in the sampler (`Forward`, `Head`): here forward(tokens [R, L], *,
+# attention_mask [R, L], positions [R, L]) -> logits [R, L, V], or the final hidden states
+# [R, L, d] when called with return_hidden=True; head(hidden [..., d]) -> logits [..., V].
 
 
 def stratified_counts(k: jax.Array, answer_lengths: jax.Array, batch_size: int) -> jax.Array:

@@ -69,15 +69,22 @@ def chunked_cross_entropy(logits_fn: Callable[[Any], jax.Array], hidden: Any, ta
     length = targets.shape[-1]
     if chunk_size <= 0 or chunk_size >= length:
         return cross_entropy_and_hits(logits_fn(hidden), targets)
-    hidden_chunks = jax.tree.map(lambda h: _split_chunks(h, -2, chunk_size), hidden)
-    target_chunks = _split_chunks(targets, -1, chunk_size)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(hidden_chunk, target_chunk):
         return cross_entropy_and_hits(logits_fn(hidden_chunk), target_chunk)
 
-    _, (ce, hits) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None,
-                                 (hidden_chunks, target_chunks))
+    return _scan_chunks(one_chunk, hidden, targets, chunk_size)
+
+
+def _scan_chunks(chunk_fn: Callable, hidden: Any, targets: jax.Array,
+                 chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """(CE, hits) [..., L] of `chunk_fn(hidden chunk, target chunk) -> (CE, hits) [..., C]`
+    applied chunk by chunk in a `lax.scan` (`hidden` an array [..., L, d] or a tuple of them)."""
+    chunks = (jax.tree.map(lambda h: _split_chunks(h, -2, chunk_size), hidden),
+              _split_chunks(targets, -1, chunk_size))
+    _, (ce, hits) = jax.lax.scan(lambda carry, xs: (carry, chunk_fn(*xs)), None, chunks)
+    length = targets.shape[-1]
     return _join_chunks(ce, -1, length), _join_chunks(hits, -1, length)
 
 
@@ -162,15 +169,9 @@ def lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     float32 [B, L], argmax == target bool [B, L]), equal to `chunked_cross_entropy` with the
     LM head as `logits_fn`, values and gradients (see the module docstring for the layout).
     """
-    length, chunk_size, weights = _head_setup(kernel, targets, chunk_size, compute_dtype)
-
-    def body(_, xs):
-        hidden_chunk, target_chunk = xs
-        return None, _chunk_cross_entropy(_chunk_logits(hidden_chunk, weights), target_chunk)[:2]
-
-    _, (ce, hits) = jax.lax.scan(body, None, (_split_chunks(hidden, -2, chunk_size),
-                                              _split_chunks(targets, -1, chunk_size)))
-    return _join_chunks(ce, -1, length), _join_chunks(hits, -1, length)
+    _, chunk_size, weights = _head_setup(kernel, targets, chunk_size, compute_dtype)
+    return _scan_chunks(lambda h, t: _chunk_cross_entropy(_chunk_logits(h, weights), t)[:2],
+                        hidden, targets, chunk_size)
 
 
 def _head_setup(kernel, targets, chunk_size, compute_dtype):
