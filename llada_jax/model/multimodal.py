@@ -150,8 +150,8 @@ class LLaDAV(nn.Module):
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
               image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-              image_embeddings: jax.Array | None = None) -> jax.Array:
-        """Embeddings [B, L, d_model]: the text's, and the image tokens at the placeholders."""
+              image_embeddings: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(embeddings [B, L, d_model], image_positions [B, L] bool)."""
         image_positions = input_ids == self.image_placeholder_id
         # Placeholders are looked up as the pad id (in range); image tokens overwrite those rows.
         text = self.language_model.embed(
@@ -168,11 +168,12 @@ class LLaDAV(nn.Module):
                 dummy = (input_ids.shape[0], self.vision.image_size, self.vision.image_size,
                          self.vision.num_channels)
                 self.encode_images(jnp.zeros(dummy, jnp.uint8))
-            return text
+            return text, image_positions
         if image_embeddings.shape != text.shape:
             raise ValueError(f"image_embeddings: expected shape {text.shape} (the tokens' "
                              f"[batch, length, d_model]), found {image_embeddings.shape}")
-        return jnp.where(image_positions[..., None], image_embeddings.astype(text.dtype), text)
+        return jnp.where(image_positions[..., None], image_embeddings.astype(text.dtype),
+                         text), image_positions
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  image_sources: tuple[jax.Array, jax.Array, jax.Array] | None = None, *,
@@ -180,7 +181,7 @@ class LLaDAV(nn.Module):
                  **language_model_kwargs: Any) -> Any:
         """Logits [B, L, vocab]; keyword arguments go to `Transformer` (attention_mask,
         positions, kv_cache, cache_index, return_kv, ...)."""
-        embeddings = self.embed(input_ids, pixel_values, image_sources, image_embeddings)
+        embeddings, _ = self.embed(input_ids, pixel_values, image_sources, image_embeddings)
         return self.language_model(inputs_embeds=embeddings, **language_model_kwargs)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
