@@ -60,27 +60,21 @@ def peak_bandwidth_per_device(device_kind: str,
     return _peak(PEAK_BANDWIDTH, device_kind, override_gbps, 1e9)
 
 
-def _attention_weights(model: ModelConfig) -> int:
-    """q, k, v and attention-out weights of one block."""
-    return model.d_model * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads)
-
-
 def block_weights(model: ModelConfig) -> int:
     """Matmul weights of one dense transformer block: q, k, v, attention-out and the SwiGLU
     triple."""
-    return _attention_weights(model) + 3 * model.d_model * model.mlp_hidden_size
+    attention = model.d_model * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads)
+    return attention + 3 * model.d_model * model.mlp_hidden_size
 
 
 def active_block_weights(model: ModelConfig) -> int:
     """Matmul weights one token goes through in all the blocks together: dense blocks as
     `block_weights`; a mixture-of-experts block counts its router, its `experts_per_token`
     routed experts and its shared experts (the active parameters), not every expert."""
-    if not model.is_moe:
-        return model.n_layers * block_weights(model)
-    d = model.d_model
     experts = model.experts_per_token + model.num_shared_experts
-    moe = (_attention_weights(model) + d * model.num_experts
-           + 3 * d * model.expert_mlp_hidden_size * experts)
+    # A dense block with the router and the active experts in place of the dense SwiGLU.
+    moe = block_weights(model) + model.d_model * (
+        model.num_experts + 3 * (model.expert_mlp_hidden_size * experts - model.mlp_hidden_size))
     return model.num_dense_layers * block_weights(model) + model.num_moe_layers * moe
 
 

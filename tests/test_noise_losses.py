@@ -35,7 +35,8 @@ def test_pretrain_loss_hand_computed():
     # sum of CE / p over noised: ln2 / 0.5 + ln3 / 0.25 + ln4 / 0.25 = 10 ln2 + 4 ln3.
     total = 10 * LN2 + 4 * LN3
     ce, _ = losses.cross_entropy_and_hits(logits, targets)
-    np.testing.assert_allclose(losses.pretrain_loss(ce, noised, p), total / (2 * 2), rtol=1e-6)
+    # Uncut: normalised by batch * L = 2 * 2.
+    np.testing.assert_allclose(losses.pretrain_loss(ce, noised, p, 2), total / (2 * 2), rtol=1e-6)
     # A random-length cut to 1 position normalises by batch * 1.
     np.testing.assert_allclose(losses.pretrain_loss(ce, noised, p, 1), total / 2, rtol=1e-6)
 

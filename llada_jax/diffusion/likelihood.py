@@ -24,7 +24,7 @@ Multiple choice: each option is an answer to the same context; the highest estim
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -33,13 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.diffusion import losses
-from llada_jax.diffusion.sampler import guidance
+from llada_jax.diffusion.sampler import Forward, Head, guidance
 
-# forward(tokens [R, L], *, attention_mask [R, L], positions [R, L]) -> logits [R, L, V]
-# (or, called with return_hidden=True, the final hidden states [R, L, d]).
-Forward = Callable[..., jax.Array]
-# head(hidden [..., d]) -> logits [..., V]: the LM head (Transformer.logits_from_hidden).
-Head = Callable[[jax.Array], jax.Array]
+# The model enters as in the sampler (`Forward`, `Head`): here forward(tokens [R, L], *,
+# attention_mask [R, L], positions [R, L]) -> logits [R, L, V], or the final hidden states
+# [R, L, d] when called with return_hidden=True; head(hidden [..., d]) -> logits [..., V].
 
 
 def stratified_counts(k: jax.Array, answer_lengths: jax.Array, batch_size: int) -> jax.Array:
@@ -73,11 +71,9 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
     prompt_positions = attention_mask & ~answer_mask
     use_cfg = cfg_scale > 0
     copies = 2 * b if use_cfg else b
-
-    def rows(a):  # [P, ...] -> [P * copies, ...]
-        return jnp.repeat(a, copies, axis=0)
-
-    model_mask, model_positions = rows(attention_mask), rows(positions)
+    # [P, L] -> [P * copies, L]: each pair's rows are consecutive.
+    model_mask, model_positions = (jnp.repeat(a, copies, axis=0)
+                                   for a in (attention_mask, positions))
 
     def batch_loss(key):
         count_key, subset_key = jax.random.split(key)
@@ -184,11 +180,10 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
     max_len = getattr(config, "max_sequence_length", None)
     estimates = []
     for call, start in enumerate(range(0, len(prompts), pairs_per_call)):
-        chunk_p = list(prompts[start:start + pairs_per_call])
-        chunk_a = list(answers[start:start + pairs_per_call])
-        real = len(chunk_p)
-        chunk_p += [chunk_p[-1]] * (pairs_per_call - real)
-        chunk_a += [chunk_a[-1]] * (pairs_per_call - real)
+        real = min(pairs_per_call, len(prompts) - start)
+        # The last call repeats its last pair up to `pairs_per_call` (one compiled shape).
+        rows = [start + min(i, real - 1) for i in range(pairs_per_call)]
+        chunk_p, chunk_a = [prompts[i] for i in rows], [answers[i] for i in rows]
         batch = pack_pairs(chunk_p, chunk_a, pad_id, multiple=pad_multiple)
         if max_len is not None and batch["tokens"].shape[1] > max_len:
             longest = max(len(p) + len(a) for p, a in zip(chunk_p, chunk_a, strict=True))

@@ -69,15 +69,22 @@ def chunked_cross_entropy(logits_fn: Callable[[Any], jax.Array], hidden: Any, ta
     length = targets.shape[-1]
     if chunk_size <= 0 or chunk_size >= length:
         return cross_entropy_and_hits(logits_fn(hidden), targets)
-    hidden_chunks = jax.tree.map(lambda h: _split_chunks(h, -2, chunk_size), hidden)
-    target_chunks = _split_chunks(targets, -1, chunk_size)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(hidden_chunk, target_chunk):
         return cross_entropy_and_hits(logits_fn(hidden_chunk), target_chunk)
 
-    _, (ce, hits) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None,
-                                 (hidden_chunks, target_chunks))
+    return _scan_chunks(one_chunk, hidden, targets, chunk_size)
+
+
+def _scan_chunks(chunk_fn: Callable, hidden: Any, targets: jax.Array,
+                 chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """(CE, hits) [..., L] of `chunk_fn(hidden chunk, target chunk) -> (CE, hits) [..., C]`
+    applied chunk by chunk in a `lax.scan` (`hidden` an array [..., L, d] or a tuple of them)."""
+    chunks = (jax.tree.map(lambda h: _split_chunks(h, -2, chunk_size), hidden),
+              _split_chunks(targets, -1, chunk_size))
+    _, (ce, hits) = jax.lax.scan(lambda carry, xs: (carry, chunk_fn(*xs)), None, chunks)
+    length = targets.shape[-1]
     return _join_chunks(ce, -1, length), _join_chunks(hits, -1, length)
 
 
@@ -105,9 +112,7 @@ def _join_chunks(x: jax.Array, position_axis: int, length: int) -> jax.Array:
 def _mesh_axes(size: int | None = None) -> tuple[str, ...]:
     """The axes (of size > 1) of the mesh the caller is traced under; () without one. With
     `size`, only the leading axes whose product divides it (an even split of that dim)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
+    mesh = jax.sharding.get_abstract_mesh()  # without one: no axis names
     axes, product = [], 1
     for name in mesh.axis_names:
         if mesh.shape[name] > 1:
@@ -164,15 +169,9 @@ def lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     float32 [B, L], argmax == target bool [B, L]), equal to `chunked_cross_entropy` with the
     LM head as `logits_fn`, values and gradients (see the module docstring for the layout).
     """
-    length, chunk_size, weights = _head_setup(kernel, targets, chunk_size, compute_dtype)
-
-    def body(_, xs):
-        hidden_chunk, target_chunk = xs
-        return None, _chunk_cross_entropy(_chunk_logits(hidden_chunk, weights), target_chunk)[:2]
-
-    _, (ce, hits) = jax.lax.scan(body, None, (_split_chunks(hidden, -2, chunk_size),
-                                              _split_chunks(targets, -1, chunk_size)))
-    return _join_chunks(ce, -1, length), _join_chunks(hits, -1, length)
+    _, chunk_size, weights = _head_setup(kernel, targets, chunk_size, compute_dtype)
+    return _scan_chunks(lambda h, t: _chunk_cross_entropy(_chunk_logits(h, weights), t)[:2],
+                        hidden, targets, chunk_size)
 
 
 def _head_setup(kernel, targets, chunk_size, compute_dtype):
@@ -224,17 +223,15 @@ def _weight_noised(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array) -> ja
 
 
 def pretrain_loss(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,
-                  num_positions: jax.Array | int | None = None) -> jax.Array:
+                  num_positions: jax.Array | int) -> jax.Array:
     """sum over noised positions of CE / p, divided by batch * num_positions.
 
     ce float32 [B, L] (per-position cross-entropies against the clean tokens); noised bool
-    [B, L]; mask_prob [B]; num_positions: the sequence length the batch counts as (the
-    random-length cut; default L).
+    [B, L]; mask_prob [B]; num_positions: the sequence length the batch counts as (L, or the
+    random-length cut).
     """
-    batch, length = ce.shape
-    num_positions = length if num_positions is None else num_positions
     total = jnp.sum(_weight_noised(ce, noised, mask_prob))
-    return total / (batch * jnp.asarray(num_positions, jnp.float32))
+    return total / (ce.shape[0] * jnp.asarray(num_positions, jnp.float32))
 
 
 def sft_loss(ce: jax.Array, noised: jax.Array, mask_prob: jax.Array,

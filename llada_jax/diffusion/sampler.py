@@ -166,14 +166,12 @@ def _prefix_window_groups(config: SamplerConfig, length: int) -> list[tuple[int,
     """
     nb, bl = config.num_blocks, config.block_length
     quantum = bl * math.ceil(nb / _MAX_PREFIX_WINDOW_LENGTHS)
-    groups: list[tuple[int, int, int]] = []
-    for j in range(nb):  # block j needs the positions from its start to the end
-        window = min(length, math.ceil((config.gen_length - j * bl) / quantum) * quantum)
-        if groups and groups[-1][2] == window:
-            groups[-1] = (groups[-1][0], j + 1, window)
-        else:
-            groups.append((j, j + 1, window))
-    return groups
+    # Block j needs the positions from its start to the end: windows never grow with j, so
+    # blocks of one window length are consecutive.
+    windows = [min(length, math.ceil((config.gen_length - j * bl) / quantum) * quantum)
+               for j in range(nb)]
+    firsts = [j for j in range(nb) if j == 0 or windows[j] != windows[j - 1]]
+    return [(j, end, windows[j]) for j, end in zip(firsts, [*firsts[1:], nb], strict=True)]
 
 
 # --- the pure units of one step: candidate logits, noise, candidates, confidence, commit rule ----
@@ -406,8 +404,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         its first EoT (the official LLaDA-V rule)."""
         eligible = jax.lax.dynamic_slice_in_dim(x, block_start, bl, 1) == c.mask_id
         if c.stop_at_eot:
-            gen = x[:, gen_start:]
-            is_eot = gen == c.eot_id
+            is_eot = x[:, gen_start:] == c.eot_id
             first_eot = jnp.where(jnp.any(is_eot, axis=1), jnp.argmax(is_eot, axis=1),
                                   c.gen_length)
             column = block_start - gen_start + jnp.arange(bl)
@@ -432,7 +429,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
                                                  keepdims=False)
         committed = commit_mask(confidence, eligible, jnp.minimum(count, jnp.sum(eligible, 1)))
         block_tokens = jnp.where(committed, candidates, block_tokens)
-        x = jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1)
+        x = _constrain(jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1))
         return x, committed
 
     def run_block(state: _LoopState, window: int) -> _LoopState:
@@ -453,7 +450,6 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
             logits, cache, computed = block_logits(s.tokens, s.cache, s.step, block_start,
                                                    window)
             x, committed = commit(s.tokens, logits, s, block_start, key)
-            x = _constrain(x)
             old = jax.lax.dynamic_slice_in_dim(s.commit_pass, s.block * bl, bl, 1)
             commit_pass = jax.lax.dynamic_update_slice_in_dim(
                 s.commit_pass, jnp.where(committed, s.passes, old), s.block * bl, 1)
@@ -606,10 +602,8 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
     the same function object each time (it is part of the compiled program's key). Without
     `stream` the program is exactly the plain one.
     """
-    prompt_tokens = prompt_tokens if isinstance(prompt_tokens, jax.Array) else np.asarray(
-        prompt_tokens, np.int32)
-    prompt_mask = prompt_mask if isinstance(prompt_mask, jax.Array) else np.asarray(
-        prompt_mask, bool)
+    prompt_tokens, prompt_mask = (a if isinstance(a, jax.Array) else np.asarray(a, dtype)
+                                  for a, dtype in ((prompt_tokens, np.int32), (prompt_mask, bool)))
     _check_prompts(prompt_tokens, prompt_mask, config, model)
     tokens, attention_mask, positions = build_canvas(prompt_tokens, prompt_mask,
                                                      config.gen_length, config.mask_id)

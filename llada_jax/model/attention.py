@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.config import ModelConfig
-from llada_jax.model.layers import Projection, RMSNorm, dtype_of, rotary_embedding
+from llada_jax.model.layers import Projection, RMSNorm, rotary_embedding
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Logical axes of per-head activations [B, L, heads, head_dim].
@@ -49,15 +49,11 @@ class MaskInfo(NamedTuple):
 
     def dense(self, q_len: int, k_len: int) -> jax.Array | None:
         """[B, Lq, Lk] bool mask (True = may attend), or None when everything is visible."""
-        mask = None
-        if self.key_mask is not None:
-            mask = self.key_mask[:, None, :].astype(bool)
+        mask = None if self.key_mask is None else self.key_mask[:, None, :].astype(bool)
         if self.query_segments is not None:
             same = self.query_segments[:, :, None] == self.key_segments[:, None, :]
             mask = same if mask is None else mask & same
-        if mask is None:
-            return None
-        return jnp.broadcast_to(mask, (mask.shape[0], q_len, k_len))
+        return None if mask is None else jnp.broadcast_to(mask, (mask.shape[0], q_len, k_len))
 
 
 # Queries per block of the xla backend's score matrix. The scores of a whole training sequence
@@ -180,7 +176,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
         c = self.config
-        dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         proj = dict(dtype=dtype, param_dtype=param_dtype, init_std=c.init_std)
 
         def project(name: str, heads: int, heads_axis: str) -> jax.Array:  # [B, Lw, heads, hd]
@@ -193,8 +189,7 @@ class Attention(nn.Module):
             norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
             q = RMSNorm(name="q_norm", **norm)(q)
             k = RMSNorm(name="k_norm", **norm)(k)
-        q = rotary_embedding(q, positions, c.rope_theta, c.rotary_dim)
-        k = rotary_embedding(k, positions, c.rope_theta, c.rotary_dim)
+        q, k = (rotary_embedding(x, positions, c.rope_theta, c.rotary_dim) for x in (q, k))
         q = nn.with_logical_constraint(q, _HEAD_ACTIVATION_AXES)
         window_kv = (k, v)
         if cache is not None:  # the window's keys/values written over the cached sequence

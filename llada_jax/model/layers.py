@@ -27,10 +27,6 @@ REMAT_POLICIES = {
 }
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 class RMSNorm(nn.Module):
     """RMSNorm as LLaDA computes it: normalise in float32, cast back, then scale by the weight."""
 

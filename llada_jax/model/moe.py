@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.config import ModelConfig
-from llada_jax.model.layers import Projection, dtype_of, swiglu
+from llada_jax.model.layers import Projection, swiglu
 
 
 class RouterStats(NamedTuple):
@@ -179,7 +179,7 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
         c = self.config
-        dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         num_experts, d, f = c.num_experts, c.d_model, c.expert_mlp_hidden_size
         batch, length, _ = x.shape
         tokens = jnp.asarray(x).reshape(batch * length, d)
@@ -219,7 +219,7 @@ class SharedExperts(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         return swiglu(x, c.num_shared_experts * c.expert_mlp_hidden_size,
-                      dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype),
+                      dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                       init_std=c.init_std, d_model=c.d_model)
 
 

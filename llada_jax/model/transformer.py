@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.config import ModelConfig
 from llada_jax.model.attention import Attention, MaskInfo
-from llada_jax.model.layers import HIDDEN_AXES, Projection, RMSNorm, dtype_of, scan_layers, swiglu
+from llada_jax.model.layers import HIDDEN_AXES, Projection, RMSNorm, scan_layers, swiglu
 from llada_jax.model.moe import MoE
 
 
@@ -81,7 +81,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h, positions, mask, cache, cache_index, return_kv):
         c = self.config
-        dtype, param_dtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         norm = dict(eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
         a = RMSNorm(name="attn_norm", **norm)(h)
@@ -95,8 +95,7 @@ class Block(nn.Module):
         else:
             f = swiglu(f, c.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype,
                        init_std=c.init_std, d_model=c.d_model)
-        h = h + f
-        h = nn.with_logical_constraint(h, HIDDEN_AXES)
+        h = nn.with_logical_constraint(h + f, HIDDEN_AXES)
         return h, ((KVCache(k, v) if return_kv else None), stats)
 
 
@@ -114,7 +113,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
-        dtypes = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
+        dtypes = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         self.wte = self.param(
             "wte", nn.with_logical_partitioning(nn.initializers.normal(c.init_std),
                                                 ("vocab", "embed")),
@@ -132,7 +131,7 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings [B, L, d] in the compute dtype (no scaling, as in LLaDA)."""
-        return embedding_lookup(self.wte, tokens).astype(dtype_of(self.config.dtype))
+        return embedding_lookup(self.wte, tokens).astype(jnp.dtype(self.config.dtype))
 
     def __call__(self, tokens: jax.Array | None = None, *,
                  inputs_embeds: jax.Array | None = None,
@@ -156,7 +155,7 @@ class Transformer(nn.Module):
         c = self.config
         if (tokens is None) == (inputs_embeds is None):
             raise ValueError("Transformer: pass exactly one of tokens or inputs_embeds")
-        h = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(dtype_of(c.dtype))
+        h = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(c.dtype)
         if h.ndim != 3 or h.shape[-1] != c.d_model:
             raise ValueError(f"Transformer: inputs must be [batch, length, d_model={c.d_model}], "
                              f"found {h.shape}")
@@ -192,8 +191,7 @@ class Transformer(nn.Module):
         if stats is not None and not self.is_initializing():
             self.sow("moe_stats", "router", stats, init_fn=lambda: None,
                      reduce_fn=lambda _, new: new)
-        if not return_kv:
-            return h, None
+        # Without return_kv every part is None, and so is the result.
         return h, jax.tree.map(lambda *parts: jnp.concatenate(parts), *kv_parts)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
@@ -204,8 +202,7 @@ class Transformer(nn.Module):
         """
         c = self.config
         if c.tie_embeddings:
-            dtype = dtype_of(c.dtype)
-            logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.wte.astype(dtype))
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(c.dtype), self.wte.astype(c.dtype))
         else:
             logits = self.lm_head(hidden)
         if logits.ndim == 3:

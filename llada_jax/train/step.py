@@ -63,7 +63,6 @@ from jax.sharding import Mesh
 from llada_jax import parallel
 from llada_jax.config import parse_trainable
 from llada_jax.diffusion import losses, noise
-from llada_jax.model.layers import dtype_of
 from llada_jax.model.moe import RouterStats, expert_bias_update
 from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
@@ -204,7 +203,7 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
             if head_kernel is not None:  # the LM head with its sharded, hand-written backward
                 ce, hits = losses.lm_head_cross_entropy(
                     hidden, head_kernel, micro["tokens"], chunk_size,
-                    dtype_of(model.config.dtype))
+                    jnp.dtype(model.config.dtype))
             else:
                 ce, hits = losses.chunked_cross_entropy(
                     lambda h: model.apply(variables, h, method="logits_from_hidden"), hidden,

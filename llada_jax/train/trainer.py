@@ -340,9 +340,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             if train_cfg.init_from:
                 _, params = checkpoint_lib.load_params(train_cfg.init_from, mesh=mesh, rules=rules)
                 _check_same_shapes(state.params, params, train_cfg.init_from)
-                params = jax.tree.map(lambda new, old: new.astype(old.dtype), params,
-                                      state.params)
-                state = state.replace(params=params)
+                state = state.replace(params=jax.tree.map(
+                    lambda new, old: new.astype(old.dtype), params, state.params))
                 _progress(f"initialised params from {train_cfg.init_from}")
         if jax.process_index() == 0:  # one TensorBoard writer per run
             writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
