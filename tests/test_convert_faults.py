@@ -4,7 +4,8 @@ and the README round trip (import -> generate -> export) on a tiny checkpoint.
 Checkpoints are written by the tests themselves (torch's safetensors writer for Hugging Face-style
 files without checksums, or our export); damage is done by hand at byte offsets read from the
 file's own header. The program tests run `launch/convert.py` / `launch/generate.py` as
-subprocesses with a timeout (a hang fails the test) and check the single `error:` line.
+subprocesses, or forked children of one process (tests/test_program_runner.py `run_programs`),
+with a timeout (a hang fails the test) and check the single `error:` line.
 """
 
 import dataclasses
