@@ -17,7 +17,7 @@ Sampler outputs are recorded separately by tests/sampler_record.py.
 
 Only stable entry points are used: `llada_jax.train.trainer.train(config, workdir)` and its
 `history`, the presets `configs/tiny.py` / `configs/llada_v_tiny.py` (every field that a later
-recipe change could touch is set here), and `launch/convert.py` as a subprocess. Each value is
+recipe change could touch is set here), and `launch/convert.py` run as a program. Each value is
 computed in a fresh process with fixed XLA flags (2 CPU devices) so that it does not depend on
 the caller's environment; float results still depend on the CPU's instruction set, so a record
 is only comparable on the machine type it was written on (the 2-core AVX2 CPU box).
@@ -124,80 +124,71 @@ def tensor_crcs(directory: str) -> dict[str, list]:
     return dict(sorted(out.items()))
 
 
-def convert(*flags: str) -> None:
-    cmd = [sys.executable, os.path.join(REPO, "launch", "convert.py"), *flags]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=fixed_env(), timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-
-
-def round_trip(workdir: str, preset: str, scratch: str) -> tuple[dict, dict]:
-    """CRCs of the float32 export of `workdir`, and of the export after importing it again."""
+def conversion_jobs(workdir: str, preset: str, scratch: str) -> list:
+    """launch/convert.py runs (run_programs jobs) for the float32 export of `workdir`, its
+    import, and the export of the import (the import -> export round trip)."""
     first, imported, second = (os.path.join(scratch, n) for n in ("hf", "imported", "hf2"))
-    convert("--mode=export", f"--checkpoint={workdir}", f"--out={first}", "--dtype=float32")
-    convert("--mode=import", f"--hf_dir={first}", f"--out={imported}",
-            f"--config={os.path.join(REPO, 'configs', preset + '.py')}")
-    convert("--mode=export", f"--checkpoint={imported}", f"--out={second}", "--dtype=float32")
-    return tensor_crcs(first), tensor_crcs(second)
+    return [("convert.py", ["--mode=export", f"--checkpoint={workdir}", f"--out={first}",
+                            "--dtype=float32"], ""),
+            ("convert.py", ["--mode=import", f"--hf_dir={first}", f"--out={imported}",
+                            f"--config={os.path.join(REPO, 'configs', preset + '.py')}"], ""),
+            ("convert.py", ["--mode=export", f"--checkpoint={imported}", f"--out={second}",
+                            "--dtype=float32"], "")]
 
 
-def compute_in_process(kind: str) -> dict:
-    """One training run (and, for pretrain / llada_v, its conversions), in this process."""
-    with tempfile.TemporaryDirectory() as scratch:
-        workdir = os.path.join(scratch, "run")
-        values = {kind: train_losses(kind, workdir)}
-        preset = {"pretrain": "tiny", "llada_v": "llada_v_tiny"}.get(kind)
-        if preset:
-            values[f"export_{kind}"], values[f"reexport_{kind}"] = round_trip(
-                workdir, preset, scratch)
-    return values
+# The runs whose params are exported and imported again, with the preset of their import.
+EXPORTED = {"pretrain": "tiny", "llada_v": "llada_v_tiny"}
+
+
+def train_all(scratch: str) -> dict[str, list[float]]:
+    """Runs in the current process (started with ENV_FIXED): every recorded run, one after
+    another, each in `scratch/KIND/run`; their losses."""
+    return {kind: train_losses(kind, os.path.join(scratch, kind, "run")) for kind in CONFIGS}
 
 
 def compute_all() -> dict:
-    """Every recorded value, each kind in a fresh process with ENV_FIXED (run side by side: the
-    values do not depend on what else runs). Output goes to files, so that no worker can block
-    on a full pipe while another is read."""
-    values, failures = {}, []
-    with tempfile.TemporaryDirectory() as logs:
-        workers = {}
-        for kind in CONFIGS:
-            out = open(os.path.join(logs, kind + ".out"), "w+")
-            err = open(os.path.join(logs, kind + ".err"), "w+")
-            workers[kind] = (subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), f"--kind={kind}"],
-                stdout=out, stderr=err, text=True, env=fixed_env()), out, err)
-        for kind, (worker, out, err) in workers.items():
-            try:
-                worker.wait(timeout=1800)
-            except subprocess.TimeoutExpired:
-                for other, _, _ in workers.values():
-                    other.kill()
-                raise
-            out.seek(0)
-            err.seek(0)
-            if worker.returncode != 0:
-                failures.append(f"recording {kind} failed:\n{err.read()[-3000:]}")
-            else:
-                values.update(json.loads(out.read().strip().splitlines()[-1]))
-            out.close()
-            err.close()
-    if failures:
-        raise RuntimeError("\n".join(failures))
+    """Every recorded value: the training runs in one fresh process with ENV_FIXED (one JAX
+    start instead of one per run; a run's values do not depend on what ran before it in the
+    process), then the conversions as launch/convert.py runs in forked children of one process
+    with ENV_FIXED (tests/test_program_runner.py `run_programs`), one JAX import for all."""
+    sys.path.insert(0, REPO)
+    from tests.test_program_runner import run_programs
+
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--train_into={scratch}"],
+                              capture_output=True, text=True, env=fixed_env(), timeout=1800,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the recorded training runs failed:\n{done.stderr[-3000:]}")
+        values = json.loads(done.stdout.strip().splitlines()[-1])
+        jobs = [job for kind, preset in EXPORTED.items()
+                for job in conversion_jobs(os.path.join(scratch, kind, "run"), preset,
+                                           os.path.join(scratch, kind))]
+        results = run_programs(jobs, os.path.join(scratch, "conversions"), timeout=1200,
+                               env=ENV_FIXED)
+        failures = [f"launch/convert.py {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+                    for (_, args, _), result in zip(jobs, results, strict=True)
+                    if result.returncode != 0]
+        if failures:
+            raise RuntimeError("\n".join(failures))
+        for kind in EXPORTED:
+            values[f"export_{kind}"] = tensor_crcs(os.path.join(scratch, kind, "hf"))
+            values[f"reexport_{kind}"] = tensor_crcs(os.path.join(scratch, kind, "hf2"))
     return values
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="store the values in " + RECORD)
-    parser.add_argument("--kind", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--train_into", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.kind:  # the worker: one kind, in the fixed environment
+    if args.train_into:  # the worker: the training runs, in the fixed environment
         differing = [k for k, v in ENV_FIXED.items() if os.environ.get(k) != v]
         if differing:
-            parser.error(f"--kind runs only in the fixed environment ({', '.join(differing)} "
-                         f"differ); run without --kind")
+            parser.error(f"--train_into runs only in the fixed environment "
+                         f"({', '.join(differing)} differ); run without it")
         sys.path.insert(0, REPO)
-        print(json.dumps(compute_in_process(args.kind)))
+        print(json.dumps(train_all(args.train_into)))
         return
     values = compute_all()
     if args.write:

@@ -4,7 +4,8 @@ and the README round trip (import -> generate -> export) on a tiny checkpoint.
 Checkpoints are written by the tests themselves (torch's safetensors writer for Hugging Face-style
 files without checksums, or our export); damage is done by hand at byte offsets read from the
 file's own header. The program tests run `launch/convert.py` / `launch/generate.py` as
-subprocesses with a timeout (a hang fails the test) and check the single `error:` line.
+subprocesses, or forked children of one process (tests/test_program_runner.py `run_programs`),
+with a timeout (a hang fails the test) and check the single `error:` line.
 """
 
 import dataclasses
@@ -45,6 +46,7 @@ from tests.test_interop import (
     save_checkpoint,
     to_llama_name,
 )
+from tests.test_program_runner import run_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -367,8 +369,16 @@ def test_readme_round_trip_import_generate_export(tmp_path):
     save_checkpoint(hf_in, {to_llama_name(k): v for k, v in ref.state_dict().items()},
                     llama_config(2), dtype=torch.bfloat16)
     write_bpe_tokenizer(hf_in)
-    ours = tmp_path / "ours"
-    result = run_program("convert.py", "--mode=import", f"--hf_dir={hf_in}", f"--out={ours}")
+    ours, exported = tmp_path / "ours", tmp_path / "exported"
+    # The three programs one after another in forked children of one process that imported
+    # the libraries once (each reads only what the one before it wrote).
+    result, generated, export = run_programs(
+        [("convert.py", ["--mode=import", f"--hf_dir={hf_in}", f"--out={ours}"], ""),
+         ("generate.py", [f"--checkpoint={ours}", "--prompt=The cat", "--gen_length=8",
+                          "--block_length=8", "--steps=8"], ""),
+         ("convert.py", ["--mode=export", f"--checkpoint={ours}", f"--out={exported}",
+                         "--naming=llada", "--dtype=bfloat16"], "")],
+        tmp_path / "programs", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # The 8B preset's gen_length 128 cannot fit max_sequence_length 64: fitted, and said so.
     assert "sampler settings fitted to the model: gen_length 128->32" in result.stdout
@@ -380,16 +390,11 @@ def test_readme_round_trip_import_generate_export(tmp_path):
         (32, 32, 32)
     assert config.sampler.eot_token_id == -1
 
-    result = run_program("generate.py", f"--checkpoint={ours}", "--prompt=The cat",
-                         "--gen_length=8", "--block_length=8", "--steps=8")
-    assert result.returncode == 0, result.stderr[-3000:]
-    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    stats = json.loads(generated.stdout.strip().splitlines()[-1])
     assert isinstance(stats, dict)
 
-    exported = tmp_path / "exported"
-    result = run_program("convert.py", "--mode=export", f"--checkpoint={ours}",
-                         f"--out={exported}", "--naming=llada", "--dtype=bfloat16")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert export.returncode == 0, export.stderr[-3000:]
     assert os.path.isfile(exported / "tokenizer.json")
     fresh = RefLLaDA(RefConfig(VOCAB, D, LAYERS, HEADS, 2, MLP, 500000.0, 1e-5))
     state = load_exported_state(exported)

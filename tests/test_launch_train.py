@@ -1,4 +1,5 @@
-"""launch/train.py and launch/tpu_pod.py as a user runs them (subprocesses)."""
+"""launch/train.py as a user runs it: a subprocess, or forked children of one process that
+imported the libraries once (tests/test_program_runner.py `run_programs`)."""
 
 import os
 import struct
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from llada_jax.train import summary
+from tests.test_program_runner import run_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,23 +62,27 @@ def test_train_end_to_end_then_resume(tmp_path):
     assert sum(b"train/loss" in p for p in payloads) == 4  # one per step
     assert any(b"eval/loss" in p for p in payloads)
 
-    # Same workdir, more steps: resumes at step 4.
-    result = _run("train.py", *args[:2], "--config.train.steps=6", "--config.train.log_every=2",
-                  "--config.train.eval_every=0")
+    # Same workdir, more steps: resumes at step 4. Then once more (in the same run_programs
+    # call: the second run's checks below hold after the third, which writes nothing).
+    result, again = run_programs(
+        [("train.py", [*args[:2], "--config.train.steps=6", "--config.train.log_every=2",
+                       "--config.train.eval_every=0"], ""),
+         ("train.py", [*args[:2], "--config.train.steps=6"], "")],
+        tmp_path / "programs", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and "at step 4" in result.stderr
     assert "step 6/6 | loss" in result.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
     # Once more: the run is complete, says so (where, at which step) and exits 0.
-    result = _run("train.py", *args[:2], "--config.train.steps=6")
+    result = again
     assert result.returncode == 0, result.stderr[-3000:]
     assert (f"training already complete: step 6 of 6, checkpoint {workdir}/checkpoints/6"
             in result.stderr)
     assert "step 7/" not in result.stderr
 
 
-@pytest.mark.parametrize("flag,message", [
+BAD_FLAGS = [
     ("--config.train.steps=-3", "error: config.train.steps: expected a positive integer, "
                                 "found -3"),
     ("--config.train.schedule=linear", "error: config.train.schedule: expected one of"),
@@ -93,12 +99,27 @@ def test_train_end_to_end_then_resume(tmp_path):
     ("--config.mesh.tensor=-1", "error: config.mesh: at most one axis may be -1"),
     ("--config.model.mask_token_id=5", "error: config.model.mask_token_id: expected 3"),
     ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
-])
-def test_bad_flags_give_one_line_errors(tmp_path, flag, message):
-    result = _run("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", flag,
-                  timeout=120)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    """{flag: (its empty workdir, the result of train.py with it)}: every case of
+    test_bad_flags_give_one_line_errors in one run_programs call."""
+    flags = [flag for flag, _ in BAD_FLAGS]
+    workdirs = [tmp_path_factory.mktemp("bad_flag") for _ in flags]
+    results = run_programs(
+        [("train.py", ["--config=configs/tiny.py", f"--workdir={workdir}", flag], "")
+         for flag, workdir in zip(flags, workdirs, strict=True)],
+        tmp_path_factory.mktemp("programs"), timeout=600)
+    return dict(zip(flags, zip(workdirs, results, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("flag,message", BAD_FLAGS)
+def test_bad_flags_give_one_line_errors(bad_flag_runs, flag, message):
+    workdir, result = bad_flag_runs[flag]
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(message), lines[0]
-    assert not os.listdir(tmp_path)  # nothing was started
+    assert not os.listdir(workdir)  # nothing was started

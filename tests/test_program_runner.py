@@ -204,14 +204,14 @@ for number, (program, args, stdin) in enumerate(jobs):
 """
 
 
-def run_programs(jobs, directory, timeout=300):
+def run_programs(jobs, directory, timeout=300, env=None):
     """Runs launch programs one after another in forked children of one process.
 
     jobs: (program file in launch/, [args], stdin text; "\\udcXX" stands for the byte 0xXX).
-    Returns one CompletedProcess-like
-    (returncode, stdout, stderr) per job.
+    env: variables set for the programs over os.environ (default: one CPU device, a quick
+    start). Returns one CompletedProcess-like (returncode, stdout, stderr) per job.
     """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: quick start
+    env = dict(os.environ, **(env or {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}))
     os.makedirs(directory, exist_ok=True)
     result = subprocess.run([sys.executable, "-c", FORKED_PROGRAMS, json.dumps(jobs),
                              str(directory)], capture_output=True, text=True, env=env, cwd=ROOT,

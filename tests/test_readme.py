@@ -32,7 +32,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_STEPS = 50   # the Configuration example's own --config.train.steps=50
-SFT_STEPS = 20    # the SFT example: enough for a checkpoint the programs can load
+SFT_STEPS = 4     # the SFT example: a checkpoint the programs can load (none needs it trained)
 
 # README command (exact, after joining continuations and dropping comments) -> how it is checked.
 EXAMPLES = {
