@@ -138,16 +138,33 @@ def prepare_import_dir(out: str) -> bool:
     return created
 
 
-def remove_partial_import(out: str, created: bool) -> None:
-    """Removes what a failed `save_params` into `out` left (this run's files only)."""
-    leftovers = glob.glob(os.path.join(out, "params.orbax-checkpoint-tmp*"))
-    for path in [*leftovers, os.path.join(out, "params")]:
-        shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.remove(os.path.join(out, "config.json"))
+def _partial_import_files(out: str, created: bool) -> list[str]:
+    """What a failed `save_params` into `out` left (this run's files only)."""
     if created:
-        with contextlib.suppress(OSError):
-            os.rmdir(out)
+        return [out] if os.path.lexists(out) else []
+    names = [os.path.join(out, "params"), os.path.join(out, "config.json")]
+    return [*glob.glob(os.path.join(out, "params.orbax-checkpoint-tmp*")),
+            *(path for path in names if os.path.lexists(path))]
+
+
+def remove_partial_import(out: str, created: bool) -> None:
+    """Removes what a failed `save_params` into `out` left (this run's files only).
+
+    A failed save's background writers can still create files for a moment after the error
+    reached us (one CI run found `--out` back after it had been removed), so this removes until
+    nothing has reappeared for 0.2 s (at most 5 s).
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        for path in _partial_import_files(out, created):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        time.sleep(0.2)
+        if not _partial_import_files(out, created) or time.monotonic() > deadline:
+            return
 
 
 def save_params_or_exit(out: str, created: bool, config, params) -> None:
