@@ -223,9 +223,11 @@ class LladaJaxLM(LM):
                 eta = left / rate if rate > 0 else float("nan")
                 print(f"{kind}: {done}/{len(requests)} requests, {rate:.2f} requests/s, ETA "
                       f"{eta:.0f} s", file=sys.stderr, flush=True)
-        for request, result in zip(requests, results, strict=True):
-            self.cache_hook.add_partial(kind, request.args, _from_json(kind, result))
-        return [_from_json(kind, r) for r in results]
+        # A likelihood result is stored as a JSON list [log-likelihood, is_greedy].
+        values = [tuple(r) if kind == "loglikelihood" else r for r in results]
+        for request, value in zip(requests, values, strict=True):
+            self.cache_hook.add_partial(kind, request.args, value)
+        return values
 
     # ----------------------------------------------------------------- likelihood
     def encode(self, text: str) -> list[int]:
@@ -379,9 +381,3 @@ class LladaJaxLM(LM):
             "generate_until", requests, self._prompt, lambda item: len(item[0]),
             lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
             self.gen_batch_size, self._generate_batch)
-
-
-def _from_json(kind: str, value: Any) -> Any:
-    if kind == "loglikelihood":
-        return (float(value[0]), bool(value[1]))
-    return value
