@@ -66,8 +66,7 @@ class RequestCache:
 
     def put_many(self, items: list[tuple[str, Any]]) -> None:
         """Stores results and, with a path, appends and flushes them at once."""
-        for key, value in items:
-            self._values[key] = value
+        self._values.update(items)
         if self.path is None or not items:
             return
         with open(self.path, "a", encoding="utf-8") as f:

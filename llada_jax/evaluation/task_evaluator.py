@@ -41,9 +41,7 @@ class TaskAccuracy:
         out = simple_evaluate(model=lm, tasks=self.task_names, limit=self.limit,
                               task_manager=TaskManager(include_path=self.include),
                               log_samples=False, bootstrap_iters=0)
-        metrics = {}
-        for task, values in (out or {}).get("results", {}).items():
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
-                    metrics[f"{task}/{key.split(',')[0]}"] = float(value)
-        return metrics
+        return {f"{task}/{key.split(',')[0]}": float(value)
+                for task, values in (out or {}).get("results", {}).items()
+                for key, value in values.items()
+                if isinstance(value, (int, float)) and "stderr" not in key and key != "alias"}
