@@ -298,10 +298,10 @@ class LladaJaxLM(LM):
         with self.generator.mesh_context():
             if self.generator.mesh is not None:   # rows split over the mesh's batch axes
                 arrays = shard_batch(arrays, self.generator.mesh)
-            out = _pair_estimates(self.params, arrays["tokens"], arrays["attention_mask"],
-                                  arrays["positions"], arrays["answer_mask"], arrays["keys"],
-                                  model=self.model, mc_num=mc_num, batch_size=mc_batch,
-                                  cfg_scale=self.cfg,
+            # `arrays` holds exactly the pair fields: tokens, attention_mask, positions,
+            # answer_mask and keys.
+            out = _pair_estimates(self.params, **arrays, model=self.model, mc_num=mc_num,
+                                  batch_size=mc_batch, cfg_scale=self.cfg,
                                   mask_id=int(self.config.model.mask_token_id))
             return [float(v) for v in to_host(out)[:len(pairs)]]
 
