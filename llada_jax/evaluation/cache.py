@@ -54,9 +54,6 @@ class RequestCache:
                 raise ValueError(f"{path}:{number}: not a cache line "
                                  f"(expected {{'key': ..., 'value': ...}})") from None
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._values
-
     def __len__(self) -> int:
         return len(self._values)
 

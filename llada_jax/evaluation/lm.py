@@ -208,7 +208,8 @@ class LladaJaxLM(LM):
         keys = [request_key(kind, json.loads(json.dumps(r.args, default=str)), self.fingerprint)
                 for r in requests]
         results: list = [self.request_cache.get(key) for key in keys]
-        todo = [i for i, key in enumerate(keys) if key not in self.request_cache]
+        # No result is None (they are lists, floats and strings): None means "not cached".
+        todo = [i for i, result in enumerate(results) if result is None]
         prepared = [prepare(requests[i]) for i in todo]
         done, start = len(requests) - len(todo), time.perf_counter()
         for bucket, members in bucketed_batches(prepared, bucket_of, length_of, batch_size):
