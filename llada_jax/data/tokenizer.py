@@ -295,9 +295,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "char":
         return CharTokenizer()
     kind, _, path = spec.partition(":")
-    if kind == "sentencepiece" and path:
-        return SentencePieceTokenizer(path)
-    if kind == "hf" and path:
-        return HFTokenizer(path)
+    by_kind = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
+    if kind in by_kind and path:
+        return by_kind[kind](path)
     raise ValueError(f"config.data.tokenizer: expected 'char', 'sentencepiece:PATH' or "
                      f"'hf:DIR', found {spec!r}")

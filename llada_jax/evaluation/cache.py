@@ -54,9 +54,6 @@ class RequestCache:
                 raise ValueError(f"{path}:{number}: not a cache line "
                                  f"(expected {{'key': ..., 'value': ...}})") from None
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._values
-
     def __len__(self) -> int:
         return len(self._values)
 
@@ -66,8 +63,7 @@ class RequestCache:
 
     def put_many(self, items: list[tuple[str, Any]]) -> None:
         """Stores results and, with a path, appends and flushes them at once."""
-        for key, value in items:
-            self._values[key] = value
+        self._values.update(items)
         if self.path is None or not items:
             return
         with open(self.path, "a", encoding="utf-8") as f:

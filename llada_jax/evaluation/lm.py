@@ -208,7 +208,8 @@ class LladaJaxLM(LM):
         keys = [request_key(kind, json.loads(json.dumps(r.args, default=str)), self.fingerprint)
                 for r in requests]
         results: list = [self.request_cache.get(key) for key in keys]
-        todo = [i for i, key in enumerate(keys) if key not in self.request_cache]
+        # No result is None (they are lists, floats and strings): None means "not cached".
+        todo = [i for i, result in enumerate(results) if result is None]
         prepared = [prepare(requests[i]) for i in todo]
         done, start = len(requests) - len(todo), time.perf_counter()
         for bucket, members in bucketed_batches(prepared, bucket_of, length_of, batch_size):
@@ -223,9 +224,11 @@ class LladaJaxLM(LM):
                 eta = left / rate if rate > 0 else float("nan")
                 print(f"{kind}: {done}/{len(requests)} requests, {rate:.2f} requests/s, ETA "
                       f"{eta:.0f} s", file=sys.stderr, flush=True)
-        for request, result in zip(requests, results, strict=True):
-            self.cache_hook.add_partial(kind, request.args, _from_json(kind, result))
-        return [_from_json(kind, r) for r in results]
+        # A likelihood result is stored as a JSON list [log-likelihood, is_greedy].
+        values = [tuple(r) if kind == "loglikelihood" else r for r in results]
+        for request, value in zip(requests, values, strict=True):
+            self.cache_hook.add_partial(kind, request.args, value)
+        return values
 
     # ----------------------------------------------------------------- likelihood
     def encode(self, text: str) -> list[int]:
@@ -296,10 +299,10 @@ class LladaJaxLM(LM):
         with self.generator.mesh_context():
             if self.generator.mesh is not None:   # rows split over the mesh's batch axes
                 arrays = shard_batch(arrays, self.generator.mesh)
-            out = _pair_estimates(self.params, arrays["tokens"], arrays["attention_mask"],
-                                  arrays["positions"], arrays["answer_mask"], arrays["keys"],
-                                  model=self.model, mc_num=mc_num, batch_size=mc_batch,
-                                  cfg_scale=self.cfg,
+            # `arrays` holds exactly the pair fields: tokens, attention_mask, positions,
+            # answer_mask and keys.
+            out = _pair_estimates(self.params, **arrays, model=self.model, mc_num=mc_num,
+                                  batch_size=mc_batch, cfg_scale=self.cfg,
                                   mask_id=int(self.config.model.mask_token_id))
             return [float(v) for v in to_host(out)[:len(pairs)]]
 
@@ -379,9 +382,3 @@ class LladaJaxLM(LM):
             "generate_until", requests, self._prompt, lambda item: len(item[0]),
             lambda item: (round_up(len(item[0]), self.prompt_bucket), item[1]),
             self.gen_batch_size, self._generate_batch)
-
-
-def _from_json(kind: str, value: Any) -> Any:
-    if kind == "loglikelihood":
-        return (float(value[0]), bool(value[1]))
-    return value

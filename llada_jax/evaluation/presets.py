@@ -7,8 +7,8 @@ big_vision's `--config file.py:arg`. Errors name the file.
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
@@ -20,12 +20,10 @@ def load_preset(spec: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"--preset: file not found: {path}")
     if not arg:
         raise ValueError(f"--preset={spec}: expected <file>.py:<task>")
-    module_spec = importlib.util.spec_from_file_location("llada_jax_eval_preset", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    namespace = runpy.run_path(path)   # the preset file's globals
+    if "get_config" not in namespace:
         raise ValueError(f"--preset: {path} defines no get_config(task)")
-    preset = module.get_config(arg)
+    preset = namespace["get_config"](arg)
     for field in ("tasks", "model_args", "published"):
         if field not in preset:
             raise ValueError(f"--preset={spec}: the preset has no field {field!r}")

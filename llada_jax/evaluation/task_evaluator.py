@@ -23,8 +23,7 @@ class TaskAccuracy:
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  tasks: str | Sequence[str], *, name: str = "tasks", limit: int | None = None,
                  model_args: Mapping[str, Any] | None = None) -> None:
-        specs = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-        names, files = split_tasks(specs)
+        names, files = split_tasks(tasks.split(",") if isinstance(tasks, str) else tasks)
         self.include, local_names = local_task_folder(files) if files else (None, [])
         self.task_names = names + local_names
         self.name, self.config, self.tokenizer, self.limit = name, config, tokenizer, limit
@@ -42,9 +41,7 @@ class TaskAccuracy:
         out = simple_evaluate(model=lm, tasks=self.task_names, limit=self.limit,
                               task_manager=TaskManager(include_path=self.include),
                               log_samples=False, bootstrap_iters=0)
-        metrics = {}
-        for task, values in (out or {}).get("results", {}).items():
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
-                    metrics[f"{task}/{key.split(',')[0]}"] = float(value)
-        return metrics
+        return {f"{task}/{key.split(',')[0]}": float(value)
+                for task, values in (out or {}).get("results", {}).items()
+                for key, value in values.items()
+                if isinstance(value, (int, float)) and "stderr" not in key and key != "alias"}

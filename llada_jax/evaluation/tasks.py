@@ -16,17 +16,19 @@ from typing import Any
 import yaml
 
 
-def _resolve_files(value: Any, base: str, found: list[str]) -> Any:
-    """`value` (a path, or lists / dicts of them) with relative paths joined to `base`; every
-    resulting path is appended to `found`."""
+def _resolve_files(value: Any, task_path: str) -> Any:
+    """`value` (a path, or lists / dicts of them) with relative paths joined to the folder of
+    the task YAML `task_path`; a resolved path that is not a file is a FileNotFoundError."""
     if isinstance(value, list):
-        return [_resolve_files(v, base, found) for v in value]
+        return [_resolve_files(v, task_path) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve_files(v, base, found) for k, v in value.items()}
-    if isinstance(value, str):
-        found.append(value if os.path.isabs(value) or "://" in value else
-                     os.path.join(base, value))
-        return found[-1]
+        return {k: _resolve_files(v, task_path) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    if not (os.path.isabs(value) or "://" in value):
+        value = os.path.join(os.path.dirname(os.path.abspath(task_path)), value)
+    if not os.path.isfile(value):
+        raise FileNotFoundError(f"{task_path}: data file not found: {value}")
     return value
 
 
@@ -67,11 +69,7 @@ def local_task_folder(files: Sequence[str]) -> tuple[str, list[str]]:
             raise ValueError(f"{path}: a task YAML must be a mapping with a 'task' name")
         kwargs = task.get("dataset_kwargs") or {}
         if "data_files" in kwargs:
-            base, found = os.path.dirname(os.path.abspath(path)), []
-            kwargs["data_files"] = _resolve_files(kwargs["data_files"], base, found)
-            for file in found:
-                if not os.path.isfile(file):
-                    raise FileNotFoundError(f"{path}: data file not found: {file}")
+            kwargs["data_files"] = _resolve_files(kwargs["data_files"], path)
             task["dataset_kwargs"] = kwargs
         with open(os.path.join(folder, os.path.basename(path)), "w", encoding="utf-8") as f:
             yaml.safe_dump(task, f)

@@ -321,8 +321,7 @@ def _produce(params: Mapping, tensor: HFTensor, dtype: str, layer: int, expert: 
     """One stored copy of `tensor` (its `layer` and `expert` slice) in `dtype`, on the host."""
     xs = [get(params, r.path) for r in tensor.rules]
     xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
-    sharding = xs[0].sharding
-    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    mesh = xs[0].sharding.mesh if isinstance(xs[0].sharding, NamedSharding) else None
     return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
         xs, jnp.int32(layer), jnp.int32(expert)))
 

@@ -401,8 +401,6 @@ def replace_dir(tmp: str, out_dir: str) -> None:
     An existing `out_dir` was checked by `check_replaceable` (empty, or a previous export): it
     is moved aside, the new directory renamed in, and only then the old one deleted.
     """
-    if os.path.isdir(out_dir) and not os.listdir(out_dir):
-        os.rmdir(out_dir)
     if not os.path.exists(out_dir):
         os.rename(tmp, out_dir)
         return

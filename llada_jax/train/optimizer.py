@@ -56,25 +56,24 @@ def make_schedule(train: ml_collections.ConfigDict,
     floor = peak * float(train.min_lr_ratio)
     total = int(train.steps)
     warmup = int(train.warmup_steps)
-    kind = train.schedule
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
         warm = peak * (s + 1.0) / max(warmup, 1)
-        if kind == "constant":
+        if train.schedule == "constant":
             after = jnp.full_like(s, peak)
-        elif kind == "wsd":
+        elif train.schedule == "wsd":
             decay_steps = round(float(train.decay_fraction) * total)
             decay_start = total - decay_steps
             frac = (jnp.clip((s - decay_start) / decay_steps, 0.0, 1.0) if decay_steps > 0
                     else jnp.zeros_like(s))
             after = peak + (floor - peak) * frac
-        elif kind == "cosine":
+        elif train.schedule == "cosine":
             span = max(total - warmup, 1)
             frac = jnp.clip((s - warmup) / span, 0.0, 1.0)
             after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
         else:
-            fail("train.schedule", "one of wsd, cosine, constant", kind)
+            fail("train.schedule", "one of wsd, cosine, constant", train.schedule)
         return jnp.where(s < warmup, warm, after)
 
     return schedule
