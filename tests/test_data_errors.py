@@ -125,10 +125,14 @@ def test_skips_found_while_reading_are_logged_with_the_running_count(tmp_path, c
 def test_every_record_bad_is_an_error_even_with_skip(tmp_path):
     path = tmp_path / "data.jsonl"
     _write(path, [b"{", b"[1]"])
-    with pytest.raises(ValueError, match=f"config.data.source: every one of the 2 records of "
-                                         f"files:{path} is bad; first: {path}:1: malformed"):
-        pipeline.build_dataset(_config(path, bad_records="skip"), TOK, process_index=0,
-                               process_count=1)
+    # Twice: a second build (the pre-scan's result is cached per process) refuses it too,
+    # rather than reading from an empty source.
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"config.data.source: every one of the 2 records "
+                                             f"of files:{path} is bad; first: {path}:1: "
+                                             f"malformed"):
+            pipeline.build_dataset(_config(path, bad_records="skip"), TOK, process_index=0,
+                                   process_count=1)
 
 
 def test_files_over_the_prescan_limit_are_checked_as_read(tmp_path, monkeypatch):

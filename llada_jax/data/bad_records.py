@@ -134,10 +134,10 @@ def prescan(spec: SourceSpec, source: Any, check: Callable[[dict[str, Any]], Any
             logging.warning("data: skipping %d bad record(s) of %d in files:%s "
                             "(config.data.bad_records='skip'; %s): %s%s", len(errors),
                             len(source), spec.argument, _counts_text(counts), named, more)
-            if len(errors) == len(source):
-                raise ValueError(f"config.data.source: every one of the {len(source)} records "
-                                 f"of files:{spec.argument} is bad; first: {errors[0]}")
     bad_indices, errors = _SCANNED[key]
     if errors and policy == "error":
         raise errors[0]
+    if len(errors) == len(source):  # every build of this source, not just the first
+        raise ValueError(f"config.data.source: every one of the {len(source)} records of "
+                         f"files:{spec.argument} is bad; first: {errors[0]}")
     return source.without(bad_indices) if errors else source
