@@ -459,9 +459,13 @@ class SamplerConfig:
 def _as_field_type(field: dataclasses.Field, value: Any) -> Any:
     """A section value as its dataclass field takes it: floats and flags cast (a flag may give
     `1` for `1.0`), lists of ids as tuples; other values as they are, for validation to judge."""
+    if field.type == "float":
+        return float(value)
+    if field.type == "bool":
+        return bool(value)
     if field.type.startswith("tuple"):
         return tuple(int(i) for i in value)
-    return {"float": float, "bool": bool}.get(field.type, lambda same: same)(value)
+    return value
 
 
 def validate_sampler(s: Any) -> None:

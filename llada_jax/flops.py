@@ -60,11 +60,15 @@ def peak_bandwidth_per_device(device_kind: str,
     return _peak(PEAK_BANDWIDTH, device_kind, override_gbps, 1e9)
 
 
+def _attention_weights(model: ModelConfig) -> int:
+    """q, k, v and attention-out weights of one block."""
+    return model.d_model * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads)
+
+
 def block_weights(model: ModelConfig) -> int:
     """Matmul weights of one dense transformer block: q, k, v, attention-out and the SwiGLU
     triple."""
-    attention = model.d_model * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads)
-    return attention + 3 * model.d_model * model.mlp_hidden_size
+    return _attention_weights(model) + 3 * model.d_model * model.mlp_hidden_size
 
 
 def active_block_weights(model: ModelConfig) -> int:
@@ -72,9 +76,9 @@ def active_block_weights(model: ModelConfig) -> int:
     `block_weights`; a mixture-of-experts block counts its router, its `experts_per_token`
     routed experts and its shared experts (the active parameters), not every expert."""
     experts = model.experts_per_token + model.num_shared_experts
-    # A dense block with the router and the active experts in place of the dense SwiGLU.
-    moe = block_weights(model) + model.d_model * (
-        model.num_experts + 3 * (model.expert_mlp_hidden_size * experts - model.mlp_hidden_size))
+    # Attention, the router, and the active experts in place of the dense SwiGLU.
+    moe = _attention_weights(model) + model.d_model * (
+        model.num_experts + 3 * model.expert_mlp_hidden_size * experts)
     return model.num_dense_layers * block_weights(model) + model.num_moe_layers * moe
 
 

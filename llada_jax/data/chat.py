@@ -166,7 +166,87 @@ def render_llava_turn(tokenizer: Tokenizer, role: str, content: str,
     return [*ids, tokenizer.eot_id]
 
 
+def _llada_turns(messages: Sequence[dict], trained: set[int],
+                 tokenizer: Tokenizer) -> list[_Turn]:
+    turns = []
+    for i, message in enumerate(messages):
+        ids = tokenizer.render_turn(message["role"], message["content"])
+        header = len(tokenizer.header(message["role"])) if i in trained else len(ids)
+        turns.append(_Turn(message["role"], ids, [k >= header for k in range(len(ids))],
+                           i in trained))
+    return turns
+
+
+def _llava_turns(messages: Sequence[dict], counts: Sequence[int], tokenizer: Tokenizer,
+                 add_generation_prompt: bool, structural: set[int]) -> list[_Turn]:
+    turns, used = [], 0
+    for m in messages:
+        content = m["content"]
+        if add_generation_prompt:     # the released chat template trims every message
+            content = content.strip()
+        elif counts:                  # training rows of records with images
+            content = move_image_to_front(content)
+        n = content.count(IMAGE_MARK)
+        ids = render_llava_turn(tokenizer, m["role"], content, counts[used:used + n])
+        answer = m["role"] == "assistant" and not add_generation_prompt
+        mask = [answer or (i in structural and not add_generation_prompt) for i in ids]
+        turns.append(_Turn(m["role"], ids, mask, answer, n))
+        used += n
+    return turns
+
+
 # --- truncation ---------------------------------------------------------------------------------
+def _drop_oldest(head: list[int], turns: list[_Turn], max_length: int, header_length: int,
+                 origin: str) -> tuple[list[int], list[bool], list[_Turn]]:
+    """Drops oldest exchanges, then cuts the prompt from the left, until it all fits."""
+    def length(ts):
+        return len(head) + sum(len(t.ids) for t in ts)
+
+    last_trained = max(i for i, t in enumerate(turns) if t.trained)
+    users_before = [i for i in range(last_trained) if turns[i].role == "user"]
+    protected_from = users_before[-1] if users_before else last_trained
+    kept_head = turns[:1] if turns[0].role == "system" else []
+    droppable = turns[len(kept_head):protected_from]
+    protected = turns[protected_from:]
+    while droppable and length(kept_head + droppable + protected) > max_length:
+        droppable = droppable[1:]
+        while droppable and droppable[0].role == "assistant":  # restart at a user turn
+            droppable = droppable[1:]
+    ids, mask, kept = _joined(kept_head + droppable + protected)
+    if len(head) + len(ids) <= max_length:
+        return ids, mask, kept
+    # The first maskable token of the first trained turn (not a maskable prompt token).
+    first = next(i for i, t in enumerate(kept) if t.trained)
+    first_trained = sum(len(t.ids) for t in kept[:first]) + kept[first].maskable.index(True)
+    rest_length = len(ids) - first_trained
+    budget = max_length - len(head) - rest_length  # prompt tokens that fit after the head
+    if budget < header_length:
+        raise BadRecordError(origin, f"conversation too long: BOS, the assistant header "
+                             f"({header_length} tokens) and the trained tokens from the first "
+                             f"answer on ({rest_length}) need "
+                             f"{len(head) + header_length + rest_length} tokens, but "
+                             f"config.train.seq_len is {max_length}", "overlong")
+    return ids[first_trained - budget:], mask[first_trained - budget:], kept
+
+
+def _drop_last_exchange(head: list[int], turns: list[_Turn], suffix: list[int], max_length: int,
+                        counts: Sequence[int], may_drop: bool,
+                        origin: str) -> tuple[list[int], list[bool], list[_Turn]]:
+    def length(ts):
+        return len(head) + sum(len(t.ids) for t in ts) + len(suffix)
+
+    while may_drop and length(turns) > max_length:
+        answers = [i for i, t in enumerate(turns) if t.role == "assistant"]
+        if len(answers) < 2:
+            break
+        turns = turns[:answers[-2] + 1]   # drop the last exchange
+    if length(turns) > max_length:
+        raise BadRecordError(origin, f"conversation too long: {length(turns)} tokens "
+                             f"({sum(counts[:sum(t.images for t in turns)])} of them image "
+                             f"tokens) for config.train.seq_len={max_length}", "overlong")
+    return _joined(turns)
+
+
 def _joined(turns: list[_Turn]) -> tuple[list[int], list[bool], list[_Turn]]:
     """(ids, maskable, turns) of `turns` laid end to end."""
     return [i for t in turns for i in t.ids], [m for t in turns for m in t.maskable], turns
@@ -200,23 +280,8 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
         raise BadRecordError(origin, f"the conversation has {sum(marks)} {IMAGE_MARK} mark(s) but "
                              f"the record has {len(counts)} image(s)")
     if style == "llada_plain":
-        # Image tokens + caption + "\n" (the caption maskable); a prompt is the image alone.
-        wanted = 1 if add_generation_prompt else 2
-        if (len(messages) != wanted or messages[0]["role"] != "user" or len(counts) != 1
-                or IMAGE_MARK not in messages[0]["content"]
-                or (wanted == 2 and messages[1]["role"] != "assistant")):
-            raise BadRecordError(origin, f"a 'llada_plain' (stage 1) record needs exactly one "
-                                 f"human turn with one {IMAGE_MARK} and one gpt caption, found "
-                                 f"{[m['role'] for m in messages]} with {len(counts)} image(s)")
-        image_ids = [IMAGE_PLACEHOLDER_ID] * counts[0]
-        caption = [] if add_generation_prompt else tokenizer.encode(
-            messages[1]["content"] + PLAIN_SEPARATOR)
-        ids = image_ids + caption
-        if max_length is not None and len(ids) > max_length:
-            raise BadRecordError(origin, f"caption too long: {len(ids)} tokens ({len(image_ids)} "
-                                 f"of them image tokens) for config.train.seq_len={max_length}",
-                                 "overlong")
-        return EncodedIds(ids, [False] * len(image_ids) + [True] * len(caption), 1)
+        return _encode_plain(messages, tokenizer, counts, add_generation_prompt, max_length,
+                             origin)
     messages = list(messages)
     suffix: list[int] = []
     structural = {tokenizer.bos_id, tokenizer.start_header_id, tokenizer.end_header_id,
@@ -225,12 +290,7 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
         head = [tokenizer.bos_id]
         trained = ({i for i, m in enumerate(messages) if m["role"] == "assistant"}
                    if trained_turns is None else set(trained_turns))
-        turns = []
-        for i, m in enumerate(messages):  # a trained answer is maskable after its header
-            ids = tokenizer.render_turn(m["role"], m["content"])
-            header = len(tokenizer.header(m["role"])) if i in trained else len(ids)
-            turns.append(_Turn(m["role"], ids, [k >= header for k in range(len(ids))],
-                               i in trained))
+        turns = _llada_turns(messages, trained, tokenizer)
     else:
         if messages and messages[0]["role"] == "system":
             if marks[0]:
@@ -242,66 +302,42 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer, *,
             # The open assistant header: an empty assistant turn without its <|eot_id|>.
             suffix = render_llava_turn(tokenizer, "assistant", "", [])[:-1]
         head = [tokenizer.bos_id, *render_llava_turn(tokenizer, "system", system_message, [])]
-        turns, used = [], 0
-        for m in messages:
-            content = m["content"]
-            if add_generation_prompt:     # the released chat template trims every message
-                content = content.strip()
-            elif counts:                  # training rows of records with images
-                content = move_image_to_front(content)
-            n = content.count(IMAGE_MARK)
-            ids = render_llava_turn(tokenizer, m["role"], content, counts[used:used + n])
-            answer = m["role"] == "assistant" and not add_generation_prompt
-            mask = [answer or (i in structural and not add_generation_prompt) for i in ids]
-            turns.append(_Turn(m["role"], ids, mask, answer, n))
-            used += n
-    def length(ts):
-        return len(head) + sum(len(t.ids) for t in ts) + len(suffix)
-
+        turns = _llava_turns(messages, counts, tokenizer, add_generation_prompt, structural)
     if max_length is None:
         ids, mask, kept = _joined(turns)
-    elif truncation == "drop_oldest":  # drop oldest exchanges, then cut the prompt from the left
-        last_trained = max(i for i, t in enumerate(turns) if t.trained)
-        users_before = [i for i in range(last_trained) if turns[i].role == "user"]
-        protected_from = users_before[-1] if users_before else last_trained
-        kept_head = turns[:1] if turns[0].role == "system" else []
-        droppable = turns[len(kept_head):protected_from]
-        protected = turns[protected_from:]
-        while droppable and length(kept_head + droppable + protected) > max_length:
-            droppable = droppable[1:]
-            while droppable and droppable[0].role == "assistant":  # restart at a user turn
-                droppable = droppable[1:]
-        ids, mask, kept = _joined(kept_head + droppable + protected)
-        if length(kept) > max_length:
-            # The first maskable token of the first trained turn (not a maskable prompt token).
-            first = next(i for i, t in enumerate(kept) if t.trained)
-            first_trained = sum(len(t.ids) for t in kept[:first]) + kept[first].maskable.index(True)
-            rest_length = len(ids) - first_trained
-            fitting = max_length - len(suffix)   # seq_len less the open assistant header, if any
-            budget = fitting - len(head) - rest_length  # prompt tokens that fit after the head
-            header_length = len(tokenizer.header("assistant"))
-            if budget < header_length:
-                raise BadRecordError(origin, f"conversation too long: BOS, the assistant header "
-                                     f"({header_length} tokens) and the trained tokens from "
-                                     f"the first answer on ({rest_length}) need "
-                                     f"{len(head) + header_length + rest_length} tokens, but "
-                                     f"config.train.seq_len is {fitting}", "overlong")
-            ids, mask = ids[first_trained - budget:], mask[first_trained - budget:]
-    else:  # drop_last_exchange (a prompt is never cut)
-        while not add_generation_prompt and length(turns) > max_length:
-            answers = [i for i, t in enumerate(turns) if t.role == "assistant"]
-            if len(answers) < 2:
-                break
-            turns = turns[:answers[-2] + 1]   # drop the last exchange
-        if length(turns) > max_length:
-            raise BadRecordError(origin, f"conversation too long: {length(turns)} tokens "
-                                 f"({sum(counts[:sum(t.images for t in turns)])} of them image "
-                                 f"tokens) for config.train.seq_len={max_length}", "overlong")
-        ids, mask, kept = _joined(turns)
+    elif truncation == "drop_oldest":
+        ids, mask, kept = _drop_oldest(head, turns, max_length - len(suffix),
+                                       len(tokenizer.header("assistant")), origin)
+    else:
+        ids, mask, kept = _drop_last_exchange(head, turns, suffix, max_length, counts,
+                                              not add_generation_prompt, origin)
     head_mask = ([False] * len(head) if style == "llada" or add_generation_prompt
                  else [i in structural for i in head])
     return EncodedIds(head + ids + suffix, head_mask + mask + [False] * len(suffix),
                       sum(t.images for t in kept))
+
+
+def _encode_plain(messages: Sequence[dict], tokenizer: Tokenizer, counts: list[int],
+                  add_generation_prompt: bool, max_length: int | None,
+                  origin: str) -> EncodedIds:
+    """`llada_plain`: image tokens + caption + "\\n" (the caption maskable); a prompt is the
+    image alone."""
+    wanted = 1 if add_generation_prompt else 2
+    if (len(messages) != wanted or messages[0]["role"] != "user" or len(counts) != 1
+            or IMAGE_MARK not in messages[0]["content"]
+            or (wanted == 2 and messages[1]["role"] != "assistant")):
+        raise BadRecordError(origin, f"a 'llada_plain' (stage 1) record needs exactly one "
+                             f"human turn with one {IMAGE_MARK} and one gpt caption, found "
+                             f"{[m['role'] for m in messages]} with {len(counts)} image(s)")
+    image_ids = [IMAGE_PLACEHOLDER_ID] * counts[0]
+    caption = [] if add_generation_prompt else tokenizer.encode(
+        messages[1]["content"] + PLAIN_SEPARATOR)
+    ids = image_ids + caption
+    if max_length is not None and len(ids) > max_length:
+        raise BadRecordError(origin, f"caption too long: {len(ids)} tokens ({len(image_ids)} of "
+                             f"them image tokens) for config.train.seq_len={max_length}",
+                             "overlong")
+    return EncodedIds(ids, [False] * len(image_ids) + [True] * len(caption), 1)
 
 
 def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: int,

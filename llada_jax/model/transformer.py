@@ -191,7 +191,8 @@ class Transformer(nn.Module):
         if stats is not None and not self.is_initializing():
             self.sow("moe_stats", "router", stats, init_fn=lambda: None,
                      reduce_fn=lambda _, new: new)
-        # Without return_kv every part is None, and so is the result.
+        if not return_kv:
+            return h, None
         return h, jax.tree.map(lambda *parts: jnp.concatenate(parts), *kv_parts)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
