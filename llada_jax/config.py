@@ -288,15 +288,12 @@ def fail(field: str, expected: str, found: Any) -> None:
 Rule = tuple[Callable[[Any], Any], str]
 POSITIVE_INT: Rule = (lambda v: not isinstance(v, int) or v <= 0, "a positive integer")
 POSITIVE_NUMBER: Rule = (lambda v: v <= 0, "a positive number")
+# An integer >= 0, a bool counting as an integer (as it always did).
+INT_AT_LEAST_0: Rule = (lambda v: not isinstance(v, int) or v < 0, "an integer >= 0")
 # Counts where a bool (an int subclass) is refused too.
 COUNT: Rule = (lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
                "an integer >= 0")
 POSITIVE_COUNT: Rule = (lambda v: COUNT[0](v) or v == 0, "a positive integer")
-
-
-def not_int_at_least_0(value: Any) -> bool:
-    """Whether `value` is not an integer >= 0 (a bool counts as an integer, as it always did)."""
-    return not isinstance(value, int) or value < 0
 
 
 def one_of(choices: tuple[str, ...]) -> Rule:
@@ -493,7 +490,7 @@ def validate_sampler(s: Any) -> None:
         *steps_rules,
         ("temperature cfg_scale", (lambda v: v < 0, "a number >= 0")),
         ("cache", one_of(CACHE_MODES)),
-        ("refresh_every", (not_int_at_least_0, "an integer >= 0")),
+        ("refresh_every", INT_AT_LEAST_0),
         ("refresh_every", (lambda v: v > 0 and s.cache == "none",
                            "0 when sampler.cache='none' (there is no cache to refresh)")),
         ("threshold", (lambda v: not 0 <= v <= 1, "a confidence in (0, 1], or 0 to turn it off")),
@@ -660,19 +657,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"at most model.max_sequence_length={m.max_sequence_length}")),
         ("grad_accum_steps", (lambda v: t.batch_size % v,
                               f"a divisor of train.batch_size={t.batch_size}")),
-        ("loss_chunk_size", (not_int_at_least_0, "an integer >= 0 (0: no chunking)")),
+        ("loss_chunk_size", (INT_AT_LEAST_0[0], "an integer >= 0 (0: no chunking)")),
         ("mask_eps", (lambda v: not 0 < v < 1, "a number in (0, 1)")),
         ("random_length_prob", (lambda v: not 0 <= v <= 1, "a probability in [0, 1]")),
         ("decay_fraction", (lambda v: not 0 <= v <= 1, "a fraction in [0, 1]")),
         ("learning_rate", POSITIVE_NUMBER),
         # warmup_steps > steps is allowed: a short run (--config.train.steps=10) is all warmup.
-        ("warmup_steps", (not_int_at_least_0, "an integer >= 0")),
+        ("warmup_steps", INT_AT_LEAST_0),
         ("log_every keep_checkpoints eval_batches", POSITIVE_INT),
         ("moe_aux_loss_weight moe_z_loss_weight moe_bias_update_rate",
          (lambda v: not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0,
           "a number >= 0")),
         ("checkpoint_every eval_every max_bad_steps",
-         (not_int_at_least_0, "an integer >= 0 (0: none)")),
+         (INT_AT_LEAST_0[0], "an integer >= 0 (0: none)")),
     ))
     if t.eval_every > 0 and not config.data.eval_source:
         fail("data.eval_source", f"a source spec such as 'synthetic' when train.eval_every="

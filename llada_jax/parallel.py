@@ -128,15 +128,10 @@ def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], .
                  for name, target, *_ in config.mesh.logical_axis_rules)
 
 
-def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules) -> Any:
-    """A tree of logical PartitionSpecs (or boxed params) -> NamedShardings on `mesh`."""
-    specs = nn.get_partition_spec(logical_tree) if not _is_spec_tree(logical_tree) else logical_tree
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
-def _is_spec_tree(tree: Any) -> bool:
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P))
-    return bool(leaves) and all(isinstance(x, P) for x in leaves)
+def logical_to_sharding(boxed: Any, mesh: Mesh, rules) -> Any:
+    """Params in their logical partitioning boxes (`nn.LogicallyPartitioned`, abstract or
+    not) -> NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -353,9 +353,8 @@ def build_sft_example(messages: Sequence[dict], tokenizer: Tokenizer, seq_len: i
     """
     if multiturn not in SFT_MULTITURN:
         fail("data.sft_multiturn", f"one of {SFT_MULTITURN}", multiturn)
+    # `parse_messages` guarantees at least one assistant turn.
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant_turns:
-        raise BadRecordError(origin, "the conversation has no assistant turn to train on")
     if multiturn == "all_responses":
         trained = set(assistant_turns)
     elif len(assistant_turns) == 1:

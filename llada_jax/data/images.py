@@ -135,15 +135,14 @@ def square_pixels(image: Image.Image | str | os.PathLike[str], size: int = TILE_
     return np.asarray(resize(as_rgb(image), (size, size)), dtype=np.uint8)
 
 
-def expand_to_square(image: Image.Image,
-                     background: tuple[int, int, int] = PAD_BACKGROUND) -> Image.Image:
-    """The image centred on a square canvas of its longer side filled with `background`
+def expand_to_square(image: Image.Image) -> Image.Image:
+    """The image centred on a square canvas of its longer side filled with `PAD_BACKGROUND`
     (LLaDA-V's `expand2square`: offset `(long - short) // 2`); a square image is returned as is."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
+    canvas = Image.new(image.mode, (side, side), PAD_BACKGROUND)
     canvas.paste(image, (0, (width - height) // 2) if width > height else
                  ((height - width) // 2, 0))
     return canvas

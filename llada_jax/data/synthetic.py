@@ -78,13 +78,6 @@ TASKS: tuple[Callable[[np.random.Generator], tuple[str, str]], ...] = (
     _addition, _counting, _copy, _reverse, _city, _colour)
 
 
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    if split not in SPLITS:
-        raise ValueError(f"synthetic split: expected one of {SPLITS}, found {split!r}")
-    # The split enters the seed, so train and eval examples are drawn independently.
-    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
-
-
 class SyntheticTextSource:
     """Pre-training documents `{"text": str}` of the built-in corpus; `split` is train or eval."""
 
@@ -92,20 +85,19 @@ class SyntheticTextSource:
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"config.data.synthetic_size: expected a positive integer, "
                              f"found {size!r}")
-        _rng(seed, split, 0)  # validates the split
+        if split not in SPLITS:
+            raise ValueError(f"synthetic split: expected one of {SPLITS}, found {split!r}")
         self.size, self.seed, self.split = size, seed, split
 
     def __len__(self) -> int:
         return self.size
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, seed={self.seed}, split={self.split!r})"
-
     def __getitem__(self, index: int) -> dict[str, str]:
         index = int(index)
         if not 0 <= index < self.size:
             raise IndexError(f"{type(self).__name__} index {index} out of range [0, {self.size})")
-        rng = _rng(self.seed, self.split, index)
+        # The split enters the seed, so train and eval examples are drawn independently.
+        rng = np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), index])
         # One to three lines, each a task's prompt and answer.
         lines = ["".join(TASKS[int(rng.integers(len(TASKS)))](rng))
                  for _ in range(int(rng.integers(1, 4)))]

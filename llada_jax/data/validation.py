@@ -38,7 +38,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         ("packing", config_lib.one_of(PACKINGS)),
         ("sft_multiturn", config_lib.one_of(SFT_MULTITURN)),
         ("bad_records", config_lib.one_of(BAD_RECORDS)),
-        ("num_workers num_epochs", (config_lib.not_int_at_least_0, "an integer >= 0")),
+        ("num_workers num_epochs", config_lib.INT_AT_LEAST_0),
         ("pack_bins read_threads prefetch_buffer_size worker_buffer_size synthetic_size",
          config_lib.POSITIVE_INT),
     ))
