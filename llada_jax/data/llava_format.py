@@ -53,10 +53,9 @@ class ConversationTemplate:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ConversationTemplate:
-        data = config.data
-        return cls(data.get("conversation_format", LLAVA_LLADA),
-                   data.get("system_message", LLAVA_SYSTEM_MESSAGE),
-                   data.get("label_eos_padding", None))
+        return cls(config.data.get("conversation_format", LLAVA_LLADA),
+                   config.data.get("system_message", LLAVA_SYSTEM_MESSAGE),
+                   config.data.get("label_eos_padding", None))
 
     @property
     def fill_is_labelled(self) -> bool:

@@ -339,11 +339,10 @@ class SourceOptions:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> SourceOptions:
-        data = config.data
         plain = ConversationTemplate.from_config(config).format == LLADA_PLAIN
-        return cls(data.tfds_data_dir, data.synthetic_size, config.train.seed,
+        return cls(config.data.tfds_data_dir, config.data.synthetic_size, config.train.seed,
                    config.vision.image_size, "caption" if plain else "question",
-                   data.image_folder)
+                   config.data.image_folder)
 
 
 def open_source(spec: SourceSpec, options: SourceOptions | None = None, *,
