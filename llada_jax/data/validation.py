@@ -43,17 +43,15 @@ def check(config: ml_collections.ConfigDict) -> None:
          config_lib.POSITIVE_INT),
     ))
     parse = sources.parse_image_source_spec if v.enabled else sources.parse_source_spec
-    for name in ("source", "eval_source"):
-        if name == "source" or d[name]:
-            parse(d[name], field=f"data.{name}")
+    components = {name: parse(d[name], field=f"data.{name}") for name in ("source", "eval_source")
+                  if name == "source" or d[name]}
     if v.enabled:
         return
-    for name in ("source", "eval_source"):
-        images = {s.kind for s in sources.parse_source_spec(d[name] or "synthetic")}
-        if images & set(sources.IMAGE_KINDS):
+    kinds = {name: {spec.kind for spec in specs} for name, specs in components.items()}
+    for name, source_kinds in kinds.items():
+        if source_kinds & set(sources.IMAGE_KINDS):
             fail(f"data.{name}", "a text source with vision.enabled=False (image-text records "
                  "need the LLaDA-V model)", d[name])
-    kinds = {spec.kind for spec in sources.parse_source_spec(d.source)}
-    if t.objective in CONVERSATION_OBJECTIVES and "synthetic" in kinds:
+    if t.objective in CONVERSATION_OBJECTIVES and "synthetic" in kinds["source"]:
         fail("data.source", f"a source of conversations for train.objective='{t.objective}' "
              "(e.g. 'synthetic_chat' or 'files:/data/sft/*.jsonl')", d.source)
