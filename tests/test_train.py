@@ -175,3 +175,16 @@ def test_tokenizer_mismatch_is_a_config_error(tmp_path):
     config.model.mask_token_id = 5
     with pytest.raises(ValueError, match=r"config.model.mask_token_id: expected 3"):
         trainer.train(config, str(tmp_path), devices=ONE_DEVICE)
+
+
+def test_group_learning_rates_shared_by_every_group_replace_the_base_rate():
+    # Every group at 0.2 while train.learning_rate is 0.1: the groups' rate is the one used.
+    # With a zero gradient AdamW moves a decayed parameter by -lr * wd * p only (see above).
+    config = config_lib.default_config()
+    config.train.update(learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5)
+    for group in config.train.group_learning_rates:
+        config.train.group_learning_rates[group] = 0.2
+    params = _init_params(config, seed=0)
+    tx = make_optimizer(config.train)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["wte"], -0.2 * 0.5 * params["wte"], rtol=1e-6)

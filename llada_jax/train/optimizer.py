@@ -115,7 +115,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     per-group AdamW and frozen groups when `train.trainable` / `train.group_learning_rates` ask
     for them; skipping of non-finite updates when `train.max_bad_steps` > 0 (see the module
     docstring)."""
-    def adamw(peak=None):  # on the schedule of train.learning_rate, or of `peak`
+    def adamw(peak):  # AdamW on the schedule of train.schedule with this peak
         return optax.adamw(make_schedule(train, peak), b1=float(train.b1), b2=float(train.b2),
                            eps=float(train.adam_eps), weight_decay=float(train.weight_decay),
                            mask=weight_decay_mask)
@@ -124,7 +124,9 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     steps = []
     peaks = group_peak_learning_rates(train)
     if trainable == PARAM_GROUPS and len(set(peaks.values())) == 1:
-        update = adamw()
+        # One AdamW at the groups' shared peak (train.learning_rate unless every group names
+        # another rate).
+        update = adamw(peaks["language_model"])
     else:
         frozen = tuple(g for g in PARAM_GROUPS if g not in trainable)
         if frozen:
