@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import time
@@ -254,14 +253,10 @@ class Generator:
                              "image to")
         if multimodal_data.IMAGE_MARK not in first_user["content"]:
             first_user["content"] = multimodal_data.IMAGE_MARK + "\n" + first_user["content"]
-        return multimodal_data.encode_conversation(
-            messages, list(images), self.tokenizer, self.image_processor,
-            add_generation_prompt=True)
-
-    @functools.cached_property
-    def image_processor(self) -> Any:
-        """LLaDA-V: how the checkpoint turns images into views (`multimodal_data`)."""
-        return multimodal_data.ImageProcessor.from_config(self.config)
+        # How the checkpoint turns images into views, and its conversation template.
+        processor = multimodal_data.ImageProcessor.from_config(self.config)
+        return multimodal_data.encode_conversation(messages, list(images), self.tokenizer,
+                                                   processor, add_generation_prompt=True)
 
     def encode_prompt(self, prompt: str | Sequence[dict], *, chat: bool) -> list[int]:
         """Prompt ids: with `chat`, a string is one user turn and a list of

@@ -26,6 +26,15 @@ def read_safetensors(path: str, select: Callable[[str], bool] | None = None
         return {name: reader.read(name, os.path.basename(path)) for name in names}
 
 
+def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
+                         overrides: Mapping[str, Any] | None = None,
+                         source: str = "config.json") -> ModelConfig:
+    """A `ModelConfig` from a config.json dict of any family: the `model_config_from_hf` of the
+    first family of `hf.FAMILIES` that reads it, as `hf.inspect_hf_checkpoint` picks it."""
+    family = next(family for family in hf.FAMILIES if family.matches(hf_config))
+    return family.model_config_from_hf(hf_config, generation_config, overrides, source)
+
+
 def split_vision_keys(names: Iterable[str], cfg: VisionConfig,
                       prefix: str) -> tuple[list[str], list[str], list[str]]:
     """Sorts the names under `prefix` into (used by `cfg`'s tower, skipped by design,

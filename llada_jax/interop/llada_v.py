@@ -115,7 +115,7 @@ def llada_v_config_fields(vision: VisionConfig, image_aspect_ratio: str = "anyre
     }
 
 
-def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> VisionConfig:
+def vision_config_from_hf(hf_config: Mapping[str, Any]) -> VisionConfig:
     """The VisionConfig of a LLaDA-V config.json: our recorded architecture if present, else
     SigLIP2 so400m/14 at 384 px with the checkpoint's `mm_vision_select_layer`."""
     fields = dict(hf_config.get(VISION_CONFIG_FIELD) or {})
@@ -124,12 +124,9 @@ def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Vis
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VisionConfig)})
     if unknown:
         raise ValueError(f"config.json {VISION_CONFIG_FIELD}: unknown field(s) {unknown}")
-    fields.update(overrides)
     cfg = VisionConfig(**fields)
     validate_vision(cfg)
     return cfg
-
-
 
 
 def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: VisionConfig,

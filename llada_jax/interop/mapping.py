@@ -319,8 +319,7 @@ def check_params(params: Mapping, config: ModelConfig) -> None:
 def _produce(params: Mapping, tensor: HFTensor, dtype: str, layer: int, expert: int
              ) -> np.ndarray:
     """One stored copy of `tensor` (its `layer` and `expert` slice) in `dtype`, on the host."""
-    xs = [get(params, r.path) for r in tensor.rules]
-    xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
+    xs = [jnp.asarray(get(params, r.path)) for r in tensor.rules]   # a jax.Array: itself
     mesh = xs[0].sharding.mesh if isinstance(xs[0].sharding, NamedSharding) else None
     return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
         xs, jnp.int32(layer), jnp.int32(expert)))
