@@ -280,8 +280,7 @@ def test_non_finite_and_truncated_shards_are_named(tmp_path):
 def test_vision_reader_checks_size_checksum_and_finiteness(tmp_path):
     path = str(tmp_path / "v.safetensors")
     weights = np.arange(12, dtype=np.float32).reshape(3, 4)
-    safetensors_io.write_safetensors(
-        path, [("w", np.dtype(np.float32), (3, 4), lambda: weights)], {"format": "pt"})
+    safetensors_io.write_safetensors(path, [("w", np.dtype(np.float32), (3, 4), lambda: weights)])
     np.testing.assert_array_equal(read_safetensors(path)["w"], weights)
     offset, _, _ = tensor_offset(path, "w")
     poke(path, offset + 4, struct.pack("<f", 1.5))          # 1.0 -> 1.5
