@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -49,9 +50,7 @@ class GenerationOutput:
 def batch_rows(mesh: Any) -> int:
     """Rows a prompt batch must be a multiple of: the size of the mesh's batch axes (1 without
     a mesh)."""
-    if mesh is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES if a in mesh.shape]))
+    return 1 if mesh is None else math.prod(mesh.shape.get(a, 1) for a in parallel.BATCH_AXES)
 
 
 def bucketed_width(longest: int, bucket: int, limit: int) -> int:

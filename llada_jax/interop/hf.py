@@ -131,9 +131,8 @@ def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
         raise ValueError(f"param_dtype: expected one of {sorted(DTYPES)} or None, found "
                          f"{param_dtype!r}")
     config = dataclasses.replace(checkpoint.config, param_dtype=param_dtype)
-    rules_of_naming = family_of(checkpoint.naming).LAYOUTS[checkpoint.naming]
-    return config, mapping.load_params(hf_dir, checkpoint.tensors, rules_of_naming, config,
-                                       mesh, rules)
+    layout = family_of(checkpoint.naming).LAYOUTS[checkpoint.naming]
+    return config, mapping.load_params(hf_dir, checkpoint.tensors, layout, config, mesh, rules)
 
 
 def check_exportable(config: ModelConfig, naming: str) -> None:

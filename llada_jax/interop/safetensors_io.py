@@ -84,8 +84,8 @@ class StoredTensor:
 
     @property
     def num_bytes(self) -> int:
-        readable = _READABLE.get(self.dtype)
-        return math.prod(self.shape) * (1 if readable is None else readable.itemsize)
+        # An unknown dtype (a float8 variant) counts 1 byte per element.
+        return math.prod(self.shape) * _READABLE.get(self.dtype, np.dtype(np.uint8)).itemsize
 
 
 def read_header(path: str) -> tuple[dict[str, Any], int, dict[str, str]]:
