@@ -124,14 +124,13 @@ def _hf_shape(rule: TensorRule, abstract: Mapping) -> tuple[tuple[int, ...], str
     else:                          # PyTorch [out, in]: rows are our output dims, flattened
         k = rule.num_in_dims
         groups = [(shape[k:], names[k:]), (shape[:k], names[:k])]
-    hf_shape, parts = [], []
+    parts = []
     for sizes, axis_names in groups:
         size = math.prod(sizes)
-        hf_shape.append(size)
         fields = "*".join(AXIS_FIELDS.get(n, str(n)) for n in axis_names)
         values = "*".join(str(s) for s in sizes)
         parts.append(f"{fields}={size}" if len(sizes) == 1 else f"{fields}={values}={size}")
-    return tuple(hf_shape), "[" + ", ".join(parts) + "]"
+    return tuple(math.prod(sizes) for sizes, _ in groups), "[" + ", ".join(parts) + "]"
 
 
 @dataclasses.dataclass(frozen=True)
