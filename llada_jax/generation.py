@@ -124,8 +124,8 @@ class Generator:
             tokenizer = "hf:" + os.path.abspath(hf_dir)
         config = config_lib.default_config()
         mesh = parallel.make_mesh() if mesh is None else mesh
-        model_config, params = hf.import_hf(hf_dir, mesh=mesh, rules=parallel.logical_rules(config),
-                                            param_dtype=param_dtype,
+        # Placed by the default rule table: that of `config` (the library defaults).
+        model_config, params = hf.import_hf(hf_dir, mesh=mesh, param_dtype=param_dtype,
                                             overrides=None if dtype is None else {"dtype": dtype})
         config.model.update(dataclasses.asdict(model_config))
         config.data.tokenizer = tokenizer
