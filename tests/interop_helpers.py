@@ -1,6 +1,6 @@
-"""Test helpers for interop that are not part of the library: reading a whole safetensors file
-or a SigLIP tower from a directory of them, and assembling stage-1 LLaDA-V params from separate
-towers."""
+"""Test helpers for interop that are not part of the library: a config.json of any family as a
+ModelConfig, reading a whole safetensors file or a SigLIP tower from a directory of them, and
+assembling stage-1 LLaDA-V params from separate towers."""
 
 import contextlib
 import os
