@@ -318,7 +318,8 @@ def check_params(params: Mapping, config: ModelConfig) -> None:
 def _produce(params: Mapping, tensor: HFTensor, dtype: str, layer: int, expert: int
              ) -> np.ndarray:
     """One stored copy of `tensor` (its `layer` and `expert` slice) in `dtype`, on the host."""
-    xs = [jnp.asarray(get(params, r.path)) for r in tensor.rules]   # a jax.Array: itself
+    # numpy params go to the default device; a jax.Array comes back as it is (sharding kept).
+    xs = [jnp.asarray(get(params, r.path)) for r in tensor.rules]
     mesh = xs[0].sharding.mesh if isinstance(xs[0].sharding, NamedSharding) else None
     return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
         xs, jnp.int32(layer), jnp.int32(expert)))
