@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -50,9 +50,7 @@ class GenerationOutput:
 def batch_rows(mesh: Any) -> int:
     """Rows a prompt batch must be a multiple of: the size of the mesh's batch axes (1 without
     a mesh)."""
-    if mesh is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES if a in mesh.shape]))
+    return 1 if mesh is None else math.prod(mesh.shape.get(a, 1) for a in parallel.BATCH_AXES)
 
 
 def bucketed_width(longest: int, bucket: int, limit: int) -> int:
@@ -126,8 +124,8 @@ class Generator:
             tokenizer = "hf:" + os.path.abspath(hf_dir)
         config = config_lib.default_config()
         mesh = parallel.make_mesh() if mesh is None else mesh
-        model_config, params = hf.import_hf(hf_dir, mesh=mesh, rules=parallel.logical_rules(config),
-                                            param_dtype=param_dtype,
+        # Placed by the default rule table: that of `config` (the library defaults).
+        model_config, params = hf.import_hf(hf_dir, mesh=mesh, param_dtype=param_dtype,
                                             overrides=None if dtype is None else {"dtype": dtype})
         config.model.update(dataclasses.asdict(model_config))
         config.data.tokenizer = tokenizer
@@ -254,14 +252,10 @@ class Generator:
                              "image to")
         if multimodal_data.IMAGE_MARK not in first_user["content"]:
             first_user["content"] = multimodal_data.IMAGE_MARK + "\n" + first_user["content"]
-        return multimodal_data.encode_conversation(
-            messages, list(images), self.tokenizer, self.image_processor,
-            add_generation_prompt=True)
-
-    @functools.cached_property
-    def image_processor(self) -> Any:
-        """LLaDA-V: how the checkpoint turns images into views (`multimodal_data`)."""
-        return multimodal_data.ImageProcessor.from_config(self.config)
+        # How the checkpoint turns images into views, and its conversation template.
+        processor = multimodal_data.ImageProcessor.from_config(self.config)
+        return multimodal_data.encode_conversation(messages, list(images), self.tokenizer,
+                                                   processor, add_generation_prompt=True)
 
     def encode_prompt(self, prompt: str | Sequence[dict], *, chat: bool) -> list[int]:
         """Prompt ids: with `chat`, a string is one user turn and a list of

@@ -1,6 +1,6 @@
-"""Test helpers for interop that are not part of the library: reading a whole safetensors file
-or a SigLIP tower from a directory of them, and assembling stage-1 LLaDA-V params from separate
-towers."""
+"""Test helpers for interop that are not part of the library: a config.json of any family as a
+ModelConfig, reading a whole safetensors file or a SigLIP tower from a directory of them, and
+assembling stage-1 LLaDA-V params from separate towers."""
 
 import contextlib
 import os
@@ -24,6 +24,15 @@ def read_safetensors(path: str, select: Callable[[str], bool] | None = None
     names = [n for n in safetensors_io.read_header(path)[0] if select is None or select(n)]
     with contextlib.closing(safetensors_io.ShardReader(os.path.dirname(path))) as reader:
         return {name: reader.read(name, os.path.basename(path)) for name in names}
+
+
+def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
+                         overrides: Mapping[str, Any] | None = None,
+                         source: str = "config.json") -> ModelConfig:
+    """A `ModelConfig` from a config.json dict of any family: the `model_config_from_hf` of the
+    first family of `hf.FAMILIES` that reads it, as `hf.inspect_hf_checkpoint` picks it."""
+    family = next(family for family in hf.FAMILIES if family.matches(hf_config))
+    return family.model_config_from_hf(hf_config, generation_config, overrides, source)
 
 
 def split_vision_keys(names: Iterable[str], cfg: VisionConfig,

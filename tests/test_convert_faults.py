@@ -26,7 +26,7 @@ import torch
 from llada_jax.config import ModelConfig
 from llada_jax.interop import hf, llada_v, safetensors_io
 from llada_jax.model.transformer import Transformer
-from tests.interop_helpers import read_safetensors
+from tests.interop_helpers import model_config_from_hf, read_safetensors
 from tests.test_evaluate_tokenisation import write_bpe_tokenizer
 from tests.test_interop import (
     BOS,
@@ -153,7 +153,7 @@ def test_every_preset_and_test_model_round_trips_its_config(name, naming):
     # ... and the written config.json describes exactly that architecture.
     written = hf.family_of(naming).hf_config_dict(config, naming, "bfloat16")
     written = json.loads(json.dumps(written))
-    back = hf.model_config_from_hf(written)
+    back = model_config_from_hf(written)
     assert {f: getattr(back, f) for f in ARCHITECTURE} == \
         {f: getattr(config, f) for f in ARCHITECTURE}
 
@@ -280,8 +280,7 @@ def test_non_finite_and_truncated_shards_are_named(tmp_path):
 def test_vision_reader_checks_size_checksum_and_finiteness(tmp_path):
     path = str(tmp_path / "v.safetensors")
     weights = np.arange(12, dtype=np.float32).reshape(3, 4)
-    safetensors_io.write_safetensors(
-        path, [("w", np.dtype(np.float32), (3, 4), lambda: weights)], {"format": "pt"})
+    safetensors_io.write_safetensors(path, [("w", np.dtype(np.float32), (3, 4), lambda: weights)])
     np.testing.assert_array_equal(read_safetensors(path)["w"], weights)
     offset, _, _ = tensor_offset(path, "w")
     poke(path, offset + 4, struct.pack("<f", 1.5))          # 1.0 -> 1.5

@@ -28,7 +28,7 @@ from llada_jax.config import ModelConfig, default_config
 from llada_jax.interop import hf, llada
 from llada_jax.model.transformer import Transformer
 from llada_jax.parallel import make_mesh
-from tests.interop_helpers import expected_hf_shapes
+from tests.interop_helpers import expected_hf_shapes, model_config_from_hf
 from tests.torch_reference import RefConfig, RefLLaDA, random_reference
 
 # The real metadata from shared/hf_reference, copied into tests/data.
@@ -349,7 +349,7 @@ def expected_8b_shape(key: str) -> tuple[int, ...]:
 
 def test_real_llada_v_config_and_index_map_onto_8b():
     with open(os.path.join(REAL, "config.json")) as f:
-        config = hf.model_config_from_hf(json.load(f))
+        config = model_config_from_hf(json.load(f))
     assert (config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
             config.mlp_hidden_size, config.vocab_size) == (4096, 32, 32, 32, 128, 12288, 126464)
     # Its BOS 128000 is Llama-3's (outside the vocabulary): LLaDA's ids are used.
@@ -522,36 +522,36 @@ def test_unconvertible_dtypes_are_named(tmp_path):
 
 def test_unsupported_or_broken_configs_are_named():
     with pytest.raises(ValueError, match="include_bias=True is not supported"):
-        hf.model_config_from_hf(olmo_config(4, include_bias=True))
+        model_config_from_hf(olmo_config(4, include_bias=True))
     with pytest.raises(ValueError, match="layer_norm_type='default' is not supported"):
-        hf.model_config_from_hf(olmo_config(4, layer_norm_type="default"))
+        model_config_from_hf(olmo_config(4, layer_norm_type="default"))
     with pytest.raises(ValueError, match="rope_scaling=.* is not supported"):
-        hf.model_config_from_hf(llama_config(4, rope_scaling={"type": "linear", "factor": 2}))
+        model_config_from_hf(llama_config(4, rope_scaling={"type": "linear", "factor": 2}))
     with pytest.raises(ValueError, match="field 'rope_theta' is missing"):
-        hf.model_config_from_hf({k: v for k, v in olmo_config(4).items() if k != "rope_theta"})
+        model_config_from_hf({k: v for k, v in olmo_config(4).items() if k != "rope_theta"})
     with pytest.raises(ValueError, match="hidden size 30 is not divisible .* 4"):
-        hf.model_config_from_hf(llama_config(4, hidden_size=30))
+        model_config_from_hf(llama_config(4, hidden_size=30))
     with pytest.raises(ValueError, match="neither 'd_model'.*nor 'hidden_size'"):
-        hf.model_config_from_hf({"n_embd": 32})
+        model_config_from_hf({"n_embd": 32})
     # A tiny vocabulary without mask_token_id: LLaDA's 126336 cannot be used.
     no_mask = {k: v for k, v in llama_config(4).items() if k != "mask_token_id"}
     with pytest.raises(ValueError, match=r"mask_token_id is not given and LLaDA's 126336 is "
                                          r"outside the vocabulary \[0, 64\)"):
-        hf.model_config_from_hf(no_mask)
-    assert hf.model_config_from_hf(no_mask, overrides={"mask_token_id": 7}).mask_token_id == 7
+        model_config_from_hf(no_mask)
+    assert model_config_from_hf(no_mask, overrides={"mask_token_id": 7}).mask_token_id == 7
     # A token id that is not a number names the file, which of the two files, and the field.
     with pytest.raises(ValueError, match=r"^my/config.json: generation_config eos_token_id='<eos>' "
                                          r"is not a token id \(an integer\)$"):
-        hf.model_config_from_hf(llama_config(4), {"eos_token_id": ["<eos>", 3]},
+        model_config_from_hf(llama_config(4), {"eos_token_id": ["<eos>", 3]},
                                 source="my/config.json")
     with pytest.raises(ValueError, match=r"^config.json: config pad_token_id=\[1\] is not a "
                                          r"token id"):
-        hf.model_config_from_hf(llama_config(4, pad_token_id=[[1]]))
+        model_config_from_hf(llama_config(4, pad_token_id=[[1]]))
     # A valid generation_config id is used; the config.json value behind it is not read.
-    assert hf.model_config_from_hf(llama_config(4, bos_token_id="x"),
+    assert model_config_from_hf(llama_config(4, bos_token_id="x"),
                                    {"bos_token_id": [5, 6]}).bos_token_id == 5
     with pytest.raises(ValueError, match="n_kv_heads"):
-        hf.model_config_from_hf(olmo_config(3))
+        model_config_from_hf(olmo_config(3))
 
 
 def test_bad_param_dtype_is_named(saved):

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from llada_jax.config import ModelConfig
 from llada_jax.interop import hf
 from llada_jax.model.transformer import Transformer
-from tests.interop_helpers import expected_hf_shapes
+from tests.interop_helpers import expected_hf_shapes, model_config_from_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, D, HEADS, HEAD_DIM, MLP = 64, 32, 4, 8, 48
@@ -286,7 +286,7 @@ PUBLISHED = {
 
 
 def test_published_configs_map_onto_the_architectures():
-    moe = hf.model_config_from_hf(PUBLISHED["llada_moe_7b"])
+    moe = model_config_from_hf(PUBLISHED["llada_moe_7b"])
     assert (moe.n_layers, moe.d_model, moe.n_heads, moe.n_kv_heads, moe.head_dim) == \
         (16, 2048, 16, 16, 128)
     assert (moe.num_experts, moe.experts_per_token, moe.expert_mlp_hidden_size,
@@ -301,7 +301,7 @@ def test_published_configs_map_onto_the_architectures():
     assert shapes["model.layers.0.mlp.gate.weight"] == (64, 2048)
     assert shapes["model.layers.0.self_attn.q_norm.weight"] == (128,)
 
-    mini = hf.model_config_from_hf(PUBLISHED["llada2_mini"])
+    mini = model_config_from_hf(PUBLISHED["llada2_mini"])
     assert (mini.n_layers, mini.n_heads, mini.n_kv_heads, mini.mlp_hidden_size) == \
         (20, 16, 4, 5120)
     assert (mini.num_experts, mini.experts_per_token, mini.expert_mlp_hidden_size,
@@ -318,7 +318,7 @@ def test_published_configs_map_onto_the_architectures():
     assert shapes["model.layers.1.mlp.shared_experts.down_proj.weight"] == (2048, 512)
     assert len(shapes) == 3 + 20 * 6 + 3 + 19 * (2 + 256 * 3 + 3)
 
-    illada = hf.model_config_from_hf(PUBLISHED["illada_8b"])
+    illada = model_config_from_hf(PUBLISHED["illada_8b"])
     assert (illada.n_layers, illada.d_model, illada.n_heads, illada.n_kv_heads,
             illada.mlp_hidden_size, illada.vocab_size) == (32, 4096, 32, 8, 14336, 155136)
     assert illada.tie_embeddings and illada.mask_token_id == 5
@@ -328,7 +328,7 @@ def test_published_configs_map_onto_the_architectures():
 @pytest.mark.parametrize("config,naming", LAYOUTS, ids=[n for _, n in LAYOUTS[:3]] + ["illama"])
 def test_written_config_json_reads_back(config, naming):
     written = hf.family_of(naming).hf_config_dict(config, naming, "bfloat16")
-    assert hf.model_config_from_hf(written) == config
+    assert model_config_from_hf(written) == config
 
 
 def test_layouts_refuse_what_they_cannot_store(tmp_path):
@@ -340,7 +340,7 @@ def test_layouts_refuse_what_they_cannot_store(tmp_path):
         hf.export_hf(params, LLADA2, str(tmp_path / "a"), naming="llada_moe")
     shared = dict(PUBLISHED["llada_moe_7b"], shared_expert_intermediate_size=1024)
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=1024 is not supported"):
-        hf.model_config_from_hf(shared)
+        model_config_from_hf(shared)
     assert not os.path.exists(tmp_path / "a")
 
 

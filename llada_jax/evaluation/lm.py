@@ -158,10 +158,9 @@ class LladaJaxLM(LM):
                                             mesh=mesh)
         else:                        # params as given; sharded batches only with a mesh
             self.generator = Generator.from_params(config, params, mesh, tokenizer=tokenizer)
-        config, self.config, self.params = (self.generator.config, self.generator.config,
-                                            self.generator.params)
+        self.config, self.params = self.generator.config, self.generator.params
         self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
-        if self.tokenizer.pad_id == config.model.mask_token_id:
+        if self.tokenizer.pad_id == self.config.model.mask_token_id:
             raise ValueError(f"llada_jax model: the tokenizer's pad id {self.tokenizer.pad_id} "
                              f"equals the mask id; padding would be read as masks")
         # Every batch fills the mesh's batch axes: its rows are a multiple of their size.
@@ -173,13 +172,11 @@ class LladaJaxLM(LM):
         self.prefix = [self.tokenizer.bos_id] if self.add_bos else []   # starts every context
         self.pad_multiple, self.prompt_bucket = int(pad_multiple), int(prompt_bucket)
         self.seed, self.progress = int(seed), _as_bool(progress, "progress")
-        self.max_length = int(config.model.max_sequence_length)
+        self.max_length = int(self.config.model.max_sequence_length)
         sampler_overrides = {k: (_as_bool(v, k) if isinstance(
             getattr(SamplerConfig, k, None), bool) else v) for k, v in sampler_overrides.items()}
         self.fixed_gen_length = "gen_length" in sampler_overrides
-        self.sampler = SamplerConfig.from_config(
-            config, eot_id=self.tokenizer.eot_id, cfg_scale=self.cfg,
-            vocab_limit=self.tokenizer.vocab_size, **sampler_overrides)
+        self.sampler = self.generator.sampler(cfg_scale=self.cfg, **sampler_overrides)
         self.fingerprint = json.dumps({
             "checkpoint": str(checkpoint), "step": step, "mc_num": mc_num,
             "mc_batch_size": mc_batch_size, "cfg": self.cfg, "add_bos": self.add_bos,
@@ -189,7 +186,7 @@ class LladaJaxLM(LM):
         self.request_cache = RequestCache(cache_path)
         self.model_calls = 0   # compiled-program invocations (tests count them)
         self._tokenizer_name = (tokenizer if isinstance(tokenizer, str) else
-                                config.data.tokenizer if tokenizer is None else
+                                self.config.data.tokenizer if tokenizer is None else
                                 type(tokenizer).__name__)
         # How `encode` finds special tokens: not at all when the tokenizer parses them itself.
         self._special_by_text = {self.tokenizer.decode([i], skip_special=False): i

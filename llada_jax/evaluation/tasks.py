@@ -67,10 +67,9 @@ def local_task_folder(files: Sequence[str]) -> tuple[str, list[str]]:
                 raise ValueError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(task, dict) or not isinstance(task.get("task"), str):
             raise ValueError(f"{path}: a task YAML must be a mapping with a 'task' name")
-        kwargs = task.get("dataset_kwargs") or {}
+        kwargs = task.get("dataset_kwargs") or {}   # the YAML's own dict when it has data_files
         if "data_files" in kwargs:
             kwargs["data_files"] = _resolve_files(kwargs["data_files"], path)
-            task["dataset_kwargs"] = kwargs
         with open(os.path.join(folder, os.path.basename(path)), "w", encoding="utf-8") as f:
             yaml.safe_dump(task, f)
         names.append(task["task"])

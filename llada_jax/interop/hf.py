@@ -62,19 +62,6 @@ def family_of(naming: str) -> ModuleType:
     raise ValueError(f"naming: expected one of {NAMINGS}, found {naming!r}")
 
 
-def _family_of_config(hf_config: Mapping) -> ModuleType:
-    return next(family for family in FAMILIES if family.matches(hf_config))
-
-
-def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None = None,
-                         overrides: Mapping[str, Any] | None = None,
-                         source: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a Hugging Face config dict of any family (see each family's
-    `model_config_from_hf`). `overrides` sets ModelConfig fields last."""
-    return _family_of_config(hf_config).model_config_from_hf(hf_config, generation_config,
-                                                              overrides, source)
-
-
 @dataclasses.dataclass(frozen=True)
 class HFCheckpoint:
     """A validated Hugging Face checkpoint directory: config, layout and tensor headers."""
@@ -108,7 +95,7 @@ def inspect_hf_checkpoint(hf_dir: str, overrides: Mapping[str, Any] | None = Non
     hf_config = read_json(config_path)
     generation_path = os.path.join(hf_dir, "generation_config.json")
     generation = read_json(generation_path) if os.path.isfile(generation_path) else None
-    family = _family_of_config(hf_config)
+    family = next(family for family in FAMILIES if family.matches(hf_config))
     config = family.model_config_from_hf(hf_config, generation, overrides, source=config_path)
     tensors = {k: t for k, t in list_tensors(hf_dir).items()
                if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(tuple(skip_prefixes))}
@@ -144,9 +131,8 @@ def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
         raise ValueError(f"param_dtype: expected one of {sorted(DTYPES)} or None, found "
                          f"{param_dtype!r}")
     config = dataclasses.replace(checkpoint.config, param_dtype=param_dtype)
-    rules_of_naming = family_of(checkpoint.naming).LAYOUTS[checkpoint.naming]
-    return config, mapping.load_params(hf_dir, checkpoint.tensors, rules_of_naming, config,
-                                       mesh, rules)
+    layout = family_of(checkpoint.naming).LAYOUTS[checkpoint.naming]
+    return config, mapping.load_params(hf_dir, checkpoint.tensors, layout, config, mesh, rules)
 
 
 def check_exportable(config: ModelConfig, naming: str) -> None:

@@ -97,15 +97,14 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
     carries Llama-3's BOS 128000) falls back to LLaDA's id with a warning. `overrides` sets
     ModelConfig fields last (e.g. ``{"dtype": "bfloat16", "remat_policy": "full"}``).
     """
-    c = hf_config
-    if "d_model" in c:
-        fields = _olmo_fields(c, source)
-    elif "hidden_size" in c:   # LLaDA-V's re-saved tower
-        fields = llama_attention_fields(c, source, _DENSE_LLAMA_FIELDS)
+    if "d_model" in hf_config:
+        fields = _olmo_fields(hf_config, source)
+    elif "hidden_size" in hf_config:   # LLaDA-V's re-saved tower
+        fields = llama_attention_fields(hf_config, source, _DENSE_LLAMA_FIELDS)
     else:
         raise ValueError(f"{source}: neither 'd_model' (LLaDA/OLMo style) nor 'hidden_size' "
                          f"(Llama style) found; is this a LLaDA config?")
-    return finish_config(fields, c, generation_config, overrides, source,
+    return finish_config(fields, hf_config, generation_config, overrides, source,
                          {"mask_token_id": LLADA_MASK_ID, "bos_token_id": LLADA_BOS_ID,
                           "eos_token_id": LLADA_EOS_ID}, "LLaDA")
 

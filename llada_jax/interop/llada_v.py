@@ -54,18 +54,17 @@ _PROJECTOR = (
 
 
 def import_projector(tensors: Mapping[str, Any], vision_width: int, d_model: int,
-                     prefix: str = LLADA_V_PREFIX, dtype: str = "float32") -> Params:
+                     dtype: str = "float32") -> Params:
     """LLaDA-V `mm_projector` (mlp2x_gelu) and `image_newline` -> `Projector` params."""
     abstract = jax.eval_shape(Projector(d_model).init, jax.random.key(0),
                               jnp.zeros((1, vision_width)))["params"]
-    return import_tensors(tensors, _PROJECTOR, nn.unbox(abstract), prefix, dtype,
+    return import_tensors(tensors, _PROJECTOR, nn.unbox(abstract), LLADA_V_PREFIX, dtype,
                           "projector tensor(s)")
 
 
-def export_projector(params: Mapping[str, Any], prefix: str = LLADA_V_PREFIX,
-                     dtype: str | None = None) -> dict[str, np.ndarray]:
+def export_projector(params: Mapping[str, Any], dtype: str | None = None) -> dict[str, np.ndarray]:
     """`Projector` params -> LLaDA-V names (the inverse of `import_projector`)."""
-    return export_tensors(params, _PROJECTOR, prefix, dtype)
+    return export_tensors(params, _PROJECTOR, LLADA_V_PREFIX, dtype)
 
 
 def import_llada_v_multimodal(tensors: Mapping[str, Any], cfg: VisionConfig, d_model: int,
@@ -73,8 +72,7 @@ def import_llada_v_multimodal(tensors: Mapping[str, Any], cfg: VisionConfig, d_m
     """The vision side of a LLaDA-V checkpoint: {"vision_tower": ..., "projector": ...}."""
     return {
         "vision_tower": import_vision(tensors, cfg, LLADA_V_VISION_PREFIX, dtype),
-        "projector": import_projector(tensors, cfg.width, d_model, LLADA_V_PREFIX,
-                                      dtype or cfg.param_dtype),
+        "projector": import_projector(tensors, cfg.width, d_model, dtype or cfg.param_dtype),
     }
 
 
@@ -82,7 +80,7 @@ def export_llada_v_multimodal(params: Mapping[str, Any], cfg: VisionConfig,
                               dtype: str | None = None) -> dict[str, np.ndarray]:
     """Inverse of `import_llada_v_multimodal`, with LLaDA-V's names."""
     return {**export_vision(params["vision_tower"], cfg, LLADA_V_VISION_PREFIX, dtype),
-            **export_projector(params["projector"], LLADA_V_PREFIX, dtype)}
+            **export_projector(params["projector"], dtype)}
 
 
 # --- whole LLaDA-V checkpoints ------------------------------------------------------------------
@@ -115,7 +113,7 @@ def llada_v_config_fields(vision: VisionConfig, image_aspect_ratio: str = "anyre
     }
 
 
-def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> VisionConfig:
+def vision_config_from_hf(hf_config: Mapping[str, Any]) -> VisionConfig:
     """The VisionConfig of a LLaDA-V config.json: our recorded architecture if present, else
     SigLIP2 so400m/14 at 384 px with the checkpoint's `mm_vision_select_layer`."""
     fields = dict(hf_config.get(VISION_CONFIG_FIELD) or {})
@@ -124,12 +122,9 @@ def vision_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Vis
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VisionConfig)})
     if unknown:
         raise ValueError(f"config.json {VISION_CONFIG_FIELD}: unknown field(s) {unknown}")
-    fields.update(overrides)
     cfg = VisionConfig(**fields)
     validate_vision(cfg)
     return cfg
-
-
 
 
 def export_llada_v(params: Mapping[str, Any], model_cfg: ModelConfig, vision: VisionConfig,

@@ -124,14 +124,13 @@ def _hf_shape(rule: TensorRule, abstract: Mapping) -> tuple[tuple[int, ...], str
     else:                          # PyTorch [out, in]: rows are our output dims, flattened
         k = rule.num_in_dims
         groups = [(shape[k:], names[k:]), (shape[:k], names[:k])]
-    hf_shape, parts = [], []
+    parts = []
     for sizes, axis_names in groups:
         size = math.prod(sizes)
-        hf_shape.append(size)
         fields = "*".join(AXIS_FIELDS.get(n, str(n)) for n in axis_names)
         values = "*".join(str(s) for s in sizes)
         parts.append(f"{fields}={size}" if len(sizes) == 1 else f"{fields}={values}={size}")
-    return tuple(hf_shape), "[" + ", ".join(parts) + "]"
+    return tuple(math.prod(sizes) for sizes, _ in groups), "[" + ", ".join(parts) + "]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,8 +318,8 @@ def check_params(params: Mapping, config: ModelConfig) -> None:
 def _produce(params: Mapping, tensor: HFTensor, dtype: str, layer: int, expert: int
              ) -> np.ndarray:
     """One stored copy of `tensor` (its `layer` and `expert` slice) in `dtype`, on the host."""
-    xs = [get(params, r.path) for r in tensor.rules]
-    xs = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs]
+    # numpy params go to the default device; a jax.Array comes back as it is (sharding kept).
+    xs = [jnp.asarray(get(params, r.path)) for r in tensor.rules]
     mesh = xs[0].sharding.mesh if isinstance(xs[0].sharding, NamedSharding) else None
     return io.to_host(_host_slice_fn(tensor.rules, dtype, mesh)(
         xs, jnp.int32(layer), jnp.int32(expert)))

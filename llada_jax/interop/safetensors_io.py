@@ -84,8 +84,8 @@ class StoredTensor:
 
     @property
     def num_bytes(self) -> int:
-        readable = _READABLE.get(self.dtype)
-        return math.prod(self.shape) * (1 if readable is None else readable.itemsize)
+        # An unknown dtype (a float8 variant) counts 1 byte per element.
+        return math.prod(self.shape) * _READABLE.get(self.dtype, np.dtype(np.uint8)).itemsize
 
 
 def read_header(path: str) -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -229,20 +229,19 @@ class ShardReader:
 PlannedTensor = tuple[str, np.dtype, tuple[int, ...], Callable[[], np.ndarray]]
 
 
-def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor],
-                      metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: str | None, tensors: Sequence[PlannedTensor]) -> None:
     """Streams tensors into one safetensors file, calling each producer only when its turn comes.
 
     The header (names, dtypes, shapes, offsets) is known from the shapes alone, so only one
-    tensor is ever held in memory. The header's metadata also records each tensor's CRC-32
-    (`CRC32_PREFIX` + name): written as placeholders of the same width first, filled in once the
-    data is written, so import can detect a payload changed later. `path=None` runs the
-    producers without writing (other processes of a multi-host export, which must join the same
-    collectives).
+    tensor is ever held in memory. The header's metadata is ``format: pt`` (as in Hugging Face's
+    files) and each tensor's CRC-32 (`CRC32_PREFIX` + name): written as placeholders of the same
+    width first, filled in once the data is written, so import can detect a payload changed
+    later. `path=None` runs the producers without writing (other processes of a multi-host
+    export, which must join the same collectives).
     """
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; this host is big-endian")
-    meta = {**metadata, **{CRC32_PREFIX + name: "0" * 8 for name, *_ in tensors}}   # placeholders
+    meta = {"format": "pt", **{CRC32_PREFIX + name: "0" * 8 for name, *_ in tensors}}
     header: dict[str, Any] = {"__metadata__": meta}
     offset = 0
     for name, dtype, shape, _ in tensors:
@@ -328,8 +327,7 @@ def write_export(out_dir: str, shards: Sequence[tuple[str, Sequence[PlannedTenso
     try:
         weight_map, total = {}, 0
         for name, tensors in shards:
-            write_safetensors(os.path.join(tmp, name) if writer else None, tensors,
-                              {"format": "pt"})
+            write_safetensors(os.path.join(tmp, name) if writer else None, tensors)
             weight_map.update({key: name for key, *_ in tensors})
             total += sum(math.prod(shape) * np.dtype(dtype).itemsize
                          for _, dtype, shape, _ in tensors)
