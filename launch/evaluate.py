@@ -122,19 +122,15 @@ def parse_model_args(text: str) -> dict:
 def run_benchmarks() -> None:
     """Benchmark mode: lm-eval tasks through the llada_jax model."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
     from llada_jax.evaluation.lm import LladaJaxLM
     from llada_jax.evaluation.presets import load_preset
-    from llada_jax.evaluation.tasks import local_task_folder, split_tasks
+    from llada_jax.evaluation.tasks import load_tasks
 
     preset = load_preset(_PRESET.value) if _PRESET.value else None
-    names, files = split_tasks((_TASKS.value or (preset.tasks if preset else "")).split(","))
-    include = None
-    if files:
-        include, local_names = local_task_folder(files)
-        names += local_names
+    names, task_manager = load_tasks(
+        (_TASKS.value or (preset.tasks if preset else "")).split(","))
     model_args = dict(preset.model_args) if preset else {}
     if preset is not None and preset.get("chat"):
         model_args["chat"] = True
@@ -156,7 +152,7 @@ def run_benchmarks() -> None:
                     cache_path=_CACHE.value, mesh=parallel.make_mesh(fsdp=_MESH_FSDP.value),
                     **model_args)
     out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                          task_manager=TaskManager(include_path=include), log_samples=False,
+                          task_manager=task_manager, log_samples=False,
                           apply_chat_template=_APPLY_CHAT_TEMPLATE.value)
     if out is None:   # not the main process of a multi-host run
         return

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import jinja2
 import numpy as np
+import pytest
 from lm_eval.api.instance import Instance
 
 from llada_jax import parallel
@@ -140,14 +141,18 @@ def test_chat_template_renders_the_official_template_and_reads_back():
     assert lm.tokenizer_name == "CharTokenizer" and lm.chat_template(True)
 
 
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_tasks")
+
+
 def test_chat_template_through_lm_eval():
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    from llada_jax.evaluation.tasks import local_task_folder
+    from llada_jax.evaluation.tasks import load_tasks
 
-    tasks = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval_tasks")
-    include, names = local_task_folder([os.path.join(tasks, "copy_letter_mc.yaml")])
+    # Only local files: lm-eval's built-in task index (about 20 CPU seconds) is not read.
+    names, manager = load_tasks([os.path.join(TASKS, "copy_letter_mc.yaml")])
+    assert names == ["copy_letter_mc"]
+    assert "copy_letter_mc" in manager.all_tasks and "hellaswag" not in manager.all_tasks
     lm = make_lm(mc_num=1, mc_batch_size=1)
     seen = []
     score = lm.loglikelihood
@@ -157,9 +162,6 @@ def test_chat_template_through_lm_eval():
         return score(requests)
 
     lm.loglikelihood = recording
-    # Only the local task: lm-eval's built-in task index (include_defaults) costs about 20 CPU
-    # seconds and none of it is used.
-    manager = TaskManager(include_path=include, include_defaults=False)
     out = simple_evaluate(model=lm, tasks=names, limit=2, apply_chat_template=True,
                           task_manager=manager, log_samples=False, bootstrap_iters=0)
     assert 0.0 <= out["results"]["copy_letter_mc"]["acc,none"] <= 1.0
@@ -167,6 +169,14 @@ def test_chat_template_through_lm_eval():
     # The first two documents ask about "a" and "b": each context is that one user turn.
     assert {context for context, _ in seen} == {
         lm.apply_chat_template([{"role": "user", "content": f"{letter}>"}]) for letter in "ab"}
+
+
+def test_a_registered_task_name_reads_lm_evals_index_and_an_unknown_one_is_refused():
+    from llada_jax.evaluation.tasks import load_tasks
+
+    # hellaswag is one of lm-eval's own tasks (found: not in the message), the other is nobody's.
+    with pytest.raises(ValueError, match=r"^--tasks: \['no_such_task_xyz'\]: no lm-eval task"):
+        load_tasks(["hellaswag", "no_such_task_xyz", os.path.join(TASKS, "copy_letter_mc.yaml")])
 
 
 def test_sharded_likelihood_batches_fill_the_mesh_and_change_nothing():

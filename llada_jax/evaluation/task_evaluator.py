@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.evaluation.tasks import local_task_folder, split_tasks
+from llada_jax.evaluation.tasks import load_tasks
 
 
 class TaskAccuracy:
@@ -23,23 +23,25 @@ class TaskAccuracy:
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  tasks: str | Sequence[str], *, name: str = "tasks", limit: int | None = None,
                  model_args: Mapping[str, Any] | None = None) -> None:
-        names, files = split_tasks(tasks.split(",") if isinstance(tasks, str) else tasks)
-        self.include, local_names = local_task_folder(files) if files else (None, [])
-        self.task_names = names + local_names
+        # Before lm-eval (and the `datasets` library it imports) is first imported: local task
+        # files need no network.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        # One task index for every run (built once: with registered task names, about 20 CPU
+        # seconds); an unknown task name is refused here, before training starts.
+        self.task_names, self.task_manager = load_tasks(
+            tasks.split(",") if isinstance(tasks, str) else tasks)
         self.name, self.config, self.tokenizer, self.limit = name, config, tokenizer, limit
         self.model_args = dict(model_args or {})
 
     def run(self, params: Any, step: int) -> dict[str, float]:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
 
         from llada_jax.evaluation.lm import LladaJaxLM
 
         lm = LladaJaxLM(params=params, config=self.config, tokenizer=self.tokenizer,
                         progress=False, **({"seed": step} | self.model_args))
         out = simple_evaluate(model=lm, tasks=self.task_names, limit=self.limit,
-                              task_manager=TaskManager(include_path=self.include),
+                              task_manager=self.task_manager,
                               log_samples=False, bootstrap_iters=0)
         return {f"{task}/{key.split(',')[0]}": float(value)
                 for task, values in (out or {}).get("results", {}).items()

@@ -4,6 +4,10 @@
 its data with paths relative to the YAML's own folder (``dataset_kwargs.data_files``): they are
 resolved here and the YAML is written, resolved, into a private include folder, so a task folder
 can be moved or shipped with the project and still run with no downloads.
+
+`load_tasks` is the one entry point of the callers (launch/evaluate.py, the trainer's `tasks`
+evaluator): it reads lm-eval's own task index (thousands of YAML files, about 20 CPU seconds)
+only when a registered task name asks for it, and refuses an unknown name before any model runs.
 """
 
 from __future__ import annotations
@@ -74,3 +78,19 @@ def local_task_folder(files: Sequence[str]) -> tuple[str, list[str]]:
             yaml.safe_dump(task, f)
         names.append(task["task"])
     return folder, names
+
+
+def load_tasks(specs: Sequence[str]) -> tuple[list[str], Any]:
+    """(the task names to run, an lm-eval `TaskManager` that defines each of them) of a `--tasks`
+    list. lm-eval's built-in tasks are indexed only when a registered name is asked for (local
+    YAML files need only their own folder); a name that neither defines is a ValueError."""
+    from lm_eval.tasks import TaskManager
+
+    registered, files = split_tasks(specs)
+    include, local_names = local_task_folder(files) if files else (None, [])
+    manager = TaskManager(include_path=include, include_defaults=bool(registered))
+    unknown = [name for name in registered if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"--tasks: {unknown}: no lm-eval task, group or tag of that name (and "
+                         f"not a .yaml file)")
+    return registered + local_names, manager
