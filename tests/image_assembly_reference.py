@@ -70,8 +70,9 @@ def assemble_image_tokens(
       image (`images.unpad_crop`), bilinearly downsampled when too large
       (`images.downsampled_shape`), with `newline` appended to each row, flattened row-major.
 
-    The length equals `images.anyres_num_tokens(image_size)`. Shapes depend on `image_size`, a
-    Python tuple: the function jits with it static (one program per distinct geometry).
+    The length equals that of `images.anyres_token_sources(image_size)`'s plan. Shapes depend on
+    `image_size`, a Python tuple: the function jits with it static (one program per distinct
+    geometry).
     """
     num_views, tokens, dim = view_features.shape
     side = math.isqrt(tokens)

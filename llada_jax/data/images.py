@@ -254,17 +254,6 @@ def bilinear_sources(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.
     return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)
 
 
-def anyres_num_tokens(image_size: tuple[int, int], tile_size: int = TILE_SIZE,
-                      max_grid: int = MAX_GRID, max_num_tiles: int = MAX_NUM_TILES,
-                      tokens_per_side: int = TOKENS_PER_SIDE) -> int:
-    """Image tokens an image of `image_size` turns into: the base view's 27 * 27, then h rows of
-    w tile tokens plus one newline each (h x w: the tile grid after unpadding and downsampling),
-    as its `anyres_token_sources` plan lays them out. The data side expands `<image>` into this
-    many placeholder positions."""
-    return len(anyres_token_sources(image_size, None, tile_size, max_grid, max_num_tiles,
-                                    tokens_per_side)[2])
-
-
 # --- AnyRes pixels ------------------------------------------------------------------------------
 def anyres_pixels(image: Image.Image | str | os.PathLike[str], tile_size: int = TILE_SIZE,
                   max_grid: int = MAX_GRID) -> tuple[np.ndarray, tuple[int, int]]:

@@ -111,11 +111,14 @@ class ImageProcessor:
                                                   self.max_num_tiles, self.tokens_per_side)
 
     def num_tokens(self, image_size: tuple[int, int], pad_to_square: bool = False) -> int:
-        """Image tokens of an image of (width, height) `image_size`."""
+        """Image tokens of an image of (width, height) `image_size`: one view's tokens (and a
+        newline), or for AnyRes the base view's, then h rows of w tile tokens plus one newline
+        each (h x w: the tile grid after unpadding and downsampling), as its
+        `images.anyres_token_sources` plan lays them out."""
         if pad_to_square or self.max_num_tiles is None:
             return self.tokens_per_view + int(pad_to_square or self.newline)
-        return images.anyres_num_tokens(image_size, self.image_size, self.max_grid,
-                                        self.max_num_tiles, self.tokens_per_side)
+        return len(images.anyres_token_sources(image_size, None, self.image_size, self.max_grid,
+                                               self.max_num_tiles, self.tokens_per_side)[2])
 
 
 # --- conversations ------------------------------------------------------------------------------
