@@ -190,8 +190,8 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
             raise ValueError(f"log_likelihood: a prompt + answer of {longest} tokens (padded to "
                              f"{batch['tokens'].shape[1]}) exceeds the model's "
                              f"max_sequence_length={max_len}")
-        out = _estimate_jit(params, batch["tokens"], batch["attention_mask"], batch["positions"],
-                            batch["answer_mask"], jax.random.fold_in(rng, call), model=model,
+        # pack_pairs' keys are the array parameters of _estimate_jit.
+        out = _estimate_jit(params, **batch, rng=jax.random.fold_in(rng, call), model=model,
                             mc_num=mc_num, batch_size=batch_size, cfg_scale=float(cfg_scale),
                             mask_id=mask_id, chunk_size=chunk_size)
         estimates.append(np.asarray(out)[:real])
