@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.diffusion import losses
-from llada_jax.diffusion.sampler import Forward, Head, guidance
+from llada_jax.diffusion.sampler import Forward, Head, constrain_tokens, guidance
 
 # The model enters as in the sampler (`Forward`, `Head`): here forward(tokens [R, L], *,
 # attention_mask [R, L], positions [R, L]) -> logits [R, L, V], or the final hidden states
@@ -88,8 +88,7 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
         if use_cfg:
             uncond = jnp.where(prompt_positions[:, None, :], mask_id, noisy)
             noisy = jnp.stack([noisy, uncond], axis=2)                              # [P, b, 2, L]
-        model_tokens = nn.with_logical_constraint(
-            noisy.reshape(pairs * copies, length), ("activation_batch", "activation_length"))
+        model_tokens = constrain_tokens(noisy.reshape(pairs * copies, length))
         targets = jnp.broadcast_to(tokens[:, None, :], (pairs, b, length))
         # Logits, or with `head` the hidden states, [P, b, (2,) L, V or d].
         out = forward(model_tokens, attention_mask=model_mask, positions=model_positions,

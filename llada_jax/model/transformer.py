@@ -178,8 +178,7 @@ class Transformer(nn.Module):
     def _run_blocks(self, h, positions, mask, kv_cache, cache_index, return_kv):
         """The scanned stacks; MoE router statistics are sown into the `moe_stats` collection
         (`RouterStats` stacked over the MoE layers) when the caller makes it mutable."""
-        c = self.config
-        first = c.num_dense_layers if c.is_moe else 0
+        first = self.config.num_dense_layers if self.config.is_moe else 0
         stacks = [(self.dense_blocks, slice(0, first))] if first else []
         stacks.append((self.blocks, slice(first, None)))
         kv_parts = []
