@@ -139,10 +139,9 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
         cut_length, valid = jnp.int32(length), jnp.ones((length,), bool)
     noised = noise.forward_process(noise_rng, tokens, mask_id, train.mask_eps,
                                    maskable & valid[None, :])
-    prepared = {
-        "noisy_tokens": noised.noisy_tokens, "tokens": tokens, "noised": noised.noised,
-        "mask_prob": noised.mask_prob, "maskable": maskable,
-        "cut_length": jnp.broadcast_to(cut_length, (rows,))}
+    # The forward process's noisy_tokens, noised and mask_prob, then the clean side.
+    prepared = {**noised._asdict(), "tokens": tokens, "maskable": maskable,
+                "cut_length": jnp.broadcast_to(cut_length, (rows,))}
     # A key mask is only built when some key must be hidden: attention backends without mask
     # support (splash) then still run plain pre-training batches.
     if use_cut or segment_ids is not None or fill is not None:
