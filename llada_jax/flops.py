@@ -25,39 +25,33 @@ from __future__ import annotations
 
 from llada_jax.config import ModelConfig
 
-# Dense bf16 peak TFLOP/s of one device, by `device_kind` prefix (the longest prefix wins).
-PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H200": 989.0, "NVIDIA H100": 989.0,
-    "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0,
-}
-
-# Peak memory bandwidth (GB/s) of one device, by `device_kind` prefix (the longest wins).
-PEAK_BANDWIDTH = {
-    "TPU v4": 1228.0, "TPU v5 lite": 819.0, "TPU v5e": 819.0, "TPU v5p": 2765.0, "TPU v5": 2765.0,
-    "TPU v6 lite": 1640.0, "TPU v6e": 1640.0, "NVIDIA H200": 4800.0, "NVIDIA H100": 3350.0,
-    "NVIDIA A100": 2039.0, "NVIDIA B200": 8000.0,
+# The peaks of one device, by `device_kind` prefix (the longest prefix wins): (dense bf16
+# TFLOP/s, memory bandwidth in GB/s).
+PEAKS = {
+    "TPU v4": (275.0, 1228.0), "TPU v5 lite": (197.0, 819.0), "TPU v5e": (197.0, 819.0),
+    "TPU v5p": (459.0, 2765.0), "TPU v5": (459.0, 2765.0), "TPU v6 lite": (918.0, 1640.0),
+    "TPU v6e": (918.0, 1640.0), "NVIDIA H200": (989.0, 4800.0), "NVIDIA H100": (989.0, 3350.0),
+    "NVIDIA A100": (312.0, 2039.0), "NVIDIA B200": (2250.0, 8000.0),
 }
 
 
-def _peak(table: dict[str, float], device_kind: str, override: float | None,
-          unit: float) -> float | None:
-    """unit x (`override` if given, else the table entry of the longest prefix of
+def _peak(column: int, device_kind: str, override: float | None, unit: float) -> float | None:
+    """unit x (`override` if given, else `column` of the `PEAKS` entry of the longest prefix of
     `device_kind`); None if unknown."""
-    value = override or next((table[prefix] for prefix in sorted(table, key=len, reverse=True)
-                              if device_kind.startswith(prefix)), None)
+    value = override or next((PEAKS[kind][column] for kind in sorted(PEAKS, key=len, reverse=True)
+                              if device_kind.startswith(kind)), None)
     return None if value is None else value * unit
 
 
 def peak_flops_per_device(device_kind: str, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: `override_tflops` if given, else the table; None if unknown."""
-    return _peak(PEAK_TFLOPS, device_kind, override_tflops, 1e12)
+    """Peak FLOP/s of one device: `override_tflops` if given, else `PEAKS`; None if unknown."""
+    return _peak(0, device_kind, override_tflops, 1e12)
 
 
 def peak_bandwidth_per_device(device_kind: str,
                               override_gbps: float | None = None) -> float | None:
-    """Peak memory bandwidth in bytes/s: `override_gbps` (GB/s) if given, else the table."""
-    return _peak(PEAK_BANDWIDTH, device_kind, override_gbps, 1e9)
+    """Peak memory bandwidth in bytes/s: `override_gbps` (GB/s) if given, else `PEAKS`."""
+    return _peak(1, device_kind, override_gbps, 1e9)
 
 
 def _attention_weights(model: ModelConfig) -> int:

@@ -292,7 +292,7 @@ def test_xla_attention_in_query_blocks_matches_numpy_and_unblocked_gradients():
     key_mask[1, 9:] = False
     segments = np.ones((b, length), np.int32)
     segments[0, 5:] = 2
-    mask = MaskInfo(jnp.asarray(key_mask), jnp.asarray(segments), jnp.asarray(segments))
+    mask = MaskInfo(jnp.asarray(key_mask), jnp.asarray(segments))
 
     expected = np.zeros_like(q)
     for bi in range(b):

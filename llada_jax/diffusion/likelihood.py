@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.diffusion import losses
-from llada_jax.diffusion.sampler import Forward, Head, guidance
+from llada_jax.diffusion.sampler import Forward, Head, constrain_tokens, guidance
 
 # The model enters as in the sampler (`Forward`, `Head`): here forward(tokens [R, L], *,
 # attention_mask [R, L], positions [R, L]) -> logits [R, L, V], or the final hidden states
@@ -88,8 +88,7 @@ def elbo_estimate(forward: Forward, tokens: jax.Array, attention_mask: jax.Array
         if use_cfg:
             uncond = jnp.where(prompt_positions[:, None, :], mask_id, noisy)
             noisy = jnp.stack([noisy, uncond], axis=2)                              # [P, b, 2, L]
-        model_tokens = nn.with_logical_constraint(
-            noisy.reshape(pairs * copies, length), ("activation_batch", "activation_length"))
+        model_tokens = constrain_tokens(noisy.reshape(pairs * copies, length))
         targets = jnp.broadcast_to(tokens[:, None, :], (pairs, b, length))
         # Logits, or with `head` the hidden states, [P, b, (2,) L, V or d].
         out = forward(model_tokens, attention_mask=model_mask, positions=model_positions,
@@ -190,8 +189,8 @@ def log_likelihood(params: Any, model: nn.Module, prompts: Sequence[Sequence[int
             raise ValueError(f"log_likelihood: a prompt + answer of {longest} tokens (padded to "
                              f"{batch['tokens'].shape[1]}) exceeds the model's "
                              f"max_sequence_length={max_len}")
-        out = _estimate_jit(params, batch["tokens"], batch["attention_mask"], batch["positions"],
-                            batch["answer_mask"], jax.random.fold_in(rng, call), model=model,
+        # pack_pairs' keys are the array parameters of _estimate_jit.
+        out = _estimate_jit(params, **batch, rng=jax.random.fold_in(rng, call), model=model,
                             mc_num=mc_num, batch_size=batch_size, cfg_scale=float(cfg_scale),
                             mask_id=mask_id, chunk_size=chunk_size)
         estimates.append(np.asarray(out)[:real])

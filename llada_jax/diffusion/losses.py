@@ -66,8 +66,7 @@ def chunked_cross_entropy(logits_fn: Callable[[Any], jax.Array], hidden: Any, ta
     Each chunk runs under `jax.checkpoint` inside a `lax.scan`, so the backward pass too
     recomputes one chunk's logits at a time instead of keeping all of them as residuals.
     """
-    length = targets.shape[-1]
-    if chunk_size <= 0 or chunk_size >= length:
+    if chunk_size <= 0 or chunk_size >= targets.shape[-1]:
         return cross_entropy_and_hits(logits_fn(hidden), targets)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)

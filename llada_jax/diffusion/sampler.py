@@ -152,7 +152,7 @@ def _finished_stops(gen: jax.Array, stop_ids: Sequence[int], mask_id: int) -> ja
     return jnp.isin(gen, jnp.asarray(stop_ids, gen.dtype)) & (masks_before == 0)
 
 
-def _constrain(x: jax.Array) -> jax.Array:
+def constrain_tokens(x: jax.Array) -> jax.Array:
     """Batch-shard token-shaped arrays (a no-op without a mesh / rules in context)."""
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length"))
 
@@ -179,14 +179,13 @@ def candidate_logits(logits: jax.Array, config: SamplerConfig) -> jax.Array:
     """float32 logits [..., V] with every id that may never be generated set to -inf: the mask id
     (committing it would leave the position masked; the official code allows it, a trained model
     gives it ~0 probability), ids >= `vocab_limit`, EOS with `logits_eos_inf`, `banned_ids`."""
-    c = config
-    logits = logits.at[..., c.mask_id].set(-jnp.inf)
-    if c.vocab_limit > 0:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_limit, logits, -jnp.inf)
-    if c.logits_eos_inf:
-        logits = logits.at[..., c.eos_id].set(-jnp.inf)
-    if c.banned_ids:
-        logits = logits.at[..., jnp.asarray(c.banned_ids)].set(-jnp.inf)
+    logits = logits.at[..., config.mask_id].set(-jnp.inf)
+    if config.vocab_limit > 0:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_limit, logits, -jnp.inf)
+    if config.logits_eos_inf:
+        logits = logits.at[..., config.eos_id].set(-jnp.inf)
+    if config.banned_ids:
+        logits = logits.at[..., jnp.asarray(config.banned_ids)].set(-jnp.inf)
     return logits
 
 
@@ -248,13 +247,12 @@ def candidate_confidence(logits: jax.Array, candidates: jax.Array, config: Sampl
     aliasing accident); here it holds at every temperature. `random`: U(0, 1), on which the
     EOS/EoT rule has no effect (as in the official code, where it acts through the softmax).
     """
-    c = config
-    if c.remasking == "random":
+    if config.remasking == "random":
         return _rowwise(jax.random.uniform, key, candidates.shape)
-    if c.confidence_eos_eot_inf:
-        logits = logits.at[..., c.eos_id].set(-jnp.inf)
-        if c.eot_id >= 0:
-            logits = logits.at[..., c.eot_id].set(-jnp.inf)
+    if config.confidence_eos_eot_inf:
+        logits = logits.at[..., config.eos_id].set(-jnp.inf)
+        if config.eot_id >= 0:
+            logits = logits.at[..., config.eot_id].set(-jnp.inf)
     chosen = jnp.take_along_axis(logits, candidates[..., None], axis=-1)[..., 0]
     normaliser = jax.nn.logsumexp(logits, axis=-1)
     # A row whose every allowed logit is EOS/EoT: confidence 0 (the official softmax gives NaN).
@@ -367,7 +365,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         """Outputs [R, width, V or d] of the window [start, start + width) (by default the whole
         canvas; with a `cache` it attends over every cached position), and with `return_kv`
         the window's keys/values."""
-        return forward(_constrain(model_tokens(x, start, width)), attention_mask=model_mask,
+        return forward(constrain_tokens(model_tokens(x, start, width)), attention_mask=model_mask,
                        positions=jax.lax.dynamic_slice_in_dim(model_positions, start, width, 1),
                        kv_cache=cache, cache_index=start, return_kv=return_kv, **model_kwargs)
 
@@ -429,7 +427,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
                                                  keepdims=False)
         committed = commit_mask(confidence, eligible, jnp.minimum(count, jnp.sum(eligible, 1)))
         block_tokens = jnp.where(committed, candidates, block_tokens)
-        x = _constrain(jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1))
+        x = constrain_tokens(jax.lax.dynamic_update_slice_in_dim(x, block_tokens, block_start, 1))
         return x, committed
 
     def run_block(state: _LoopState, window: int) -> _LoopState:
@@ -472,7 +470,7 @@ def sample(forward: Forward, tokens: jax.Array, attention_mask: jax.Array, posit
         _, kv_shape = jax.eval_shape(lambda x: model_pass(x, return_kv=True), tokens)
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), kv_shape)
     state = _LoopState(
-        tokens=_constrain(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
+        tokens=constrain_tokens(tokens), cache=cache, block=jnp.int32(0), step=jnp.int32(0),
         schedule=jnp.zeros((batch, c.schedule_steps), jnp.int32),
         commit_pass=jnp.full((batch, c.gen_length), -1, jnp.int32), passes=jnp.int32(0),
         positions=jnp.int32(0), done=jnp.bool_(False))

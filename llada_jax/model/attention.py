@@ -37,21 +37,21 @@ _HEAD_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_he
 class MaskInfo(NamedTuple):
     """Who may attend to whom, in the compact form every backend can use.
 
-    key_mask: [B, Lk] bool, False for padded keys (or None); query_segments [B, Lq] and
-    key_segments [B, Lk] int: a query sees only keys of its own segment (or None). Keeping the
-    pieces instead of a dense [B, Lq, Lk] mask lets the splash kernel use segment ids and keeps
-    XLA from materialising a quadratic mask.
+    key_mask: [B, Lk] bool, False for padded keys (or None); segment_ids [B, L] int: a query
+    sees only keys of its own segment (or None; packed documents are never a cached window, so
+    queries and keys are the same L positions). Keeping the pieces instead of a dense
+    [B, Lq, Lk] mask lets the splash kernel use segment ids and keeps XLA from materialising a
+    quadratic mask.
     """
 
     key_mask: jax.Array | None = None
-    query_segments: jax.Array | None = None
-    key_segments: jax.Array | None = None
+    segment_ids: jax.Array | None = None
 
     def dense(self, q_len: int, k_len: int) -> jax.Array | None:
         """[B, Lq, Lk] bool mask (True = may attend), or None when everything is visible."""
         mask = None if self.key_mask is None else self.key_mask[:, None, :].astype(bool)
-        if self.query_segments is not None:
-            same = self.query_segments[:, :, None] == self.key_segments[:, None, :]
+        if self.segment_ids is not None:
+            same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]
             mask = same if mask is None else mask & same
         return None if mask is None else jnp.broadcast_to(mask, (mask.shape[0], q_len, k_len))
 
@@ -74,24 +74,23 @@ def _attend(q, k, v, dense_mask):
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo,
-                  query_block: int | None = None) -> jax.Array:
+                  query_block: int = QUERY_BLOCK) -> jax.Array:
     """q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D] -> [B, Lq, H, D]. Softmax in float32.
 
-    Sequences longer than `query_block` (default QUERY_BLOCK) that it divides are computed a
-    block of queries at a time in a `lax.scan`, each block under `jax.checkpoint`, so neither
-    pass holds the whole [B, H, Lq, Lk] score matrix; the values are those of one block.
+    Sequences longer than `query_block` that it divides are computed a block of queries at a
+    time in a `lax.scan`, each block under `jax.checkpoint`, so neither pass holds the whole
+    [B, H, Lq, Lk] score matrix; the values are those of one block.
     """
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, lq, kvh, h // kvh, d)
     dense = mask.dense(lq, k.shape[1])
-    block = QUERY_BLOCK if query_block is None else query_block
-    if lq <= block or lq % block:
+    if lq <= query_block or lq % query_block:
         return _attend(q, k, v, dense).reshape(b, lq, h, d)
-    blocks = lq // block
+    blocks = lq // query_block
 
-    def split(x):  # [B, Lq, ...] -> [blocks, B, block, ...]
-        return jnp.moveaxis(x.reshape((b, blocks, block, *x.shape[2:])), 1, 0)
+    def split(x):  # [B, Lq, ...] -> [blocks, B, query_block, ...]
+        return jnp.moveaxis(x.reshape((b, blocks, query_block, *x.shape[2:])), 1, 0)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_block(q_block, mask_block):
@@ -144,8 +143,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -
     kernel = sk.make_splash_mqa_single_device(
         sm.MultiHeadMask([sm.FullMask((lq, lk))] * groups), block_sizes=sizes,
         interpret=backend != "tpu")
-    q_seg = jnp.ones((b, lq), jnp.int32) if mask.query_segments is None else mask.query_segments
-    k_seg = jnp.ones((b, lk), jnp.int32) if mask.key_segments is None else mask.key_segments
+    q_seg = jnp.ones((b, lq), jnp.int32) if mask.segment_ids is None else mask.segment_ids
+    k_seg = jnp.ones((b, lk), jnp.int32) if mask.segment_ids is None else mask.segment_ids
     if mask.key_mask is not None:
         k_seg = jnp.where(mask.key_mask, k_seg, 0)
     qt = (q / math.sqrt(d)).reshape(b, lq, kvh, groups, d).transpose(0, 2, 3, 1, 4)

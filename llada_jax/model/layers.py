@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Initializer = nn.initializers.Initializer
 # Logical axes of the hidden states [B, L, d] between blocks.
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -81,7 +80,7 @@ class Projection(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     init_std: float = 0.02
-    kernel_init: Initializer | None = None
+    kernel_init: nn.initializers.Initializer | None = None
     use_bias: bool = False
 
     @nn.compact

@@ -126,8 +126,7 @@ class Transformer(nn.Module):
         # the same Block (dense FFN), `dense_blocks`, in front of the MoE stack `blocks`.
         if c.num_dense_layers and c.is_moe:
             self.dense_blocks = scanned_blocks(c, c.num_dense_layers, False)
-        self.blocks = scanned_blocks(c, c.n_layers - (c.num_dense_layers if c.is_moe else 0),
-                                     c.is_moe)
+        self.blocks = scanned_blocks(c, c.num_moe_layers if c.is_moe else c.n_layers, c.is_moe)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings [B, L, d] in the compute dtype (no scaling, as in LLaDA)."""
@@ -170,7 +169,7 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.shape != (batch, key_length):
             raise ValueError(f"Transformer: attention_mask must be [batch={batch}, "
                              f"keys={key_length}], found {attention_mask.shape}")
-        mask = MaskInfo(attention_mask, segment_ids, segment_ids)
+        mask = MaskInfo(attention_mask, segment_ids)
         h = nn.with_logical_constraint(h, HIDDEN_AXES)
         h, window_kv = self._run_blocks(h, positions, mask, kv_cache, cache_index, return_kv)
         out = self.ln_f(h) if return_hidden else self.logits_from_hidden(self.ln_f(h))
@@ -179,8 +178,7 @@ class Transformer(nn.Module):
     def _run_blocks(self, h, positions, mask, kv_cache, cache_index, return_kv):
         """The scanned stacks; MoE router statistics are sown into the `moe_stats` collection
         (`RouterStats` stacked over the MoE layers) when the caller makes it mutable."""
-        c = self.config
-        first = c.num_dense_layers if c.is_moe else 0
+        first = self.config.num_dense_layers if self.config.is_moe else 0
         stacks = [(self.dense_blocks, slice(0, first))] if first else []
         stacks.append((self.blocks, slice(first, None)))
         kv_parts = []

@@ -129,8 +129,6 @@ def non_finite_paths(tree: Any) -> list[str]:
     only booleans come back to the host."""
     leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return []
     flags = jax.device_get(_finite_flags([x for _, x in leaves]))
     return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, flags, strict=True)
             if not ok]

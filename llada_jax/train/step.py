@@ -139,10 +139,9 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
         cut_length, valid = jnp.int32(length), jnp.ones((length,), bool)
     noised = noise.forward_process(noise_rng, tokens, mask_id, train.mask_eps,
                                    maskable & valid[None, :])
-    prepared = {
-        "noisy_tokens": noised.noisy_tokens, "tokens": tokens, "noised": noised.noised,
-        "mask_prob": noised.mask_prob, "maskable": maskable,
-        "cut_length": jnp.broadcast_to(cut_length, (rows,))}
+    # The forward process's noisy_tokens, noised and mask_prob, then the clean side.
+    prepared = {**noised._asdict(), "tokens": tokens, "maskable": maskable,
+                "cut_length": jnp.broadcast_to(cut_length, (rows,))}
     # A key mask is only built when some key must be hidden: attention backends without mask
     # support (splash) then still run plain pre-training batches.
     if use_cut or segment_ids is not None or fill is not None:
@@ -154,16 +153,16 @@ def prepare_batch(batch: dict[str, jax.Array], train: ml_collections.ConfigDict,
     return prepared
 
 
-def lm_head_kernel(params: Any) -> jax.Array | None:
+def lm_head_kernel(params: Any) -> jax.Array:
     """The LM-head kernel [d, V] of Transformer (`lm_head`) or LLaDAV (`language_model/lm_head`)
-    params: with tied embeddings (no `lm_head`) the transposed table `wte`; None for another
-    parameter tree."""
+    params: with tied embeddings (no `lm_head`) the transposed table `wte`."""
     for scope in (params, params.get("language_model", {})):
         if "lm_head" in scope:
             return nn.unbox(scope["lm_head"]["kernel"])  # boxed (logical axes) or plain
         if "wte" in scope and "blocks" in scope:         # tied: logits = h @ wte^T
             return nn.unbox(scope["wte"]).T
-    return None
+    raise ValueError(f"train.loss_chunk_size > 0 needs the params of a Transformer or LLaDAV "
+                     f"(an `lm_head` or a tied `wte`), found {sorted(params)}")
 
 
 def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
@@ -199,15 +198,9 @@ def make_loss_fn(model: nn.Module, objective: str, chunk_size: int = 0,
                       segment_ids=micro.get("segment_ids"), **images)
         if chunk_size > 0:
             hidden, stats = apply(variables, micro["noisy_tokens"], return_hidden=True, **inputs)
-            head_kernel = lm_head_kernel(params)
-            if head_kernel is not None:  # the LM head with its sharded, hand-written backward
-                ce, hits = losses.lm_head_cross_entropy(
-                    hidden, head_kernel, micro["tokens"], chunk_size,
-                    jnp.dtype(model.config.dtype))
-            else:
-                ce, hits = losses.chunked_cross_entropy(
-                    lambda h: model.apply(variables, h, method="logits_from_hidden"), hidden,
-                    micro["tokens"], chunk_size)
+            # The LM head with its sharded, hand-written backward.
+            ce, hits = losses.lm_head_cross_entropy(hidden, lm_head_kernel(params), micro["tokens"],
+                                                    chunk_size, jnp.dtype(model.config.dtype))
         else:
             logits, stats = apply(variables, micro["noisy_tokens"], **inputs)
             ce, hits = losses.cross_entropy_and_hits(logits, micro["tokens"])
@@ -233,12 +226,10 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     train = config.train
     mask_id = int(config.model.mask_token_id)
     schedule = make_schedule(train)
-    # Router-loss weights: defaults 0.01 / 0 where a config predates them.
     loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size),
-                           float(train.get("moe_aux_loss_weight", 0.01)),
-                           float(train.get("moe_z_loss_weight", 0.0)))
+                           float(train.moe_aux_loss_weight), float(train.moe_z_loss_weight))
     num_micro = int(train.grad_accum_steps)
-    bias_rate = float(train.get("moe_bias_update_rate", 0.0))
+    bias_rate = float(train.moe_bias_update_rate)
     trainable = parse_trainable(train.trainable)
 
     def trained_loss_fn(params, micro):  # frozen groups: no gradient is even computed

@@ -42,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh
 
 from llada_jax import config as config_lib
@@ -171,12 +172,7 @@ _RESUME_OPTIMISER_FIELDS = (
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """{dotted field name: value} of every leaf of the config."""
-    def flat(prefix: str, value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            return {prefix[:-1]: value}
-        return {k: v for key, item in value.items()
-                for k, v in flat(f"{prefix}{key}.", item).items()}
-    return flat("", checkpoint_lib.config_to_json(config))
+    return flatten_dict(checkpoint_lib.config_to_json(config), sep=".")
 
 
 def _matches(field: str, patterns: Sequence[str]) -> bool:
