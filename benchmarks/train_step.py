@@ -18,7 +18,7 @@ Model FLOPs per step are `llada_jax.flops.train_flops_per_step` (6 N tokens plus
 bidirectional attention; no causal halving, remat not counted); for mixture-of-experts models
 N is the active parameters (router, experts_per_token routed and the shared experts).
 MFU = model FLOPs per second / (devices * peak bf16 FLOP/s of one device), with the peak from
-`--peak_tflops` or `llada_jax.flops.PEAK_TFLOPS` (null on CPU).
+`--peak_tflops` or `llada_jax.flops.PEAKS` (null on CPU).
 
 `cost_per_device` is XLA's own count for the compiled program of one device
 (`compiled.cost_analysis()`: FLOPs and bytes accessed). XLA counts a loop body once, so the

@@ -188,3 +188,10 @@ def test_group_learning_rates_shared_by_every_group_replace_the_base_rate():
     tx = make_optimizer(config.train)
     updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates["wte"], -0.2 * 0.5 * params["wte"], rtol=1e-6)
+    # The step logs the rate it trains with.
+    config.train.update(seq_len=16, batch_size=8)
+    mesh, model, tx, shardings, state = _single_device_setup(config)
+    step = step_lib.make_train_step(config, model, tx, mesh, shardings)
+    tokens = np.random.default_rng(0).integers(4, 100, (8, 16)).astype(np.int32)
+    _, metrics = step(state, parallel.global_batch({"tokens": tokens}, mesh))
+    assert float(metrics["learning_rate"]) == pytest.approx(0.2)

@@ -68,6 +68,7 @@ from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
 from llada_jax.train.optimizer import (
     accumulate_gradients,
+    group_peak_learning_rates,
     make_schedule,
     split_micro_batches,
     stop_frozen_gradients,
@@ -225,7 +226,8 @@ def train_step_fn(config: ml_collections.ConfigDict, model: Transformer,
     """The un-jitted step (state, batch) -> (state, metrics)."""
     train = config.train
     mask_id = int(config.model.mask_token_id)
-    schedule = make_schedule(train)
+    # The logged rate is the language model's (its group rate when one is set).
+    schedule = make_schedule(train, group_peak_learning_rates(train)["language_model"])
     loss_fn = make_loss_fn(model, train.objective, int(train.loss_chunk_size),
                            float(train.moe_aux_loss_weight), float(train.moe_z_loss_weight))
     num_micro = int(train.grad_accum_steps)
