@@ -681,5 +681,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("min_lr_ratio", (lambda v: not 0 <= v <= 1,
                           "a fraction of the peak learning rate in [0, 1]")),
         ("init_from", (lambda v: not isinstance(v, str), "a checkpoint directory or ''")),
+        # The range of grain's shuffle seed (a bad seed used to fail there, inside grain).
+        ("seed", (lambda v: COUNT[0](v) or v >= 2**32, "an integer in [0, 2**32)")),
     ))
     validate_sampler(config.sampler)

@@ -77,6 +77,17 @@ def test_max_bad_steps_is_validated():
         config_lib.validate(c)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])  # (ConfigDict refuses non-ints itself)
+def test_train_seed_is_validated(seed):
+    c = config_lib.default_config()
+    c.train.seed = seed
+    with pytest.raises(ValueError, match=r"^config.train.seed: expected an integer in "
+                                         r"\[0, 2\*\*32\), found"):
+        config_lib.validate(c)
+    c.train.seed = 2**32 - 1   # the largest accepted
+    config_lib.validate(c)
+
+
 def test_moe_fields_against_the_mesh_and_weights():
     from llada_jax import parallel
 
