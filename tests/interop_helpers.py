@@ -30,9 +30,9 @@ def model_config_from_hf(hf_config: Mapping, generation_config: Mapping | None =
                          overrides: Mapping[str, Any] | None = None,
                          source: str = "config.json") -> ModelConfig:
     """A `ModelConfig` from a config.json dict of any family: the `model_config_from_hf` of the
-    first family of `hf.FAMILIES` that reads it, as `hf.inspect_hf_checkpoint` picks it."""
-    family = next(family for family in hf.FAMILIES if family.matches(hf_config))
-    return family.model_config_from_hf(hf_config, generation_config, overrides, source)
+    family `hf.family_of_config` picks for it, as `hf.inspect_hf_checkpoint` does."""
+    return hf.family_of_config(hf_config).model_config_from_hf(hf_config, generation_config,
+                                                               overrides, source)
 
 
 def split_vision_keys(names: Iterable[str], cfg: VisionConfig,

@@ -62,6 +62,11 @@ def family_of(naming: str) -> ModuleType:
     raise ValueError(f"naming: expected one of {NAMINGS}, found {naming!r}")
 
 
+def family_of_config(hf_config: Mapping) -> ModuleType:
+    """The family whose table reads this config.json (LLaDA, the last, reads any other)."""
+    return next(family for family in FAMILIES if family.matches(hf_config))
+
+
 @dataclasses.dataclass(frozen=True)
 class HFCheckpoint:
     """A validated Hugging Face checkpoint directory: config, layout and tensor headers."""
@@ -95,7 +100,7 @@ def inspect_hf_checkpoint(hf_dir: str, overrides: Mapping[str, Any] | None = Non
     hf_config = read_json(config_path)
     generation_path = os.path.join(hf_dir, "generation_config.json")
     generation = read_json(generation_path) if os.path.isfile(generation_path) else None
-    family = next(family for family in FAMILIES if family.matches(hf_config))
+    family = family_of_config(hf_config)
     config = family.model_config_from_hf(hf_config, generation, overrides, source=config_path)
     tensors = {k: t for k, t in list_tensors(hf_dir).items()
                if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(tuple(skip_prefixes))}
