@@ -28,7 +28,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +58,7 @@ def import_projector(tensors: Mapping[str, Any], vision_width: int, d_model: int
     """LLaDA-V `mm_projector` (mlp2x_gelu) and `image_newline` -> `Projector` params."""
     abstract = jax.eval_shape(Projector(d_model).init, jax.random.key(0),
                               jnp.zeros((1, vision_width)))["params"]
-    return import_tensors(tensors, _PROJECTOR, nn.unbox(abstract), LLADA_V_PREFIX, dtype,
+    return import_tensors(tensors, _PROJECTOR, abstract, LLADA_V_PREFIX, dtype,
                           "projector tensor(s)")
 
 
