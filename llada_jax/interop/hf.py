@@ -71,7 +71,6 @@ def family_of_config(hf_config: Mapping) -> ModuleType:
 class HFCheckpoint:
     """A validated Hugging Face checkpoint directory: config, layout and tensor headers."""
 
-    directory: str
     naming: str
     hf_config: dict
     config: ModelConfig
@@ -111,7 +110,7 @@ def inspect_hf_checkpoint(hf_dir: str, overrides: Mapping[str, Any] | None = Non
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8
                                 else [])
         raise ValueError(f"{hf_dir} does not match its config.json:\n  - " + "\n  - ".join(shown))
-    return HFCheckpoint(hf_dir, naming, hf_config, config, tied, tensors)
+    return HFCheckpoint(naming, hf_config, config, tied, tensors)
 
 
 def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
