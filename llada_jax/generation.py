@@ -31,10 +31,10 @@ import numpy as np
 
 from llada_jax import parallel
 from llada_jax.data import multimodal_data
+from llada_jax.data.schema import IMAGE_FIELDS
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.diffusion.sampler import SamplerConfig, StreamCallback, generate, pad_prompts
 from llada_jax.interop import safetensors_io
-from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.train import checkpoint, state
 
 
@@ -127,10 +127,11 @@ class Generator:
         # Placed by the default rule table: that of `config` (the library defaults).
         model_config, params = hf.import_hf(hf_dir, mesh=mesh, param_dtype=param_dtype,
                                             overrides=None if dtype is None else {"dtype": dtype})
+        # A valid config: import_hf validated the model; the rest are the library defaults, with
+        # train.seq_len kept within the model's length.
         config.model.update(dataclasses.asdict(model_config))
         config.data.tokenizer = tokenizer
         config.train.seq_len = min(config.train.seq_len, model_config.max_sequence_length)
-        config_lib.validate(config)
         return cls.from_params(config, params, mesh, tokenizer=tokenizer)
 
     @classmethod

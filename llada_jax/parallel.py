@@ -82,11 +82,10 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, in
     return sizes["data"], sizes["fsdp"], sizes["expert"], sizes["tensor"]
 
 
-def validate_mesh(config: ml_collections.ConfigDict,
-                  num_devices: int) -> tuple[int, int, int, int]:
+def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks what of a config depends on the devices: the mesh sizes fit `num_devices`, the
     global batch splits over the batch axes and micro-batches, the tensor axis divides the sharded
-    model dimensions. Returns the mesh shape; raises ValueError naming the field."""
+    model dimensions. Raises ValueError naming the field."""
     data, fsdp, expert, tensor = mesh_shape(config.mesh, num_devices)
     t, m = config.train, model_config(config)
     axes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert,
@@ -103,7 +102,6 @@ def validate_mesh(config: ml_collections.ConfigDict,
          + (" expert_mlp_hidden_size" if m.num_experts else ""),
          (lambda v: v % tensor, f"a multiple of mesh.tensor={tensor}")),
     ))
-    return data, fsdp, expert, tensor
 
 
 def make_mesh(config: ml_collections.ConfigDict | None = None,

@@ -186,7 +186,7 @@ def encode_conversation(messages: Sequence[dict], image_list: Sequence[Any],
 def image_inputs(tokens: np.ndarray, conversations: Sequence[EncodedConversation],
                  max_views: int, image_size: int, tokens_per_view: int,
                  origins: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The `multimodal.IMAGE_FIELDS` arrays of rows `tokens` [B, L] (placeholders where the
+    """The `schema.IMAGE_FIELDS` arrays of rows `tokens` [B, L] (placeholders where the
     conversations' image tokens go, in order; padding anywhere else is fine)."""
     tokens = np.asarray(tokens)
     pixels = np.zeros((len(tokens), max_views, image_size, image_size, 3), np.uint8)

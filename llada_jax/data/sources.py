@@ -162,6 +162,15 @@ def matching_files(pattern: str) -> list[str]:
     return paths
 
 
+def _as_record(value: Any, origin: str) -> dict[str, Any]:
+    """A parsed JSON value as the record of `origin` (a new dict), or the error record of a
+    value that is not a JSON object."""
+    if not isinstance(value, dict):
+        return {ORIGIN: origin, ERROR: f"expected a JSON object, found a JSON "
+                f"{_JSON_TYPE_NAMES.get(type(value), type(value).__name__)}"}
+    return {**value, ORIGIN: origin}
+
+
 def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, line_numbers) of the non-blank lines of a file (byte offsets, 1-based lines).
 
@@ -256,11 +265,7 @@ class FileLinesSource:
             hint = (" (files: reads one JSON object per line; this looks like a file holding one "
                     "JSON list)" if line.strip() in ("[", "[{") else "")
             return {ORIGIN: origin, ERROR: f"malformed JSON ({e}){hint}"}
-        if not isinstance(record, dict):
-            return {ORIGIN: origin, ERROR: f"expected a JSON object, found a JSON "
-                    f"{_JSON_TYPE_NAMES.get(type(record), type(record).__name__)}"}
-        record[ORIGIN] = origin
-        return record
+        return _as_record(record, origin)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index) % len(self)
@@ -446,10 +451,7 @@ class LlavaFilesSource:
         local = index - int(self._offsets[part])
         if isinstance(records, list):
             line, record = records[local]
-            origin = f"{path}:{line}"
-            record = (dict(record, **{ORIGIN: origin}) if isinstance(record, dict) else
-                      {ORIGIN: origin, ERROR: f"expected a JSON object, found "
-                                                              f"{type(record).__name__}"})
+            record = _as_record(record, f"{path}:{line}")   # a copy: the list stays as read
         else:
             record = records[local]
         folder = self.image_folder or os.path.dirname(os.path.abspath(path))

@@ -79,12 +79,10 @@ TASKS: tuple[Callable[[np.random.Generator], tuple[str, str]], ...] = (
 
 
 class SyntheticTextSource:
-    """Pre-training documents `{"text": str}` of the built-in corpus; `split` is train or eval."""
+    """Pre-training documents `{"text": str}` of the built-in corpus; `split` is train or eval.
+    `size` is `config.data.synthetic_size`, a positive integer (`data.validation.check`)."""
 
     def __init__(self, size: int, seed: int = 0, split: str = "train") -> None:
-        if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"config.data.synthetic_size: expected a positive integer, "
-                             f"found {size!r}")
         if split not in SPLITS:
             raise ValueError(f"synthetic split: expected one of {SPLITS}, found {split!r}")
         self.size, self.seed, self.split = size, seed, split

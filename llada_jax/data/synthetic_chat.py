@@ -76,16 +76,13 @@ def question_answer(split: str, index: int) -> tuple[str, str]:
 class SyntheticChatSource:
     """Random-access source of `{"messages": [user, assistant]}` records of one split.
 
-    `size` is the number of training conversations; the test split holds `size // TEST_MODULUS`
-    (at least one).
+    `size` is the number of training conversations (`config.data.synthetic_size`, a positive
+    integer: `data.validation.check`); the test split holds `size // TEST_MODULUS` (at least one).
     """
 
     def __init__(self, split: str = "train", size: int = 20000) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"synthetic_chat split must be 'train' or 'test', found {split!r}")
-        if size <= 0:
-            raise ValueError(f"config.data.synthetic_size: expected a positive integer, "
-                             f"found {size}")
         self.split = split
         self._length = size if split == "train" else max(size // TEST_MODULUS, 1)
 

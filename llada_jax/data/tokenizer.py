@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import pathlib
 import re
 import string
 import tempfile
@@ -250,11 +251,8 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(f"Hugging Face tokenizer file not found: {path}")
         self._tok = _HFTok.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        config_path = os.path.join(directory, "tokenizer_config.json")
-        tokenizer_config = {}
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                tokenizer_config = json.load(f)
+        config_path = pathlib.Path(directory, "tokenizer_config.json")   # optional
+        tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.chat_template = tokenizer_config.get("chat_template")
         names = dict(self.NAMES, pad_id=self.NAMES["eos_id"])
         for attr, field in self.CONFIG_NAMES.items():

@@ -589,7 +589,7 @@ def generate(params: Any, model: nn.Module, prompt_tokens: jax.Array, prompt_mas
     int32 [B, Lp + gen_length] (prompt included), or the full `SampleOutput` with
     `return_stats=True`. Compiled once per (model, config, shapes).
 
-    images (LLaDA-V models only): the `multimodal.IMAGE_FIELDS` arrays laid out over the whole
+    images (LLaDA-V models only): the `schema.IMAGE_FIELDS` arrays laid out over the whole
     canvas, `(pixel_values [B, V, H, W, 3], index [B, Lp + G, 4], weight [B, Lp + G, 4],
     is_newline [B, Lp + G])` (`generation.Generator.generate_ids` makes them); the prompts hold the
     image placeholder ids. The image tokens are computed once, not at every step.

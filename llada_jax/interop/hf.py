@@ -29,16 +29,8 @@ import jax
 
 from llada_jax.config import ModelConfig
 from llada_jax.interop import llada, llada2, llada_moe, mapping
-from llada_jax.interop.safetensors_io import (  # noqa: F401  (the public names of interop)
-    DTYPES,
-    INDEX_FILE,
-    ExportSummary,
-    StoredTensor,
-    list_tensors,
-    plan_shards,
-    read_json,
-    write_export,
-)
+from llada_jax.interop import safetensors_io as io
+from llada_jax.interop.safetensors_io import INDEX_FILE, list_tensors  # noqa: F401 (re-exported)
 
 # Model families, most specific first: the first whose `matches(config.json)` holds reads it.
 FAMILIES: tuple[ModuleType, ...] = (llada_moe, llada2, llada)
@@ -71,12 +63,11 @@ def family_of_config(hf_config: Mapping) -> ModuleType:
 class HFCheckpoint:
     """A validated Hugging Face checkpoint directory: config, layout and tensor headers."""
 
-    directory: str
     naming: str
     hf_config: dict
     config: ModelConfig
     tied_embeddings: bool
-    tensors: dict[str, StoredTensor]
+    tensors: dict[str, io.StoredTensor]
 
     @property
     def num_bytes(self) -> int:
@@ -97,9 +88,9 @@ def inspect_hf_checkpoint(hf_dir: str, overrides: Mapping[str, Any] | None = Non
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found (a Hugging Face checkpoint directory "
                                 f"needs config.json)")
-    hf_config = read_json(config_path)
+    hf_config = io.read_json(config_path)
     generation_path = os.path.join(hf_dir, "generation_config.json")
-    generation = read_json(generation_path) if os.path.isfile(generation_path) else None
+    generation = io.read_json(generation_path) if os.path.isfile(generation_path) else None
     family = family_of_config(hf_config)
     config = family.model_config_from_hf(hf_config, generation, overrides, source=config_path)
     tensors = {k: t for k, t in list_tensors(hf_dir).items()
@@ -111,7 +102,7 @@ def inspect_hf_checkpoint(hf_dir: str, overrides: Mapping[str, Any] | None = Non
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8
                                 else [])
         raise ValueError(f"{hf_dir} does not match its config.json:\n  - " + "\n  - ".join(shown))
-    return HFCheckpoint(hf_dir, naming, hf_config, config, tied, tensors)
+    return HFCheckpoint(naming, hf_config, config, tied, tensors)
 
 
 def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
@@ -132,8 +123,8 @@ def import_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None,
         stored = {t.dtype for t in checkpoint.tensors.values()}
         param_dtype = {"BF16": "bfloat16", "F16": "float16"}.get(stored.pop(), "float32") \
             if len(stored) == 1 else "float32"
-    if param_dtype not in DTYPES:
-        raise ValueError(f"param_dtype: expected one of {sorted(DTYPES)} or None, found "
+    if param_dtype not in io.DTYPES:
+        raise ValueError(f"param_dtype: expected one of {sorted(io.DTYPES)} or None, found "
                          f"{param_dtype!r}")
     config = dataclasses.replace(checkpoint.config, param_dtype=param_dtype)
     layout = family_of(checkpoint.naming).LAYOUTS[checkpoint.naming]
@@ -157,8 +148,8 @@ def export_plan(params: Mapping, config: ModelConfig, naming: str, dtype: str
     """(planned tensors in file order, {config.json, generation_config.json}) of an export,
     after every check that needs no file (see `export_hf`)."""
     family = family_of(naming)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+    if dtype not in io.DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(io.DTYPES)}, found {dtype!r}")
     params = nn.unbox(dict(params))
     if set(params) == {"params"}:
         params = params["params"]
@@ -174,7 +165,7 @@ def export_plan(params: Mapping, config: ModelConfig, naming: str, dtype: str
 def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str = "llada",
               dtype: str = "bfloat16", max_shard_bytes: int = 2 * 1024 ** 3,
               tokenizer_dir: str | None = None, code_dir: str | None = None,
-              overwrite: bool = False) -> ExportSummary:
+              overwrite: bool = False) -> io.ExportSummary:
     """Writes params as a Hugging Face checkpoint directory in the `naming` layout.
 
     naming "llada" (``model.transformer.*``, OLMo-style config.json) or "llama"
@@ -191,5 +182,5 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: str, *, naming: str
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes: expected a positive number, found {max_shard_bytes}")
     tensors, json_files = export_plan(params, config, naming, dtype)
-    return write_export(out_dir, plan_shards(tensors, max_shard_bytes), json_files,
-                        tokenizer_dir=tokenizer_dir, code_dir=code_dir, overwrite=overwrite)
+    return io.write_export(out_dir, io.plan_shards(tensors, max_shard_bytes), json_files,
+                           tokenizer_dir=tokenizer_dir, code_dir=code_dir, overwrite=overwrite)

@@ -28,12 +28,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.config import ModelConfig
+from llada_jax.data.images import grid_resolutions
 from llada_jax.interop import hf
 from llada_jax.interop import safetensors_io as io
 from llada_jax.interop.mapping import export_tensors, import_tensors
@@ -58,7 +58,7 @@ def import_projector(tensors: Mapping[str, Any], vision_width: int, d_model: int
     """LLaDA-V `mm_projector` (mlp2x_gelu) and `image_newline` -> `Projector` params."""
     abstract = jax.eval_shape(Projector(d_model).init, jax.random.key(0),
                               jnp.zeros((1, vision_width)))["params"]
-    return import_tensors(tensors, _PROJECTOR, nn.unbox(abstract), LLADA_V_PREFIX, dtype,
+    return import_tensors(tensors, _PROJECTOR, abstract, LLADA_V_PREFIX, dtype,
                           "projector tensor(s)")
 
 
@@ -96,7 +96,6 @@ VISION_CONFIG_FIELD = "llada_jax_vision_config"
 def llada_v_config_fields(vision: VisionConfig, image_aspect_ratio: str = "anyres_max_4",
                           max_grid: int = 6) -> dict[str, Any]:
     """The LLaVA / LLaDA-V fields of config.json that describe the vision side."""
-    tile = vision.image_size
     return {
         "architectures": ["LlavaLLaDAModelLM"],
         "mm_vision_tower": "google/siglip2-so400m-patch14-384",
@@ -106,8 +105,8 @@ def llada_v_config_fields(vision: VisionConfig, image_aspect_ratio: str = "anyre
         "mm_vision_select_feature": "patch",
         "mm_patch_merge_type": "spatial_unpad",
         "image_aspect_ratio": image_aspect_ratio,
-        "image_grid_pinpoints": [[i * tile, j * tile] for i in range(1, max_grid + 1)
-                                 for j in range(1, max_grid + 1)],
+        # The AnyRes candidate canvases, in the order the reference expands them.
+        "image_grid_pinpoints": [list(r) for r in grid_resolutions(vision.image_size, max_grid)],
         VISION_CONFIG_FIELD: {k: v for k, v in dataclasses.asdict(vision).items()
                               if k not in ("dtype", "param_dtype", "remat_policy")},
     }

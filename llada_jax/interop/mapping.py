@@ -359,9 +359,11 @@ def listing(names: Iterable[str], limit: int = 12) -> str:
 
 def import_tensors(tensors: Mapping[str, Any], table: Sequence[TableRow], abstract: Mapping,
                    prefix: str, dtype: str, missing_what: str) -> dict:
-    """HF tensors (name -> array) -> our params by `table`, shaped like the (unboxed) abstract
-    params `abstract`, in `dtype`. A wrong shape is a ValueError naming the tensor; missing
-    tensors are one ValueError "missing {missing_what}: names"."""
+    """HF tensors (name -> array) -> our params by `table`, shaped like the abstract params
+    `abstract` (as `init` gives them, in their logical boxes), in `dtype`. A wrong shape is a
+    ValueError naming the tensor; missing tensors are one ValueError "missing {missing_what}:
+    names"."""
+    abstract = nn.unbox(abstract)
     params: dict = {}   # path -> array
     missing: list[str] = []
     for rel, path, kind in table:

@@ -75,9 +75,9 @@ def some(keys: Sequence[str], n: int = 5) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of a safetensors checkpoint, as its header describes it (no data read)."""
+    """One tensor of a safetensors checkpoint (filed under its key by `list_tensors`), as its
+    header describes it (no data read)."""
 
-    key: str
     shard: str
     dtype: str            # safetensors name: F32, BF16, ...
     shape: tuple[int, ...]
@@ -153,7 +153,7 @@ def list_tensors(hf_dir: str) -> dict[str, StoredTensor]:
             if key not in header:
                 raise ValueError(f"tensor {key!r}: {INDEX_FILE} says it is in {shard}, "
                                  f"but that file does not contain it")
-            tensors[key] = StoredTensor(key, shard, header[key]["dtype"],
+            tensors[key] = StoredTensor(shard, header[key]["dtype"],
                                         tuple(int(s) for s in header[key]["shape"]))
     return tensors
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,7 +123,7 @@ def import_vision(tensors: Mapping[str, Any], cfg: VisionConfig, prefix: str | N
                          f"SigLIP vision tower: {listing(unexpected)}")
     pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels))
     abstract = jax.eval_shape(VisionEncoder(cfg).init, jax.random.key(0), pixels)["params"]
-    return import_tensors(tensors, _table(cfg.use_post_layernorm), nn.unbox(abstract), prefix,
+    return import_tensors(tensors, _table(cfg.use_post_layernorm), abstract, prefix,
                           dtype or cfg.param_dtype,
                           f"tensor(s) for the vision tower (prefix {prefix!r}, "
                           f"{cfg.num_layers_used} layers used)")

@@ -10,7 +10,7 @@
   `Transformer` called with `inputs_embeds`.
 
 The placeholder convention and the batch's image fields are `llada_jax.data.schema`'s
-(`IMAGE_PLACEHOLDER_ID`, `IMAGE_FIELDS`, re-exported here).
+(`IMAGE_PLACEHOLDER_ID`, re-exported here, and `IMAGE_FIELDS`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from llada_jax.config import ModelConfig
 from llada_jax.data import images as image_geometry
-from llada_jax.data.schema import IMAGE_FIELDS, IMAGE_PLACEHOLDER_ID
+from llada_jax.data.schema import IMAGE_PLACEHOLDER_ID
 from llada_jax.model.layers import Projection
 from llada_jax.model.transformer import Transformer
 from llada_jax.model.vision import VisionConfig, VisionEncoder
@@ -93,10 +93,6 @@ def normalize_pixels(pixels: jax.Array) -> jax.Array:
     if jnp.issubdtype(pixels.dtype, jnp.integer):
         return jnp.asarray(image_geometry.normalization_table())[pixels.astype(jnp.int32)]
     return pixels
-
-
-__all__ = ["IMAGE_FIELDS", "IMAGE_PLACEHOLDER_ID", "LLaDAV", "Projector", "gather_image_tokens",
-           "normalize_pixels"]
 
 
 class LLaDAV(nn.Module):

@@ -36,7 +36,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +70,7 @@ def make_schedule(train: ml_collections.ConfigDict,
         elif train.schedule == "cosine":
             span = max(total - warmup, 1)
             frac = jnp.clip((s - warmup) / span, 0.0, 1.0)
-            after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+            after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
         else:
             fail("train.schedule", "one of wsd, cosine, constant", train.schedule)
         return jnp.where(s < warmup, warm, after)

@@ -18,7 +18,7 @@ Inside a step:
 
 Batches follow the project convention: `tokens` int32 [B, L]; optional `segment_ids` int32 [B, L]
 (0 = padding: never attended to, never noised, never scored); optional `maskable` bool [B, L].
-LLaDA-V batches add `multimodal.IMAGE_FIELDS` (pixels and the image-token plan, sharded by rows
+LLaDA-V batches add `schema.IMAGE_FIELDS` (pixels and the image-token plan, sharded by rows
 like the tokens), which go to the model as they are; their image positions are never maskable.
 
 Conversation batches (SFT, LLaDA-V) also carry `fill` bool [B, L]: the EOS positions that exist
@@ -62,9 +62,9 @@ from jax.sharding import Mesh
 
 from llada_jax import parallel
 from llada_jax.config import parse_trainable
+from llada_jax.data.schema import IMAGE_FIELDS
 from llada_jax.diffusion import losses, noise
 from llada_jax.model.moe import RouterStats, expert_bias_update
-from llada_jax.model.multimodal import IMAGE_FIELDS
 from llada_jax.model.transformer import Transformer
 from llada_jax.train.optimizer import (
     accumulate_gradients,
