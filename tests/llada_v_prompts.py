@@ -21,7 +21,7 @@ def prompt_batch(conversations: Sequence[multimodal_data.EncodedConversation], g
     image fields of their sampling canvas [B, width + gen_length].
 
     Returns `tokens` int32 [B, width] and `mask` bool [B, width] (what `sampler.pad_prompts`
-    gives), plus `multimodal.IMAGE_FIELDS` laid out over the canvas (prompt then gen_length
+    gives), plus `schema.IMAGE_FIELDS` laid out over the canvas (prompt then gen_length
     generated positions, which hold no image).
     """
     longest = max(len(c.ids) for c in conversations)
