@@ -25,7 +25,14 @@ from collections.abc import Callable
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+# XLA:CPU's older loop emitters instead of its MLIR fusion emitters: the suite's programs compile
+# in about half the time (the tiny SFT train step 5.0 s -> 2.5 s; tests/test_sampler.py 63 s ->
+# 42 s on the 2-core box, benchmarks/RESULTS.md) and run about as fast. Programs started with one
+# device keep it (`one_device_xla_flags`); the runs compared with values measured under XLA's
+# defaults (the restructure record, the trained tiny SFT and LLaDA-V runs) set XLA_FLAGS
+# themselves and do not get it.
+COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {COMPILE_FLAGS}"
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compile with few optimisations (JAX's own switch for this, `jax_disable_most_optimizations`:

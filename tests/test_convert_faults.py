@@ -46,7 +46,7 @@ from tests.test_interop import (
     save_checkpoint,
     to_llama_name,
 )
-from tests.test_program_runner import run_programs
+from tests.test_program_runner import one_device_xla_flags, run_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -300,7 +300,7 @@ def test_vision_reader_checks_size_checksum_and_finiteness(tmp_path):
 def run_program(name: str, *args, max_file_kib: int | None = None, timeout: int = 240):
     """Runs launch/NAME; `max_file_kib`: writes past that size fail with EFBIG, as on a full
     disk (a file-size limit, which also holds for root; SIGXFSZ ignored so the write fails)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=one_device_xla_flags())
     command = [sys.executable, os.path.join(REPO, "launch", name), *args]
     if max_file_kib is not None:   # a shell sets the limit: no fork of this (JAX) process
         command = ["bash", "-c", f"trap '' XFSZ; ulimit -f {max_file_kib}; exec \"$@\"",

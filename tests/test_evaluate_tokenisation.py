@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as RawTokenizer
 
 from llada_jax.data.eval_records import encode_pair, encode_requests, read_eval_records
 from llada_jax.data.tokenizer import HFTokenizer
+from tests.test_program_runner import one_device_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,7 +157,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run_evaluate(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=one_device_xla_flags())
     return subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout,
                           check=False)

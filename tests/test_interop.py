@@ -29,6 +29,7 @@ from llada_jax.interop import hf, llada
 from llada_jax.model.transformer import Transformer
 from llada_jax.parallel import make_mesh
 from tests.interop_helpers import expected_hf_shapes, model_config_from_hf
+from tests.test_program_runner import one_device_xla_flags
 from tests.torch_reference import RefConfig, RefLLaDA, random_reference
 
 # The real metadata from shared/hf_reference, copied into tests/data.
@@ -565,7 +566,7 @@ def test_bad_param_dtype_is_named(saved):
 
 
 def run_convert(*args) -> str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=one_device_xla_flags())
     result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "convert.py"), *args],
                             check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

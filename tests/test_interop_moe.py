@@ -24,6 +24,7 @@ from llada_jax.config import ModelConfig
 from llada_jax.interop import hf
 from llada_jax.model.transformer import Transformer
 from tests.interop_helpers import expected_hf_shapes, model_config_from_hf
+from tests.test_program_runner import one_device_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, D, HEADS, HEAD_DIM, MLP = 64, 32, 4, 8, 48
@@ -349,7 +350,7 @@ def test_launch_convert_round_trips_llada2(tmp_path):
     model) into the same tensors."""
     params = random_params(LLADA2, seed=5)
     hf.export_hf(params, LLADA2, str(tmp_path / "hf"), naming="llada2", dtype="float32")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=one_device_xla_flags())
 
     def convert(*args):
         result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "convert.py"),

@@ -9,14 +9,14 @@ import sys
 import pytest
 
 from llada_jax.train import summary
-from tests.test_program_runner import run_programs
+from tests.test_program_runner import one_device_xla_flags, run_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(program, *args, timeout=240):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = ""          # one CPU device: quicker than the tests' 8 fake ones
+    env["XLA_FLAGS"] = one_device_xla_flags()  # one CPU device: quicker than 8 fake ones
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, os.path.join(REPO, "launch", program), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

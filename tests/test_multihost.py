@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.test_program_runner import one_device_xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
@@ -84,8 +86,8 @@ def test_two_processes_train_save_and_resume(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XLA_FLAGS=f"{one_device_xla_flags()} --xla_force_host_platform_device_count=4")
     workers = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(data),
                                  str(tmp_path)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]

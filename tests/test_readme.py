@@ -29,6 +29,8 @@ import sys
 
 import pytest
 
+from tests.test_program_runner import one_device_xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_STEPS = 50   # the Configuration example's own --config.train.steps=50
@@ -140,7 +142,7 @@ def test_every_readme_command_is_checked():
 
 def _env():
     # One CPU device (a quick start), and `python` being this interpreter, as in the venv.
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=one_device_xla_flags(),
                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 
 

@@ -31,6 +31,7 @@ from llada_jax.config import default_config, model_config
 from llada_jax.model.transformer import Transformer
 from llada_jax.serving.metrics import parse as parse_metrics
 from llada_jax.train.checkpoint import save_params
+from tests.test_program_runner import one_device_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "tiny"
@@ -68,7 +69,7 @@ def _free_port() -> int:
 class _Server:
     def __init__(self, checkpoint: str, port: int, log_path: str):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-                   XLA_FLAGS="")   # one CPU device (the test process fakes 8)
+                   XLA_FLAGS=one_device_xla_flags())   # one CPU device (the test process fakes 8)
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(

@@ -23,6 +23,7 @@ from llada_jax import config as config_lib
 from llada_jax.train import checkpoint as checkpoint_lib
 from llada_jax.train import trainer
 from llada_jax.train.optimizer import make_optimizer
+from tests.test_program_runner import one_device_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.devices()[:1]
@@ -245,7 +246,7 @@ _WITH_FILE_SIZE_LIMIT = ("import os, resource, signal, sys; "
 
 
 def _train_program(*args, limit_file_size=False, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = dict(os.environ, XLA_FLAGS=one_device_xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     launcher = ["-c", _WITH_FILE_SIZE_LIMIT] if limit_file_size else []
     return subprocess.run([sys.executable, *launcher, os.path.join(REPO, "launch", "train.py"),
                            *args], cwd=REPO, env=env, capture_output=True, text=True,
