@@ -77,8 +77,8 @@ def llada_v_case():
     import flax.linen as nn
 
     from llada_jax.data import multimodal_data as md
+    from llada_jax.data.schema import IMAGE_FIELDS
     from llada_jax.data.tokenizer import CharTokenizer
-    from llada_jax.model import multimodal as mm
     from tests import llada_v_prompts
     from tests.test_llada_v import _tiny_config, _tiny_model
 
@@ -96,7 +96,7 @@ def llada_v_case():
                             eos_id=2, eot_id=tok.eot_id, banned_ids=(2, 1, 4, 5),
                             stop_at_eot=True, vocab_limit=tok.vocab_size)
     return generate(params, model, batch["tokens"], batch["mask"], config, jax.random.key(0),
-                    images=[batch[k] for k in mm.IMAGE_FIELDS])
+                    images=[batch[k] for k in IMAGE_FIELDS])
 
 
 def outputs() -> dict[str, list]:

@@ -24,6 +24,7 @@ from llada_jax.data import images, pipeline, sources
 from llada_jax.data import multimodal_data as md
 from llada_jax.data import validation as data_validation
 from llada_jax.data.chat import BadRecordError
+from llada_jax.data.schema import IMAGE_FIELDS
 from llada_jax.data.synthetic_images import ShapesDataset
 from llada_jax.data.tokenizer import CharTokenizer
 from llada_jax.interop import llada_v
@@ -304,7 +305,7 @@ def test_per_row_views_splice_the_right_image_and_uint8_normalises_like_the_host
     batch = llada_v_prompts.prompt_batch(conversations, gen_length=4, pad_id=EOS, mask_id=3, max_views=1,
                             image_size=32, tokens_per_view=16)
     canvas = np.concatenate([batch["tokens"], np.full((2, 4), 3, np.int32)], axis=1)
-    sources = tuple(jnp.asarray(batch[k]) for k in mm.IMAGE_FIELDS[1:])
+    sources = tuple(jnp.asarray(batch[k]) for k in IMAGE_FIELDS[1:])
     embed = jax.jit(lambda *a: model.apply({"params": params}, *a, method=mm.LLaDAV.embed))
     embeddings, positions = embed(jnp.asarray(canvas), jnp.asarray(batch["pixel_values"]), sources)
     # Reference: the tower on host-normalised float pixels, then the projector, per row.
@@ -525,7 +526,7 @@ def test_image_forward_windows_match_the_full_pass():
                                           add_generation_prompt=True)
     batch = llada_v_prompts.prompt_batch([conversation], 4, EOS, 3, 1, 32, 16)
     tokens = np.concatenate([batch["tokens"], np.full((1, 4), 3, np.int32)], axis=1)
-    images = [jnp.asarray(batch[k]) for k in mm.IMAGE_FIELDS]
+    images = [jnp.asarray(batch[k]) for k in IMAGE_FIELDS]
     mask = jnp.ones(tokens.shape, bool)
     positions = jnp.arange(tokens.shape[1])[None]
 
@@ -551,7 +552,7 @@ def test_image_forward_windows_match_the_full_pass():
     other = llada_v_prompts.prompt_batch([md.encode_conversation(
         [{"role": "user", "content": "<image>\nShape?"}], [255 - picture], TOK,
         md.ImageProcessor.from_config(c), add_generation_prompt=True)], 4, EOS, 3, 1, 32, 16)
-    changed, _, _ = run(jnp.asarray(tokens), [jnp.asarray(other[k]) for k in mm.IMAGE_FIELDS])
+    changed, _, _ = run(jnp.asarray(tokens), [jnp.asarray(other[k]) for k in IMAGE_FIELDS])
     assert np.abs(np.asarray(changed[0, -4:]) - np.asarray(full[0, -4:])).max() > 1e-4
 
 
@@ -617,7 +618,7 @@ def test_tiny_llada_v_answers_from_the_image(llada_v_tiny_run):
     batch = llada_v_prompts.prompt_batch(conversations, sampler.gen_length, TOK.pad_id, TOK.mask_id, 1, 32, 16)
     start = time.time()
     out = generate(params, state_lib.make_model(c), batch["tokens"], batch["mask"],
-                   sampler, jax.random.key(0), images=[batch[k] for k in mm.IMAGE_FIELDS])
+                   sampler, jax.random.key(0), images=[batch[k] for k in IMAGE_FIELDS])
     sample_seconds = time.time() - start
     generated = np.asarray(out)[:, batch["tokens"].shape[1]:]
     correct = {"colour": [], "shape": []}
