@@ -1,5 +1,6 @@
 """Test setup, done before jax is imported: 8 fake CPU devices, so meshes can be tested on CPU,
-compilation with few optimisations (the suite's programs are tiny), and one persistent XLA
+compilation with few optimisations and XLA:CPU's quicker-compiling loop emitters (the suite's
+programs are tiny; compiling them is most of the suite's time), and one persistent XLA
 compilation cache shared by the whole session. Slow test files are handed out first.
 
 The cache is a directory named by environment variables, so every process of the session uses
