@@ -13,7 +13,7 @@ LLADA_JAX_TEST_COMPILATION_CACHE names one to keep between sessions.
 
 Expensive artifacts that several test files need (a trained tiny LLaDA-V run) are built once per
 session by `shared_artifact`, in a directory shared the same way; a file lock makes the other
-xdist worker wait for the first build instead of repeating it.
+xdist workers wait for the first build instead of repeating it.
 """
 
 import fcntl
@@ -27,11 +27,12 @@ from collections.abc import Callable
 import pytest
 
 # XLA:CPU's older loop emitters instead of its MLIR fusion emitters: the suite's programs compile
-# in about half the time (the tiny SFT train step 5.0 s -> 2.5 s; tests/test_sampler.py 63 s ->
-# 42 s on the 2-core box, benchmarks/RESULTS.md) and run about as fast. Programs started with one
-# device keep it (`one_device_xla_flags`); the runs compared with values measured under XLA's
-# defaults (the restructure record, the trained tiny SFT and LLaDA-V runs) set XLA_FLAGS
-# themselves and do not get it.
+# in about half the time and run a little slower (`python benchmarks/compile_time.py`: the tiny
+# SFT train step's first call 4.1 -> 2.1 s, a later call 0.24 -> 0.27 s; tests/test_sampler.py
+# 63 -> 42 s; benchmarks/RESULTS.md). Programs started with one device keep it
+# (`one_device_xla_flags`); the runs compared with values measured under XLA's defaults (the
+# restructure record, the trained tiny SFT and LLaDA-V runs) set XLA_FLAGS themselves and do not
+# get it.
 COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {COMPILE_FLAGS}"
                            " --xla_force_host_platform_device_count=8").strip()
@@ -68,7 +69,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The longest test files, longest first (CPU time of a full -n 2 run on the 2-core box). With
 # --dist=loadfile and --no-loadscope-reorder (pytest.ini) xdist hands whole files to its workers
-# in collection order, so these start first and the short files fill the end of both workers.
+# in collection order, so these start first and the short files fill the end of the workers.
 # (xdist's default order, most tests first, started the single three-minute SFT test of
 # test_chat_sft.py late and left the other worker idle while it ran.) Other files follow in
 # their usual order.

@@ -41,7 +41,7 @@ EXAMPLES = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python launch/train.py "
     "--config=configs/tiny.py --workdir=/tmp/llada_tiny":
         ("run_last", "the venv and pip steps are what .ci/run does; the training command runs"),
-    'pip install -e ".[test]" && python -m pytest -q -n 2 tests':
+    'pip install -e ".[test]" && python -m pytest -q -n 3 tests':
         ("not_run", "this is the test suite itself (.ci/run runs it in a fresh environment)"),
     "python launch/train.py --config=configs/tiny.py --config.train.steps=50 "
     "--config.mesh.fsdp=-1 --workdir=/tmp/run":
