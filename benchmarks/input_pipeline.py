@@ -52,11 +52,13 @@ def main(argv: list[str]) -> None:
     from llada_jax import config as config_lib
     from llada_jax import parallel
     from llada_jax.data import pipeline
+    from llada_jax.data import validation as data_validation
     from llada_jax.data.tokenizer import load_tokenizer
 
     config = _CONFIG.value
     try:
         config_lib.validate(config)
+        data_validation.check(config)  # sizes and source specs, before any source is built
         parallel.validate_mesh(config, jax.device_count())
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -108,7 +108,9 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     always starts with the same batches and any number of them is available. Keywords override
     the config: `batch_size` (global, default `train.batch_size`; this host gets
     batch_size / process_count rows), `process_index` / `process_count` (default
-    `jax.process_index()` / `jax.process_count()`).
+    `jax.process_index()` / `jax.process_count()`). `config` is one that passed
+    `config.validate` and `data.validation.check` (as launch/train.py and the trainer check it):
+    sizes such as `data.synthetic_size` are not checked again here.
     """
     data, train = config.data, config.train
     if split not in SPLITS:
